@@ -249,16 +249,20 @@ class TwoTower(nn.Module):
         return zimg, ztxt, aux
 
 
-def init_params(config: ModelConfig, rng: jax.Array) -> dict:
-    """Fresh params for `config` (float32)."""
+def _init(config: ModelConfig, rng: jax.Array) -> dict:
     images = jnp.zeros([1, config.image_size, config.image_size, 3], jnp.float32)
     tokens = jnp.zeros([1, config.text_length], jnp.int32)
     return TwoTower(config).init(rng, images, tokens)["params"]
 
 
+def init_params(config: ModelConfig, rng: jax.Array) -> dict:
+    """Fresh params for `config` (float32)."""
+    return jax.jit(_init, static_argnums=0)(config, rng)
+
+
 def abstract_params(config: ModelConfig) -> dict:
     """Shapes and dtypes of `init_params(config, ·)` without allocating them."""
-    return jax.eval_shape(lambda rng: init_params(config, rng), jax.random.key(0))
+    return jax.eval_shape(functools.partial(_init, config), jax.random.key(0))
 
 
 def count_params(params) -> int:
