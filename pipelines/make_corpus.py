@@ -1,0 +1,373 @@
+"""Make the demo corpus: a web-like image-text corpus rendered on the spot, with hidden ground truth.
+
+    python -m pipelines.make_corpus --out /tmp/demo_corpus --size 10000 --format wds --seed 0
+
+Writes, under --out (a local directory or gs:// prefix):
+
+    web/             --size examples, mostly noisy (see NoiseRates), the corpus to curate
+    curated/         ~10% of --size clean examples, disjoint from web: the reference model's training data
+    eval/zeroshot/   clean examples balanced over shape x colour, for zero-shot classification
+    eval/retrieval/  clean examples with detailed captions, for image<->text retrieval
+    eval/classes.json  class names and prompt templates of the two zero-shot tasks (shape, colour)
+    _SPLITS.json     what was made: settings, splits with their shards and counts per ground-truth kind
+
+Every example's metadata holds its ground truth: `truth` ("clean" or the noise kind), the image's `shape`,
+`colour`, `size`, `background` and `position`, `related_key` (whose caption a misaligned example carries, or whose
+image a near-duplicate copies) and `detail` (which degradation or kind of non-image bytes). It is for analysis
+only; curation must never read it. Output is a pure function of the settings: the same seed gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import multiprocessing
+import os
+import posixpath
+import time
+from collections import Counter
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+from apache_beam.io.filesystems import FileSystems
+from tqdm import tqdm
+
+from curation.corpus import CorpusRecord, check_format
+from curation.corpus_writers import SHARD_SUFFIXES, open_shard_writer
+from pipelines import demo_scenes as scenes
+
+SCHEMA_VERSION = 1
+SPLIT_IDS = {"web": 0, "curated": 1, "eval/zeroshot": 2, "eval/retrieval": 3}  # also the split's folder
+SPLIT_DESCRIPTIONS = {
+    "web": "the noisy corpus to curate; metadata.truth says which noise each example carries",
+    "curated": "clean, disjoint from web: training data of the reference model",
+    "eval/zeroshot": "clean, balanced over shape x colour; labels in metadata, classes in eval/classes.json",
+    "eval/retrieval": "clean, one detailed caption per image, for image<->text retrieval",
+}
+KEY_PREFIXES = {"web": "web", "curated": "curated", "eval/zeroshot": "zeroshot", "eval/retrieval": "retrieval"}
+# Independent random streams per example, so that e.g. a misaligned caption is exactly its source's caption.
+SCENE, CAPTION, RENDER, NOISE, PLAN = range(5)
+BROKEN_KINDS = ("truncated_image", "non_image", "empty_caption", "long_caption", "bad_utf8")
+DEGRADATIONS = ("blur", "noise", "crop")
+NON_IMAGES = {
+    "html": b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>Not Found</body></html>",
+    "empty": b"",
+}
+ZEROSHOT_TEMPLATES = {
+    "shape": ("a {}", "a photo of a {}", "a picture showing a {}", "a {} on a background"),
+    "colour": ("something {}", "a photo of something {}", "a shape coloured {}", "an object painted {}"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoiseRates:
+    """Share of the web split given to each noise kind (exact counts, see plan_noise); the rest is clean."""
+
+    misaligned: float = 0.30  # the caption of another image (of a different shape or colour)
+    boilerplate: float = 0.15  # "click here", "IMG_0042.JPG", ...: says nothing about the image
+    near_duplicate: float = 0.10  # a near copy of a clean example's image, with its own caption
+    degraded: float = 0.10  # heavy blur, heavy pixel noise or a tiny crop
+    truncated_image: float = 0.006  # broken records, for the scoring job's dead-letter path: ...
+    non_image: float = 0.006  # ... bytes that are not an image (an HTML page, random bytes, nothing)
+    empty_caption: float = 0.006
+    long_caption: float = 0.006  # ~12 KB of spam words after the caption
+    bad_utf8: float = 0.006  # caption bytes that are not valid UTF-8
+
+    def __post_init__(self) -> None:
+        for name, rate in self.as_dict().items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"noise rate {name}={rate} is outside [0, 1]")
+        if sum(self.as_dict().values()) > 1.0 + 1e-9:
+            raise ValueError(f"noise rates add up to {sum(self.as_dict().values()):.3f} > 1: {self.as_dict()}")
+
+    def as_dict(self) -> dict[str, float]:
+        return dataclasses.asdict(self)
+
+
+NOISE_KINDS = tuple(field.name for field in dataclasses.fields(NoiseRates))
+
+
+@dataclasses.dataclass(frozen=True)
+class CorpusSettings:
+    """What the examples look like; everything an example's bytes depend on."""
+
+    seed: int = 0
+    image_size: int = 64
+    image_format: str = "jpeg"  # or "png"
+
+
+def _rng(settings: CorpusSettings, split: str, index: int, stream: int) -> np.random.Generator:
+    return np.random.default_rng([settings.seed, SPLIT_IDS[split], index, stream])
+
+
+def example_key(split: str, index: int) -> str:
+    return f"{KEY_PREFIXES[split]}-{index:08d}"
+
+
+def scene_of(settings: CorpusSettings, split: str, index: int) -> scenes.Scene:
+    """The scene of example `index` of `split`; zero-shot examples cycle through every shape x colour."""
+    rng = _rng(settings, split, index, SCENE)
+    if split == "eval/zeroshot":
+        colours = list(scenes.COLOURS)
+        shape, colour = scenes.SHAPES[index % len(scenes.SHAPES)], colours[(index // len(scenes.SHAPES)) % len(colours)]
+        return scenes.sample_scene(rng, shape=shape, colour=colour, accent_rate=0.0)
+    return scenes.sample_scene(rng)
+
+
+def caption_of(settings: CorpusSettings, split: str, index: int) -> str:
+    """The clean caption of example `index` (detailed for retrieval)."""
+    scene = scene_of(settings, split, index)
+    return scenes.describe(scene, _rng(settings, split, index, CAPTION), detailed=split == "eval/retrieval")
+
+
+def plan_noise(settings: CorpusSettings, size: int, rates: NoiseRates) -> list[tuple[str, int | None]]:
+    """(truth kind, related example index or None) for each web example.
+
+    Each kind gets rate * size examples, rounded so that the counts add up (rounded cumulative shares), at seeded
+    random positions. A misaligned example borrows the caption of an example whose image differs in shape or
+    colour; a near-duplicate copies a clean example.
+    """
+    bounds = np.round(np.cumsum([0.0] + [getattr(rates, kind) for kind in NOISE_KINDS]) * size).astype(int)
+    counts = dict(zip(NOISE_KINDS, np.diff(bounds).tolist()))
+    order = np.random.default_rng([settings.seed, SPLIT_IDS["web"], PLAN]).permutation(size)
+    kinds = ["clean"] * size
+    start = 0
+    for kind in NOISE_KINDS:
+        for index in order[start : start + counts[kind]]:
+            kinds[index] = kind
+        start += counts[kind]
+    clean = [i for i, kind in enumerate(kinds) if kind == "clean"] or list(range(size))
+    looks = [(s.shape, s.colour) for s in (scene_of(settings, "web", i) for i in range(size))]
+    plan: list[tuple[str, int | None]] = []
+    for index, kind in enumerate(kinds):
+        rng = _rng(settings, "web", index, PLAN) if kind in ("misaligned", "near_duplicate") else None
+        related = None
+        if kind == "misaligned":
+            related = _pick(rng, range(size), lambda j: looks[j] != looks[index])
+            if related is None:  # a corpus too small or too uniform to hold a different-looking example
+                related = _pick(rng, range(size), lambda j: j != index)
+        elif kind == "near_duplicate":
+            related = _pick(rng, clean, lambda j: j != index)
+        if rng is not None and related is None:  # a one-example corpus has no other example to borrow from
+            kind = "clean"
+        plan.append((kind, related))
+    return plan
+
+
+def _pick(rng: np.random.Generator, candidates: Sequence[int], accept: Callable[[int], bool],
+          tries: int = 100) -> int | None:
+    """A random candidate that `accept`s, or None when `tries` draws found none."""
+    for _ in range(tries if len(candidates) else 0):
+        choice = int(candidates[rng.integers(len(candidates))])
+        if accept(choice):
+            return choice
+    return None
+
+
+def make_example(settings: CorpusSettings, split: str, index: int, kind: str = "clean",
+                 related: int | None = None) -> CorpusRecord:
+    """Example `index` of `split`, with the noise of `kind` applied (see NoiseRates), as a CorpusRecord."""
+    noise_rng = _rng(settings, split, index, NOISE) if kind != "clean" else None
+    image_index = related if kind == "near_duplicate" and related is not None else index
+    scene = scene_of(settings, split, image_index)
+    image = scenes.render_scene(scene, settings.image_size, _rng(settings, split, image_index, RENDER))
+    caption: str | bytes = scenes.describe(scene, _rng(settings, split, index, CAPTION),
+                                           detailed=split == "eval/retrieval")
+    detail = ""
+    if kind == "near_duplicate":
+        image = scenes.near_duplicate(image, noise_rng)
+    elif kind == "degraded":
+        detail = DEGRADATIONS[noise_rng.integers(len(DEGRADATIONS))]
+        image = scenes.degrade(image, detail, noise_rng)
+    elif kind == "misaligned" and related is not None:
+        caption = caption_of(settings, split, related)
+    elif kind == "boilerplate":
+        caption = scenes.boilerplate_caption(noise_rng)
+    elif kind == "empty_caption":
+        caption = ""
+    elif kind == "long_caption":
+        caption = scenes.long_caption(caption, noise_rng)
+    elif kind == "bad_utf8":
+        raw = caption.encode("utf-8")
+        cut = int(noise_rng.integers(len(raw) + 1))
+        caption = raw[:cut] + (b"\xff\xfe", b"\xc3\x28", b"\xe2\x82")[noise_rng.integers(3)] + raw[cut:]
+    elif kind not in ("clean", "truncated_image", "non_image", "misaligned"):
+        raise ValueError(f"unknown example kind {kind!r}")
+    image_bytes = scenes.encode_image(image, settings.image_format)
+    if kind == "truncated_image":
+        image_bytes = image_bytes[: int(len(image_bytes) * noise_rng.uniform(0.3, 0.7))]
+    elif kind == "non_image":
+        detail = ("html", "random", "empty")[noise_rng.integers(3)]
+        image_bytes = noise_rng.bytes(int(noise_rng.integers(64, 2048))) if detail == "random" else NON_IMAGES[detail]
+    metadata = {
+        "truth": kind, "shape": scene.shape, "colour": scene.colour, "size": scene.size,
+        "background": scene.background, "position": scene.position,
+        "related_key": example_key(split, related) if related is not None else "", "detail": detail,
+    }
+    return CorpusRecord(example_key(split, index), image_bytes, caption, "", metadata)
+
+
+def _make_task(settings: CorpusSettings, task: tuple[str, int, str, int | None]) -> CorpusRecord:
+    return make_example(settings, *task)
+
+
+def _split_tasks(settings: CorpusSettings, split: str, count: int, rates: NoiseRates) -> list[tuple]:
+    if split == "web":
+        plan = plan_noise(settings, count, rates)
+        return [(split, index, kind, related) for index, (kind, related) in enumerate(plan)]
+    return [(split, index, "clean", None) for index in range(count)]
+
+
+def _clear_output(out: str, overwrite: bool) -> None:
+    """Refuse to mix with an earlier corpus in `out`, or delete its files when `overwrite`."""
+    patterns = [posixpath.join(out, split, "*") for split in ("web", "curated", "eval/zeroshot", "eval/retrieval")]
+    patterns += [posixpath.join(out, name) for name in ("_SPLITS.json", "eval/classes.json")]
+    existing = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
+    if existing and not overwrite:
+        raise FileExistsError(f"{out} already holds a corpus ({existing[0]}, ...); pass overwrite=True / --overwrite")
+    if existing:
+        FileSystems.delete(existing)
+
+
+def _write_json(path: str, value: object) -> None:
+    with FileSystems.create(path) as f:
+        f.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def write_corpus(
+    out: str,
+    size: int,
+    format: str = "wds",
+    seed: int = 0,
+    *,
+    noise: NoiseRates = NoiseRates(),
+    curated_size: int | None = None,
+    eval_size: int | None = None,
+    shard_size: int = 1000,
+    image_size: int = 64,
+    image_format: str = "jpeg",
+    workers: int = 1,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
+    """Write the demo corpus under `out` (see the module docstring) and return what `_SPLITS.json` says.
+
+    curated_size defaults to 10% of `size`, eval_size (per eval split) to size // 10 within [48, 1000].
+    workers > 1 renders in that many processes; the output does not depend on it.
+    """
+    check_format(format)
+    if size < 1 or shard_size < 1 or seed < 0:
+        raise ValueError(f"need size >= 1, shard_size >= 1 and seed >= 0; got {size}, {shard_size}, {seed}")
+    settings = CorpusSettings(seed=seed, image_size=image_size, image_format=image_format)
+    if image_format not in scenes.IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {scenes.IMAGE_FORMATS}, got {image_format!r}")
+    counts = {
+        "web": size,
+        "curated": max(1, round(0.1 * size)) if curated_size is None else curated_size,
+        "eval/zeroshot": min(1000, max(48, size // 10)) if eval_size is None else eval_size,
+    }
+    counts["eval/retrieval"] = counts["eval/zeroshot"]
+    out = out.rstrip("/")
+    _clear_output(out, overwrite)
+    suffix = SHARD_SUFFIXES[format]
+    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    splits: dict[str, dict] = {}
+    bar = tqdm(total=sum(counts.values()), unit="ex", disable=not progress, desc="make_corpus")
+    try:
+        for split, count in counts.items():
+            tasks = _split_tasks(settings, split, count, noise)
+            make = functools.partial(_make_task, settings)
+            records = pool.imap(make, tasks, chunksize=32) if pool else map(make, tasks)
+            shards, truth = _write_split(out, split, suffix, format, shard_size, records, bar)
+            splits[split] = {
+                "description": SPLIT_DESCRIPTIONS[split], "pattern": f"{split}/*{suffix}", "count": count,
+                "shards": shards, "truth": dict(sorted(truth.items())),
+            }
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    colours = list(scenes.COLOURS)
+    classes = {
+        "shape": {"metadata_field": "shape", "classes": list(scenes.SHAPES), "templates": ZEROSHOT_TEMPLATES["shape"]},
+        "colour": {"metadata_field": "colour", "classes": colours, "templates": ZEROSHOT_TEMPLATES["colour"]},
+    }
+    _write_json(posixpath.join(out, "eval", "classes.json"), classes)
+    splits["eval/zeroshot"]["classes"] = "eval/classes.json"
+    summary = {
+        "schema_version": SCHEMA_VERSION,
+        "format": format,
+        **dataclasses.asdict(settings),
+        "noise_rates": noise.as_dict(),
+        "vocabulary": {"shapes": list(scenes.SHAPES), "colours": colours, "sizes": list(scenes.SIZES),
+                       "backgrounds": list(scenes.BACKGROUNDS)},
+        "splits": splits,
+    }
+    _write_json(posixpath.join(out, "_SPLITS.json"), summary)  # last: its presence means the corpus is complete
+    return summary
+
+
+def _write_split(out: str, split: str, suffix: str, format: str, shard_size: int, records: Iterator[CorpusRecord],
+                 bar: tqdm) -> tuple[list[str], Counter]:
+    """Write a split's records in shards of `shard_size`; return the shard paths (relative to `out`) and counts of
+    ground-truth kinds."""
+    shards: list[str] = []
+    truth: Counter = Counter()
+    writer = None
+    try:
+        for index, record in enumerate(records):
+            if index % shard_size == 0:
+                if writer is not None:
+                    writer.close()
+                shards.append(f"{split}/{index // shard_size:05d}{suffix}")
+                writer = open_shard_writer(posixpath.join(out, shards[-1]), format)
+            writer.write(record)
+            truth[record.metadata["truth"]] += 1
+            bar.update(1)
+    finally:
+        if writer is not None:
+            writer.close()
+    return shards, truth
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", required=True, help="output directory or gs:// prefix")
+    parser.add_argument("--size", type=int, default=10_000, help="examples in the web split")
+    parser.add_argument("--format", choices=("wds", "parquet", "tfrecord"), default="wds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--curated_size", type=int, default=None, help="default: 10%% of --size")
+    parser.add_argument("--eval_size", type=int, default=None, help="per eval split; default size/10 in [48, 1000]")
+    parser.add_argument("--shard_size", type=int, default=1000, help="examples per shard file")
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--image_format", choices=scenes.IMAGE_FORMATS, default="jpeg")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
+    parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
+    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    defaults = NoiseRates()
+    for kind in NOISE_KINDS:
+        parser.add_argument(f"--{kind}_rate", type=float, default=getattr(defaults, kind),
+                            help=f"share of web examples with noise '{kind}' (default %(default)s)")
+    return parser.parse_args(argv)
+
+
+def run(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    noise = NoiseRates(**{kind: getattr(args, f"{kind}_rate") for kind in NOISE_KINDS})
+    start = time.perf_counter()
+    summary = write_corpus(
+        args.out, args.size, args.format, args.seed, noise=noise, curated_size=args.curated_size,
+        eval_size=args.eval_size, shard_size=args.shard_size, image_size=args.image_size,
+        image_format=args.image_format, workers=args.workers, overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    counts = ", ".join(f"{split} {info['count']}" for split, info in summary["splits"].items())
+    print(f"wrote {counts} examples ({args.format}) to {args.out} in {time.perf_counter() - start:.1f} s")
+    return summary
+
+
+if __name__ == "__main__":
+    run()
