@@ -25,5 +25,6 @@ setup(
         "protobuf>=6.33,<7",
         "tqdm>=4.70",
         "matplotlib>=3.11",
+        "tensorboard>=2.21,<2.22",
     ],
 )

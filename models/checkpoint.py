@@ -79,8 +79,10 @@ def _check_params_match(stored: dict[str, Any], expected: dict[str, Any], where:
         raise ValueError(f"checkpoint {where} does not match its model config: " + "; ".join(problems))
 
 
-def save(directory: str, params, config: ModelConfig, tokenizer: ByteTokenizer | WordTokenizer) -> str:
-    """Write a checkpoint to `directory` (must not exist) and return its fingerprint."""
+def save(
+    directory: str, params, config: ModelConfig, tokenizer: ByteTokenizer | WordTokenizer, overwrite: bool = False
+) -> str:
+    """Write a checkpoint to `directory` (which must not exist unless `overwrite`) and return its fingerprint."""
     if tokenizer.vocab_size != config.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model config expects {config.vocab_size}")
     _check_params_match(_leaves_by_name(params), _leaves_by_name(abstract_params(config)), "to save")
@@ -92,7 +94,9 @@ def save(directory: str, params, config: ModelConfig, tokenizer: ByteTokenizer |
         "fingerprint": digest,
     }
     _checkpointer().save(
-        directory, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
+        directory,
+        args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
+        force=overwrite,
     )
     return digest
 

@@ -1,0 +1,126 @@
+"""Trainer configs as code: a named config is a function returning a `TrainConfig`; flags override its fields.
+
+    python -m curation.train --config reference --data runs/corpus --workdir runs/reference --batch_size=128
+
+`--smoke` shrinks any config to a run of seconds (a 1-layer model, a few steps) for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from models.two_towers import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    name: str = "reference"
+    split: str = "curated"  # folder of the corpus to train on
+    # Model (see models/two_towers.py); vocab_size comes from the tokenizer.
+    image_variant: str = "xs"
+    text_variant: str = "xs"
+    image_size: int = 32
+    patch_size: int = 4
+    embed_dim: int = 128
+    text_length: int = 16
+    tokenizer: str = "words"  # "words" (vocabulary built from the training split) or "bytes"
+    max_vocab: int = 2048
+    # Optimization.
+    loss: str = "sigmoid"  # or "softmax"
+    batch_size: int = 128
+    total_steps: int = 1200
+    learning_rate: float = 1e-3
+    warmup_steps: int = 100
+    weight_decay: float = 1e-4
+    seed: int = 0
+    # Bookkeeping.
+    log_every: int = 10
+    eval_every: int = 200
+    checkpoint_every: int = 200
+    eval_size: int = 0  # examples per eval split to use; 0 = all
+
+    def model_config(self, vocab_size: int) -> ModelConfig:
+        return ModelConfig(
+            image_variant=self.image_variant,
+            text_variant=self.text_variant,
+            image_size=self.image_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            text_length=self.text_length,
+            vocab_size=vocab_size,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def reference() -> TrainConfig:
+    """The reference model: trained on the small, clean `curated` split."""
+    return TrainConfig(name="reference", split="curated")
+
+
+def uniform() -> TrainConfig:
+    """A learner on the noisy `web` split with no selection (the baseline JEST is compared against)."""
+    return TrainConfig(name="uniform", split="web")
+
+
+CONFIGS: dict[str, Callable[[], TrainConfig]] = {"reference": reference, "uniform": uniform}
+
+SMOKE = dict(
+    image_variant="mu",
+    text_variant="mu",
+    image_size=32,
+    patch_size=8,
+    embed_dim=32,
+    batch_size=16,
+    total_steps=6,
+    warmup_steps=2,
+    log_every=2,
+    eval_every=3,
+    checkpoint_every=2,
+    eval_size=64,
+)
+
+
+def get_config(name: str, smoke: bool = False, overrides: dict[str, str] | None = None) -> TrainConfig:
+    if name not in CONFIGS:
+        raise ValueError(f"unknown config {name!r}; known: {sorted(CONFIGS)}")
+    config = CONFIGS[name]()
+    if smoke:
+        config = dataclasses.replace(config, **SMOKE)
+    return apply_overrides(config, overrides or {})
+
+
+def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConfig:
+    """Set fields from strings (command-line values), converted to each field's type."""
+    fields = {field.name: field for field in dataclasses.fields(config)}
+    values = {}
+    for name, text in overrides.items():
+        if name not in fields:
+            raise ValueError(f"unknown config field {name!r}; fields: {sorted(fields)}")
+        kind = type(getattr(config, name))
+        if kind is bool:
+            values[name] = text.lower() in ("1", "true", "yes")
+        else:
+            values[name] = kind(text)
+    return dataclasses.replace(config, **values)
+
+
+def parse_override_flags(argv: list[str]) -> dict[str, str]:
+    """['--batch_size=64', '--loss', 'softmax'] -> {'batch_size': '64', 'loss': 'softmax'}."""
+    overrides, index = {}, 0
+    while index < len(argv):
+        flag = argv[index]
+        if not flag.startswith("--"):
+            raise ValueError(f"unexpected argument {flag!r}; config overrides look like --field=value")
+        if "=" in flag:
+            name, value = flag[2:].split("=", 1)
+        elif index + 1 < len(argv):
+            name, value = flag[2:], argv[index + 1]
+            index += 1
+        else:
+            raise ValueError(f"flag {flag} has no value")
+        overrides[name] = value
+        index += 1
+    return overrides

@@ -1,0 +1,158 @@
+"""Training input: a deterministic, resumable tf.data pipeline over the corpus readers.
+
+Order: each epoch visits the shards in a seeded permutation, and the records of each shard in a seeded permutation,
+so the stream is a pure function of (seed, position). Every batch carries the position just after its last example;
+a run restored from a checkpoint restarts the stream there and sees exactly the batches an uninterrupted run would.
+Decoding and resizing run in parallel in tf.data; broken records (undecodable images, empty or non-UTF-8
+captions, read errors) are skipped and counted: skipped = raw records consumed − examples delivered.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import posixpath
+from typing import Iterator
+
+import numpy as np
+import tensorflow as tf
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image
+
+from curation.corpus import CorpusRecord, match_shards, read_shard
+
+tf.config.set_visible_devices([], "GPU")  # tf.data only: accelerators belong to JAX
+
+_EXTENSIONS = {".tar": "wds", ".parquet": "parquet", ".tfrecord": "tfrecord"}
+MAX_IMAGE_PIXELS = 64_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPosition:
+    """Where the stream stands: epoch, index into that epoch's shard order, records of that shard consumed, and
+    raw records consumed in total."""
+
+    epoch: int = 0
+    shard: int = 0
+    record: int = 0
+    raw_seen: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_array(cls, values) -> "DataPosition":
+        return cls(*(int(v) for v in values))
+
+
+def split_shards(corpus_dir: str, split: str) -> tuple[list[str], str]:
+    """Shard paths of a split and their format (from `_SPLITS.json` when present, else from the extension)."""
+    format = None
+    splits_file = posixpath.join(corpus_dir, "_SPLITS.json")
+    if FileSystems.exists(splits_file):
+        with FileSystems.open(splits_file) as f:
+            format = json.loads(f.read().decode("utf-8")).get("format")
+    shards = [path for path in match_shards(posixpath.join(corpus_dir, split, "*")) if not path.endswith(".json")]
+    if format is None:
+        formats = {_EXTENSIONS.get(posixpath.splitext(path)[1]) for path in shards}
+        if len(formats) != 1 or None in formats:
+            raise ValueError(f"cannot tell the corpus format of {corpus_dir}/{split} from {sorted(formats, key=str)}")
+        format = formats.pop()
+    return shards, format
+
+
+def caption_ok(caption: str | bytes) -> bool:
+    return isinstance(caption, str) and bool(caption.strip())
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray | None:
+    """Encoded image -> [size, size, 3] float32 in [-1, 1], or None when it cannot be decoded."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            if image.width * image.height > MAX_IMAGE_PIXELS:
+                return None
+            image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
+            return np.asarray(image, np.float32) / 127.5 - 1.0
+    except Exception:  # any decoder failure means a broken record, which the trainer skips
+        return None
+
+
+def record_stream(shards: list[str], format: str, seed: int, start: DataPosition) -> Iterator[tuple[object, tuple]]:
+    """Endless (item, position after it) in the seeded order, from `start`."""
+    epoch, first_shard, first_record, raw_seen = start.epoch, start.shard, start.record, start.raw_seen
+    while True:
+        shard_order = np.random.default_rng([seed, epoch]).permutation(len(shards))
+        for shard_index in range(first_shard, len(shards)):
+            shard = int(shard_order[shard_index])
+            items = list(read_shard(shards[shard], format))
+            record_order = np.random.default_rng([seed, epoch, shard]).permutation(len(items))
+            for record_index in range(first_record, len(items)):
+                raw_seen += 1
+                yield items[record_order[record_index]], (epoch, shard_index, record_index + 1, raw_seen)
+            first_record = 0
+        first_shard = 0
+        epoch += 1
+
+
+def make_dataset(
+    shards: list[str],
+    format: str,
+    tokenizer,
+    *,
+    batch_size: int,
+    image_size: int,
+    text_length: int,
+    seed: int,
+    start: DataPosition = DataPosition(),
+) -> tf.data.Dataset:
+    """Batches {"image": [B, S, S, 3] f32, "tokens": [B, L] i32, "position": [B, 4] i64} from `start` on."""
+
+    def generate():
+        for item, position in record_stream(shards, format, seed, start):
+            if isinstance(item, CorpusRecord) and caption_ok(item.caption):
+                yield item.image, tokenizer.encode(item.caption, text_length), np.array(position, np.int64), True
+            else:
+                yield b"", np.zeros([text_length], np.int32), np.array(position, np.int64), False
+
+    def decode(image_bytes, ok):
+        image = decode_image(image_bytes, image_size) if ok else None
+        if image is None:
+            return np.zeros([image_size, image_size, 3], np.float32), False
+        return image, True
+
+    def decode_in_tf(image_bytes, tokens, position, ok):
+        image, decoded = tf.numpy_function(decode, [image_bytes, ok], [tf.float32, tf.bool], stateful=False)
+        image.set_shape([image_size, image_size, 3])
+        decoded.set_shape([])
+        return {"image": image, "tokens": tokens, "position": position, "ok": decoded}
+
+    dataset = tf.data.Dataset.from_generator(
+        generate,
+        output_signature=(
+            tf.TensorSpec([], tf.string),
+            tf.TensorSpec([text_length], tf.int32),
+            tf.TensorSpec([4], tf.int64),
+            tf.TensorSpec([], tf.bool),
+        ),
+    )
+    dataset = dataset.map(decode_in_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    dataset = dataset.filter(lambda example: example["ok"])
+    dataset = dataset.map(lambda example: {k: v for k, v in example.items() if k != "ok"})
+    return dataset.batch(batch_size, drop_remainder=True).prefetch(2)
+
+
+def load_examples(pattern_dir: str, format: str, image_size: int, limit: int = 0) -> list[tuple[np.ndarray, str, dict]]:
+    """Decoded (image, caption, metadata) of the readable records of a split, in file order (for evaluation)."""
+    examples = []
+    for path in match_shards(posixpath.join(pattern_dir, "*")):
+        if path.endswith(".json"):
+            continue
+        for item in read_shard(path, format):
+            if isinstance(item, CorpusRecord) and caption_ok(item.caption):
+                image = decode_image(item.image, image_size)
+                if image is not None:
+                    examples.append((image, item.caption, item.metadata))
+                    if limit and len(examples) >= limit:
+                        return examples
+    return examples

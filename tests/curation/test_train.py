@@ -1,0 +1,128 @@
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from curation import configs
+from curation.metrics import read_metrics
+from curation.train import make_mesh, train
+from models import checkpoint
+
+SMOKE = configs.get_config("reference", smoke=True)
+
+
+def _params_bytes(params):
+    return [np.asarray(leaf).tobytes() for leaf in jax.tree_util.tree_leaves(params)]
+
+
+def test_smoke_run_writes_metrics_events_checkpoints_and_the_model(tiny_corpus, tmp_path):
+    workdir = str(tmp_path / "run")
+    params = train(SMOKE, tiny_corpus, workdir)
+    rows = read_metrics(workdir)
+    train_rows = [row for row in rows if "loss" in row]
+    eval_rows = [row for row in rows if "zeroshot_top1" in row]
+    assert [row["step"] for row in train_rows] == [2, 4, 6]
+    assert [row["step"] for row in eval_rows] == [3, 6]
+    for row in eval_rows:
+        assert {"i2t_r1", "t2i_r1", "i2t_r5", "zeroshot/shape", "zeroshot/colour", "held_out_loss"} <= set(row)
+        assert 0.0 <= row["zeroshot_top1"] <= 1.0
+    assert train_rows[-1]["examples_seen"] == 6 * SMOKE.batch_size
+    assert train_rows[-1]["train_flops"] > train_rows[0]["train_flops"] > 0
+    assert all(np.isfinite(row["loss"]) for row in train_rows)
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    # The final model is what the scoring job loads: config, tokenizer and fingerprint with it.
+    model = checkpoint.restore(os.path.join(workdir, "model"))
+    assert model.config.image_variant == "mu"
+    assert _params_bytes(model.params) == _params_bytes(params)
+    assert model.fingerprint == checkpoint.fingerprint(params, model.config, model.tokenizer)
+
+
+def test_killed_run_resumes_to_exactly_the_uninterrupted_params(tiny_corpus, tmp_path):
+    config = dataclasses.replace(SMOKE, eval_every=100)
+    straight = train(config, tiny_corpus, str(tmp_path / "straight"))
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_5(step):
+        if step == 5:
+            raise Killed
+
+    workdir = str(tmp_path / "killed")
+    with pytest.raises(Killed):
+        train(config, tiny_corpus, workdir, step_callback=kill_at_step_5)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+    resumed = train(config, tiny_corpus, workdir)
+    assert _params_bytes(resumed) == _params_bytes(straight)
+    # Metrics of the lost step were dropped, not duplicated.
+    steps = [row["step"] for row in read_metrics(workdir) if "loss" in row]
+    assert steps == [2, 4, 6]
+
+
+def test_a_poisoned_batch_stops_the_run_naming_the_steps(tmp_path, tiny_corpus):
+    rng = np.random.default_rng(0)
+
+    def batches():
+        for step in range(1, 100):
+            image = rng.uniform(-1, 1, size=(16, 32, 32, 3)).astype(np.float32)
+            if step == 3:
+                image[0, 0, 0, 0] = np.nan
+            yield {"image": image, "tokens": rng.integers(3, 60, size=(16, SMOKE.text_length)).astype(np.int32)}
+
+    config = dataclasses.replace(SMOKE, log_every=2, total_steps=6)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 3 \(steps 3-4 checked"):
+        train(config, tiny_corpus, str(tmp_path / "run"), batches=batches())
+
+
+def test_batch_size_must_divide_the_device_count():
+    with pytest.raises(ValueError, match="batch size 6 does not divide over 4 devices"):
+        make_mesh(6, devices=jax.devices()[:1] * 4)
+
+
+def test_four_cpu_devices_give_the_same_step_as_one(tmp_path):
+    script = textwrap.dedent("""
+        import functools, json, sys
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import NamedSharding, PartitionSpec
+        from curation import configs
+        from curation.train import make_mesh, make_optimizer, train_step
+        from models.two_towers import TwoTower, init_params
+
+        assert jax.device_count() == 4, jax.devices()
+        config = configs.get_config("reference", smoke=True)
+        model_config = config.model_config(vocab_size=259)
+        optimizer = make_optimizer(config)
+        params = init_params(model_config, jax.random.key(0))
+        rng = np.random.default_rng(0)
+        batch = {"image": rng.uniform(-1, 1, size=(16, 32, 32, 3)).astype(np.float32),
+                 "tokens": rng.integers(3, 259, size=(16, config.text_length)).astype(np.int32)}
+        results = {}
+        for n in (1, 4):
+            mesh = make_mesh(16, jax.devices()[:n])
+            data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+            state = jax.device_put({"params": params, "opt_state": optimizer.init(params),
+                                    "step": jnp.zeros([], jnp.int32)}, replicated)
+            step = jax.jit(functools.partial(train_step, model=TwoTower(model_config), optimizer=optimizer,
+                                             loss_name="sigmoid"),
+                           in_shardings=(replicated, data), out_shardings=(replicated, replicated))
+            sharded = {k: jax.device_put(v, data) for k, v in batch.items()}
+            assert len(sharded["image"].sharding.device_set) == n
+            for _ in range(2):
+                state, metrics = step(state, sharded)
+            results[n] = {"loss": float(metrics["loss"]),
+                          "head": np.asarray(state["params"]["image_tower"]["head"]["kernel"]).tolist()}
+        json.dump(results, sys.stdout)
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
+                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    assert results["1"]["loss"] == pytest.approx(results["4"]["loss"], rel=1e-5)
+    np.testing.assert_allclose(results["1"]["head"], results["4"]["head"], rtol=1e-4, atol=1e-6)
