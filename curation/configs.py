@@ -29,15 +29,15 @@ class TrainConfig:
     # Optimization.
     loss: str = "sigmoid"  # or "softmax"
     batch_size: int = 128
-    total_steps: int = 1200
+    total_steps: int = 500
     learning_rate: float = 1e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     weight_decay: float = 1e-4
     seed: int = 0
     # Bookkeeping.
     log_every: int = 10
-    eval_every: int = 200
-    checkpoint_every: int = 200
+    eval_every: int = 100
+    checkpoint_every: int = 100
     eval_size: int = 0  # examples per eval split to use; 0 = all
 
     def model_config(self, vocab_size: int) -> ModelConfig:
