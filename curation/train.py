@@ -8,7 +8,6 @@ resumes from its last checkpoint and ends with exactly the params of an uninterr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import json
 import logging
@@ -221,9 +220,9 @@ def train(
         for step in range(start_step + 1, config.total_steps + 1):
             batch = next(batches)
             position = batch.pop("position", None)
-            sharded = jax.make_array_from_process_local_data(data_sharding, batch["image"]), \
-                jax.make_array_from_process_local_data(data_sharding, batch["tokens"])
-            state, step_metrics = step_fn(state, {"image": sharded[0], "tokens": sharded[1]})
+            inputs = {name: jax.make_array_from_process_local_data(data_sharding, batch[name])
+                      for name in ("image", "tokens")}
+            state, step_metrics = step_fn(state, inputs)
             progress["examples_seen"] += config.batch_size
             if position is not None:
                 progress["position"] = input_pipeline.DataPosition.from_array(position[-1]).to_dict()
@@ -247,6 +246,8 @@ def train(
             if evaluator is not None and (step % config.eval_every == 0 or last):
                 writer.write(step, {"examples_seen": progress["examples_seen"], **evaluator(state["params"])})
             if step % config.checkpoint_every == 0 or last:
+                if pending:
+                    check_finite(pending)  # a checkpoint never holds the state of a non-finite step
                 manager.save(step, args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
             bar.update(1)

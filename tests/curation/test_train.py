@@ -75,9 +75,11 @@ def test_a_poisoned_batch_stops_the_run_naming_the_steps(tmp_path, tiny_corpus):
                 image[0, 0, 0, 0] = np.nan
             yield {"image": image, "tokens": rng.integers(3, 60, size=(16, SMOKE.text_length)).astype(np.int32)}
 
-    config = dataclasses.replace(SMOKE, log_every=2, total_steps=6)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 3 \(steps 3-4 checked"):
+    config = dataclasses.replace(SMOKE, log_every=2, checkpoint_every=3, total_steps=6)
+    # Checkpointing at step 3 checks the pending steps first: the poisoned state is never saved.
+    with pytest.raises(FloatingPointError, match=r"non-finite loss nan at step 3 \(steps 3-3 checked"):
         train(config, tiny_corpus, str(tmp_path / "run"), batches=batches())
+    assert not os.path.exists(os.path.join(tmp_path, "run", "checkpoints", "3"))
 
 
 def test_batch_size_must_divide_the_device_count():
