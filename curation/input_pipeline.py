@@ -66,6 +66,11 @@ def caption_ok(caption: str | bytes) -> bool:
     return isinstance(caption, str) and bool(caption.strip())
 
 
+def has_usable_caption(item) -> bool:
+    """A record (not a read error) whose caption is non-empty UTF-8 text."""
+    return isinstance(item, CorpusRecord) and caption_ok(item.caption)
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray | None:
     """Encoded image -> [size, size, 3] float32 in [-1, 1], or None when it cannot be decoded."""
     try:
@@ -110,7 +115,7 @@ def make_dataset(
 
     def generate():
         for item, position in record_stream(shards, format, seed, start):
-            if isinstance(item, CorpusRecord) and caption_ok(item.caption):
+            if has_usable_caption(item):
                 yield item.image, tokenizer.encode(item.caption, text_length), np.array(position, np.int64), True
             else:
                 yield b"", np.zeros([text_length], np.int32), np.array(position, np.int64), False
@@ -142,14 +147,13 @@ def make_dataset(
     return dataset.batch(batch_size, drop_remainder=True).prefetch(2)
 
 
-def load_examples(pattern_dir: str, format: str, image_size: int, limit: int = 0) -> list[tuple[np.ndarray, str, dict]]:
+def load_examples(corpus_dir: str, split: str, image_size: int, limit: int = 0) -> list[tuple[np.ndarray, str, dict]]:
     """Decoded (image, caption, metadata) of the readable records of a split, in file order (for evaluation)."""
+    shards, format = split_shards(corpus_dir, split)
     examples = []
-    for path in match_shards(posixpath.join(pattern_dir, "*")):
-        if path.endswith(".json"):
-            continue
+    for path in shards:
         for item in read_shard(path, format):
-            if isinstance(item, CorpusRecord) and caption_ok(item.caption):
+            if has_usable_caption(item):
                 image = decode_image(item.image, image_size)
                 if image is not None:
                     examples.append((image, item.caption, item.metadata))

@@ -88,7 +88,7 @@ def build_tokenizer(config: configs.TrainConfig, shards: list[str], format: str,
             item.caption
             for shard in shards
             for item in input_pipeline.read_shard(shard, format)
-            if isinstance(item, input_pipeline.CorpusRecord) and input_pipeline.caption_ok(item.caption)
+            if input_pipeline.has_usable_caption(item)
         )
         tokenizer = WordTokenizer.build(captions, max_vocab=config.max_vocab)
     else:
@@ -101,11 +101,9 @@ def build_tokenizer(config: configs.TrainConfig, shards: list[str], format: str,
 class Evaluator:
     """Zero-shot, retrieval and held-out loss on the corpus's eval splits, embedded with jitted towers."""
 
-    def __init__(self, corpus_dir, format, model_config: ModelConfig, tokenizer, loss_name, limit=0, batch=256):
-        zeroshot = input_pipeline.load_examples(posixpath.join(corpus_dir, "eval", "zeroshot"), format,
-                                                model_config.image_size, limit)
-        retrieval = input_pipeline.load_examples(posixpath.join(corpus_dir, "eval", "retrieval"), format,
-                                                 model_config.image_size, limit)
+    def __init__(self, corpus_dir, model_config: ModelConfig, tokenizer, loss_name, limit=0, batch=256):
+        zeroshot = input_pipeline.load_examples(corpus_dir, "eval/zeroshot", model_config.image_size, limit)
+        retrieval = input_pipeline.load_examples(corpus_dir, "eval/retrieval", model_config.image_size, limit)
         if not zeroshot or not retrieval:
             raise ValueError(f"no eval examples under {corpus_dir}/eval (zeroshot: {len(zeroshot)}, "
                              f"retrieval: {len(retrieval)})")
@@ -117,7 +115,7 @@ class Evaluator:
         self.tokenizer, self.text_length, self.loss_name, self.batch = tokenizer, model_config.text_length, loss_name, batch
         model = TwoTower(model_config)
         self._embed_images = jax.jit(lambda params, x: model.apply({"params": params}, x, None)[0])
-        self._embed_texts = jax.jit(lambda params, t: model.apply({"params": params}, None, t)[1:])
+        self._embed_texts = jax.jit(lambda params, t: model.apply({"params": params}, None, t)[1])
 
     def _batched(self, fn, params, inputs) -> np.ndarray:
         return np.concatenate([np.asarray(fn(params, inputs[i : i + self.batch]))
@@ -125,7 +123,7 @@ class Evaluator:
 
     def __call__(self, params) -> dict[str, float]:
         def embed_tokens(tokens):
-            return self._batched(lambda p, t: self._embed_texts(p, t)[0], params, tokens)
+            return self._batched(self._embed_texts, params, tokens)
 
         def embed_texts(texts):
             return embed_tokens(self.tokenizer.encode_batch(texts, self.text_length))
@@ -134,7 +132,7 @@ class Evaluator:
         zimg_retrieval = self._batched(self._embed_images, params, self.retrieval_images)
         ztxt_retrieval = embed_tokens(self.retrieval_tokens)
         metrics = evaluate_embeddings(zimg_zeroshot, self.tasks, embed_texts, zimg_retrieval, ztxt_retrieval)
-        aux = self._embed_texts(params, self.retrieval_tokens[:1])[1]
+        aux = {"t": jnp.exp(params["log_temperature"][0]), "b": params["bias"][0]}  # what the model's aux holds
         metrics["held_out_loss"] = float(contrastive_loss(self.loss_name, jnp.asarray(zimg_retrieval),
                                                           jnp.asarray(ztxt_retrieval), aux))
         return metrics
@@ -207,7 +205,7 @@ def train(
 
     # Evaluators.
     evaluator = None if batches is not None else Evaluator(
-        data_dir, format, model_config, tokenizer, config.loss, limit=config.eval_size)
+        data_dir, model_config, tokenizer, config.loss, limit=config.eval_size)
 
     # Train loop.
     if batches is None:
