@@ -1,0 +1,94 @@
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from curation.corpus import CorpusError, CorpusRecord
+from pipelines import validation
+from pipelines.validation import ValidationOptions, decode_and_validate
+
+OPTIONS = ValidationOptions(max_image_pixels=1_000_000, min_image_size=8, max_caption_chars=50)
+
+
+def encoded(image: Image.Image, format: str = "PNG", **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **kwargs)
+    return buffer.getvalue()
+
+
+def record(image: bytes, caption: str | bytes = "a red circle") -> CorpusRecord:
+    return CorpusRecord("k1", image, caption, "shard-0.tar", {"truth": "clean"})
+
+
+def reason(item) -> str:
+    assert isinstance(item, CorpusError), item
+    assert item.key == "k1" and item.source == "shard-0.tar" and item.message
+    return item.reason
+
+
+def test_a_good_record_is_decoded_to_rgb_with_its_caption_cleaned():
+    image = Image.new("RGB", (20, 12), (200, 10, 30))
+    item = decode_and_validate(record(encoded(image), "  a\tred\n\ncircle\x00 "), OPTIONS)
+    assert item.caption == "a red circle"
+    assert item.pixels.shape == (12, 20, 3) and item.pixels.dtype == np.uint8
+    assert tuple(item.pixels[0, 0]) == (200, 10, 30)
+    assert item.metadata == {"truth": "clean"} and item.image == encoded(image)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16"])
+def test_every_mode_becomes_rgb(mode):
+    image = Image.new(mode, (10, 10))
+    format = "JPEG" if mode == "CMYK" else "TIFF" if mode == "I;16" else "PNG"
+    item = decode_and_validate(record(encoded(image, format)), OPTIONS)
+    assert item.pixels.shape == (10, 10, 3)
+
+
+def test_exif_orientation_is_applied():
+    image = Image.new("RGB", (30, 10), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 5, 10))  # red strip on the left
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    item = decode_and_validate(record(encoded(image, "JPEG", exif=exif.tobytes(), quality=95)), OPTIONS)
+    assert item.pixels.shape == (30, 10, 3)  # displayed upright: 10 wide, 30 high
+    assert item.pixels[2, 5, 0] > 200 and item.pixels[-3, 5, 2] > 200  # the left strip is now on top
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims width x height (a decompression bomb's header) with no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_broken_images_are_dead_lettered_with_their_reason():
+    jpeg = encoded(Image.new("RGB", (64, 64), (9, 200, 9)), "JPEG")
+    assert reason(decode_and_validate(record(b""), OPTIONS)) == validation.EMPTY_IMAGE
+    assert reason(decode_and_validate(record(b"<html>404</html>"), OPTIONS)) == validation.NOT_AN_IMAGE
+    assert reason(decode_and_validate(record(np.random.default_rng(0).bytes(500)), OPTIONS)) == validation.NOT_AN_IMAGE
+    assert reason(decode_and_validate(record(jpeg[: len(jpeg) // 2]), OPTIONS)) == validation.CORRUPT_IMAGE
+    assert reason(decode_and_validate(record(jpeg[:40]), OPTIONS)) == validation.CORRUPT_IMAGE
+    assert reason(decode_and_validate(record(png_header_only(4000, 4000)), OPTIONS)) == validation.DECOMPRESSION_BOMB
+    tiny = encoded(Image.new("RGB", (7, 100)))
+    assert reason(decode_and_validate(record(tiny), OPTIONS)) == validation.IMAGE_TOO_SMALL
+
+
+def test_broken_captions_are_dead_lettered_before_decoding():
+    image = encoded(Image.new("RGB", (10, 10)))
+    for caption, expected in [(b"a \xff\xfe circle", validation.CAPTION_NOT_UTF8), (" \n\t ", validation.EMPTY_CAPTION),
+                              ("", validation.EMPTY_CAPTION), ("word " * 20, validation.CAPTION_TOO_LONG)]:
+        item = decode_and_validate(record(image, caption), OPTIONS)
+        assert reason(item) == expected and item.stage == "caption"
+    assert decode_and_validate(record(image, "é".encode("utf-8")), OPTIONS).caption == "é"
+    # The caption is checked first: a record with both problems is dead-lettered for its caption.
+    assert reason(decode_and_validate(record(b"", ""), OPTIONS)) == validation.EMPTY_CAPTION
+
+
+def test_resize_and_reencode():
+    pixels = np.zeros((40, 20, 3), np.uint8)
+    assert validation.resize_pixels(pixels, 16).shape == (16, 16, 3)
+    with Image.open(io.BytesIO(validation.encode_jpeg(pixels, 24))) as image:
+        assert image.size == (24, 24) and image.format == "JPEG"
