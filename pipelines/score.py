@@ -45,10 +45,20 @@ NAMESPACE = "score"
 STORE_IMAGE = ("as_stored", "resized", "none")
 
 
+def _flag(text: str) -> bool:
+    """A boolean flag that also takes a value (`--incremental`, `--incremental=true`), as Flex Templates pass it."""
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--input", required=True, action="append",
-                        help="glob of input shards (local or gs://); repeat for several")
+                        help="glob(s) of input shards (local or gs://), comma-separated or repeated")
     add_reader_arguments(parser)
     parser.add_argument("--output", required=True, help="output directory; each run adds a batch folder to it")
     parser.add_argument("--reference_checkpoint", required=True, help="model checkpoint of the reference (#models)")
@@ -57,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store_image", choices=STORE_IMAGE, default="as_stored",
                         help="image bytes in the scored shards: as stored, re-encoded JPEG, or none")
     parser.add_argument("--stored_image_size", type=int, default=64, help="side of re-encoded images (resized)")
-    parser.add_argument("--incremental", action="store_true",
+    parser.add_argument("--incremental", type=_flag, nargs="?", const=True, default=False,
                         help="score only input shards no batch of the same reference under --output has done")
-    parser.add_argument("--force_new_reference", action="store_true",
+    parser.add_argument("--force_new_reference", type=_flag, nargs="?", const=True, default=False,
                         help="allow a batch scored by another reference than the batches already under --output")
     parser.add_argument("--inference_batch_size", type=int, default=256,
                         help="rows per forward; every batch is padded to it (one XLA compile)")
@@ -67,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_image_pixels", type=int, default=ValidationOptions.max_image_pixels)
     parser.add_argument("--min_image_size", type=int, default=ValidationOptions.min_image_size)
     parser.add_argument("--max_caption_chars", type=int, default=ValidationOptions.max_caption_chars)
-    parser.add_argument("--large_model", action="store_true",
+    parser.add_argument("--large_model", type=_flag, nargs="?", const=True, default=False,
                         help="one model copy per worker VM shared by its processes (accelerator workers)")
     return parser
 
@@ -264,7 +274,7 @@ def _count(pcoll, label: str):
 def plan_batch(args: argparse.Namespace, fingerprint: str) -> tuple[list[str], list[str]]:
     """(input shards to score now, input shards skipped as already scored). Refuses to mix references or to
     re-score into an output that already holds batches unless --incremental."""
-    shards = match_shards(args.input)
+    shards = match_shards([pattern for value in args.input for pattern in value.split(",") if pattern])
     existing = scored_shards.read_manifests(args.output)
     if existing and not args.incremental:
         raise SystemExit(f"{args.output} already holds {len(existing)} scored batch(es); pass --incremental to "
@@ -285,8 +295,12 @@ def parse_formats(text: str) -> list[str]:
     return formats
 
 
-def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
-    """Build and run the job; returns the run summary (the manifest's counts, batch folder, examples/s)."""
+def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None,
+        wait: bool = True) -> dict[str, Any]:
+    """Build and run the job; returns the run summary (the manifest's counts, batch folder, examples/s).
+
+    With wait=False (a Flex Template launcher) it returns once the job is submitted, with only the batch folder.
+    """
     args, beam_args = build_parser().parse_known_args(argv)
     formats = parse_formats(args.output_format)
     reference = model_checkpoint.restore(args.reference_checkpoint)
@@ -336,6 +350,9 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     (scored_files, dead_letter_files, read, _count(rows, "CountScored"), per_reason) | "WriteManifest" >> WriteManifest(
         batch_dir, template)
     result = pipeline.run()
+    if not wait:
+        log.info("submitted: the batch appears in %s when its _MANIFEST.json is written", batch_dir)
+        return {"batch_dir": batch_dir}
     result.wait_until_finish()
     seconds = time.perf_counter() - start
     return summarize(batch_dir, seconds)
@@ -359,9 +376,9 @@ def summarize(batch_dir: str, seconds: float) -> dict[str, Any]:
     return summary
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, wait: bool = True) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    summary = run(argv)
+    summary = run(argv, wait=wait)
     print(json.dumps(summary, indent=2))
 
 
