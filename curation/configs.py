@@ -34,6 +34,17 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 1e-4
     seed: int = 0
+    # JEST selection (curation/selection.py). batch_size is the sub-batch b trained on; with selection, each step
+    # draws a super-batch of B = b / (1 - filter_ratio) examples from the scored shards (--scored).
+    selection: str = "none"  # none | joint | independent | uniform
+    score: str = "learnability"  # learnability | hard_learner | easy_reference
+    filter_ratio: float = 0.8
+    n_chunks: int = 16
+    first_chunk: str = "score"  # score | uniform
+    selection_noise: bool = True  # Gumbel sampling; False: greedy (joint) or top-k (independent)
+    offline_keep: float = 1.0  # keep this fraction of the scored examples with the lowest stored reference loss
+    flexi: bool = False  # score the super-batch at flexi_patch_size, train half the sub-batch at each patch size
+    flexi_patch_size: int = 0  # 0: twice patch_size
     # Bookkeeping.
     log_every: int = 10
     eval_every: int = 100
@@ -54,6 +65,24 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def superbatch_size(self) -> int:
+        """B: the examples a step draws (b when there is no selection)."""
+        if self.selection == "none":
+            return self.batch_size
+        if not 0.0 <= self.filter_ratio < 1.0:
+            raise ValueError(f"filter_ratio must be in [0, 1), got {self.filter_ratio}")
+        return int(round(self.batch_size / (1.0 - self.filter_ratio)))
+
+    @property
+    def coarse_patch_size(self) -> int:
+        return self.flexi_patch_size or 2 * self.patch_size
+
+    @property
+    def needs_scores(self) -> bool:
+        """Whether the run reads scored shards (selection or offline filtering) rather than the raw corpus."""
+        return self.selection != "none" or self.offline_keep < 1.0
+
 
 def reference() -> TrainConfig:
     """The reference model: trained on the small, clean `curated` split."""
@@ -65,7 +94,41 @@ def uniform() -> TrainConfig:
     return TrainConfig(name="uniform", split="web")
 
 
-CONFIGS: dict[str, Callable[[], TrainConfig]] = {"reference": reference, "uniform": uniform}
+def jest() -> TrainConfig:
+    """JEST: joint learnability selection of b from B = 5b (f = 0.8) in 16 chunks, on the web split's scored shards."""
+    return TrainConfig(name="jest", split="web", selection="joint", score="learnability", filter_ratio=0.8,
+                       n_chunks=16)
+
+
+def jest_flexi() -> TrainConfig:
+    """Flexi-JEST: the learner scores the super-batch at twice the patch size; half the sub-batch trains at each."""
+    return dataclasses.replace(jest(), name="jest_flexi", flexi=True)
+
+
+def independent() -> TrainConfig:
+    """Baseline: examples sampled independently by their own learnability S_ii (RHO-LOSS style)."""
+    return dataclasses.replace(jest(), name="independent", selection="independent")
+
+
+def hard_learner() -> TrainConfig:
+    """Baseline: joint selection by the learner's loss alone."""
+    return dataclasses.replace(jest(), name="hard_learner", score="hard_learner")
+
+
+def easy_reference() -> TrainConfig:
+    """Baseline: joint selection by the reference's (negative) loss alone."""
+    return dataclasses.replace(jest(), name="easy_reference", score="easy_reference")
+
+
+def offline_filter() -> TrainConfig:
+    """Baseline: keep the 30% of scored examples easiest for the reference (stored loss), then train uniformly."""
+    return TrainConfig(name="offline_filter", split="web", offline_keep=0.3)
+
+
+CONFIGS: dict[str, Callable[[], TrainConfig]] = {
+    "reference": reference, "uniform": uniform, "jest": jest, "jest_flexi": jest_flexi, "independent": independent,
+    "hard_learner": hard_learner, "easy_reference": easy_reference, "offline_filter": offline_filter,
+}
 
 SMOKE = dict(
     image_variant="mu",

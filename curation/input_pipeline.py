@@ -13,7 +13,7 @@ import dataclasses
 import io
 import json
 import posixpath
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import tensorflow as tf
@@ -83,14 +83,17 @@ def decode_image(data: bytes, size: int) -> np.ndarray | None:
         return None
 
 
-def record_stream(shards: list[str], format: str, seed: int, start: DataPosition) -> Iterator[tuple[object, tuple]]:
-    """Endless (item, position after it) in the seeded order, from `start`."""
+def record_stream(shards: list[str], format: str, seed: int, start: DataPosition,
+                  reader: Callable[[str], list] | None = None) -> Iterator[tuple[object, tuple]]:
+    """Endless (item, position after it) in the seeded order, from `start`. `reader(path)` gives a shard's items
+    (default: the corpus parser for `format`)."""
+    reader = reader or (lambda path: list(read_shard(path, format)))
     epoch, first_shard, first_record, raw_seen = start.epoch, start.shard, start.record, start.raw_seen
     while True:
         shard_order = np.random.default_rng([seed, epoch]).permutation(len(shards))
         for shard_index in range(first_shard, len(shards)):
             shard = int(shard_order[shard_index])
-            items = list(read_shard(shards[shard], format))
+            items = reader(shards[shard])
             record_order = np.random.default_rng([seed, epoch, shard]).permutation(len(items))
             for record_index in range(first_record, len(items)):
                 raw_seen += 1
@@ -113,12 +116,30 @@ def make_dataset(
 ) -> tf.data.Dataset:
     """Batches {"image": [B, S, S, 3] f32, "tokens": [B, L] i32, "position": [B, 4] i64} from `start` on."""
 
-    def generate():
+    def examples():
         for item, position in record_stream(shards, format, seed, start):
             if has_usable_caption(item):
-                yield item.image, tokenizer.encode(item.caption, text_length), np.array(position, np.int64), True
+                yield item.image, tokenizer.encode(item.caption, text_length), position, {}
             else:
-                yield b"", np.zeros([text_length], np.int32), np.array(position, np.int64), False
+                yield None, None, position, {}
+
+    return decoded_batches(examples, {}, batch_size=batch_size, image_size=image_size, text_length=text_length)
+
+
+def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: dict[str, tf.TensorSpec], *,
+                    batch_size: int, image_size: int, text_length: int) -> tf.data.Dataset:
+    """Batches of decoded examples from `examples()`, which yields (image bytes, tokens, position, extras): image
+    bytes None for a record to skip, extras a dict matching `extra_signature`. Images are decoded and resized in
+    parallel; undecodable ones are skipped (and show up as raw records consumed without an example delivered)."""
+    blank_extras = {name: np.zeros(spec.shape, spec.dtype.as_numpy_dtype) for name, spec in extra_signature.items()}
+
+    def generate():
+        for image_bytes, tokens, position, extras in examples():
+            position = np.array(position, np.int64)
+            if image_bytes is None:
+                yield b"", np.zeros([text_length], np.int32), position, False, blank_extras
+            else:
+                yield image_bytes, tokens, position, True, extras
 
     def decode(image_bytes, ok):
         image = decode_image(image_bytes, image_size) if ok else None
@@ -126,11 +147,11 @@ def make_dataset(
             return np.zeros([image_size, image_size, 3], np.float32), False
         return image, True
 
-    def decode_in_tf(image_bytes, tokens, position, ok):
+    def decode_in_tf(image_bytes, tokens, position, ok, extras):
         image, decoded = tf.numpy_function(decode, [image_bytes, ok], [tf.float32, tf.bool], stateful=False)
         image.set_shape([image_size, image_size, 3])
         decoded.set_shape([])
-        return {"image": image, "tokens": tokens, "position": position, "ok": decoded}
+        return {"image": image, "tokens": tokens, "position": position, "ok": decoded, **extras}
 
     dataset = tf.data.Dataset.from_generator(
         generate,
@@ -139,6 +160,7 @@ def make_dataset(
             tf.TensorSpec([text_length], tf.int32),
             tf.TensorSpec([4], tf.int64),
             tf.TensorSpec([], tf.bool),
+            extra_signature,
         ),
     )
     dataset = dataset.map(decode_in_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

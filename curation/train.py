@@ -8,6 +8,8 @@ resumes from its last checkpoint and ends with exactly the params of an uninterr
 from __future__ import annotations
 
 import argparse
+import collections
+import dataclasses
 import functools
 import json
 import logging
@@ -24,12 +26,12 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from curation import configs, input_pipeline
+from curation import configs, input_pipeline, jest, scored_input, scored_shards
 from curation.evaluate import evaluate_embeddings, load_zeroshot_tasks
 from curation.losses import sigmoid_loss, softmax_loss
 from curation.metrics import MetricWriter, progress_bar
 from models import checkpoint as model_checkpoint
-from models.flops import example_train_flops
+from models.flops import example_forward_flops
 from models.tokenizer import ByteTokenizer, WordTokenizer, tokenizer_from_dict
 from models.two_towers import ModelConfig, TwoTower, count_params, init_params
 
@@ -61,11 +63,19 @@ def contrastive_loss(loss_name: str, zimg, ztxt, aux):
     raise ValueError(f"unknown loss {loss_name!r}; expected 'sigmoid' or 'softmax'")
 
 
-def train_step(state: dict, batch: dict, *, model: TwoTower, optimizer, loss_name: str) -> tuple[dict, dict]:
-    """One update on the batch: pure, jitted by the caller."""
+def train_step(state: dict, batch: dict, *, model: TwoTower, optimizer, loss_name: str,
+               flexi_patch: int | None = None) -> tuple[dict, dict]:
+    """One update on the batch: pure, jitted by the caller. With `flexi_patch`, the second half of the batch's
+    images go through the image tower at that patch size (Flexi-JEST) and the first half at the model's own."""
 
     def loss_fn(params):
-        zimg, ztxt, aux = model.apply({"params": params}, batch["image"], batch["tokens"])
+        if flexi_patch is None:
+            zimg, ztxt, aux = model.apply({"params": params}, batch["image"], batch["tokens"])
+        else:
+            half = batch["image"].shape[0] // 2
+            fine, ztxt, aux = model.apply({"params": params}, batch["image"][:half], batch["tokens"])
+            coarse, _, _ = model.apply({"params": params}, batch["image"][half:], None, patch_size=flexi_patch)
+            zimg = jnp.concatenate([fine, coarse])
         return contrastive_loss(loss_name, zimg, ztxt, aux), aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
@@ -75,8 +85,9 @@ def train_step(state: dict, batch: dict, *, model: TwoTower, optimizer, loss_nam
     return new_state, {"loss": loss, "t": aux["t"], "b": aux["b"], "grad_norm": optax.global_norm(grads)}
 
 
-def build_tokenizer(config: configs.TrainConfig, shards: list[str], format: str, workdir: str):
-    """The byte tokenizer, or a word vocabulary from the training split, saved in the workdir for resumes."""
+def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator[str]], workdir: str):
+    """The byte tokenizer, or a word vocabulary of `captions()` (the training data's), saved in the workdir for
+    resumes."""
     path = posixpath.join(workdir, "tokenizer.json")
     if os.path.exists(path):
         with open(path) as f:
@@ -84,13 +95,7 @@ def build_tokenizer(config: configs.TrainConfig, shards: list[str], format: str,
     if config.tokenizer == "bytes":
         tokenizer = ByteTokenizer()
     elif config.tokenizer == "words":
-        captions = (
-            item.caption
-            for shard in shards
-            for item in input_pipeline.read_shard(shard, format)
-            if input_pipeline.has_usable_caption(item)
-        )
-        tokenizer = WordTokenizer.build(captions, max_vocab=config.max_vocab)
+        tokenizer = WordTokenizer.build(captions(), max_vocab=config.max_vocab)
     else:
         raise ValueError(f"unknown tokenizer {config.tokenizer!r}; expected 'words' or 'bytes'")
     with open(path, "w") as f:
@@ -138,29 +143,80 @@ class Evaluator:
         return metrics
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """Where a run's examples come from: a corpus split, or scored shards (with reference embeddings)."""
+
+    shards: list[str]
+    format: str
+    scored: scored_shards.ScoredSet | None = None
+    max_ref_loss: float = float("inf")
+
+    @classmethod
+    def open(cls, config: configs.TrainConfig, data_dir: str, scored_dir: str | None) -> "TrainingData":
+        if scored_dir is None:
+            if config.needs_scores:
+                raise ValueError(f"config {config.name!r} selects with reference scores: pass --scored "
+                                 "(the output of python -m pipelines.score)")
+            shards, format = input_pipeline.split_shards(data_dir, config.split)
+            return cls(shards, format)
+        scored = scored_shards.open_scored(scored_dir)
+        no_images = [m.batch_dir for m in scored.manifests if m.options.get("store_image") == "none"]
+        if no_images:
+            raise ValueError(f"scored batches {no_images} were written with --store_image=none: nothing to train on")
+        shards = scored.shard_paths("parquet")
+        if not shards:
+            raise ValueError(f"no Parquet scored shards under {scored_dir} (score with --output_format parquet)")
+        return cls(shards, "parquet", scored, scored_input.ref_loss_threshold(shards, config.offline_keep))
+
+    def captions(self) -> Iterator[str]:
+        if self.scored is not None:
+            for path in self.shards:
+                yield from scored_shards.read_scored_parquet(path, ["caption"]).column("caption").to_pylist()
+            return
+        for shard in self.shards:
+            for item in input_pipeline.read_shard(shard, self.format):
+                if input_pipeline.has_usable_caption(item):
+                    yield item.caption
+
+    def batches(self, tokenizer, config: configs.TrainConfig, position) -> Iterator[dict]:
+        """Batches of `config.superbatch_size` examples from `position` on."""
+        common = dict(batch_size=config.superbatch_size, image_size=config.image_size,
+                      text_length=config.text_length, seed=config.seed, start=position)
+        if self.scored is None:
+            dataset = input_pipeline.make_dataset(self.shards, self.format, tokenizer, **common)
+        else:
+            dataset = scored_input.make_scored_dataset(self.shards, tokenizer, embed_dim=self.scored.embed_dim,
+                                                       max_ref_loss=self.max_ref_loss, **common)
+        return dataset.as_numpy_iterator()
+
+
 def train(
     config: configs.TrainConfig,
     data_dir: str,
     workdir: str,
     *,
+    scored_dir: str | None = None,
     batches: Iterator[dict] | None = None,
     step_callback: Callable[[int], None] | None = None,
     devices=None,
 ) -> dict:
-    """Run (or resume) training; returns the final params. `batches` replaces the corpus input (tests)."""
+    """Run (or resume) training; returns the final params. `data_dir` is the corpus (its eval splits, and its
+    training split unless `scored_dir` gives scored shards to train on). `batches` replaces the input (tests)."""
     # Logging.
     os.makedirs(workdir, exist_ok=True)
     with open(posixpath.join(workdir, "config.json"), "w") as f:
-        json.dump(config.to_dict(), f, indent=2)
+        json.dump({**config.to_dict(), "scored": scored_dir}, f, indent=2)
 
     # Device mesh.
-    mesh = make_mesh(config.batch_size, devices)
+    mesh = make_mesh(config.superbatch_size, devices)
+    make_mesh(config.batch_size, devices)  # the sub-batch must divide too
     data_sharding = NamedSharding(mesh, PartitionSpec("data"))
     replicated = NamedSharding(mesh, PartitionSpec())
 
     # Input pipeline (the tokenizer is part of it: captions become tokens there).
-    shards, format = input_pipeline.split_shards(data_dir, config.split)
-    tokenizer = build_tokenizer(config, shards, format, workdir)
+    data = TrainingData.open(config, data_dir, scored_dir)
+    tokenizer = build_tokenizer(config, data.captions, workdir)
     model_config = config.model_config(tokenizer.vocab_size)
 
     # Model and optimizer.
@@ -178,13 +234,22 @@ def train(
     log.info("model %s/%s, %d params, %d devices", config.image_variant, config.text_variant,
              count_params(state["params"]), len(mesh.devices.flat))
 
-    # Update step.
-    step_fn = jax.jit(
-        functools.partial(train_step, model=model, optimizer=optimizer, loss_name=config.loss),
-        in_shardings=(replicated, data_sharding),
-        out_shardings=(replicated, replicated),
-        donate_argnums=0,
-    )
+    # Update step (with selection: learner scoring, selection and update on the chosen sub-batch).
+    pure_step = functools.partial(train_step, model=model, optimizer=optimizer, loss_name=config.loss,
+                                  flexi_patch=config.coarse_patch_size if config.flexi else None)
+    step_fn = jax.jit(pure_step, in_shardings=(replicated, data_sharding), out_shardings=(replicated, replicated),
+                      donate_argnums=0)
+    selecting = config.selection != "none"
+    if selecting:
+        if data.scored is None:
+            raise ValueError("selection needs scored shards (--scored)")
+        jest_fns = jest.make_jest_functions(config, model, pure_step, mesh, data.scored.reference_t,
+                                            data.scored.reference_c)
+    flops = jest.step_flops(config, model_config)
+    reference_flops = 0
+    if data.scored is not None:  # offline, once per example: reported apart from the learner's
+        reference_config = ModelConfig.from_dict(data.scored.manifests[0].reference["model"])
+        reference_flops = example_forward_flops(reference_config)
 
     # Checkpoint restore: the state, the data position and the run's counters.
     manager = ocp.CheckpointManager(
@@ -209,19 +274,38 @@ def train(
 
     # Train loop.
     if batches is None:
-        position = input_pipeline.DataPosition(**progress["position"])
-        batches = make_batches(shards, format, tokenizer, config, position)
-    flops_per_step = config.batch_size * example_train_flops(model_config)
-    pending: list[tuple[int, jax.Array]] = []
+        batches = data.batches(tokenizer, config, input_pipeline.DataPosition(**progress["position"]))
+    selection_rng = jax.random.key(config.seed + 1)
+    pending: list[tuple[int, dict]] = []
+    timings: dict[str, float] = collections.defaultdict(float)
     step_start = time.perf_counter()
     with progress_bar(config.total_steps, start_step, config.name) as bar:
         for step in range(start_step + 1, config.total_steps + 1):
+            clock = time.perf_counter()
             batch = next(batches)
             position = batch.pop("position", None)
-            inputs = {name: jax.make_array_from_process_local_data(data_sharding, batch[name])
-                      for name in ("image", "tokens")}
-            state, step_metrics = step_fn(state, inputs)
+            timings["time/data"] += time.perf_counter() - clock
+            inputs = {name: jax.make_array_from_process_local_data(data_sharding, value)
+                      for name, value in batch.items()}
+            if selecting:
+                clock = time.perf_counter()
+                zimg, ztxt, t_and_b = jax.block_until_ready(
+                    jest_fns.embed(state["params"], inputs["image"], inputs["tokens"]))
+                scored_at = time.perf_counter()
+                timings["time/scoring"] += scored_at - clock
+                indices, diagnostics = jax.block_until_ready(jest_fns.choose(
+                    jax.random.fold_in(selection_rng, step), zimg, ztxt, t_and_b, inputs["ref_zimg"],
+                    inputs["ref_ztxt"], inputs["clean"]))
+                selected_at = time.perf_counter()
+                timings["time/selection"] += selected_at - scored_at
+                state, step_metrics = jest_fns.update(state, inputs["image"], inputs["tokens"], indices)
+                step_metrics = {**step_metrics, **diagnostics}
+                jax.block_until_ready(step_metrics)
+                timings["time/update"] += time.perf_counter() - selected_at
+            else:
+                state, step_metrics = step_fn(state, {name: inputs[name] for name in ("image", "tokens")})
             progress["examples_seen"] += config.batch_size
+            progress["superbatch_examples_seen"] = progress.get("superbatch_examples_seen", 0) + config.superbatch_size
             if position is not None:
                 progress["position"] = input_pipeline.DataPosition.from_array(position[-1]).to_dict()
             pending.append((step, step_metrics))
@@ -231,15 +315,22 @@ def train(
             last = step == config.total_steps
             if step % config.log_every == 0 or last:
                 values = check_finite(pending)
+                steps_logged = len(pending)
                 pending = []
                 now = time.perf_counter()
                 progress["wall_s"] += now - step_start
                 step_start = now
                 raw_seen = progress["position"]["raw_seen"]
+                drawn = progress["superbatch_examples_seen"]
                 writer.write(step, {
-                    **values, "examples_seen": progress["examples_seen"], "train_flops": step * flops_per_step,
-                    "wall_s": progress["wall_s"], "skipped": max(raw_seen - progress["examples_seen"], 0),
+                    **values, "examples_seen": progress["examples_seen"], "superbatch_examples_seen": drawn,
+                    "train_flops": step * flops["train"], "learner_scoring_flops": step * flops["learner_scoring"],
+                    "reference_scoring_flops": drawn * reference_flops,
+                    "reference_flops_per_example": reference_flops,
+                    "wall_s": progress["wall_s"], "skipped": max(raw_seen - drawn, 0),
+                    **{name: seconds / steps_logged for name, seconds in timings.items()},
                 })
+                timings.clear()
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if evaluator is not None and (step % config.eval_every == 0 or last):
                 writer.write(step, {"examples_seen": progress["examples_seen"], **evaluator(state["params"])})
@@ -257,13 +348,6 @@ def train(
     return state["params"]
 
 
-def make_batches(shards, format, tokenizer, config, position) -> Iterator[dict]:
-    dataset = input_pipeline.make_dataset(
-        shards, format, tokenizer, batch_size=config.batch_size, image_size=config.image_size,
-        text_length=config.text_length, seed=config.seed, start=position)
-    return dataset.as_numpy_iterator()
-
-
 def check_finite(pending: list[tuple[int, dict]]) -> dict[str, float]:
     """Mean of the steps' metrics; raises naming the step range if a loss is not finite."""
     fetched = [(step, jax.device_get(metrics)) for step, metrics in pending]
@@ -279,12 +363,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, choices=sorted(configs.CONFIGS))
     parser.add_argument("--data", required=True, help="corpus directory (made by pipelines.make_corpus)")
+    parser.add_argument("--scored", default=None,
+                        help="scored output of python -m pipelines.score to train on (needed by selection configs)")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, model/")
     parser.add_argument("--smoke", action="store_true", help="shrink the run to seconds (tests)")
     args, rest = parser.parse_known_args(argv)
     config = configs.get_config(args.config, args.smoke, configs.parse_override_flags(rest))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    train(config, args.data, args.workdir)
+    train(config, args.data, args.workdir, scored_dir=args.scored)
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 from typing import Any
 
 import jax
@@ -31,6 +32,11 @@ class Checkpoint:
     config: ModelConfig
     tokenizer: ByteTokenizer | WordTokenizer
     fingerprint: str
+
+
+def _absolute(directory: str) -> str:
+    """orbax needs absolute paths: a local relative path is made absolute; gs:// and other URLs stay as they are."""
+    return directory if "://" in directory else os.path.abspath(directory)
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -94,7 +100,7 @@ def save(
         "fingerprint": digest,
     }
     _checkpointer().save(
-        directory,
+        _absolute(directory),
         args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
         force=overwrite,
     )
@@ -103,7 +109,7 @@ def save(
 
 def read_meta(directory: str) -> dict:
     """The JSON item of a checkpoint (config, tokenizer, fingerprint) without reading the params."""
-    return _checkpointer().restore(directory, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return _checkpointer().restore(_absolute(directory), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def restore(directory: str) -> Checkpoint:
@@ -114,11 +120,11 @@ def restore(directory: str) -> Checkpoint:
     config = ModelConfig.from_dict(meta["model"])
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     expected_tree = abstract_params(config)
-    checkpointer = _checkpointer()
-    stored_tree = checkpointer.metadata(directory).item_metadata["params"]
+    checkpointer, path = _checkpointer(), _absolute(directory)
+    stored_tree = checkpointer.metadata(path).item_metadata["params"]
     _check_params_match(_leaves_by_name(stored_tree), _leaves_by_name(expected_tree), directory)
     params = checkpointer.restore(
-        directory, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected_tree))
+        path, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected_tree))
     )["params"]
     digest = fingerprint(params, config, tokenizer)
     if digest != meta["fingerprint"]:

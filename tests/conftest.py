@@ -2,7 +2,12 @@
 
 import socket
 
+import jax
 import pytest
+
+from models import checkpoint
+from models.tokenizer import ByteTokenizer
+from models.two_towers import ModelConfig, init_params
 
 
 @pytest.fixture(scope="session")
@@ -25,3 +30,13 @@ def gcs_bucket():
         patch.setattr(beam_auth._Credentials, "_credentials_init", False)
         yield "gs://corpus-test"
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def reference_checkpoint(tmp_path_factory) -> str:
+    """A 1-layer reference model (random weights, byte tokenizer) saved as the scoring job loads it."""
+    path = str(tmp_path_factory.mktemp("reference") / "model")
+    config = ModelConfig(image_variant="mu", text_variant="mu", image_size=32, patch_size=8, embed_dim=32,
+                         text_length=32, vocab_size=ByteTokenizer().vocab_size)
+    checkpoint.save(path, init_params(config, jax.random.key(0)), config, ByteTokenizer())
+    return path

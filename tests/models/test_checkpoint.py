@@ -110,3 +110,10 @@ def test_restore_detects_params_changed_on_disk(tmp_path, params):
         json.dump(meta, f)
     with pytest.raises(ValueError, match="is corrupt"):
         checkpoint.restore(directory)
+
+
+def test_a_relative_directory_saves_and_restores(tmp_path, params, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    digest = checkpoint.save("runs/model", params, CONFIG, ByteTokenizer())
+    assert (tmp_path / "runs" / "model").is_dir()
+    assert checkpoint.restore("runs/model").fingerprint == digest == checkpoint.read_meta("runs/model")["fingerprint"]

@@ -1,0 +1,83 @@
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curation import scored_input, scored_shards
+from curation.input_pipeline import DataPosition
+from models.tokenizer import ByteTokenizer
+
+
+def stored_rows(output):
+    scored = scored_shards.open_scored(output)
+    table = pq.read_table(scored.shard_paths())
+    return scored, {row["key"]: row for row in table.to_pylist()}
+
+
+def test_batches_carry_the_stored_reference_embeddings_and_truth(scored_tiny_corpus):
+    scored, rows = stored_rows(scored_tiny_corpus)
+    shards = scored.shard_paths()
+    examples = [e for path in shards for e in scored_input.read_scored_examples(path)]
+    assert sorted(e.key for e in examples) == sorted(rows)
+    by_embedding = {np.asarray(row["ref_image_embedding"], np.float16).tobytes(): row for row in rows.values()}
+    dataset = scored_input.make_scored_dataset(shards, ByteTokenizer(), batch_size=16, image_size=32, text_length=32,
+                                               embed_dim=scored.embed_dim, seed=0)
+    batch = next(dataset.as_numpy_iterator())
+    assert batch["ref_zimg"].shape == (16, scored.embed_dim) and batch["image"].shape == (16, 32, 32, 3)
+    for zimg, ztxt, clean in zip(batch["ref_zimg"], batch["ref_ztxt"], batch["clean"]):
+        row = by_embedding[zimg.astype(np.float16).tobytes()]  # float32 of the stored float16, exactly
+        np.testing.assert_array_equal(ztxt, np.asarray(row["ref_text_embedding"], np.float32))
+        assert clean == int('"truth": "clean"' in row["metadata"])
+    assert set(batch["clean"]) <= {0, 1}
+
+
+def test_offline_filter_keeps_the_easiest_fraction(scored_tiny_corpus):
+    scored, rows = stored_rows(scored_tiny_corpus)
+    losses = np.array([row["ref_loss"] for row in rows.values()])
+    threshold = scored_input.ref_loss_threshold(scored.shard_paths(), 0.25)
+    assert (losses <= threshold).sum() == round(0.25 * len(losses))
+    assert scored_input.ref_loss_threshold(scored.shard_paths(), 1.0) == float("inf")
+    dataset = scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), batch_size=8, image_size=32,
+                                               text_length=32, embed_dim=scored.embed_dim, seed=0,
+                                               max_ref_loss=threshold)
+    kept = {np.asarray(row["ref_image_embedding"], np.float16).tobytes(): row["ref_loss"] for row in rows.values()}
+    batches = dataset.take(2).as_numpy_iterator()
+    for batch in batches:
+        assert all(kept[z.astype(np.float16).tobytes()] <= threshold for z in batch["ref_zimg"])
+    # Skipped examples advance the position: raw records consumed exceed examples delivered.
+    assert batch["position"][-1][3] > 16
+
+
+def test_a_resumed_stream_continues_where_it_stopped(scored_tiny_corpus):
+    scored, _ = stored_rows(scored_tiny_corpus)
+    common = dict(batch_size=8, image_size=32, text_length=32, embed_dim=scored.embed_dim, seed=4)
+    straight = list(scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), **common)
+                    .take(4).as_numpy_iterator())
+    position = DataPosition.from_array(straight[1]["position"][-1])
+    resumed = list(scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), start=position, **common)
+                   .take(2).as_numpy_iterator())
+    for expected, got in zip(straight[2:], resumed):
+        np.testing.assert_array_equal(expected["ref_zimg"], got["ref_zimg"])
+        np.testing.assert_array_equal(expected["image"], got["image"])
+
+
+def test_mixed_references_and_schema_versions_are_refused(scored_tiny_corpus, tmp_path):
+    import shutil
+
+    from apache_beam.io.filesystems import FileSystems
+
+    output = tmp_path / "out"
+    shutil.copytree(scored_tiny_corpus, output)
+    batch = next(output.glob("batch-*"))
+    manifest = scored_shards.read_manifests(str(output))[0]
+    for name, changes in [("batch-zz-other", {"reference_fingerprint": "f" * 64}),
+                          ("batch-zz-version", {"schema_version": 99})]:
+        shutil.copytree(batch, output / name)
+        values = {**manifest.__dict__, **changes}
+        scored_shards.write_manifest(str(output / name), scored_shards.Manifest(**values))
+        with pytest.raises(scored_shards.ScoredShardsError, match="different reference|schema versions"):
+            scored_shards.open_scored(str(output))
+        shutil.rmtree(output / name)
+    # A listed shard that is missing is named.
+    FileSystems.delete([str(batch / manifest.shards[0])])
+    with pytest.raises(scored_shards.ScoredShardsError, match="missing shards"):
+        scored_shards.open_scored(str(output))
