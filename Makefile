@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test clean
+.PHONY: install test demo bench clean
 
 install: $(STAMP)
 
@@ -19,6 +19,15 @@ $(STAMP): requirements.txt constraints.txt setup.py
 
 test: install
 	$(PY) -m pytest -q tests
+
+# The end-to-end demo on the built-in demo corpus: runs/demo/report.md and its plots.
+demo: install
+	$(PY) -m pipelines.demo --out runs/demo
+
+# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md.
+bench: install
+	$(PY) bench/score_throughput.py
+	$(PY) bench/selection.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
