@@ -153,6 +153,16 @@ def text_or_bytes(data: bytes) -> str | bytes:
         return data
 
 
+def valid_unicode(text: str) -> str:
+    """`text` with what is not encodable as UTF-8 replaced by U+FFFD. `tarfile` decodes member names that are not
+    UTF-8 with "surrogateescape", and a key holding a lone surrogate cannot be written to Parquet or TFRecord."""
+    try:
+        data = text.encode("utf-8", errors="surrogateescape")  # back to the bytes tarfile read
+    except UnicodeEncodeError:  # a surrogate that does not stand for a byte
+        data = text.encode("utf-8", errors="surrogatepass")
+    return data.decode("utf-8", errors="replace")
+
+
 def _parse_error(path: str, key: str, reason: str, error: BaseException | str) -> CorpusError:
     message = error if isinstance(error, str) else f"{type(error).__name__}: {error}"
     return CorpusError(key=key, source=path, reason=reason, message=message)
@@ -231,7 +241,8 @@ def parse_wds(path: str, fields: FieldNames, **_: Any) -> Iterator[CorpusItem]:
 
     def sample(key: str, members: dict[str, bytes]) -> CorpusItem:
         if key in seen:
-            return _parse_error(path, key, DUPLICATE_KEY, "key seen before in this shard: its members are not adjacent")
+            return _parse_error(path, key, DUPLICATE_KEY,
+                                "key seen before in this shard: a second sample of it, or its members not adjacent")
         seen.add(key)
         return _wds_sample(path, key, members, fields)
 
@@ -249,13 +260,14 @@ def parse_wds(path: str, fields: FieldNames, **_: Any) -> Iterator[CorpusItem]:
                 for member in tar:
                     if not member.isfile():
                         continue
-                    member_key, ext = split_member_name(member.name)
+                    member_key, ext = split_member_name(valid_unicode(member.name))
+                    ext = ext.lower()
                     data = tar.extractfile(member).read()
-                    if member_key != key:
+                    if member_key != key or ext in members:  # a member seen again starts the key's next sample
                         if key is not None:
                             yield sample(key, members)
                         key, members = member_key, {}
-                    members.setdefault(ext.lower(), data)
+                    members[ext] = data
                 problem = _tar_end_problem(tar, recorder)
         except tarfile.TarError as error:
             problem = f"{error} near byte {recorder.position}"

@@ -9,13 +9,17 @@ An output directory holds one folder per scoring batch (a run of the job), each 
         _MANIFEST.json                    written last and atomically: the batch exists once this file does
 
 Readers open only the shards a manifest lists and refuse batches of another schema version or reference
-fingerprint. Files go through Beam's `FileSystems`, so `gs://` outputs read like local ones.
+fingerprint. A batch folder without a manifest is unfinished (its run died, failed its --max_bad_fraction check,
+or is still running): no reader opens it, `--incremental` does not count its input shards as done, and
+`remove_unfinished` deletes it. So are temporary files ignored: Beam's `beam-temp-*` folders and the manifest's own
+`._MANIFEST.json.*.tmp`. Files go through Beam's `FileSystems`, so `gs://` outputs read like local ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import posixpath
 import uuid
 from typing import Any, Iterator
@@ -24,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.io.localfilesystem import LocalFileSystem
 
 from curation import tfrecord
 
@@ -34,6 +39,7 @@ SCORED_PREFIX = "scored"
 DEAD_LETTER_PREFIX = "dead_letter"
 OUTPUT_FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
+TEMPORARY_PREFIXES = ("beam-temp-", f".{MANIFEST_NAME}.")  # Beam's FileBasedSink, write_manifest
 
 # Column -> meaning. The embeddings are the reference model's, L2-normalized before rounding to float16.
 SCORED_COLUMNS = {
@@ -49,7 +55,7 @@ SCORED_COLUMNS = {
     "ref_loss": "float32: softplus(−ref_logit), its own-pair sigmoid loss (low = easy for the reference)",
 }
 DEAD_LETTER_COLUMNS = {
-    "key": "string", "source": "string", "stage": "string: read | decode | caption",
+    "key": "string", "source": "string", "stage": "string: read | caption | decode | embed",
     "reason": "string: why it could not be scored", "message": "string: details",
 }
 
@@ -163,6 +169,48 @@ def read_manifests(output: str) -> list[Manifest]:
         with FileSystems.open(metadata.path) as f:
             manifests.append(Manifest.from_json(f.read().decode("utf-8"), posixpath.dirname(metadata.path)))
     return sorted(manifests, key=lambda manifest: manifest.batch_dir)
+
+
+def _batch_folders(output: str) -> dict[str, list[str]]:
+    """Batch folder under `output` -> the paths of every file inside it, at any depth."""
+    output = output.rstrip("/")
+    folders: dict[str, list[str]] = {}
+    filesystem = FileSystems.get_filesystem(output)
+    if isinstance(filesystem, LocalFileSystem) and os.path.isdir(output):  # a local disk keeps empty folders too
+        folders.update({posixpath.join(output, name): [] for name in os.listdir(output)
+                        if name.startswith(BATCH_PREFIX) and os.path.isdir(os.path.join(output, name))})
+    for metadata in FileSystems.match([posixpath.join(output, f"{BATCH_PREFIX}*", "**")])[0].metadata_list:
+        name = metadata.path[len(output) + 1:].split("/", 1)[0]
+        folders.setdefault(posixpath.join(output, name), []).append(metadata.path)
+    return folders
+
+
+def unfinished_batches(output: str) -> list[str]:
+    """Batch folders under `output` that hold no manifest: never read, never counted as done."""
+    return sorted(folder for folder, paths in _batch_folders(output).items()
+                  if posixpath.join(folder, MANIFEST_NAME) not in paths)
+
+
+def remove_unfinished(output: str, before: str) -> list[str]:
+    """Delete the unfinished batch folders named (by time) before the batch name `before`, and the temporary files
+    left in finished ones; returns what was deleted. Only safe when no run that started earlier is still writing
+    to `output`: its batch folder has no manifest yet either."""
+    cutoff = before[: len(BATCH_PREFIX) + len("YYYYmmddTHHMMSSZ")]
+    doomed: dict[str, list[str]] = {}  # file or folder -> the files under it
+    for folder, paths in sorted(_batch_folders(output).items()):
+        if posixpath.join(folder, MANIFEST_NAME) not in paths:
+            if posixpath.basename(folder) < cutoff:
+                doomed[folder] = paths
+            continue
+        for path in paths:
+            top = path[len(folder) + 1:].split("/", 1)[0]
+            if top.startswith(TEMPORARY_PREFIXES):
+                doomed.setdefault(posixpath.join(folder, top), []).append(path)
+    local = isinstance(FileSystems.get_filesystem(output), LocalFileSystem)
+    for path, files in doomed.items():
+        # A local folder goes as a whole (empty subfolders too); an object store has only the files.
+        FileSystems.delete([path] if local else files)
+    return sorted(doomed)
 
 
 class ScoredShardsError(ValueError):

@@ -4,7 +4,9 @@
 
 The handler holds a checkpoint *path*; the weights are restored in `load_model()` on the worker, never pickled
 into the job graph. Every batch Beam forms is padded to `batch_size` rows, so XLA compiles the forward once and an
-example's embedding does not depend on the batch it landed in.
+example's embedding does not depend on the batch it landed in: runs at one `batch_size` are byte-identical. Another
+`batch_size` is another compiled program whose kernels may round differently (in float32's last bit, which moves a
+few stored float16 values by one step).
 """
 
 from __future__ import annotations

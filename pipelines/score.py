@@ -6,12 +6,24 @@
 The job, one named transform per stage:
 
     ReadCorpus → DecodeAndValidate → Preprocess → EmbedWithReference → Score → WriteScoredShards
-         └──────────────┴── errors ──→ WriteDeadLetter            counts, files ──→ WriteManifest
+         └──────────────┴──────────── errors ──────────────────────────┴──→ WriteDeadLetter
+                                                          counts, files ──→ WriteManifest
+
+Every record read is either scored or dead-lettered with a reason (read errors, decode and caption rules, and
+embeddings that are not finite), so read = scored + dead-lettered, per reason in the manifest's counts.
 
 Each run writes one batch folder under --output (see curation/scored_shards.py) whose `_MANIFEST.json` is written
-last. `--incremental` scores only the input shards no earlier batch of the same reference has done. Beam's own
-flags (--runner, --project, --temp_location, --setup_file, ...) pass through; without --runner the job runs in
-process (FnApiRunner).
+last; a folder without one is unfinished and never read. `--incremental` scores only the input shards no earlier
+batch of the same reference has done. A run that dies (or is killed) is re-run as it was: its folder holds no
+manifest, so no reader sees its partial output and the re-run scores its input shards again.
+
+--max_bad_fraction fails the job when more than that fraction of the records read is dead-lettered. The check runs
+in the manifest step, once the dead letter is written: the failed batch keeps its dead letter for inspection but
+gets no manifest. --clean_unfinished deletes, before the run, the unfinished batch folders of earlier runs (and
+temporary files in finished ones); use it only when no other run is writing to --output.
+
+Beam's own flags (--runner, --project, --temp_location, --setup_file, ...) pass through; without --runner the job
+runs in process (FnApiRunner).
 """
 
 from __future__ import annotations
@@ -33,7 +45,8 @@ from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
 from apache_beam.pvalue import AsDict, AsList, AsSingleton, TaggedOutput
 
 from curation import scored_shards
-from curation.corpus import CorpusError, CorpusRecord, add_reader_arguments, match_shards, reader_options
+from curation.corpus import (CorpusError, CorpusRecord, add_reader_arguments, match_shards, reader_options,
+                             valid_unicode)
 from models import checkpoint as model_checkpoint
 from models.tokenizer import tokenizer_from_dict
 from pipelines.corpus_io import ReadCorpus
@@ -43,6 +56,7 @@ from pipelines.validation import ValidationOptions, ValidExample, decode_and_val
 log = logging.getLogger("pipelines.score")
 NAMESPACE = "score"
 STORE_IMAGE = ("as_stored", "resized", "none")
+NON_FINITE_EMBEDDING = "non_finite_embedding"  # dead-letter reason of the "embed" stage: NaN or Inf from the model
 
 
 def _flag(text: str) -> bool:
@@ -53,6 +67,13 @@ def _flag(text: str) -> bool:
     if value in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1], got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -79,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_caption_chars", type=int, default=ValidationOptions.max_caption_chars)
     parser.add_argument("--large_model", type=_flag, nargs="?", const=True, default=False,
                         help="one model copy per worker VM shared by its processes (accelerator workers)")
+    parser.add_argument("--max_bad_fraction", type=_fraction, default=1.0,
+                        help="fail, without a manifest, when more than this fraction of the records read is "
+                             "dead-lettered (default 1: never)")
+    parser.add_argument("--clean_unfinished", type=_flag, nargs="?", const=True, default=False,
+                        help="first delete the unfinished batch folders of earlier runs under --output (only when "
+                             "no other run is writing to it)")
     return parser
 
 
@@ -158,11 +185,12 @@ class EmbedWithReference(beam.PTransform):
 def score_row(example: PreparedExample, embeddings: Embeddings, t: float, c: float) -> dict[str, Any]:
     """A scored-shard row. Cosine, logit and loss are computed from the stored float16 embeddings, so a reader
     recomputing them from the shard gets the stored values."""
-    zimg = embeddings.image.astype(np.float16)
-    ztxt = embeddings.text.astype(np.float16)
-    cosine = np.float32(np.dot(zimg.astype(np.float32), ztxt.astype(np.float32)))
-    logit = np.float32(t * cosine + c)
-    loss = np.float32(np.logaddexp(0.0, -logit))  # softplus(−z·logit) with z = +1
+    with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught by score_or_dead_letter
+        zimg = embeddings.image.astype(np.float16)
+        ztxt = embeddings.text.astype(np.float16)
+        cosine = np.float32(np.dot(zimg.astype(np.float32), ztxt.astype(np.float32)))
+        logit = np.float32(t * cosine + c)
+        loss = np.float32(np.logaddexp(0.0, -logit))  # softplus(−z·logit) with z = +1
     return {
         "key": example.key, "caption": example.caption, "image": example.image, "source": example.source,
         "metadata": json.dumps(example.metadata, sort_keys=True, default=str),
@@ -171,17 +199,46 @@ def score_row(example: PreparedExample, embeddings: Embeddings, t: float, c: flo
     }
 
 
+def score_or_dead_letter(example: PreparedExample, embeddings: Embeddings, t: float,
+                         c: float) -> dict[str, Any] | CorpusError:
+    """The scored row, or a CorpusError (stage "embed") when an embedding or score is NaN or infinite: a row like
+    that would poison every loss the trainer computes from it."""
+    row = score_row(example, embeddings, t, c)
+    bad = [name for name in ("ref_image_embedding", "ref_text_embedding", "ref_cosine", "ref_logit", "ref_loss")
+           if not np.isfinite(row[name]).all()]
+    if not bad:
+        return row
+    return CorpusError(key=example.key, source=example.source, reason=NON_FINITE_EMBEDDING, stage="embed",
+                       message=f"not finite: {', '.join(bad)}")
+
+
+class _ScoreFn(beam.DoFn):
+    def __init__(self, t: float, c: float):
+        self._t, self._c = t, c
+
+    def process(self, element) -> Iterator[dict[str, Any] | TaggedOutput]:
+        _, result = element
+        scored = score_or_dead_letter(result.example, result.inference, self._t, self._c)
+        if isinstance(scored, CorpusError):
+            Metrics.counter(NAMESPACE, f"dead_letter_{scored.reason}").inc()
+            yield TaggedOutput(Score.DEAD_LETTER, scored)
+        else:
+            yield scored
+
+
 class Score(beam.PTransform):
-    """(key, PredictionResult) -> scored row dicts (the columns of curation.scored_shards.SCORED_COLUMNS)."""
+    """(key, PredictionResult) -> scored row dicts (the columns of curation.scored_shards.SCORED_COLUMNS) (main) |
+    CorpusError (tagged `dead_letter`: reason non_finite_embedding)."""
+
+    DEAD_LETTER = "dead_letter"
 
     def __init__(self, t: float, c: float):
         super().__init__()
         self._t, self._c = t, c
 
     def expand(self, embedded):
-        t, c = self._t, self._c
-        return embedded | "EasyReferenceScore" >> beam.MapTuple(
-            lambda key, result: score_row(result.example, result.inference, t, c))
+        return embedded | "EasyReferenceScore" >> beam.ParDo(_ScoreFn(self._t, self._c)).with_outputs(
+            self.DEAD_LETTER, main="scored")
 
 
 def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
@@ -238,7 +295,22 @@ class WriteDeadLetter(beam.PTransform):
                     self._prefix, scored_shards.DEAD_LETTER_SCHEMA, file_name_suffix=".parquet", num_shards=1))
 
 
-def _write_manifest(_, scored_files, dead_letter_files, read, scored, dead_letter, *, batch_dir, template):
+class TooManyBadRecords(RuntimeError):
+    """More of the records read were dead-lettered than --max_bad_fraction allows."""
+
+
+def check_bad_fraction(read: int, dead_lettered: int, max_bad_fraction: float, batch_dir: str = "") -> None:
+    """Raise TooManyBadRecords, naming both counts, when dead_lettered / read is over max_bad_fraction."""
+    if read and dead_lettered / read > max_bad_fraction:
+        raise TooManyBadRecords(
+            f"{dead_lettered} of {read} records read were dead-lettered ({dead_lettered / read:.1%}), over "
+            f"--max_bad_fraction={max_bad_fraction}; the dead letter is in {batch_dir or 'the batch folder'}, "
+            "no manifest was written, so the batch will not be read")
+
+
+def _write_manifest(_, scored_files, dead_letter_files, read, scored, dead_letter, *, batch_dir, template,
+                    max_bad_fraction):
+    check_bad_fraction(read, sum(dead_letter.values()), max_bad_fraction, batch_dir)
     manifest = scored_shards.Manifest(
         **template,
         counts={"read": read, "scored": scored, "dead_letter": dict(sorted(dead_letter.items()))},
@@ -249,11 +321,12 @@ def _write_manifest(_, scored_files, dead_letter_files, read, scored, dead_lette
 
 
 class WriteManifest(beam.PTransform):
-    """Once every shard is final, write `_MANIFEST.json` (counts, input shards, output files) atomically."""
+    """Once every shard is final, write `_MANIFEST.json` (counts, input shards, output files) atomically; or, when
+    more than `max_bad_fraction` of the records read was dead-lettered, fail the job instead."""
 
-    def __init__(self, batch_dir: str, template: dict[str, Any]):
+    def __init__(self, batch_dir: str, template: dict[str, Any], max_bad_fraction: float = 1.0):
         super().__init__()
-        self._batch_dir, self._template = batch_dir, template
+        self._batch_dir, self._template, self._max_bad_fraction = batch_dir, template, max_bad_fraction
 
     def expand(self, inputs):
         scored_files, dead_letter_files, read, scored, dead_letter = inputs
@@ -261,7 +334,8 @@ class WriteManifest(beam.PTransform):
                 | "Once" >> beam.Create([None])
                 | "Write" >> beam.Map(_write_manifest, AsList(scored_files), AsList(dead_letter_files),
                                       AsSingleton(read), AsSingleton(scored), AsDict(dead_letter),
-                                      batch_dir=self._batch_dir, template=self._template))
+                                      batch_dir=self._batch_dir, template=self._template,
+                                      max_bad_fraction=self._max_bad_fraction))
 
 
 def _count(pcoll, label: str):
@@ -275,6 +349,9 @@ def plan_batch(args: argparse.Namespace, fingerprint: str) -> tuple[list[str], l
     """(input shards to score now, input shards skipped as already scored). Refuses to mix references or to
     re-score into an output that already holds batches unless --incremental."""
     shards = match_shards([pattern for value in args.input for pattern in value.split(",") if pattern])
+    not_utf8 = [ascii(shard) for shard in shards if valid_unicode(shard) != shard]
+    if not_utf8:  # a local file name; Beam carries paths as UTF-8 text and would fail on it mid-job
+        raise SystemExit(f"input shard paths must be UTF-8; rename {', '.join(not_utf8[:5])}")
     existing = scored_shards.read_manifests(args.output)
     if existing and not args.incremental:
         raise SystemExit(f"{args.output} already holds {len(existing)} scored batch(es); pass --incremental to "
@@ -303,9 +380,17 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     """
     args, beam_args = build_parser().parse_known_args(argv)
     formats = parse_formats(args.output_format)
+    created = datetime.datetime.now(datetime.timezone.utc)
+    batch_dir = posixpath.join(args.output, scored_shards.new_batch_name(created.strftime("%Y%m%dT%H%M%SZ")))
     reference = model_checkpoint.restore(args.reference_checkpoint)
     t = float(np.exp(np.asarray(reference.params["log_temperature"])[0]))
     c = float(np.asarray(reference.params["bias"])[0])
+    if not (np.isfinite(t) and np.isfinite(c)):
+        raise SystemExit(f"reference {args.reference_checkpoint} has a non-finite temperature or bias (t={t}, "
+                         f"c={c}): every score would be NaN")
+    if args.clean_unfinished:
+        for path in scored_shards.remove_unfinished(args.output, before=posixpath.basename(batch_dir)):
+            log.info("removed unfinished or temporary %s", path)
     todo, skipped = plan_batch(args, reference.fingerprint)
     if skipped:
         log.info("skipping %d input shard(s) already scored by this reference", len(skipped))
@@ -313,15 +398,16 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
         log.info("nothing to score: every input shard is in a batch under %s", args.output)
         return {"batch_dir": None, "read": 0, "scored": 0, "dead_letter": {}, "skipped_shards": len(skipped)}
 
-    created = datetime.datetime.now(datetime.timezone.utc)
-    batch_dir = posixpath.join(args.output, scored_shards.new_batch_name(created.strftime("%Y%m%dT%H%M%SZ")))
     template = {
         "schema_version": scored_shards.SCHEMA_VERSION, "reference_fingerprint": reference.fingerprint,
         "reference": {"t": t, "c": c, "checkpoint": args.reference_checkpoint, "model": reference.config.to_dict()},
         "input_shards": todo, "output_formats": formats, "created": created.isoformat(),
         "options": {"store_image": args.store_image, "stored_image_size": args.stored_image_size,
                     "input_format": args.input_format, "max_caption_chars": args.max_caption_chars,
-                    "min_image_size": args.min_image_size, "max_image_pixels": args.max_image_pixels},
+                    "min_image_size": args.min_image_size, "max_image_pixels": args.max_image_pixels,
+                    # Embeddings are byte-identical between runs at the same inference batch size (see
+                    # pipelines/jax_inference.py); another size changes some by a float16 rounding step.
+                    "inference_batch_size": args.inference_batch_size},
     }
     del reference  # the workers restore it themselves; nothing of it goes into the graph
     validation = ValidationOptions(args.max_image_pixels, args.min_image_size, args.max_caption_chars)
@@ -336,19 +422,20 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     records, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(todo, reader["format"], reader["fields"],
                                                                   batch_rows=reader["batch_rows"])
     valid, invalid = records | "DecodeAndValidate" >> DecodeAndValidate(validation)
-    rows = (valid
-            | "Preprocess" >> Preprocess(args.reference_checkpoint, args.store_image, args.stored_image_size)
-            | "EmbedWithReference" >> EmbedWithReference(handler)
-            | "Score" >> Score(t, c))
+    rows, non_finite = (valid
+                        | "Preprocess" >> Preprocess(args.reference_checkpoint, args.store_image,
+                                                     args.stored_image_size)
+                        | "EmbedWithReference" >> EmbedWithReference(handler)
+                        | "Score" >> Score(t, c))
     scored_files = rows | "WriteScoredShards" >> WriteScoredShards(batch_dir, formats, template["reference"]["model"]
                                                                    ["embed_dim"], args.num_output_shards)
-    errors = (read_errors, invalid) | "AllErrors" >> beam.Flatten()
+    errors = (read_errors, invalid, non_finite) | "AllErrors" >> beam.Flatten()
     dead_letter_files = errors | "WriteDeadLetter" >> WriteDeadLetter(batch_dir)
     read = ((_count(records, "CountRecords"), _count(read_errors, "CountReadErrors"))
             | "ReadItems" >> beam.Flatten() | "SumRead" >> beam.CombineGlobally(sum))
     per_reason = errors | "Reasons" >> beam.Map(lambda error: error.reason) | "PerReason" >> beam.combiners.Count.PerElement()
     (scored_files, dead_letter_files, read, _count(rows, "CountScored"), per_reason) | "WriteManifest" >> WriteManifest(
-        batch_dir, template)
+        batch_dir, template, args.max_bad_fraction)
     result = pipeline.run()
     if not wait:
         log.info("submitted: the batch appears in %s when its _MANIFEST.json is written", batch_dir)

@@ -31,6 +31,11 @@ CAPTION_TOO_LONG = "caption_too_long"  # more than --max_caption_chars after cle
 VALIDATION_REASONS = (EMPTY_IMAGE, NOT_AN_IMAGE, CORRUPT_IMAGE, DECOMPRESSION_BOMB, IMAGE_TOO_SMALL,
                       CAPTION_NOT_UTF8, EMPTY_CAPTION, CAPTION_TOO_LONG)
 
+# The only decoders PIL may use. PIL knows ~40 formats; some run external programs (EPS: Ghostscript) or are rarely
+# exercised parsers, and a web corpus has no business needing them. Anything else is "not an image".
+IMAGE_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # "I": 16-bit PNGs in some PIL versions
+
 
 @dataclasses.dataclass(frozen=True)
 class ValidationOptions:
@@ -71,14 +76,24 @@ def _error(record: CorpusRecord, stage: str, reason: str, message: str) -> Corpu
     return CorpusError(key=record.key, source=record.source, reason=reason, message=message, stage=stage)
 
 
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB with 8 bits a channel; alpha is dropped. 16-bit grey is scaled to 8 bits: PIL's own conversion clips it
+    at 255, so most of a 16-bit image would come out white."""
+    if image.mode in _SIXTEEN_BIT_MODES:
+        values = np.clip(np.asarray(image, np.int64), 0, 65535) >> 8  # [H, W]
+        image = Image.fromarray(values.astype(np.uint8))
+    return image.convert("RGB")
+
+
 def decode_image(data: bytes, options: ValidationOptions) -> np.ndarray | tuple[str, str]:
-    """[H, W, 3] uint8 RGB with EXIF orientation applied, or (reason, message)."""
+    """[H, W, 3] uint8 RGB with EXIF orientation applied (an animated image: its first frame), or (reason,
+    message). Only IMAGE_FORMATS are decoded."""
     if not data:
         return EMPTY_IMAGE, "image has 0 bytes"
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         return DECOMPRESSION_BOMB, str(error)
     except Exception as error:  # PIL raises UnidentifiedImageError and others for bytes it cannot parse
@@ -93,7 +108,7 @@ def decode_image(data: bytes, options: ValidationOptions) -> np.ndarray | tuple[
         try:
             image.load()
             image = ImageOps.exif_transpose(image)
-            rgb = image.convert("RGB")
+            rgb = _to_rgb(image)
         except Exception as error:  # truncated data, bad Huffman tables, broken PNG chunks ...
             return CORRUPT_IMAGE, f"{type(error).__name__}: {error}"
     return np.asarray(rgb, np.uint8)

@@ -92,3 +92,33 @@ def test_resize_and_reencode():
     assert validation.resize_pixels(pixels, 16).shape == (16, 16, 3)
     with Image.open(io.BytesIO(validation.encode_jpeg(pixels, 24))) as image:
         assert image.size == (24, 24) and image.format == "JPEG"
+
+
+def test_sixteen_bit_grey_is_scaled_to_eight_bits_not_clipped():
+    ramp = np.linspace(0, 65535, 10 * 40).reshape(10, 40).astype(np.uint16)  # I;16
+    for format in ("PNG", "TIFF"):
+        item = decode_and_validate(record(encoded(Image.fromarray(ramp), format)), OPTIONS)
+        np.testing.assert_array_equal(item.pixels[..., 0], ramp >> 8, err_msg=format)
+        assert (item.pixels[..., 0] == item.pixels[..., 2]).all()
+
+
+@pytest.mark.parametrize("format", ["GIF", "WEBP", "PNG"])
+def test_an_animated_image_gives_its_first_frame(format):
+    red, blue = Image.new("RGB", (16, 12), (255, 0, 0)), Image.new("RGB", (16, 12), (0, 0, 255))
+    data = encoded(red, format, save_all=True, append_images=[blue], duration=50)
+    with Image.open(io.BytesIO(data)) as image:
+        assert image.n_frames == 2
+    pixels = decode_and_validate(record(data), OPTIONS).pixels
+    assert pixels.shape == (12, 16, 3) and pixels[..., 0].min() > 240 and pixels[..., 2].max() < 15
+
+
+def test_only_common_web_formats_are_decoded():
+    # PIL would hand PostScript to Ghostscript; it and the other formats a web corpus never needs are not images.
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
+    assert reason(decode_and_validate(record(eps), OPTIONS)) == validation.NOT_AN_IMAGE
+    for format in ("ICO", "TGA", "PPM", "PCX"):
+        item = decode_and_validate(record(encoded(Image.new("RGB", (16, 16)), format)), OPTIONS)
+        assert reason(item) == validation.NOT_AN_IMAGE, format
+    for format in ("BMP", "TIFF", "GIF", "WEBP", "JPEG", "PNG"):
+        assert decode_and_validate(record(encoded(Image.new("RGB", (16, 16)), format)), OPTIONS).pixels.shape == (
+            16, 16, 3), format
