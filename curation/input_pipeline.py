@@ -3,12 +3,14 @@
 Order: each epoch visits the shards in a seeded permutation, and the records of each shard in a seeded permutation,
 so the stream is a pure function of (seed, position). Every batch carries the position just after its last example;
 a run restored from a checkpoint restarts the stream there and sees exactly the batches an uninterrupted run would.
-Decoding and resizing run in parallel in tf.data; broken records (undecodable images, empty or non-UTF-8
-captions, read errors) are skipped and counted: skipped = raw records consumed − examples delivered.
+Decoding and resizing run on a thread pool and tf.data prefetches the batches; broken records (undecodable
+images, empty or non-UTF-8 captions, read errors) are skipped and counted: skipped = raw records consumed −
+examples delivered.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import io
 import json
@@ -127,46 +129,41 @@ def make_dataset(
 
 
 def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: dict[str, tf.TensorSpec], *,
-                    batch_size: int, image_size: int, text_length: int) -> tf.data.Dataset:
+                    batch_size: int, image_size: int, text_length: int, workers: int = 2) -> tf.data.Dataset:
     """Batches of decoded examples from `examples()`, which yields (image bytes, tokens, position, extras): image
-    bytes None for a record to skip, extras a dict matching `extra_signature`. Images are decoded and resized in
-    parallel; undecodable ones are skipped (and show up as raw records consumed without an example delivered)."""
-    blank_extras = {name: np.zeros(spec.shape, spec.dtype.as_numpy_dtype) for name, spec in extra_signature.items()}
+    bytes None for a record to skip, extras a dict matching `extra_signature`.
+
+    Images are decoded and resized by a pool of `workers` threads (PIL releases the GIL while decoding), a batch's
+    worth at a time, and batches are assembled in Python: per-example tf.data overhead would cost more than the
+    decoding. Undecodable images are skipped; they show up as raw records consumed without an example delivered.
+    A batch's `position` rows are the stream positions just after each of its examples.
+    """
+    names = ["image", "tokens", "position", *extra_signature]
 
     def generate():
-        for image_bytes, tokens, position, extras in examples():
-            position = np.array(position, np.int64)
-            if image_bytes is None:
-                yield b"", np.zeros([text_length], np.int32), position, False, blank_extras
-            else:
-                yield image_bytes, tokens, position, True, extras
+        ready: list[tuple] = []  # decoded examples not yet batched: (image, tokens, position, *extras)
+        group: list[tuple] = []
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            for image_bytes, tokens, position, extras in examples():
+                if image_bytes is not None:
+                    group.append((image_bytes, tokens, np.asarray(position, np.int64),
+                                  *(extras[name] for name in extra_signature)))
+                if len(group) < batch_size:
+                    continue
+                images = pool.map(lambda item: decode_image(item[0], image_size), group)
+                ready.extend((image, *item[1:]) for image, item in zip(images, group) if image is not None)
+                group = []
+                while len(ready) >= batch_size:
+                    batch, ready = ready[:batch_size], ready[batch_size:]
+                    yield {name: np.stack([example[i] for example in batch]) for i, name in enumerate(names)}
 
-    def decode(image_bytes, ok):
-        image = decode_image(image_bytes, image_size) if ok else None
-        if image is None:
-            return np.zeros([image_size, image_size, 3], np.float32), False
-        return image, True
-
-    def decode_in_tf(image_bytes, tokens, position, ok, extras):
-        image, decoded = tf.numpy_function(decode, [image_bytes, ok], [tf.float32, tf.bool], stateful=False)
-        image.set_shape([image_size, image_size, 3])
-        decoded.set_shape([])
-        return {"image": image, "tokens": tokens, "position": position, "ok": decoded, **extras}
-
-    dataset = tf.data.Dataset.from_generator(
-        generate,
-        output_signature=(
-            tf.TensorSpec([], tf.string),
-            tf.TensorSpec([text_length], tf.int32),
-            tf.TensorSpec([4], tf.int64),
-            tf.TensorSpec([], tf.bool),
-            extra_signature,
-        ),
-    )
-    dataset = dataset.map(decode_in_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    dataset = dataset.filter(lambda example: example["ok"])
-    dataset = dataset.map(lambda example: {k: v for k, v in example.items() if k != "ok"})
-    return dataset.batch(batch_size, drop_remainder=True).prefetch(2)
+    signature = {
+        "image": tf.TensorSpec([batch_size, image_size, image_size, 3], tf.float32),
+        "tokens": tf.TensorSpec([batch_size, text_length], tf.int32),
+        "position": tf.TensorSpec([batch_size, 4], tf.int64),
+        **{name: tf.TensorSpec([batch_size, *spec.shape], spec.dtype) for name, spec in extra_signature.items()},
+    }
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
 
 
 def load_examples(corpus_dir: str, split: str, image_size: int, limit: int = 0) -> list[tuple[np.ndarray, str, dict]]:
