@@ -271,9 +271,13 @@ def open_scored(output: str, fingerprint: str | None = None, check_files: bool =
 
 
 def read_scored_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
-    """One scored Parquet shard as a pyarrow Table (through FileSystems, so gs:// works)."""
-    with FileSystems.open(path) as f:
-        return pq.read_table(f, columns=columns)
+    """One scored Parquet shard as a pyarrow Table (through FileSystems, so gs:// works). A shard that is
+    missing, truncated or corrupt raises ScoredShardsError naming it."""
+    try:
+        with FileSystems.open(path) as f:
+            return pq.read_table(f, columns=columns)
+    except (OSError, pa.ArrowException) as error:
+        raise ScoredShardsError(f"scored shard {path} cannot be read: {error}") from error
 
 
 def iter_scored_tfrecord(path: str) -> Iterator[dict[str, Any]]:

@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--smoke", action="store_true", help="shrink the run to seconds (tests)")
     args, rest = parser.parse_known_args(argv)
     config = configs.get_config(args.config, args.smoke, configs.parse_override_flags(rest))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     train(config, args.data, args.workdir, scored_dir=args.scored)
 
 

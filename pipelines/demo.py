@@ -33,7 +33,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--curated_size", type=int, default=8000)
     parser.add_argument("--eval_size", type=int, default=500, help="examples per eval split")
     parser.add_argument("--reference_steps", type=int, default=400)
-    parser.add_argument("--learner_steps", type=int, default=400)
+    parser.add_argument("--learner_steps", type=int, default=250)
+    parser.add_argument("--jest_config", default="jest", choices=["jest", "jest_flexi"],
+                        help="the JEST learner's config (Flexi scores the super-batch at 4x fewer tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a tiny version in about a minute (tests)")
     return parser.parse_args(argv)
@@ -47,7 +49,7 @@ def stage(number: int, text: str) -> float:
 def run(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
     corpus, scored = os.path.join(args.out, "corpus"), os.path.join(args.out, "scored")
-    workdirs = {name: os.path.join(args.out, name) for name in ("reference", "uniform", "jest")}
+    workdirs = {name: os.path.join(args.out, name) for name in ("reference", "uniform", args.jest_config)}
     timings = {}
 
     start = stage(1, f"demo corpus: {args.web_size} web, {args.curated_size} curated examples -> {corpus}")
@@ -75,13 +77,14 @@ def run(argv: Sequence[str] | None = None) -> str:
                "--incremental"])
     timings["scoring"] = time.perf_counter() - start
 
-    for number, name in ((4, "uniform"), (4, "jest")):
+    for number, name in ((4, "uniform"), (4, args.jest_config)):
         start = stage(number, f"{name} learner on the scored web split ({args.learner_steps} steps)")
         train(config(name, args.learner_steps), corpus, workdirs[name], scored_dir=scored)
         timings[name] = time.perf_counter() - start
 
     stage(5, "report")
     manifest = scored_shards.open_scored(scored).manifests[-1]
+    jest_config = configs.get_config(args.jest_config)
     counts = manifest.counts
     notes = "\n".join([
         "## Settings",
@@ -90,14 +93,16 @@ def run(argv: Sequence[str] | None = None) -> str:
         f"degraded and broken images), {args.curated_size} curated, {args.eval_size} per eval split; seed {args.seed}",
         f"- scoring job: read {counts['read']}, scored {counts['scored']}, dead-lettered "
         f"{sum(counts['dead_letter'].values())} ({', '.join(f'{k} {v}' for k, v in counts['dead_letter'].items())})",
-        f"- learners: {args.learner_steps} steps of b = {configs.get_config('jest').batch_size}; JEST draws "
-        f"super-batches of B = {configs.get_config('jest').superbatch_size} (f = 0.8) and selects jointly by "
-        "learnability in 16 chunks",
+        f"- learners: {args.learner_steps} steps of b = {jest_config.batch_size}; {args.jest_config} draws "
+        f"super-batches of B = {jest_config.superbatch_size} (f = {jest_config.filter_ratio}) and selects jointly by "
+        f"learnability in {jest_config.n_chunks} chunks"
+        + (f", scoring them at patch {jest_config.coarse_patch_size} and training half of each sub-batch at "
+           f"patch {jest_config.patch_size} and half at {jest_config.coarse_patch_size}" if jest_config.flexi else ""),
         "- FLOPs: the learner's updates, plus for JEST the learner's scoring passes and the reference's offline "
         "scoring of every example drawn",
         "- stage wall-clock: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()),
     ])
-    path = report.write_report({"uniform": workdirs["uniform"], "jest": workdirs["jest"]}, args.out,
+    path = report.write_report({"uniform": workdirs["uniform"], args.jest_config: workdirs[args.jest_config]}, args.out,
                                workdirs["reference"], title="JEST demo: uniform vs JEST on the noisy web split",
                                notes=notes)
     log.info("report: %s", path)
@@ -105,7 +110,9 @@ def run(argv: Sequence[str] | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    for chatty in ("apache_beam", "absl", "jax", "orbax"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     print(run(argv))
 
 

@@ -81,3 +81,23 @@ def test_mixed_references_and_schema_versions_are_refused(scored_tiny_corpus, tm
     FileSystems.delete([str(batch / manifest.shards[0])])
     with pytest.raises(scored_shards.ScoredShardsError, match="missing shards"):
         scored_shards.open_scored(str(output))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "corrupt"])
+def test_a_damaged_scored_shard_raises_naming_the_file(scored_tiny_corpus, tmp_path, damage):
+    import shutil
+
+    output = tmp_path / "out"
+    shutil.copytree(scored_tiny_corpus, output)
+    scored = scored_shards.open_scored(str(output))
+    path = scored.shard_paths()[0]
+    data = open(path, "rb").read()
+    damaged = data[: len(data) // 2] if damage == "truncated" else data[:100] + bytes(200) + data[300:]
+    with open(path, "wb") as f:
+        f.write(damaged)
+    with pytest.raises(scored_shards.ScoredShardsError, match=path):
+        scored_input.read_scored_examples(path)
+    dataset = scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), batch_size=8, image_size=32,
+                                               text_length=32, embed_dim=scored.embed_dim, seed=0)
+    with pytest.raises(Exception, match="cannot be read"):
+        next(dataset.as_numpy_iterator())

@@ -65,6 +65,25 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_params(tiny_corpus, tmp
     assert steps == [2, 4, 6]
 
 
+def test_a_half_written_checkpoint_is_ignored_on_resume(tiny_corpus, tmp_path):
+    config = dataclasses.replace(SMOKE, eval_every=100)
+
+    def kill_at_step_5(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_corpus, workdir, step_callback=kill_at_step_5)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    # What a run killed while saving step 6 leaves: orbax's temporary folder, never finalized.
+    os.makedirs(os.path.join(checkpoints, "6.orbax-checkpoint-tmp-1234", "state"))
+    resumed = train(config, tiny_corpus, workdir)
+    assert sorted(name for name in os.listdir(checkpoints) if name.isdigit()) == ["4", "6"]
+    straight = train(config, tiny_corpus, str(tmp_path / "straight"))
+    assert _params_bytes(resumed) == _params_bytes(straight)
+
+
 def test_a_poisoned_batch_stops_the_run_naming_the_steps(tmp_path, tiny_corpus):
     rng = np.random.default_rng(0)
 

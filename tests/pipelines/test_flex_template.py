@@ -31,6 +31,7 @@ SAMPLES = {
     "key_field": "id",
     "image_field": "jpg,png",
     "caption_field": "txt",
+    "max_bad_fraction": "0.25",
 }
 
 

@@ -27,7 +27,7 @@ from curation import scored_shards
 from curation.corpus import CorpusError, CorpusRecord, read_shard
 from curation.corpus_writers import open_shard_writer
 from models import checkpoint
-from pipelines import corpus_io, score
+from pipelines import corpus_io, score, scored_sinks
 from pipelines.jax_inference import Embeddings, PreparedExample
 
 SCORED = "scored"
@@ -363,11 +363,11 @@ def test_max_bad_fraction_fails_after_writing_the_dead_letter_and_writes_no_mani
 
 
 def test_check_bad_fraction_boundaries():
-    score.check_bad_fraction(10, 5, 0.5)  # at the limit: passes
-    score.check_bad_fraction(0, 0, 0.0)  # nothing read
-    score.check_bad_fraction(10, 10, 1.0)  # the default never fails
-    with pytest.raises(score.TooManyBadRecords, match="6 of 10 records"):
-        score.check_bad_fraction(10, 6, 0.5)
+    scored_sinks.check_bad_fraction(10, 5, 0.5)  # at the limit: passes
+    scored_sinks.check_bad_fraction(0, 0, 0.0)  # nothing read
+    scored_sinks.check_bad_fraction(10, 10, 1.0)  # the default never fails
+    with pytest.raises(scored_sinks.TooManyBadRecords, match="6 of 10 records"):
+        scored_sinks.check_bad_fraction(10, 6, 0.5)
     with pytest.raises(SystemExit):
         score.build_parser().parse_args(["--input=x", "--output=y", "--reference_checkpoint=z",
                                          "--max_bad_fraction=1.5"])
