@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import functools
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -26,6 +25,8 @@ import numpy as np
 from curation.selection import Embeddings, select
 from models.flops import example_forward_flops
 from models.two_towers import ModelConfig, TwoTower, init_params
+
+import results  # bench/results.py, beside this script
 
 COMMAND = ".venv/bin/python bench/selection.py"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
@@ -164,20 +165,8 @@ def report(args, selection: dict, forwards: list[dict]) -> str:
 
 
 def write_section(text: str, args) -> None:
-    """Add or replace the "## Selection" section of bench/RESULTS.md, leaving the other sections alone."""
-    machine = f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}), jax {jax.__version__}"
-    section = (f"## Selection\n\nCommand: `{COMMAND}`"
-               + (f" (arguments: `{' '.join(sys.argv[1:])}`)" if sys.argv[1:] else "")
-               + f"\n\nMachine: {machine}, shared with other jobs, so timings are noisy.\n\n{text}\n")
-    existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmarks\n"
-    start = existing.find("## Selection\n")
-    if start < 0:
-        updated = existing.rstrip("\n") + "\n\n" + section
-    else:
-        end = existing.find("\n## ", start + 1)
-        updated = existing[:start] + section + (existing[end + 1:] if end >= 0 else "")
-    with open(RESULTS, "w") as out:
-        out.write(updated)
+    """Add or replace the "## Selection" section of bench/RESULTS.md."""
+    results.write_section("Selection", text, COMMAND)
 
 
 def main(argv=None) -> None:

@@ -32,8 +32,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--web_size", type=int, default=10000)
     parser.add_argument("--curated_size", type=int, default=8000)
     parser.add_argument("--eval_size", type=int, default=500, help="examples per eval split")
-    parser.add_argument("--reference_steps", type=int, default=400)
-    parser.add_argument("--learner_steps", type=int, default=250)
+    parser.add_argument("--reference_steps", type=int, default=300)
+    parser.add_argument("--learner_steps", type=int, default=200)
     parser.add_argument("--jest_config", default="jest", choices=["jest", "jest_flexi"],
                         help="the JEST learner's config (Flexi scores the super-batch at 4x fewer tokens)")
     parser.add_argument("--seed", type=int, default=0)

@@ -272,7 +272,8 @@ def write_corpus(
     out = out.rstrip("/")
     _clear_output(out, overwrite)
     suffix = SHARD_SUFFIXES[format]
-    pool = multiprocessing.get_context("fork").Pool(workers) if workers > 1 else None
+    # spawn, not fork: forking a process that already runs JAX (the demo's) can deadlock.
+    pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     splits: dict[str, dict] = {}
     bar = tqdm(total=sum(counts.values()), unit="ex", disable=not progress, desc="make_corpus")
     try:

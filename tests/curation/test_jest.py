@@ -1,9 +1,5 @@
 import dataclasses
 import functools
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,6 +12,7 @@ from curation.losses import sigmoid_loss
 from curation.metrics import read_metrics
 from curation.train import make_optimizer, train, train_step
 from models.two_towers import TwoTower, init_params
+from tests.four_devices import run_on_four_cpu_devices
 
 JEST_SMOKE = configs.get_config("jest", smoke=True)
 
@@ -128,11 +125,7 @@ def test_a_jest_step_on_four_cpu_devices_selects_and_updates_as_on_one():
                           "selected": float(diagnostics["selected_learnability"])}
         json.dump(results, sys.stdout)
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = run_on_four_cpu_devices(script)
     assert results["1"]["indices"] == results["4"]["indices"]
     assert len(set(results["1"]["indices"])) == configs.get_config("jest", smoke=True).batch_size
     assert results["1"]["loss"] == pytest.approx(results["4"]["loss"], rel=1e-5)

@@ -1,10 +1,6 @@
 """Selection against brute force from the full B×B score matrix, written in plain numpy (float64)."""
 
 import functools
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -24,6 +20,7 @@ from curation.selection import (
     select,
     subbatch_score,
 )
+from tests.four_devices import run_on_four_cpu_devices
 
 
 def _unit(x):
@@ -291,11 +288,7 @@ def test_four_cpu_devices_give_the_same_indices_as_one():
             results[name] = [np.asarray(one).tolist(), np.asarray(four).tolist()]
         json.dump(results, sys.stdout)
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = run_on_four_cpu_devices(script)
     assert len(results) == 6
     for name, (one, four) in results.items():
         assert one == four, name

@@ -1,8 +1,5 @@
 import dataclasses
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -13,6 +10,7 @@ from curation import configs
 from curation.metrics import read_metrics
 from curation.train import make_mesh, train
 from models import checkpoint
+from tests.four_devices import run_on_four_cpu_devices
 
 SMOKE = configs.get_config("reference", smoke=True)
 
@@ -140,10 +138,6 @@ def test_four_cpu_devices_give_the_same_step_as_one(tmp_path):
                           "head": np.asarray(state["params"]["image_tower"]["head"]["kernel"]).tolist()}
         json.dump(results, sys.stdout)
     """)
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300,
-                            cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
-    assert result.returncode == 0, result.stderr[-3000:]
-    results = json.loads(result.stdout.strip().splitlines()[-1])
+    results = run_on_four_cpu_devices(script)
     assert results["1"]["loss"] == pytest.approx(results["4"]["loss"], rel=1e-5)
     np.testing.assert_allclose(results["1"]["head"], results["4"]["head"], rtol=1e-4, atol=1e-6)
