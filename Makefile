@@ -24,10 +24,14 @@ test: install
 demo: install
 	$(PY) -m pipelines.demo --out runs/demo
 
-# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md.
+# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 95 minutes on 2
+# CPU cores, most of it the ablation grid (bench/ablations.py, which needs the demo's outputs and makes them first).
 bench: install
 	$(PY) bench/score_throughput.py
 	$(PY) bench/selection.py
+	$(PY) bench/selection_memory.py
+	$(PY) bench/input_pipeline.py
+	$(PY) bench/ablations.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

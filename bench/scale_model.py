@@ -105,6 +105,11 @@ def selection_section() -> list[str]:
         "The dense matrix alone is 100 GiB: a dense implementation must shard it over at least two 80 GB GPUs, or "
         "shrink B. The blocked one needs under 10 GiB.",
         "",
+        "Checked against the compiler: `bench/selection_memory.py` compiles both programs at this very size (CPU "
+        "backend) and reads XLA's memory analysis; see \"Selection memory as B grows\" in RESULTS.md. XLA's dense "
+        "program holds about twice this table's matrix (the learner's and the reference's B×B losses before their "
+        "difference); its blocked program stays under 10 GiB.",
+        "",
         "Blocked selection is under 2% of the learner's super-batch forward. The step is dominated by scoring B "
         "examples with the learner, which is why Flexi-JEST scores at the coarse patch size.",
         "",

@@ -4,13 +4,14 @@ Reads each run's `metrics.jsonl` and writes `report.md` with a summary table and
   curves.png     zero-shot and retrieval against examples seen, FLOPs and wall-clock
   selection.png  learnability of selected vs random sub-batches, and the share of clean examples selected
 A run's FLOPs are its updates plus, for selection runs, the learner's scoring passes and the reference's offline
-scoring of every example drawn. The first run given is the baseline the others are measured against.
+scoring of every example drawn (for offline filtering, of every example read). The first run given is the baseline the others are measured against.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 from typing import Sequence
 
@@ -53,8 +54,18 @@ def load_run(name: str, workdir: str) -> RunCurves:
     def at_eval(values: list[float]) -> np.ndarray:  # training counters interpolated at the evaluation steps
         return np.interp([row["step"] for row in eval_rows], steps, values)
 
-    flops = [row.get("train_flops", 0) + row.get("learner_scoring_flops", 0)
-             + (row.get("reference_scoring_flops", 0) if selecting else 0) for row in train_rows]
+    config_path = os.path.join(workdir, "config.json")
+    filtering = os.path.exists(config_path) and json.load(open(config_path)).get("offline_keep", 1.0) < 1.0
+
+    def reference_flops(row: dict) -> float:
+        if selecting:  # every example drawn into a super-batch was scored by the reference
+            return row.get("reference_scoring_flops", 0)
+        if filtering:  # every example read was scored, kept or filtered out
+            return row.get("reference_flops_per_example", 0) * (row["superbatch_examples_seen"] + row["skipped"])
+        return 0
+
+    flops = [row.get("train_flops", 0) + row.get("learner_scoring_flops", 0) + reference_flops(row)
+             for row in train_rows]
     return RunCurves(
         name=name,
         examples=np.array([row["examples_seen"] for row in eval_rows], float),

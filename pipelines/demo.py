@@ -46,11 +46,20 @@ def stage(number: int, text: str) -> float:
     return time.perf_counter()
 
 
-def run(argv: Sequence[str] | None = None) -> str:
-    args = parse_args(argv)
+def config_for(name: str, steps: int, seed: int, smoke: bool = False) -> configs.TrainConfig:
+    """Config `name` shortened to `steps` (evaluated and checkpointed four times), or its smoke version."""
+    base = configs.get_config(name, smoke=smoke)
+    if smoke:
+        return base
+    return dataclasses.replace(base, total_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10),
+                               eval_every=max(steps // 4, 1), checkpoint_every=max(steps // 4, 1), seed=seed)
+
+
+def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None) -> tuple[str, str, str]:
+    """Stages 1-3 (corpus, reference, scoring) under `args.out`; returns (corpus, reference workdir, scored)."""
+    timings = {} if timings is None else timings
     corpus, scored = os.path.join(args.out, "corpus"), os.path.join(args.out, "scored")
-    workdirs = {name: os.path.join(args.out, name) for name in ("reference", "uniform", args.jest_config)}
-    timings = {}
+    reference_workdir = os.path.join(args.out, "reference")
 
     start = stage(1, f"demo corpus: {args.web_size} web, {args.curated_size} curated examples -> {corpus}")
     if not os.path.exists(os.path.join(corpus, "_SPLITS.json")):
@@ -59,27 +68,27 @@ def run(argv: Sequence[str] | None = None) -> str:
                                  workers=min(2, os.cpu_count() or 1), progress=True, overwrite=True)
     timings["corpus"] = time.perf_counter() - start
 
-    def config(name: str, steps: int) -> configs.TrainConfig:
-        base = configs.get_config(name, smoke=args.smoke)
-        if args.smoke:
-            return base
-        return dataclasses.replace(base, total_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10),
-                                   eval_every=max(steps // 4, 1), checkpoint_every=max(steps // 4, 1),
-                                   seed=args.seed)
-
     start = stage(2, f"reference model on the curated split ({args.reference_steps} steps)")
-    train(config("reference", args.reference_steps), corpus, workdirs["reference"])
+    train(config_for("reference", args.reference_steps, args.seed, args.smoke), corpus, reference_workdir)
     timings["reference"] = time.perf_counter() - start
 
     start = stage(3, "score the web split with the Beam job")
-    reference_model = os.path.join(workdirs["reference"], "model")
-    score.run([f"--input={corpus}/web/*.tar", f"--output={scored}", f"--reference_checkpoint={reference_model}",
-               "--incremental"])
+    score.run([f"--input={corpus}/web/*.tar", f"--output={scored}",
+               f"--reference_checkpoint={os.path.join(reference_workdir, 'model')}", "--incremental"])
     timings["scoring"] = time.perf_counter() - start
+    return corpus, reference_workdir, scored
+
+
+def run(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    timings: dict[str, float] = {}
+    corpus, reference_workdir, scored = prepare(args, timings)
+    workdirs = {name: os.path.join(args.out, name) for name in ("uniform", args.jest_config)}
+    workdirs["reference"] = reference_workdir
 
     for number, name in ((4, "uniform"), (4, args.jest_config)):
         start = stage(number, f"{name} learner on the scored web split ({args.learner_steps} steps)")
-        train(config(name, args.learner_steps), corpus, workdirs[name], scored_dir=scored)
+        train(config_for(name, args.learner_steps, args.seed, args.smoke), corpus, workdirs[name], scored_dir=scored)
         timings[name] = time.perf_counter() - start
 
     stage(5, "report")

@@ -56,3 +56,18 @@ def test_a_run_without_evaluations_is_refused(tmp_path):
     (tmp_path / "empty" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
     with pytest.raises(ValueError, match="no training or no evaluation rows"):
         report.load_run("empty", str(tmp_path / "empty"))
+
+
+def test_offline_filtering_counts_the_reference_pass_over_every_example_read(tmp_path):
+    write_run(tmp_path / "filtered", [(100, 0.5)])
+    rows = [json.loads(line) for line in open(tmp_path / "filtered" / "metrics.jsonl")]
+    with open(tmp_path / "filtered" / "metrics.jsonl", "w") as f:
+        for row in rows:
+            if "loss" in row:  # 4 examples trained per step, 6 more read and filtered out
+                row.update(superbatch_examples_seen=row["step"] * 4, skipped=row["step"] * 6,
+                           reference_flops_per_example=1e9)
+            f.write(json.dumps(row) + "\n")
+    unfiltered = report.load_run("filtered", str(tmp_path / "filtered")).flops[-1]
+    assert unfiltered == 100 * 1e12  # no config.json: not known to be filtering
+    (tmp_path / "filtered" / "config.json").write_text(json.dumps({"offline_keep": 0.4}))
+    assert report.load_run("filtered", str(tmp_path / "filtered")).flops[-1] == 100 * 1e12 + 1000 * 1e9

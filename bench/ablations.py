@@ -1,0 +1,339 @@
+"""Bench: learning efficiency of the selection methods on the demo corpus, over seeds (mean ± std).
+
+    .venv/bin/python bench/ablations.py                      # the full grid, about 75 min on 2 CPU cores
+    .venv/bin/python bench/ablations.py --seeds 1 --steps 30 # a quick look
+
+Uses the demo's corpus, reference model and scored shards (`--demo runs/demo`, made first when missing), then
+trains every variant for the same number of steps and sub-batch size, once per seed:
+
+  setting "web" (the demo's noisy web split):
+    uniform; offline top-30% by stored reference loss; independent (RHO-style) and joint learnability at
+    f ∈ {0.5, 0.8, 0.9}; joint hard-learner and easy-reference at f = 0.8; joint learnability with Flexi.
+  setting "repeated" (where the learner's state matters): the same scored web split plus copies of its 48
+    clean examples easiest for the reference, so that the copies are half of all rows. The reference keeps
+    rating the copies easiest however often the learner has seen them; learnability stops choosing them once the
+    learner has learnt them. uniform vs easy-reference vs learnability (joint, f = 0.8).
+
+For each variant: final zero-shot and retrieval R@1, and the examples, FLOPs (scoring included) and wall-clock at
+the first evaluation reaching the same seed's uniform run's final zero-shot. Writes `OUT/ablations.json`, the plots
+`OUT/ablations.png` and `OUT/repeated.png` (copied next to bench/RESULTS.md), and the sections "Learning
+efficiency" and "The learner's state" of bench/RESULTS.md. Finished runs are kept, so a second call resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import results  # bench/results.py, beside this script
+from curation import configs, report, scored_shards
+from curation.train import train
+from pipelines import demo
+
+log = logging.getLogger("bench.ablations")
+COMMAND = ".venv/bin/python bench/ablations.py"
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+
+# name -> (config, field overrides)
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "uniform": ("uniform", {}),
+    "offline_top30": ("offline_filter", {}),
+    "independent_f0.5": ("independent", {"filter_ratio": 0.5}),
+    "independent_f0.8": ("independent", {"filter_ratio": 0.8}),
+    "independent_f0.9": ("independent", {"filter_ratio": 0.9}),
+    "hard_learner_f0.8": ("hard_learner", {}),
+    "easy_reference_f0.8": ("easy_reference", {}),
+    "learnability_f0.5": ("jest", {"filter_ratio": 0.5}),
+    "learnability_f0.8": ("jest", {}),
+    "learnability_f0.9": ("jest", {"filter_ratio": 0.9}),
+    "learnability_f0.8_flexi": ("jest_flexi", {}),
+}
+SETTINGS = {
+    "web": list(VARIANTS),
+    "repeated": ["uniform", "easy_reference_f0.8", "learnability_f0.8"],
+}
+REPEATED_DISTINCT = 48  # distinct examples copied in the "repeated" setting
+REPEATED_SHARE = 0.5  # share of the rows that are copies
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--demo", default="runs/demo", help="the demo's output: corpus, reference, scored shards")
+    parser.add_argument("--out", default="runs/bench_ablations")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch_size", type=int, default=64, help="the sub-batch b every variant trains on")
+    parser.add_argument("--evals", type=int, default=6, help="evaluations per run (the resolution of 'to reach')")
+    parser.add_argument("--settings", default="web,repeated")
+    parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
+    parser.add_argument("--no_write", action="store_true", help="do not update bench/RESULTS.md")
+    return parser.parse_args(argv)
+
+
+def variant_config(variant: str, seed: int, steps: int, batch_size: int, evals: int) -> configs.TrainConfig:
+    name, overrides = VARIANTS[variant]
+    base = configs.get_config(name)
+    every = max(steps // evals, 1)
+    return dataclasses.replace(base, **overrides, name=variant, seed=seed, total_steps=steps, batch_size=batch_size,
+                               warmup_steps=min(base.warmup_steps, steps // 10), eval_every=every,
+                               checkpoint_every=steps, log_every=max(every // 5, 1))
+
+
+def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, share: float = REPEATED_SHARE,
+                  seed: int = 0) -> str:
+    """A scored set with the scored rows of `scored` plus copies of its `distinct` clean rows of lowest stored
+    reference loss, the copies being `share` of all rows, shuffled; copies are marked `truth: "repeat"` in their
+    metadata (so the clean share counts only fresh clean examples). Same reference, same schema."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    scored_set = scored_shards.open_scored(scored)
+    manifest = scored_set.manifests[-1]
+    batch_dir = os.path.join(out, "batch-repeated")
+    if os.path.isdir(out) and scored_shards.read_manifests(out):
+        return out
+    table = pa.concat_tables([scored_shards.read_scored_parquet(path) for path in scored_set.shard_paths("parquet")])
+    truth = np.array([json.loads(m).get("truth") for m in table.column("metadata").to_pylist()])
+    losses = table.column("ref_loss").to_numpy()
+    clean = np.nonzero(truth == "clean")[0]
+    easiest = clean[np.argsort(losses[clean], kind="stable")[:distinct]]
+    copies = int(round(table.num_rows * share / (1 - share)))
+    picks = easiest[np.arange(copies) % distinct]
+    repeated = table.take(pa.array(picks))
+    metadata = [json.dumps({**json.loads(m), "truth": "repeat"}, sort_keys=True)
+                for m in repeated.column("metadata").to_pylist()]
+    keys = [f"{k}#copy{i}" for i, k in enumerate(repeated.column("key").to_pylist())]
+    repeated = repeated.set_column(repeated.schema.get_field_index("metadata"), "metadata", pa.array(metadata))
+    repeated = repeated.set_column(repeated.schema.get_field_index("key"), "key", pa.array(keys))
+    combined = pa.concat_tables([table, repeated])
+    combined = combined.take(pa.array(np.random.default_rng(seed).permutation(combined.num_rows)))
+    os.makedirs(batch_dir, exist_ok=True)
+    name = "scored-00000-of-00001.parquet"
+    pq.write_table(combined, os.path.join(batch_dir, name))
+    scored_shards.write_manifest(batch_dir, dataclasses.replace(
+        manifest, counts={"read": combined.num_rows, "scored": combined.num_rows, "dead_letter": {}},
+        shards=[name], dead_letter_shards=[], output_formats=["parquet"],
+        options={**manifest.options, "derived": f"{scored} plus {copies} copies of its {distinct} easiest clean rows"},
+        batch_dir=""))
+    return out
+
+
+def run_finished(workdir: str, steps: int) -> bool:
+    if not os.path.isdir(os.path.join(workdir, "model")):
+        return False
+    try:
+        return report.load_run("x", workdir).train_rows[-1]["step"] >= steps
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def summarize(run: report.RunCurves, target: float, uniform_examples: float, uniform_flops: float,
+              uniform_wall: float) -> dict:
+    final = run.final
+    reach = {axis: run.to_reach(target, getattr(run, axis)) for axis in ("examples", "flops", "wall_s")}
+    return {
+        "zeroshot": final["zeroshot"], "recall": final["recall"], "flops": final["flops"], "wall_s": final["wall_s"],
+        "target": target, "examples_to_reach": reach["examples"], "flops_to_reach": reach["flops"],
+        "wall_to_reach": reach["wall_s"],
+        "examples_ratio": None if reach["examples"] is None else reach["examples"] / uniform_examples,
+        "flops_ratio": None if reach["flops"] is None else reach["flops"] / uniform_flops,
+        "wall_ratio": None if reach["wall_s"] is None else reach["wall_s"] / uniform_wall,
+        "selected_clean": (float(np.mean([r["selected_clean"] for r in run.train_rows]))
+                           if run.selecting else None),
+        "curve": {"examples": run.examples.tolist(), "flops": run.flops.tolist(), "zeroshot": run.zeroshot.tolist(),
+                  "recall": run.recall.tolist()},
+        "clean_curve": ([[r["step"], r["selected_clean"], r["superbatch_clean"]] for r in run.train_rows]
+                        if run.selecting else None),
+    }
+
+
+def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
+    """(mean, std, n) over the values that are not None; None when all are."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None
+    return statistics.fmean(present), (statistics.stdev(present) if len(present) > 1 else 0.0), len(present)
+
+
+def fmt(values: list[float | None], scale: float = 1.0, digits: int = 3, suffix: str = "") -> str:
+    stats = mean_std(values)
+    if stats is None:
+        return "not reached"
+    mean, std, n = stats
+    text = f"{mean / scale:.{digits}f} ± {std / scale:.{digits}f}{suffix}"
+    return text if n == len(values) else f"{text} ({n}/{len(values)} seeds reached)"
+
+
+def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
+    lines = ["| variant | final zero-shot | R@1 | examples to reach uniform's final (× uniform's) | "
+             "FLOPs to reach it (× uniform's) | wall-clock to reach it (× uniform's) | clean share selected |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, runs in summaries.items():
+        clean = [r["selected_clean"] for r in runs]
+        lines.append(" | ".join([
+            f"| {variant}", fmt([r["zeroshot"] for r in runs]), fmt([r["recall"] for r in runs]),
+            fmt([r["examples_ratio"] for r in runs], digits=2),
+            fmt([r["flops_ratio"] for r in runs], digits=2),
+            fmt([r["wall_ratio"] for r in runs], digits=2),
+            fmt(clean, digits=2) if any(c is not None for c in clean) else "—",
+        ]) + " |")
+    if reference:
+        lines.append(f"| reference (curated split, one run) | {reference['zeroshot']:.3f} | {reference['recall']:.3f}"
+                     " | — | — | — | — |")
+    return "\n".join(lines)
+
+
+def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sweep = [v for v in summaries if "_f0." in v and "flexi" not in v]
+    panels = 4 if sweep else 3
+    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.5), constrained_layout=True)
+    figure.suptitle(title)
+    for axis, (key, label) in zip(axes[:2], [("examples", "examples trained on"),
+                                             ("flops", "FLOPs (scoring included)")]):
+        for variant, runs in summaries.items():
+            x = np.mean([r["curve"][key] for r in runs], axis=0)
+            y = np.array([r["curve"]["zeroshot"] for r in runs])
+            line, = axis.plot(x, y.mean(0), marker="o", markersize=3, label=variant)
+            axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
+        if reference:
+            axis.axhline(reference["zeroshot"], color="grey", linestyle="--", label="reference")
+        axis.set(xlabel=label, ylabel="zero-shot top-1 (mean ± std over seeds)")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    names = list(summaries)
+    means = [np.mean([r["zeroshot"] for r in summaries[v]]) for v in names]
+    stds = [np.std([r["zeroshot"] for r in summaries[v]]) for v in names]
+    axes[2].barh(names, means, xerr=stds, color="tab:blue", alpha=0.7)
+    axes[2].set(xlabel="final zero-shot top-1", xlim=(min(means) - 0.1, max(means) + 0.05))
+    axes[2].invert_yaxis()
+    if sweep:
+        for method in ("learnability", "independent"):
+            points = sorted((float(v.rsplit("_f", 1)[1]), v) for v in sweep if v.startswith(method))
+            if points:
+                f = [p for p, _ in points]
+                y = [np.mean([r["zeroshot"] for r in summaries[v]]) for _, v in points]
+                e = [np.std([r["zeroshot"] for r in summaries[v]]) for _, v in points]
+                axes[3].errorbar(f, y, yerr=e, marker="o", capsize=3,
+                                 label="joint learnability" if method == "learnability" else "independent")
+        uniform = [r["zeroshot"] for r in summaries.get("uniform", [])]
+        if uniform:
+            axes[3].axhline(np.mean(uniform), color="black", linestyle=":", label="uniform")
+        axes[3].set(xlabel="filter ratio f", ylabel="final zero-shot top-1")
+        axes[3].legend(fontsize=8)
+        axes[3].grid(alpha=0.3)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def plot_repeated_selection(summaries: dict[str, list[dict]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
+    for variant, runs in summaries.items():
+        if runs[0]["clean_curve"] is None:
+            continue
+        curves = np.array([r["clean_curve"] for r in runs])
+        line, = axis.plot(curves[0, :, 0], curves[:, :, 1].mean(0), label=f"{variant}: selected")
+        axis.plot(curves[0, :, 0], curves[:, :, 2].mean(0), color=line.get_color(), linestyle=":",
+                  label=f"{variant}: super-batch")
+    axis.set(xlabel="step", ylabel="share of fresh clean examples (not copies, not noise)", ylim=(0, 1),
+             title="repeated setting: what each method selects")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    for chatty in ("apache_beam", "absl", "jax", "orbax", "curation"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+    demo_args = demo.parse_args(["--out", args.demo])
+    corpus, reference_workdir, scored = demo.prepare(demo_args)
+    sources = {"web": scored, "repeated": make_repeated(scored, os.path.join(args.out, "repeated_scored"))}
+    settings = {s: [v for v in SETTINGS[s] if not args.variants or v in args.variants.split(",")]
+                for s in args.settings.split(",")}
+    jobs = [(s, v, seed) for seed in range(args.seeds) for s, variants in settings.items() for v in variants]
+    started = time.perf_counter()
+    for index, (setting, variant, seed) in enumerate(jobs, 1):
+        workdir = os.path.join(args.out, setting, variant, f"seed{seed}")
+        if run_finished(workdir, args.steps):
+            continue
+        log.info("[%d/%d] %s / %s / seed %d (%.0f min so far)", index, len(jobs), setting, variant, seed,
+                 (time.perf_counter() - started) / 60)
+        if os.path.isdir(workdir):
+            shutil.rmtree(workdir)  # a different or unfinished configuration: start over
+        train(variant_config(variant, seed, args.steps, args.batch_size, args.evals), corpus, workdir,
+              scored_dir=sources[setting])
+
+    ref = report.load_run("reference", reference_workdir)
+    reference = {"zeroshot": ref.final["zeroshot"], "recall": ref.final["recall"]}
+    summaries: dict[str, dict[str, list[dict]]] = {}
+    for setting, variants in settings.items():
+        if "uniform" not in variants:
+            raise SystemExit("every setting needs its uniform runs (the target of 'to reach')")
+        uniform = {seed: report.load_run("uniform", os.path.join(args.out, setting, "uniform", f"seed{seed}"))
+                   for seed in range(args.seeds)}
+        summaries[setting] = {}
+        for variant in variants:
+            summaries[setting][variant] = []
+            for seed in range(args.seeds):
+                run = report.load_run(variant, os.path.join(args.out, setting, variant, f"seed{seed}"))
+                base = uniform[seed].final
+                summaries[setting][variant].append(
+                    summarize(run, base["zeroshot"], base["examples"], base["flops"], base["wall_s"]))
+    with open(os.path.join(args.out, "ablations.json"), "w") as f:
+        json.dump({"args": vars(args), "reference": reference, "summaries": summaries}, f, indent=1)
+
+    settings_line = (f"{args.seeds} seeds (model init, data order and selection noise; one reference model), "
+                     f"{args.steps} steps of b = {args.batch_size} for every variant, {args.evals} evaluations per "
+                     f"run on the demo's eval splits; the reference is the demo's ({reference_workdir}).")
+    if "web" in summaries:
+        path = os.path.join(args.out, "ablations.png")
+        plot(summaries["web"], path, "web split: selection methods (mean ± std over seeds)", reference)
+        body = "\n\n".join([settings_line, table(summaries["web"], reference), "![ablations](ablations.png)"])
+        if not args.no_write:
+            shutil.copy(path, os.path.join(BENCH_DIR, "ablations.png"))
+            results.write_section("Learning efficiency", body, COMMAND)
+        print(body)
+    if "repeated" in summaries:
+        path = os.path.join(args.out, "repeated.png")
+        plot(summaries["repeated"], path, "repeated easy examples: learnability vs easy-reference", reference)
+        plot_repeated_selection(summaries["repeated"], os.path.join(args.out, "repeated_selection.png"))
+        body = "\n\n".join([
+            settings_line + f" Corpus: the scored web split plus copies of its {REPEATED_DISTINCT} clean examples "
+            f"easiest for the reference, the copies making {REPEATED_SHARE:.0%} of the rows.",
+            table(summaries["repeated"], reference).replace("clean share selected", "fresh clean share selected"),
+            "![repeated](repeated.png)", "![repeated selection](repeated_selection.png)"])
+        if not args.no_write:
+            for name in ("repeated.png", "repeated_selection.png"):
+                shutil.copy(os.path.join(args.out, name), os.path.join(BENCH_DIR, name))
+            results.write_section("The learner's state", body, COMMAND)
+        print(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

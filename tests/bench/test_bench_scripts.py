@@ -1,0 +1,79 @@
+"""The helpers the benchmark scripts under bench/ rely on: the derived corpus of the "repeated" setting, the dense
+selection the memory bench compares against, and the seed statistics of the ablation tables."""
+
+import json
+import os
+import sys
+
+import jax
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from curation import scored_input, scored_shards
+from curation.selection import Embeddings, select
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
+import ablations  # noqa: E402
+import selection_memory  # noqa: E402
+
+
+def rows_of(output):
+    return pq.read_table(scored_shards.open_scored(output).shard_paths()).to_pylist()
+
+
+def test_repeated_setting_adds_copies_of_the_easiest_clean_rows(scored_tiny_corpus, tmp_path):
+    out = ablations.make_repeated(scored_tiny_corpus, str(tmp_path / "repeated"), distinct=4, share=0.5)
+    original, derived = rows_of(scored_tiny_corpus), rows_of(out)
+    source = scored_shards.open_scored(scored_tiny_corpus)
+    assert scored_shards.open_scored(out).manifests[0].reference_fingerprint == \
+        source.manifests[0].reference_fingerprint
+
+    copies = [row for row in derived if "#copy" in row["key"]]
+    assert len(copies) == len(original) and len(derived) == 2 * len(original)
+    assert len({row["key"] for row in derived}) == len(derived)
+    assert {row["key"] for row in derived if "#copy" not in row["key"]} == {row["key"] for row in original}
+
+    clean = sorted((row for row in original if json.loads(row["metadata"])["truth"] == "clean"),
+                   key=lambda row: row["ref_loss"])
+    easiest = {row["key"]: row for row in clean[:4]}
+    assert {row["key"].split("#copy")[0] for row in copies} == set(easiest)
+    for row in copies:
+        twin = easiest[row["key"].split("#copy")[0]]
+        assert row["image"] == twin["image"] and row["ref_image_embedding"] == twin["ref_image_embedding"]
+        assert json.loads(row["metadata"])["truth"] == "repeat"
+    # Copies do not count as clean in the selection diagnostics; the original rows still do.
+    flags = {e.key: e.clean for path in scored_shards.open_scored(out).shard_paths()
+             for e in scored_input.read_scored_examples(path)}
+    assert all(flags[row["key"]] == 0 for row in copies)
+    assert all(flags[key] == 1 for key in easiest)
+    # A second call keeps what is there.
+    assert ablations.make_repeated(scored_tiny_corpus, out, distinct=4, share=0.5) == out
+    assert len(rows_of(out)) == len(derived)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_dense_comparator_picks_what_the_blocked_selection_picks(seed):
+    rng = np.random.default_rng(seed)
+
+    def embeddings(dtype):
+        x, y = (rng.normal(size=(160, 16)).astype(np.float32) for _ in range(2))
+        unit = lambda v: (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(dtype)  # noqa: E731
+        return Embeddings(unit(x), unit(y), np.float32(10.0), np.float32(-10.0))
+
+    learner, reference = embeddings(np.float32), embeddings(np.float16)
+    key = jax.random.key(seed)
+    blocked = select(key, learner, reference, method="joint", n_select=32, n_chunks=4)
+    dense = selection_memory.dense_select(key, learner, reference, n_select=32, n_chunks=4)
+    np.testing.assert_array_equal(np.asarray(dense), np.asarray(blocked))
+    other = selection_memory.dense_select(jax.random.key(seed + 7), learner, reference, n_select=32, n_chunks=4)
+    assert not np.array_equal(np.asarray(other), np.asarray(blocked))
+
+
+def test_seed_statistics_say_when_a_target_was_not_reached():
+    assert ablations.mean_std([None, None]) is None
+    assert ablations.fmt([None, None, None]) == "not reached"
+    mean, std, n = ablations.mean_std([0.2, None, 0.4])
+    assert (round(mean, 9), round(std, 9), n) == (0.3, round(np.std([0.2, 0.4], ddof=1), 9), 2)
+    assert ablations.fmt([0.2, None, 0.4], digits=2) == "0.30 ± 0.14 (2/3 seeds reached)"
+    assert ablations.fmt([0.5, 0.5], digits=1) == "0.5 ± 0.0"
