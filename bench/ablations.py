@@ -1,6 +1,6 @@
 """Bench: learning efficiency of the selection methods on the demo corpus, over seeds (mean ± std).
 
-    .venv/bin/python bench/ablations.py                      # the full grid, about 75 min on 2 CPU cores
+    .venv/bin/python bench/ablations.py                      # the full grid, about 100 min on 2 CPU cores
     .venv/bin/python bench/ablations.py --seeds 1 --steps 30 # a quick look
 
 Uses the demo's corpus, reference model and scored shards (`--demo runs/demo`, made first when missing), then
@@ -9,15 +9,16 @@ trains every variant for the same number of steps and sub-batch size, once per s
   setting "web" (the demo's noisy web split):
     uniform; offline top-30% by stored reference loss; independent (RHO-style) and joint learnability at
     f ∈ {0.5, 0.8, 0.9}; joint hard-learner and easy-reference at f = 0.8; joint learnability with Flexi.
-  setting "repeated" (where the learner's state matters): the same scored web split plus copies of its 48
-    clean examples easiest for the reference, so that the copies are half of all rows. The reference keeps
-    rating the copies easiest however often the learner has seen them; learnability stops choosing them once the
-    learner has learnt them. uniform vs easy-reference vs learnability (joint, f = 0.8).
+  setting "repeated" (where the learner's state matters; --repeated_steps, longer): the same scored web split
+    plus copies of its 48 clean examples easiest for the reference, so that the copies are half of all rows.
+    The reference keeps rating the copies easiest however often the learner has seen them; learnability should
+    stop choosing them once the learner has learnt them. uniform vs easy-reference vs learnability (joint, f = 0.8).
 
 For each variant: final zero-shot and retrieval R@1, and the examples, FLOPs (scoring included) and wall-clock at
 the first evaluation reaching the same seed's uniform run's final zero-shot. Writes `OUT/ablations.json`, the plots
-`OUT/ablations.png` and `OUT/repeated.png` (copied next to bench/RESULTS.md), and the sections "Learning
-efficiency" and "The learner's state" of bench/RESULTS.md. Finished runs are kept, so a second call resumes.
+`OUT/ablations.png`, `OUT/repeated.png` and `OUT/repeated_selection.png` (copied next to bench/RESULTS.md), and the
+sections "Learning efficiency" and "The learner's state" of bench/RESULTS.md. Finished runs are kept, so a second
+call resumes.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--batch_size", type=int, default=64, help="the sub-batch b every variant trains on")
+    parser.add_argument("--repeated_steps", type=int, default=400,
+                        help="steps in the 'repeated' setting: long enough for the learner to learn the copies")
     parser.add_argument("--evals", type=int, default=6, help="evaluations per run (the resolution of 'to reach')")
     parser.add_argument("--settings", default="web,repeated")
     parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
@@ -276,17 +279,18 @@ def main(argv=None) -> None:
     sources = {"web": scored, "repeated": make_repeated(scored, os.path.join(args.out, "repeated_scored"))}
     settings = {s: [v for v in SETTINGS[s] if not args.variants or v in args.variants.split(",")]
                 for s in args.settings.split(",")}
-    jobs = [(s, v, seed) for seed in range(args.seeds) for s, variants in settings.items() for v in variants]
+    steps = {"web": args.steps, "repeated": args.repeated_steps}
+    jobs = [(s, v, seed) for s, variants in settings.items() for seed in range(args.seeds) for v in variants]
     started = time.perf_counter()
     for index, (setting, variant, seed) in enumerate(jobs, 1):
         workdir = os.path.join(args.out, setting, variant, f"seed{seed}")
-        if run_finished(workdir, args.steps):
+        if run_finished(workdir, steps[setting]):
             continue
         log.info("[%d/%d] %s / %s / seed %d (%.0f min so far)", index, len(jobs), setting, variant, seed,
                  (time.perf_counter() - started) / 60)
         if os.path.isdir(workdir):
             shutil.rmtree(workdir)  # a different or unfinished configuration: start over
-        train(variant_config(variant, seed, args.steps, args.batch_size, args.evals), corpus, workdir,
+        train(variant_config(variant, seed, steps[setting], args.batch_size, args.evals), corpus, workdir,
               scored_dir=sources[setting])
 
     ref = report.load_run("reference", reference_workdir)
@@ -308,13 +312,14 @@ def main(argv=None) -> None:
     with open(os.path.join(args.out, "ablations.json"), "w") as f:
         json.dump({"args": vars(args), "reference": reference, "summaries": summaries}, f, indent=1)
 
-    settings_line = (f"{args.seeds} seeds (model init, data order and selection noise; one reference model), "
-                     f"{args.steps} steps of b = {args.batch_size} for every variant, {args.evals} evaluations per "
-                     f"run on the demo's eval splits; the reference is the demo's ({reference_workdir}).")
+    def settings_line(setting: str) -> str:
+        return (f"{args.seeds} seeds (model init, data order and selection noise; one reference model), "
+                f"{steps[setting]} steps of b = {args.batch_size} for every variant, {args.evals} evaluations per "
+                f"run on the demo's eval splits; the reference is the demo's ({reference_workdir}).")
     if "web" in summaries:
         path = os.path.join(args.out, "ablations.png")
         plot(summaries["web"], path, "web split: selection methods (mean ± std over seeds)", reference)
-        body = "\n\n".join([settings_line, table(summaries["web"], reference), "![ablations](ablations.png)"])
+        body = "\n\n".join([settings_line("web"), table(summaries["web"], reference), "![ablations](ablations.png)"])
         if not args.no_write:
             shutil.copy(path, os.path.join(BENCH_DIR, "ablations.png"))
             results.write_section("Learning efficiency", body, COMMAND)
@@ -324,8 +329,8 @@ def main(argv=None) -> None:
         plot(summaries["repeated"], path, "repeated easy examples: learnability vs easy-reference", reference)
         plot_repeated_selection(summaries["repeated"], os.path.join(args.out, "repeated_selection.png"))
         body = "\n\n".join([
-            settings_line + f" Corpus: the scored web split plus copies of its {REPEATED_DISTINCT} clean examples "
-            f"easiest for the reference, the copies making {REPEATED_SHARE:.0%} of the rows.",
+            settings_line("repeated") + f" Corpus: the scored web split plus copies of its {REPEATED_DISTINCT} clean "
+            f"examples easiest for the reference, the copies making {REPEATED_SHARE:.0%} of the rows.",
             table(summaries["repeated"], reference).replace("clean share selected", "fresh clean share selected"),
             "![repeated](repeated.png)", "![repeated selection](repeated_selection.png)"])
         if not args.no_write:
