@@ -16,9 +16,8 @@ trains every variant for the same number of steps and sub-batch size, once per s
 
 For each variant: final zero-shot and retrieval R@1, and the examples, FLOPs (scoring included) and wall-clock at
 the first evaluation reaching the same seed's uniform run's final zero-shot. Writes `OUT/ablations.json`, the plots
-`OUT/ablations.png`, `OUT/repeated.png` and `OUT/repeated_selection.png` (copied next to bench/RESULTS.md), and the
-sections "Learning efficiency" and "The learner's state" of bench/RESULTS.md. Finished runs are kept, so a second
-call resumes.
+`OUT/ablations.png` and `OUT/repeated.png` (copied next to bench/RESULTS.md), and the sections "Learning
+efficiency" and "The learner's state" of bench/RESULTS.md. Finished runs are kept, so a second call resumes.
 """
 
 from __future__ import annotations
@@ -195,19 +194,30 @@ def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
     return "\n".join(lines)
 
 
-def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dict | None) -> None:
+def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
+    """Moving average over `window` logged rows (shorter at the ends)."""
+    kernel = np.ones(window)
+    return np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
+
+
+def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dict | None,
+         clean_label: str = "share of clean examples (mean over seeds)") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sweep = [v for v in summaries if "_f0." in v and "flexi" not in v]
-    panels = 4 if sweep else 3
-    figure, axes = plt.subplots(1, panels, figsize=(5.2 * panels, 4.5), constrained_layout=True)
+    if len({v.rsplit("_f", 1)[1] for v in sweep}) < 2:
+        sweep = []  # one filter ratio: the fourth panel shows what the selecting runs chose instead
+    figure, grid = plt.subplots(2, 2, figsize=(14, 9.5), constrained_layout=True)
+    axes = grid.reshape(-1)
     figure.suptitle(title)
+    curves = [v for v in summaries if "_f0.5" not in v and "_f0.9" not in v]  # the f sweep has its own panel
     for axis, (key, label) in zip(axes[:2], [("examples", "examples trained on"),
                                              ("flops", "FLOPs (scoring included)")]):
-        for variant, runs in summaries.items():
+        for variant in curves:
+            runs = summaries[variant]
             x = np.mean([r["curve"][key] for r in runs], axis=0)
             y = np.array([r["curve"]["zeroshot"] for r in runs])
             line, = axis.plot(x, y.mean(0), marker="o", markersize=3, label=variant)
@@ -238,28 +248,17 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
         axes[3].set(xlabel="filter ratio f", ylabel="final zero-shot top-1")
         axes[3].legend(fontsize=8)
         axes[3].grid(alpha=0.3)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
-def plot_repeated_selection(summaries: dict[str, list[dict]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5), constrained_layout=True)
-    for variant, runs in summaries.items():
-        if runs[0]["clean_curve"] is None:
-            continue
-        curves = np.array([r["clean_curve"] for r in runs])
-        line, = axis.plot(curves[0, :, 0], curves[:, :, 1].mean(0), label=f"{variant}: selected")
-        axis.plot(curves[0, :, 0], curves[:, :, 2].mean(0), color=line.get_color(), linestyle=":",
-                  label=f"{variant}: super-batch")
-    axis.set(xlabel="step", ylabel="share of fresh clean examples (not copies, not noise)", ylim=(0, 1),
-             title="repeated setting: what each method selects")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    else:
+        for variant, runs in summaries.items():
+            if runs[0]["clean_curve"] is None:
+                continue
+            curves = np.array([r["clean_curve"] for r in runs])  # [seeds, rows, (step, selected, super-batch)]
+            line, = axes[3].plot(curves[0, :, 0], smooth(curves[:, :, 1].mean(0)), label=f"{variant}: selected")
+            axes[3].plot(curves[0, :, 0], smooth(curves[:, :, 2].mean(0)), color=line.get_color(), linestyle=":",
+                         label=f"{variant}: super-batch")
+        axes[3].set(xlabel="step", ylabel=clean_label + ", moving average", ylim=(0, 1))
+        axes[3].grid(alpha=0.3)
+        axes[3].legend(fontsize=8)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -326,16 +325,15 @@ def main(argv=None) -> None:
         print(body)
     if "repeated" in summaries:
         path = os.path.join(args.out, "repeated.png")
-        plot(summaries["repeated"], path, "repeated easy examples: learnability vs easy-reference", reference)
-        plot_repeated_selection(summaries["repeated"], os.path.join(args.out, "repeated_selection.png"))
+        plot(summaries["repeated"], path, "repeated easy examples: learnability vs easy-reference", reference,
+             clean_label="share of fresh clean examples (not copies, not noise)")
         body = "\n\n".join([
             settings_line("repeated") + f" Corpus: the scored web split plus copies of its {REPEATED_DISTINCT} clean "
             f"examples easiest for the reference, the copies making {REPEATED_SHARE:.0%} of the rows.",
             table(summaries["repeated"], reference).replace("clean share selected", "fresh clean share selected"),
-            "![repeated](repeated.png)", "![repeated selection](repeated_selection.png)"])
+            "![repeated](repeated.png)"])
         if not args.no_write:
-            for name in ("repeated.png", "repeated_selection.png"):
-                shutil.copy(os.path.join(args.out, name), os.path.join(BENCH_DIR, name))
+            shutil.copy(path, os.path.join(BENCH_DIR, "repeated.png"))
             results.write_section("The learner's state", body, COMMAND)
         print(body)
 

@@ -77,3 +77,8 @@ def test_seed_statistics_say_when_a_target_was_not_reached():
     assert (round(mean, 9), round(std, 9), n) == (0.3, round(np.std([0.2, 0.4], ddof=1), 9), 2)
     assert ablations.fmt([0.2, None, 0.4], digits=2) == "0.30 ± 0.14 (2/3 seeds reached)"
     assert ablations.fmt([0.5, 0.5], digits=1) == "0.5 ± 0.0"
+
+
+def test_moving_average_keeps_length_and_level():
+    np.testing.assert_allclose(ablations.smooth(np.full(7, 0.4)), np.full(7, 0.4))
+    np.testing.assert_allclose(ablations.smooth(np.arange(6.0), window=3), [0.5, 1, 2, 3, 4, 4.5])
