@@ -194,6 +194,60 @@ def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
     return "\n".join(lines)
 
 
+def mean_of(summaries: dict[str, list[dict]], variant: str, key: str) -> float | None:
+    stats = mean_std([r[key] for r in summaries.get(variant, [])])
+    return None if stats is None else stats[0]
+
+
+def verdicts(summaries: dict[str, list[dict]], reference: dict) -> list[str]:
+    """The web setting against the targets, each line saying met or missed with the numbers (means over seeds)."""
+    def check(ok: bool) -> str:
+        return "met" if ok else "missed"
+
+    def ratio(variant: str, key: str) -> str:
+        values = [r[key] for r in summaries[variant]]
+        stats = mean_std(values)
+        if stats is None:
+            return "none (not reached)"
+        return f"{stats[0]:.2f}x" + ("" if stats[2] == len(values) else f" ({stats[2]}/{len(values)} seeds reached)")
+
+    lines = []
+    jest, flexi = "learnability_f0.8", "learnability_f0.8_flexi"
+    if jest in summaries:
+        examples, flops = mean_of(summaries, jest, "examples_ratio"), mean_of(summaries, jest, "flops_ratio")
+        wall = mean_of(summaries, jest, "wall_ratio")
+        lines.append(f"- JEST ({jest}) reaches uniform's final zero-shot with {ratio(jest, 'examples_ratio')} of "
+                     f"uniform's examples (goal ≤ 0.2x: {check(examples is not None and examples <= 0.2)}) and "
+                     f"{ratio(jest, 'flops_ratio')} of its FLOPs (goal ≤ 0.5x: "
+                     f"{check(flops is not None and flops <= 0.5)}), in {ratio(jest, 'wall_ratio')} of its "
+                     f"wall-clock (goal < 1x: {check(wall is not None and wall < 1)}).")
+        final = mean_of(summaries, jest, "zeroshot")
+        lines.append(f"- JEST's learner ends at {final:.3f} against its reference's {reference['zeroshot']:.3f} "
+                     f"(goal: above it: {check(final > reference['zeroshot'])}).")
+    if flexi in summaries:
+        flops = mean_of(summaries, flexi, "flops_ratio")
+        lines.append(f"- Flexi-JEST: {ratio(flexi, 'flops_ratio')} of uniform's FLOPs to reach its final "
+                     f"(goal ≤ 0.33x: {check(flops is not None and flops <= 1 / 3)}).")
+    order = ["learnability_f0.8", "easy_reference_f0.8", "hard_learner_f0.8"]
+    if all(v in summaries for v in order):
+        finals = [mean_of(summaries, v, "zeroshot") for v in order]
+        lines.append(f"- Final zero-shot, learnability {finals[0]:.3f}, easy-reference {finals[1]:.3f}, "
+                     f"hard-learner {finals[2]:.3f} (goal: in this order: "
+                     f"{check(finals[0] >= finals[1] >= finals[2])}).")
+    gaps = []
+    for f in ("0.5", "0.8", "0.9"):
+        joint, independent = f"learnability_f{f}", f"independent_f{f}"
+        if joint in summaries and independent in summaries:
+            gaps.append((f, mean_of(summaries, joint, "zeroshot") - mean_of(summaries, independent, "zeroshot")))
+    if gaps:
+        growing = all(b >= a for (_, a), (_, b) in zip(gaps, gaps[1:]))
+        lines.append("- Joint minus independent final zero-shot: " + ", ".join(f"{gap:+.3f} at f = {f}"
+                                                                             for f, gap in gaps)
+                     + f" (goal: joint ahead at every f: {check(all(gap >= 0 for _, gap in gaps))}; the gap "
+                     f"growing with f: {check(growing)}).")
+    return lines
+
+
 def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
     """Moving average over `window` logged rows (shorter at the ends)."""
     kernel = np.ones(window)
@@ -318,7 +372,9 @@ def main(argv=None) -> None:
     if "web" in summaries:
         path = os.path.join(args.out, "ablations.png")
         plot(summaries["web"], path, "web split: selection methods (mean ± std over seeds)", reference)
-        body = "\n\n".join([settings_line("web"), table(summaries["web"], reference), "![ablations](ablations.png)"])
+        targets = "\n".join(verdicts(summaries["web"], reference))
+        body = "\n\n".join([settings_line("web"), table(summaries["web"], reference),
+                              f"Against the targets (means over seeds):\n\n{targets}", "![ablations](ablations.png)"])
         if not args.no_write:
             shutil.copy(path, os.path.join(BENCH_DIR, "ablations.png"))
             results.write_section("Learning efficiency", body, COMMAND)

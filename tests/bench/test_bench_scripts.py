@@ -82,3 +82,29 @@ def test_seed_statistics_say_when_a_target_was_not_reached():
 def test_moving_average_keeps_length_and_level():
     np.testing.assert_allclose(ablations.smooth(np.full(7, 0.4)), np.full(7, 0.4))
     np.testing.assert_allclose(ablations.smooth(np.arange(6.0), window=3), [0.5, 1, 2, 3, 4, 4.5])
+
+
+def summary(zeroshot, examples_ratio, flops_ratio=1.0, wall_ratio=1.0):
+    return {"zeroshot": zeroshot, "examples_ratio": examples_ratio, "flops_ratio": flops_ratio,
+            "wall_ratio": wall_ratio}
+
+
+def test_verdicts_say_met_or_missed_from_the_seed_means():
+    summaries = {
+        "learnability_f0.8": [summary(0.7, 0.1, 0.4, 0.5), summary(0.6, 0.2, 0.5, 0.7)],
+        "easy_reference_f0.8": [summary(0.5, 0.5)] * 2,
+        "hard_learner_f0.8": [summary(0.2, None)] * 2,
+        "learnability_f0.8_flexi": [summary(0.6, 0.2, 0.5), summary(0.6, None, None)],
+        "independent_f0.8": [summary(0.66, 0.3)] * 2,
+        "learnability_f0.5": [summary(0.5, 0.3)] * 2,
+        "independent_f0.5": [summary(0.45, 0.3)] * 2,
+    }
+    lines = ablations.verdicts(summaries, {"zeroshot": 0.64})
+    assert "0.15x of uniform's examples (goal ≤ 0.2x: met)" in lines[0]
+    assert "0.45x of its FLOPs (goal ≤ 0.5x: met)" in lines[0] and "(goal < 1x: met)" in lines[0]
+    assert "ends at 0.650 against its reference's 0.640 (goal: above it: met)" in lines[1]
+    assert "0.50x (1/2 seeds reached) of uniform's FLOPs" in lines[2] and "missed" in lines[2]
+    assert "in this order: met" in lines[3]
+    # Joint leads by 0.05 at f = 0.5 but trails by 0.01 at f = 0.8.
+    assert "+0.050 at f = 0.5, -0.010 at f = 0.8" in lines[4]
+    assert "joint ahead at every f: missed; the gap growing with f: missed" in lines[4]
