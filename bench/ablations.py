@@ -285,7 +285,8 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
     means = [np.mean([r["zeroshot"] for r in summaries[v]]) for v in names]
     stds = [np.std([r["zeroshot"] for r in summaries[v]]) for v in names]
     axes[2].barh(names, means, xerr=stds, color="tab:blue", alpha=0.7)
-    axes[2].set(xlabel="final zero-shot top-1", xlim=(min(means) - 0.1, max(means) + 0.05))
+    right = max(m + e for m, e in zip(means, stds)) + 0.02
+    axes[2].set(xlabel="final zero-shot top-1", xlim=(min(means) - 0.1, right))
     axes[2].invert_yaxis()
     if sweep:
         for method in ("learnability", "independent"):
