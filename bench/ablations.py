@@ -248,9 +248,21 @@ def verdicts(summaries: dict[str, list[dict]], reference: dict) -> list[str]:
     return lines
 
 
+def paired(summaries: dict[str, list[dict]], first: str, second: str) -> str:
+    """Seed-by-seed differences first − second in final zero-shot and R@1 (same seed: same init and data order)."""
+    parts = []
+    for key, label in (("zeroshot", "zero-shot"), ("recall", "R@1")):
+        diffs = [a[key] - b[key] for a, b in zip(summaries[first], summaries[second])]
+        wins = sum(diff > 0 for diff in diffs)
+        parts.append(f"{label} {', '.join(f'{diff:+.3f}' for diff in diffs)} ({first} ahead in {wins} of "
+                     f"{len(diffs)} seeds)")
+    return f"- {first} − {second}, seed by seed: " + "; ".join(parts) + "."
+
+
 def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
     """Moving average over `window` logged rows (shorter at the ends)."""
-    kernel = np.ones(window)
+    width = min(window, len(values))  # "same" would lengthen a curve shorter than the window
+    kernel = np.ones(max(1, width - (1 - width % 2)))  # odd, so the window is centred
     return np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
 
 
@@ -268,13 +280,14 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
     axes = grid.reshape(-1)
     figure.suptitle(title)
     curves = [v for v in summaries if "_f0.5" not in v and "_f0.9" not in v]  # the f sweep has its own panel
+    colours = {variant: f"C{index % 10}" for index, variant in enumerate(curves)}
     for axis, (key, label) in zip(axes[:2], [("examples", "examples trained on"),
                                              ("flops", "FLOPs (scoring included)")]):
         for variant in curves:
             runs = summaries[variant]
             x = np.mean([r["curve"][key] for r in runs], axis=0)
             y = np.array([r["curve"]["zeroshot"] for r in runs])
-            line, = axis.plot(x, y.mean(0), marker="o", markersize=3, label=variant)
+            line, = axis.plot(x, y.mean(0), marker="o", markersize=3, label=variant, color=colours[variant])
             axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
         if reference:
             axis.axhline(reference["zeroshot"], color="grey", linestyle="--", label="reference")
@@ -308,7 +321,8 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
             if runs[0]["clean_curve"] is None:
                 continue
             curves = np.array([r["clean_curve"] for r in runs])  # [seeds, rows, (step, selected, super-batch)]
-            line, = axes[3].plot(curves[0, :, 0], smooth(curves[:, :, 1].mean(0)), label=f"{variant}: selected")
+            line, = axes[3].plot(curves[0, :, 0], smooth(curves[:, :, 1].mean(0)), label=f"{variant}: selected",
+                                 color=colours.get(variant))
             axes[3].plot(curves[0, :, 0], smooth(curves[:, :, 2].mean(0)), color=line.get_color(), linestyle=":",
                          label=f"{variant}: super-batch")
         axes[3].set(xlabel="step", ylabel=clean_label + ", moving average", ylim=(0, 1))
@@ -373,7 +387,8 @@ def main(argv=None) -> None:
     if "web" in summaries:
         path = os.path.join(args.out, "ablations.png")
         plot(summaries["web"], path, "web split: selection methods (mean ± std over seeds)", reference)
-        targets = "\n".join(verdicts(summaries["web"], reference))
+        targets = "\n".join(verdicts(summaries["web"], reference)
+                              + [paired(summaries["web"], "learnability_f0.8", "easy_reference_f0.8")])
         body = "\n\n".join([settings_line("web"), table(summaries["web"], reference),
                               f"Against the targets (means over seeds):\n\n{targets}", "![ablations](ablations.png)"])
         if not args.no_write:
@@ -388,6 +403,7 @@ def main(argv=None) -> None:
             settings_line("repeated") + f" Corpus: the scored web split plus copies of its {REPEATED_DISTINCT} clean "
             f"examples easiest for the reference, the copies making {REPEATED_SHARE:.0%} of the rows.",
             table(summaries["repeated"], reference).replace("clean share selected", "fresh clean share selected"),
+            paired(summaries["repeated"], "learnability_f0.8", "easy_reference_f0.8"),
             "![repeated](repeated.png)"])
         if not args.no_write:
             shutil.copy(path, os.path.join(BENCH_DIR, "repeated.png"))

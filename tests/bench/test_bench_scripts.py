@@ -108,3 +108,31 @@ def test_verdicts_say_met_or_missed_from_the_seed_means():
     # Joint leads by 0.05 at f = 0.5 but trails by 0.01 at f = 0.8.
     assert "+0.050 at f = 0.5, -0.010 at f = 0.8" in lines[4]
     assert "joint ahead at every f: missed; the gap growing with f: missed" in lines[4]
+
+
+def test_paired_differences_are_taken_seed_by_seed():
+    summaries = {"a": [{"zeroshot": 0.5, "recall": 0.02}, {"zeroshot": 0.3, "recall": 0.01}],
+                 "b": [{"zeroshot": 0.4, "recall": 0.03}, {"zeroshot": 0.35, "recall": 0.005}]}
+    line = ablations.paired(summaries, "a", "b")
+    assert "zero-shot +0.100, -0.050 (a ahead in 1 of 2 seeds)" in line
+    assert "R@1 -0.010, +0.005 (a ahead in 1 of 2 seeds)" in line
+
+
+@pytest.mark.parametrize("variants", [["uniform", "learnability_f0.5", "learnability_f0.8", "independent_f0.8"],
+                                      ["uniform", "learnability_f0.5"]])
+def test_ablation_plots_are_written_for_a_sweep_and_without_one(tmp_path, variants):
+    def run(variant, seed):
+        selecting = variant != "uniform"
+        return {"zeroshot": 0.3 + 0.01 * seed, "recall": 0.01,
+                "curve": {"examples": [100, 200], "flops": [1e9, 2e9], "zeroshot": [0.2, 0.3 + 0.01 * seed]},
+                "clean_curve": [[10, 0.5, 0.3], [20, 0.6, 0.3]] if selecting else None}
+
+    summaries = {variant: [run(variant, seed) for seed in range(2)] for variant in variants}
+    path = tmp_path / "plot.png"
+    ablations.plot(summaries, str(path), "test", {"zeroshot": 0.5, "recall": 0.02})
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_moving_average_of_a_curve_shorter_than_the_window():
+    np.testing.assert_allclose(ablations.smooth(np.array([1.0, 3.0, 5.0]), window=5), [2.0, 3.0, 4.0])
+    np.testing.assert_allclose(ablations.smooth(np.array([1.0, 3.0]), window=5), [1.0, 3.0])
