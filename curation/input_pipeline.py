@@ -163,7 +163,11 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
         "position": tf.TensorSpec([batch_size, 4], tf.int64),
         **{name: tf.TensorSpec([batch_size, *spec.shape], spec.dtype) for name, spec in extra_signature.items()},
     }
-    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2)
+    # No autotuning: nothing here is tuned by it, and its background thread made deleting the iterator at the end of
+    # a run block for 15-60 s.
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2).with_options(options)
 
 
 def load_examples(corpus_dir: str, split: str, image_size: int, limit: int = 0) -> list[tuple[np.ndarray, str, dict]]:
