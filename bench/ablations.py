@@ -17,7 +17,8 @@ trains every variant for the same number of steps and sub-batch size, once per s
 For each variant: final zero-shot and retrieval R@1, and the examples, FLOPs (scoring included) and wall-clock at
 the first evaluation reaching the same seed's uniform run's final zero-shot. Writes `OUT/ablations.json`, the plots
 `OUT/ablations.png` and `OUT/repeated.png` (copied next to bench/RESULTS.md), and the sections "Learning
-efficiency" and "The learner's state" of bench/RESULTS.md. Finished runs are kept, so a second call resumes.
+efficiency" and "The learner's state" of bench/RESULTS.md. Finished runs are kept, so a second call resumes;
+clear `--out` after the demo's reference changes, since finished runs are kept whatever they read.
 """
 
 from __future__ import annotations
@@ -102,7 +103,9 @@ def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, shar
     manifest = scored_set.manifests[-1]
     batch_dir = os.path.join(out, "batch-repeated")
     if os.path.isdir(out) and scored_shards.read_manifests(out):
-        return out
+        if scored_shards.read_manifests(out)[-1].reference_fingerprint == manifest.reference_fingerprint:
+            return out
+        shutil.rmtree(out)  # made from another reference's scores: make it again
     table = pa.concat_tables([scored_shards.read_scored_parquet(path) for path in scored_set.shard_paths("parquet")])
     truth = np.array([json.loads(m).get("truth") for m in table.column("metadata").to_pylist()])
     losses = table.column("ref_loss").to_numpy()

@@ -136,3 +136,14 @@ def test_ablation_plots_are_written_for_a_sweep_and_without_one(tmp_path, varian
 def test_moving_average_of_a_curve_shorter_than_the_window():
     np.testing.assert_allclose(ablations.smooth(np.array([1.0, 3.0, 5.0]), window=5), [2.0, 3.0, 4.0])
     np.testing.assert_allclose(ablations.smooth(np.array([1.0, 3.0]), window=5), [1.0, 3.0])
+
+
+def test_repeated_setting_is_made_again_for_another_reference(scored_tiny_corpus, tmp_path):
+    out = ablations.make_repeated(scored_tiny_corpus, str(tmp_path / "repeated"), distinct=4, share=0.5)
+    manifest_path = os.path.join(out, "batch-repeated", "_MANIFEST.json")
+    manifest = json.loads(open(manifest_path).read())
+    manifest["reference_fingerprint"] = "0" * 64
+    open(manifest_path, "w").write(json.dumps(manifest))
+    ablations.make_repeated(scored_tiny_corpus, out, distinct=4, share=0.5)
+    source = scored_shards.open_scored(scored_tiny_corpus).manifests[0].reference_fingerprint
+    assert scored_shards.open_scored(out).manifests[0].reference_fingerprint == source
