@@ -24,7 +24,7 @@ test: install
 demo: install
 	$(PY) -m pipelines.demo --out runs/demo
 
-# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 95 minutes on 2
+# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 2 hours on 2
 # CPU cores, most of it the ablation grid (bench/ablations.py, which needs the demo's outputs and makes them first).
 bench: install
 	$(PY) bench/score_throughput.py
