@@ -102,8 +102,9 @@ def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, shar
     scored_set = scored_shards.open_scored(scored)
     manifest = scored_set.manifests[-1]
     batch_dir = os.path.join(out, "batch-repeated")
-    if os.path.isdir(out) and scored_shards.read_manifests(out):
-        if scored_shards.read_manifests(out)[-1].reference_fingerprint == manifest.reference_fingerprint:
+    existing = scored_shards.read_manifests(out) if os.path.isdir(out) else []
+    if existing:
+        if existing[-1].reference_fingerprint == manifest.reference_fingerprint:
             return out
         shutil.rmtree(out)  # made from another reference's scores: make it again
     table = pa.concat_tables([scored_shards.read_scored_parquet(path) for path in scored_set.shard_paths("parquet")])
@@ -262,6 +263,11 @@ def paired(summaries: dict[str, list[dict]], first: str, second: str) -> str:
     return f"- {first} − {second}, seed by seed: " + "; ".join(parts) + "."
 
 
+def paired_if_run(summaries: dict[str, list[dict]], first: str, second: str) -> list[str]:
+    """[paired(...)] when both variants ran (a `--variants` subset may leave one out), else []."""
+    return [paired(summaries, first, second)] if first in summaries and second in summaries else []
+
+
 def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
     """Moving average over `window` logged rows (shorter at the ends)."""
     width = min(window, len(values))  # "same" would lengthen a curve shorter than the window
@@ -347,9 +353,11 @@ def main(argv=None) -> None:
 
     demo_args = demo.parse_args(["--out", args.demo])
     corpus, reference_workdir, scored = demo.prepare(demo_args)
-    sources = {"web": scored, "repeated": make_repeated(scored, os.path.join(args.out, "repeated_scored"))}
     settings = {s: [v for v in SETTINGS[s] if not args.variants or v in args.variants.split(",")]
                 for s in args.settings.split(",")}
+    sources = {"web": scored}
+    if "repeated" in settings:
+        sources["repeated"] = make_repeated(scored, os.path.join(args.out, "repeated_scored"))
     steps = {"web": args.steps, "repeated": args.repeated_steps}
     jobs = [(s, v, seed) for s, variants in settings.items() for seed in range(args.seeds) for v in variants]
     started = time.perf_counter()
@@ -370,14 +378,13 @@ def main(argv=None) -> None:
     for setting, variants in settings.items():
         if "uniform" not in variants:
             raise SystemExit("every setting needs its uniform runs (the target of 'to reach')")
-        uniform = {seed: report.load_run("uniform", os.path.join(args.out, setting, "uniform", f"seed{seed}"))
-                   for seed in range(args.seeds)}
+        runs = {variant: [report.load_run(variant, os.path.join(args.out, setting, variant, f"seed{seed}"))
+                          for seed in range(args.seeds)] for variant in variants}
         summaries[setting] = {}
         for variant in variants:
             summaries[setting][variant] = []
-            for seed in range(args.seeds):
-                run = report.load_run(variant, os.path.join(args.out, setting, variant, f"seed{seed}"))
-                base = uniform[seed].final
+            for run, uniform in zip(runs[variant], runs["uniform"]):
+                base = uniform.final
                 summaries[setting][variant].append(
                     summarize(run, base["zeroshot"], base["examples"], base["flops"], base["wall_s"]))
     with open(os.path.join(args.out, "ablations.json"), "w") as f:
@@ -391,7 +398,7 @@ def main(argv=None) -> None:
         path = os.path.join(args.out, "ablations.png")
         plot(summaries["web"], path, "web split: selection methods (mean ± std over seeds)", reference)
         targets = "\n".join(verdicts(summaries["web"], reference)
-                              + [paired(summaries["web"], "learnability_f0.8", "easy_reference_f0.8")])
+                              + paired_if_run(summaries["web"], "learnability_f0.8", "easy_reference_f0.8"))
         body = "\n\n".join([settings_line("web"), table(summaries["web"], reference),
                               f"Against the targets (means over seeds):\n\n{targets}", "![ablations](ablations.png)"])
         if not args.no_write:
@@ -406,7 +413,7 @@ def main(argv=None) -> None:
             settings_line("repeated") + f" Corpus: the scored web split plus copies of its {REPEATED_DISTINCT} clean "
             f"examples easiest for the reference, the copies making {REPEATED_SHARE:.0%} of the rows.",
             table(summaries["repeated"], reference).replace("clean share selected", "fresh clean share selected"),
-            paired(summaries["repeated"], "learnability_f0.8", "easy_reference_f0.8"),
+            *paired_if_run(summaries["repeated"], "learnability_f0.8", "easy_reference_f0.8"),
             "![repeated](repeated.png)"])
         if not args.no_write:
             shutil.copy(path, os.path.join(BENCH_DIR, "repeated.png"))

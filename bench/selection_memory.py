@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curation.selection import Embeddings, diagonal_scores, pair_scores, select
+from curation.selection import Embeddings, pair_scores, select
 
 import results  # bench/results.py, beside this script
 
@@ -85,20 +85,23 @@ def embeddings(n: int, d: int, dtype, seed: int, abstract: bool) -> Embeddings:
     return Embeddings(unit(), unit(), jnp.float32(10.0), jnp.float32(-10.0))
 
 
-def measure(kind: str, B: int, d: int, n_chunks: int, run: bool) -> dict:
-    """Compile the `kind` selection for B (b = B/5) and, when `run`, time it (median of 3 after one warm-up)."""
+def measure(kind: str, B: int, d: int, n_chunks: int, budget: float, time_it: bool) -> dict:
+    """Compile the `kind` selection for B (b = B/5) and, when its program fits `budget` bytes and `time_it`, run it
+    (median of 3 after one warm-up)."""
     b = B // 5
     fn = (functools.partial(select, method="joint", score="learnability", n_select=b, n_chunks=n_chunks)
           if kind == "blocked" else functools.partial(dense_select, n_select=b, n_chunks=n_chunks))
-    learner = embeddings(B, d, jnp.float32, 1, abstract=not run)
-    reference = embeddings(B, d, jnp.float16, 2, abstract=not run)
     key = jax.random.key(0)
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(key, learner, reference).compile()
+    compiled = jax.jit(fn).lower(key, embeddings(B, d, jnp.float32, 1, abstract=True),
+                                 embeddings(B, d, jnp.float16, 2, abstract=True)).compile()
+    memory = compiled.memory_analysis()
     row = {"kind": kind, "B": B, "b": b, "d": d, "compile_s": time.perf_counter() - start,
-           "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-           "argument_bytes": compiled.memory_analysis().argument_size_in_bytes, "seconds": None, "indices": None}
-    if run:
+           "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes,
+           "fits": memory.temp_size_in_bytes + memory.argument_size_in_bytes < budget, "seconds": None, "indices": None}
+    if row["fits"] and time_it:
+        learner, reference = embeddings(B, d, jnp.float32, 1, abstract=False), embeddings(B, d, jnp.float16, 2,
+                                                                                          abstract=False)
         indices = jax.block_until_ready(compiled(key, learner, reference))
         times = []
         for _ in range(3):
@@ -133,11 +136,8 @@ def main(argv=None) -> None:
     rows = []
     for B in [int(s) for s in args.sizes.split(",")]:
         for kind in ("blocked", "dense"):
-            compiled_only = measure(kind, B, args.embed_dim, args.n_chunks, run=False)
-            fits = compiled_only["temp_bytes"] + compiled_only["argument_bytes"] < budget
-            timed = fits and (kind == "dense" or B <= args.time_up_to)
-            row = measure(kind, B, args.embed_dim, args.n_chunks, run=True) if timed else compiled_only
-            row["fits"] = fits
+            row = measure(kind, B, args.embed_dim, args.n_chunks, budget,
+                          time_it=kind == "dense" or B <= args.time_up_to)
             rows.append(row)
             print(f"B={B:>7} {kind:>7}: temp {row['temp_bytes'] / GIB:8.3f} GiB"
                   + (f", {row['seconds']:.2f} s" if row["seconds"] is not None else ", not run"), flush=True)
@@ -148,8 +148,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"dense and blocked selections differ at B={rows[0]['B']}: the comparator is wrong")
     for d in [int(s) for s in args.paper_dims.split(",") if s]:
         for kind in ("blocked", "dense"):
-            row = measure(kind, 163840, d, args.n_chunks, run=False)
-            row["fits"] = row["temp_bytes"] + row["argument_bytes"] < budget
+            row = measure(kind, 163840, d, args.n_chunks, budget, time_it=False)
             rows.append(row)
             print(f"paper B=163840 d={d} {kind}: temp {row['temp_bytes'] / GIB:.2f} GiB", flush=True)
 
@@ -176,8 +175,8 @@ def main(argv=None) -> None:
     d0 = rows[0]["d"]
     dense_over = [r["B"] for r in rows if r["kind"] == "dense" and r["d"] == d0 and r["temp_bytes"] > 80 * GIB]
     blocked_max = max(r["temp_bytes"] for r in rows if r["kind"] == "blocked") / GIB
-    lines += ["", "The dense program's temp memory grows as B² (B×B score matrices for the learner, the reference and "
-              "their difference); the blocked one's as B·d plus a chunk's B×b/N blocks. "
+    lines += ["", "The dense program's temp memory grows as B² (B×B score matrices for the learner, the reference "
+              "and their difference); the blocked one's as B·d plus a chunk's B×b/N blocks. "
               + (f"With 80 GiB of accelerator memory (an H100) the dense selection no longer fits from "
                  f"B = {min(dense_over):,} at d = {d0}, " if dense_over else "")
               + f"while the blocked one needs at most {blocked_max:.1f} GiB of temp memory in any row here, paper "

@@ -4,7 +4,8 @@ Reads each run's `metrics.jsonl` and writes `report.md` with a summary table and
   curves.png     zero-shot and retrieval against examples seen, FLOPs and wall-clock
   selection.png  learnability of selected vs random sub-batches, and the share of clean examples selected
 A run's FLOPs are its updates plus, for selection runs, the learner's scoring passes and the reference's offline
-scoring of every example drawn (for offline filtering, of every example read). The first run given is the baseline the others are measured against.
+scoring of every example drawn (for offline filtering, of every example read). The first run given is the baseline
+the others are measured against.
 """
 
 from __future__ import annotations
@@ -55,7 +56,10 @@ def load_run(name: str, workdir: str) -> RunCurves:
         return np.interp([row["step"] for row in eval_rows], steps, values)
 
     config_path = os.path.join(workdir, "config.json")
-    filtering = os.path.exists(config_path) and json.load(open(config_path)).get("offline_keep", 1.0) < 1.0
+    filtering = False
+    if os.path.exists(config_path):
+        with open(config_path) as f:
+            filtering = json.load(f).get("offline_keep", 1.0) < 1.0
 
     def reference_flops(row: dict) -> float:
         if selecting:  # every example drawn into a super-batch was scored by the reference
