@@ -1,7 +1,7 @@
 """Bench: learning efficiency of the selection methods on the demo corpus, over seeds (mean ± std).
 
     .venv/bin/python bench/ablations.py                      # the full grid, about 100 min on 2 CPU cores
-    .venv/bin/python bench/ablations.py --seeds 1 --steps 30 # a quick look
+    .venv/bin/python bench/ablations.py --seeds 1 --steps 30 --repeated_steps 30 --out runs/quick --no_write  # quick
 
 Uses the demo's corpus, reference model and scored shards (`--demo runs/demo`, made first when missing), then
 trains every variant for the same number of steps and sub-batch size, once per seed:
