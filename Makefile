@@ -22,7 +22,7 @@ test: install
 
 # The end-to-end demo on the built-in demo corpus: runs/demo/report.md and its plots.
 demo: install
-	$(PY) -m pipelines.demo --out runs/demo
+	$(PY) -m demo --out runs/demo
 
 # Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 2 hours on 2
 # CPU cores, most of it the ablation grid (bench/ablations.py, which needs the demo's outputs and makes them first).

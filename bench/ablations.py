@@ -36,9 +36,9 @@ import time
 import numpy as np
 
 import results  # bench/results.py, beside this script
-from curation import configs, report, scored_shards
+from curation import configs, report, schema, scored_shards
 from curation.train import train
-from pipelines import demo
+from demo import run as demo
 
 log = logging.getLogger("bench.ablations")
 COMMAND = ".venv/bin/python bench/ablations.py"
@@ -97,39 +97,34 @@ def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, shar
     reference loss, the copies being `share` of all rows, shuffled; copies are marked `truth: "repeat"` in their
     metadata (so the clean share counts only fresh clean examples). Same reference, same schema."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     scored_set = scored_shards.open_scored(scored)
     manifest = scored_set.manifests[-1]
-    batch_dir = os.path.join(out, "batch-repeated")
     existing = scored_shards.read_manifests(out) if os.path.isdir(out) else []
     if existing:
         if existing[-1].reference_fingerprint == manifest.reference_fingerprint:
             return out
         shutil.rmtree(out)  # made from another reference's scores: make it again
     table = pa.concat_tables([scored_shards.read_scored_parquet(path) for path in scored_set.shard_paths("parquet")])
-    truth = np.array([json.loads(m).get("truth") for m in table.column("metadata").to_pylist()])
-    losses = table.column("ref_loss").to_numpy()
+    truth = np.array([json.loads(m).get("truth") for m in table.column(schema.METADATA).to_pylist()])
+    losses = table.column(schema.REF_LOSS).to_numpy()
     clean = np.nonzero(truth == "clean")[0]
     easiest = clean[np.argsort(losses[clean], kind="stable")[:distinct]]
     copies = int(round(table.num_rows * share / (1 - share)))
     picks = easiest[np.arange(copies) % distinct]
-    repeated = table.take(pa.array(picks))
-    metadata = [json.dumps({**json.loads(m), "truth": "repeat"}, sort_keys=True)
-                for m in repeated.column("metadata").to_pylist()]
-    keys = [f"{k}#copy{i}" for i, k in enumerate(repeated.column("key").to_pylist())]
-    repeated = repeated.set_column(repeated.schema.get_field_index("metadata"), "metadata", pa.array(metadata))
-    repeated = repeated.set_column(repeated.schema.get_field_index("key"), "key", pa.array(keys))
-    combined = pa.concat_tables([table, repeated])
-    combined = combined.take(pa.array(np.random.default_rng(seed).permutation(combined.num_rows)))
-    os.makedirs(batch_dir, exist_ok=True)
-    name = "scored-00000-of-00001.parquet"
-    pq.write_table(combined, os.path.join(batch_dir, name))
-    scored_shards.write_manifest(batch_dir, dataclasses.replace(
-        manifest, counts={"read": combined.num_rows, "scored": combined.num_rows, "dead_letter": {}},
-        shards=[name], dead_letter_shards=[], output_formats=["parquet"],
-        options={**manifest.options, "derived": f"{scored} plus {copies} copies of its {distinct} easiest clean rows"},
-        batch_dir=""))
+    rows = table.to_pylist() + [
+        {**row, schema.KEY: f"{row[schema.KEY]}#copy{i}",
+         schema.METADATA: json.dumps({**json.loads(row[schema.METADATA]), "truth": "repeat"}, sort_keys=True)}
+        for i, row in enumerate(table.take(pa.array(picks)).to_pylist())]
+    rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+    for row in rows:  # the writer takes embeddings as arrays
+        for name in schema.EMBEDDINGS:
+            row[name] = np.asarray(row[name], np.float16)
+    combined = schema.rows_to_table(rows, scored_set.embed_dim)
+    scored_shards.write_scored_batch(out, "batch-repeated", combined, dataclasses.replace(
+        manifest, counts=scored_shards.Counts(read=len(rows), scored=len(rows), dead_letter={}),
+        options=dataclasses.replace(manifest.options,
+                                    note=f"{scored} plus {copies} copies of its {distinct} easiest clean rows")))
     return out
 
 

@@ -23,8 +23,9 @@ import numpy as np
 import results  # bench/results.py, beside this script
 from curation import configs, input_pipeline
 from curation.metrics import read_metrics
-from curation.train import TrainingData, build_tokenizer, train
-from pipelines import demo
+from curation.train import train
+from curation.training_data import TrainingData, build_tokenizer
+from demo import run as demo
 
 COMMAND = ".venv/bin/python bench/input_pipeline.py"
 

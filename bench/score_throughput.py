@@ -23,13 +23,13 @@ import numpy as np  # noqa: E402
 
 from curation.corpus import CorpusRecord, iter_corpus  # noqa: E402
 from curation.input_pipeline import split_shards  # noqa: E402
+from curation.preprocess import ValidationOptions, decode_and_validate  # noqa: E402
+from demo.make_corpus import write_corpus  # noqa: E402
 from models import checkpoint  # noqa: E402
 from models.tokenizer import ByteTokenizer  # noqa: E402
 from models.two_towers import ModelConfig, init_params  # noqa: E402
 from pipelines import score  # noqa: E402
 from pipelines.jax_inference import LoadedModel  # noqa: E402
-from pipelines.make_corpus import write_corpus  # noqa: E402
-from pipelines.validation import ValidationOptions, decode_and_validate, resize_pixels  # noqa: E402
 
 import results  # noqa: E402  (bench/results.py, beside this script)
 
@@ -57,7 +57,7 @@ def bare_forward_rate(checkpoint_dir: str, corpus_shards: list[str], format: str
             continue
         valid = decode_and_validate(item, ValidationOptions())
         if hasattr(valid, "pixels"):
-            pixels.append(resize_pixels(valid.pixels, size))
+            pixels.append(restored.config.preprocessing().resize_pixels(valid.pixels))
             tokens.append(restored.tokenizer.encode(valid.caption, length))
         if len(pixels) == limit:
             break

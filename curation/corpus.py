@@ -18,7 +18,6 @@ cannot become a record (an image without a caption, a truncated shard, a corrupt
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import posixpath
@@ -30,17 +29,10 @@ from apache_beam.io.filesystems import FileSystems
 from google.protobuf.message import DecodeError
 
 from curation import tfrecord
+from curation.errors import (CORRUPT_RECORD, DUPLICATE_KEY, MISSING_CAPTION, MISSING_IMAGE, TRUNCATED_SHARD,
+                             UNREADABLE_SHARD, CorpusError, CorpusReadError)
 
 FORMATS = ("wds", "parquet", "tfrecord")
-
-# CorpusError reasons.
-MISSING_IMAGE = "missing_image"  # a sample or row has a caption but no image bytes
-MISSING_CAPTION = "missing_caption"  # ... or an image but no caption
-DUPLICATE_KEY = "duplicate_key"  # a key seen before in the same shard
-CORRUPT_RECORD = "corrupt_record"  # a TFRecord frame with a bad CRC, or data that is not a tf.train.Example
-TRUNCATED_SHARD = "truncated_shard"  # the file ends early: records before the break were emitted
-UNREADABLE_SHARD = "unreadable_shard"  # not a tar / Parquet file, no image or caption column, or unreadable past a row
-ERROR_REASONS = (MISSING_IMAGE, MISSING_CAPTION, DUPLICATE_KEY, CORRUPT_RECORD, TRUNCATED_SHARD, UNREADABLE_SHARD)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,39 +55,6 @@ DEFAULT_FIELDS: dict[str, FieldNames] = {
 }
 
 
-def field_names(format: str, key: str | None = None, image: str | None = None,
-                caption: str | None = None) -> FieldNames:
-    """The layout's default field names with overrides; `image` and `caption` take comma-separated candidates."""
-    default = DEFAULT_FIELDS[check_format(format)]
-
-    def candidates(names: str | None, fallback: tuple[str, ...], what: str) -> tuple[str, ...]:
-        if names is None:
-            return fallback
-        parsed = tuple(name.strip() for name in names.split(",") if name.strip())
-        if not parsed:
-            raise ValueError(f"empty {what} field list {names!r}")
-        return parsed
-
-    return FieldNames(key=default.key if key is None else key, image=candidates(image, default.image, "image"),
-                      caption=candidates(caption, default.caption, "caption"))
-
-
-def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
-    """The corpus reader flags every entry point shares; `reader_options(args)` turns them into read_shard kwargs."""
-    parser.add_argument("--input_format", choices=FORMATS, default="wds", help="layout of the input shards")
-    parser.add_argument("--key_field", default=None, help="Parquet column / TFRecord feature of the key")
-    parser.add_argument("--image_field", default=None,
-                        help="image column / feature / tar extension(s), comma-separated, first present wins")
-    parser.add_argument("--caption_field", default=None, help="caption column / feature / tar extension(s)")
-    parser.add_argument("--parquet_batch_rows", type=int, default=1024, help="Parquet rows read at a time")
-
-
-def reader_options(args: argparse.Namespace) -> dict[str, Any]:
-    """{"format", "fields", "batch_rows"} from the flags of `add_reader_arguments`."""
-    fields = field_names(args.input_format, args.key_field, args.image_field, args.caption_field)
-    return {"format": args.input_format, "fields": fields, "batch_rows": args.parquet_batch_rows}
-
-
 @dataclasses.dataclass(frozen=True)
 class CorpusRecord:
     """One image-text pair as stored: nothing decoded, nothing validated."""
@@ -105,25 +64,6 @@ class CorpusRecord:
     caption: str | bytes  # str when valid UTF-8, else the raw bytes
     source: str  # path of the shard file the record came from
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # json member / other columns
-
-
-@dataclasses.dataclass(frozen=True)
-class CorpusError:
-    """Something that could not become a record, laid out as a dead-letter entry: key, source, stage, reason."""
-
-    key: str  # the sample's key, or the shard stem for shard-level problems
-    source: str
-    reason: str  # one of ERROR_REASONS
-    message: str
-    stage: str = "read"
-
-
-class CorpusReadError(RuntimeError):
-    """Raised by `iter_corpus(..., errors="raise")` on the first `CorpusError`."""
-
-    def __init__(self, error: CorpusError):
-        super().__init__(f"{error.source}: {error.reason} ({error.key}): {error.message}")
-        self.error = error
 
 
 CorpusItem = CorpusRecord | CorpusError

@@ -1,7 +1,7 @@
 """Evaluation of a dual encoder: zero-shot classification, image↔text retrieval, held-out loss.
 
 The metric functions are pure numpy over L2-normalized embeddings, so they are tested on hand-made embeddings;
-`Evaluator` embeds the demo corpus's eval splits with a model and calls them.
+`Evaluator` embeds a corpus's eval splits with a model (jitted towers) and calls them.
 """
 
 from __future__ import annotations
@@ -11,8 +11,14 @@ import json
 import posixpath
 from typing import Callable, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
+
+from curation import input_pipeline
+from curation.losses import contrastive_loss
+from models.two_towers import ModelConfig, TwoTower
 
 
 def class_embeddings(prompt_embeddings: np.ndarray) -> np.ndarray:
@@ -81,3 +87,46 @@ def evaluate_embeddings(
         metrics["zeroshot_top1"] = float(np.mean([metrics[f"zeroshot/{task.name}"] for task in tasks]))
     metrics.update(retrieval_recall(zimg_retrieval, ztxt_retrieval))
     return metrics
+
+
+class Evaluator:
+    """Zero-shot, retrieval and held-out loss on the corpus's eval splits, embedded with jitted towers."""
+
+    def __init__(self, corpus_dir, model_config: ModelConfig, tokenizer, loss_name, limit=0, batch=256):
+        preprocessing = model_config.preprocessing()  # eval images reach the model as training images do
+        zeroshot, retrieval = (input_pipeline.load_examples(corpus_dir, split, model_config.image_size, limit,
+                                                            preprocessing=preprocessing)
+                               for split in ("eval/zeroshot", "eval/retrieval"))
+        if not zeroshot or not retrieval:
+            raise ValueError(f"no eval examples under {corpus_dir}/eval (zeroshot: {len(zeroshot)}, "
+                             f"retrieval: {len(retrieval)})")
+        self.tasks = load_zeroshot_tasks(corpus_dir, [meta for _, _, meta in zeroshot])
+        self.zeroshot_images = np.stack([image for image, _, _ in zeroshot])
+        self.retrieval_images = np.stack([image for image, _, _ in retrieval])
+        self.retrieval_tokens = tokenizer.encode_batch([caption for _, caption, _ in retrieval],
+                                                       model_config.text_length)
+        self.tokenizer, self.text_length = tokenizer, model_config.text_length
+        self.loss_name, self.batch = loss_name, batch
+        model = TwoTower(model_config)
+        self._embed_images = jax.jit(lambda params, x: model.apply({"params": params}, x, None)[0])
+        self._embed_texts = jax.jit(lambda params, t: model.apply({"params": params}, None, t)[1])
+
+    def _batched(self, fn, params, inputs) -> np.ndarray:
+        return np.concatenate([np.asarray(fn(params, inputs[i : i + self.batch]))
+                               for i in range(0, len(inputs), self.batch)])
+
+    def __call__(self, params) -> dict[str, float]:
+        def embed_tokens(tokens):
+            return self._batched(self._embed_texts, params, tokens)
+
+        def embed_texts(texts):
+            return embed_tokens(self.tokenizer.encode_batch(texts, self.text_length))
+
+        zimg_zeroshot = self._batched(self._embed_images, params, self.zeroshot_images)
+        zimg_retrieval = self._batched(self._embed_images, params, self.retrieval_images)
+        ztxt_retrieval = embed_tokens(self.retrieval_tokens)
+        metrics = evaluate_embeddings(zimg_zeroshot, self.tasks, embed_texts, zimg_retrieval, ztxt_retrieval)
+        aux = {"t": jnp.exp(params["log_temperature"][0]), "b": params["bias"][0]}  # what the model's aux holds
+        metrics["held_out_loss"] = float(contrastive_loss(self.loss_name, jnp.asarray(zimg_retrieval),
+                                                          jnp.asarray(ztxt_retrieval), aux))
+        return metrics

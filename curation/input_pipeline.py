@@ -3,16 +3,16 @@
 Order: each epoch visits the shards in a seeded permutation, and the records of each shard in a seeded permutation,
 so the stream is a pure function of (seed, position). Every batch carries the position just after its last example;
 a run restored from a checkpoint restarts the stream there and sees exactly the batches an uninterrupted run would.
-Decoding and resizing run on a thread pool and tf.data prefetches the batches; broken records (undecodable
-images, empty or non-UTF-8 captions, read errors) are skipped and counted: skipped = raw records consumed −
-examples delivered.
+Decoding and resizing run on a thread pool and tf.data prefetches the batches. A record is decoded, its caption
+cleaned and its image resized and normalized by the rules the scoring job applies (`curation.preprocess`, with the
+model's `ImagePreprocessing`); what the scoring job would dead-letter, and read errors, are skipped and counted:
+skipped = raw records consumed − examples delivered.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import io
 import json
 import posixpath
 from typing import Callable, Iterator
@@ -20,14 +20,14 @@ from typing import Callable, Iterator
 import numpy as np
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
-from PIL import Image
 
 from curation.corpus import CorpusRecord, match_shards, read_shard
+from curation.preprocess import ValidationOptions, prepare_image, training_caption
+from models.preprocessing import ImagePreprocessing
 
 tf.config.set_visible_devices([], "GPU")  # tf.data only: accelerators belong to JAX
 
 _EXTENSIONS = {".tar": "wds", ".parquet": "parquet", ".tfrecord": "tfrecord"}
-MAX_IMAGE_PIXELS = 64_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,25 +64,20 @@ def split_shards(corpus_dir: str, split: str) -> tuple[list[str], str]:
     return shards, format
 
 
-def caption_ok(caption: str | bytes) -> bool:
-    return isinstance(caption, str) and bool(caption.strip())
-
-
-def has_usable_caption(item) -> bool:
-    """A record (not a read error) whose caption is non-empty UTF-8 text."""
-    return isinstance(item, CorpusRecord) and caption_ok(item.caption)
-
-
-def decode_image(data: bytes, size: int) -> np.ndarray | None:
-    """Encoded image -> [size, size, 3] float32 in [-1, 1], or None when it cannot be decoded."""
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                return None
-            image = image.convert("RGB").resize((size, size), Image.Resampling.BILINEAR)
-            return np.asarray(image, np.float32) / 127.5 - 1.0
-    except Exception:  # any decoder failure means a broken record, which the trainer skips
+def record_caption(item, validation: ValidationOptions | None = None) -> str | None:
+    """The cleaned caption of a record (not a read error), or None where the scoring job would refuse it."""
+    if not isinstance(item, CorpusRecord):
         return None
+    return training_caption(item.caption, validation or ValidationOptions())
+
+
+def _image_preprocessing(image_size: int, preprocessing: ImagePreprocessing | None) -> ImagePreprocessing:
+    """`preprocessing` (the model's), checked against `image_size`; None: squash to `image_size`, [-1, 1]."""
+    if preprocessing is None:
+        return ImagePreprocessing(image_size)
+    if preprocessing.size != image_size:
+        raise ValueError(f"image_size {image_size} differs from the preprocessing's size {preprocessing.size}")
+    return preprocessing
 
 
 def record_stream(shards: list[str], format: str, seed: int, start: DataPosition,
@@ -115,29 +110,39 @@ def make_dataset(
     text_length: int,
     seed: int,
     start: DataPosition = DataPosition(),
+    preprocessing: ImagePreprocessing | None = None,
+    validation: ValidationOptions | None = None,
 ) -> tf.data.Dataset:
-    """Batches {"image": [B, S, S, 3] f32, "tokens": [B, L] i32, "position": [B, 4] i64} from `start` on."""
+    """Batches {"image": [B, S, S, 3] f32, "tokens": [B, L] i32, "position": [B, 4] i64} from `start` on: images
+    as `preprocessing` declares (default: squashed to `image_size`, in [-1, 1]), tokens of the cleaned caption."""
 
     def examples():
         for item, position in record_stream(shards, format, seed, start):
-            if has_usable_caption(item):
-                yield item.image, tokenizer.encode(item.caption, text_length), position, {}
+            caption = record_caption(item, validation)
+            if caption is not None:
+                yield item.image, tokenizer.encode(caption, text_length), position, {}
             else:
                 yield None, None, position, {}
 
-    return decoded_batches(examples, {}, batch_size=batch_size, image_size=image_size, text_length=text_length)
+    return decoded_batches(examples, {}, batch_size=batch_size, image_size=image_size, text_length=text_length,
+                           preprocessing=preprocessing, validation=validation)
 
 
 def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: dict[str, tf.TensorSpec], *,
-                    batch_size: int, image_size: int, text_length: int, workers: int = 2) -> tf.data.Dataset:
+                    batch_size: int, image_size: int, text_length: int, workers: int = 2,
+                    preprocessing: ImagePreprocessing | None = None,
+                    validation: ValidationOptions | None = None) -> tf.data.Dataset:
     """Batches of decoded examples from `examples()`, which yields (image bytes, tokens, position, extras): image
     bytes None for a record to skip, extras a dict matching `extra_signature`.
 
-    Images are decoded and resized by a pool of `workers` threads (PIL releases the GIL while decoding), a batch's
-    worth at a time, and batches are assembled in Python: per-example tf.data overhead would cost more than the
-    decoding. Undecodable images are skipped; they show up as raw records consumed without an example delivered.
-    A batch's `position` rows are the stream positions just after each of its examples.
+    Images are decoded, resized and normalized (`preprocess.prepare_image`) by a pool of `workers` threads (PIL
+    releases the GIL while decoding), a batch's worth at a time, and batches are assembled in Python: per-example
+    tf.data overhead would cost more than the decoding. Images the scoring job would refuse are skipped; they show
+    up as raw records consumed without an example delivered. A batch's `position` rows are the stream positions
+    just after each of its examples.
     """
+    preprocessing = _image_preprocessing(image_size, preprocessing)
+    validation = validation or ValidationOptions()
     names = ["image", "tokens", "position", *extra_signature]
 
     def generate():
@@ -150,7 +155,7 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
                                   *(extras[name] for name in extra_signature)))
                 if len(group) < batch_size:
                     continue
-                images = pool.map(lambda item: decode_image(item[0], image_size), group)
+                images = pool.map(lambda item: prepare_image(item[0], preprocessing, validation), group)
                 ready.extend((image, *item[1:]) for image, item in zip(images, group) if image is not None)
                 group = []
                 while len(ready) >= batch_size:
@@ -170,16 +175,22 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
     return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2).with_options(options)
 
 
-def load_examples(corpus_dir: str, split: str, image_size: int, limit: int = 0) -> list[tuple[np.ndarray, str, dict]]:
-    """Decoded (image, caption, metadata) of the readable records of a split, in file order (for evaluation)."""
+def load_examples(corpus_dir: str, split: str, image_size: int, limit: int = 0, *,
+                  preprocessing: ImagePreprocessing | None = None,
+                  validation: ValidationOptions | None = None) -> list[tuple[np.ndarray, str, dict]]:
+    """(image [S, S, 3] f32, cleaned caption, metadata) of the records of a split the scoring job would accept, in
+    file order (for evaluation)."""
+    preprocessing = _image_preprocessing(image_size, preprocessing)
+    validation = validation or ValidationOptions()
     shards, format = split_shards(corpus_dir, split)
     examples = []
     for path in shards:
         for item in read_shard(path, format):
-            if has_usable_caption(item):
-                image = decode_image(item.image, image_size)
+            caption = record_caption(item, validation)
+            if caption is not None:
+                image = prepare_image(item.image, preprocessing, validation)
                 if image is not None:
-                    examples.append((image, item.caption, item.metadata))
+                    examples.append((image, caption, item.metadata))
                     if limit and len(examples) >= limit:
                         return examples
     return examples

@@ -1,5 +1,6 @@
-"""The JEST step, in three jitted parts so each can be timed: the learner scores the super-batch (no gradient),
-selection picks the sub-batch from learner and stored reference embeddings, and the update trains on it.
+"""The training step, one for every config: the pure update on a batch and, with selection, the JEST step in three
+jitted parts so each can be timed. The learner scores the super-batch (no gradient), selection picks the sub-batch
+from learner and stored reference embeddings, and the update trains on it.
 
     embed(params, images, tokens)                     -> learner zimg [B, d], ztxt [B, d], (t, b)
     choose(rng, learner..., ref_zimg, ref_ztxt, clean) -> indices [b], diagnostics
@@ -7,21 +8,53 @@ selection picks the sub-batch from learner and stored reference embeddings, and 
 
 The super-batch and its embeddings are sharded over the mesh's `data` axis; selection is global over the whole
 super-batch (XLA gathers what it needs), so the same RNG gives the same indices on any number of devices.
+`make_step` wraps either kind in one callable, `state, metrics, seconds = step(state, inputs, step_number)`.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+import time
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from curation import selection
 from curation.configs import TrainConfig
+from curation.losses import contrastive_loss
 from models.flops import example_forward_flops, example_train_flops
 from models.two_towers import ModelConfig, TwoTower
+
+if TYPE_CHECKING:
+    from curation.scored_shards import ScoredSet
+
+# (state, inputs, step_number) -> (state, metrics, seconds spent in each timed part, by metric name)
+Step = Callable[[dict, dict, int], tuple[dict, dict, dict[str, float]]]
+
+
+def train_step(state: dict, batch: dict, *, model: TwoTower, optimizer, loss_name: str,
+               flexi_patch: int | None = None) -> tuple[dict, dict]:
+    """One update on the batch: pure, jitted by the caller. With `flexi_patch`, the second half of the batch's
+    images go through the image tower at that patch size (Flexi-JEST) and the first half at the model's own."""
+
+    def loss_fn(params):
+        if flexi_patch is None:
+            zimg, ztxt, aux = model.apply({"params": params}, batch["image"], batch["tokens"])
+        else:
+            half = batch["image"].shape[0] // 2
+            fine, ztxt, aux = model.apply({"params": params}, batch["image"][:half], batch["tokens"])
+            coarse, _, _ = model.apply({"params": params}, batch["image"][half:], None, patch_size=flexi_patch)
+            zimg = jnp.concatenate([fine, coarse])
+        return contrastive_loss(loss_name, zimg, ztxt, aux), aux
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    new_state = {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return new_state, {"loss": loss, "t": aux["t"], "b": aux["b"], "grad_norm": optax.global_norm(grads)}
 
 
 class JestFunctions(NamedTuple):
@@ -31,7 +64,7 @@ class JestFunctions(NamedTuple):
 
 
 def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: jax.sharding.Mesh,
-                        reference_t: float, reference_c: float) -> JestFunctions:
+                        reference_t: float, reference_bias: float) -> JestFunctions:
     """The jitted parts of a JEST step for `config` (train_step: the trainer's pure update on a batch)."""
     data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     score_patch = config.coarse_patch_size if config.flexi else config.patch_size
@@ -45,7 +78,7 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
     @functools.partial(jax.jit, out_shardings=(replicated, replicated))
     def choose(rng, zimg, ztxt, t_and_b, ref_zimg, ref_ztxt, clean):
         learner = selection.Embeddings(zimg, ztxt, t_and_b[0], t_and_b[1])
-        reference = selection.Embeddings(ref_zimg, ref_ztxt, reference_t, reference_c)
+        reference = selection.Embeddings(ref_zimg, ref_ztxt, reference_t, reference_bias)
         indices = selection.select(
             rng, learner, reference, method=config.selection, n_select=n_select, score=config.score,
             n_chunks=config.n_chunks, loss=config.loss, first_chunk=config.first_chunk, noise=config.selection_noise)
@@ -66,6 +99,46 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
     update = jax.jit(subset_step, in_shardings=(replicated, data, data, replicated),
                      out_shardings=(replicated, replicated), donate_argnums=0)
     return JestFunctions(embed, choose, update)
+
+
+def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTransformation,
+              mesh: jax.sharding.Mesh, scored: ScoredSet | None) -> Step:
+    """The step of `config`, made once before the loop. Without selection (uniform, offline filtering) it is the
+    jitted update on the batch's images and tokens; with selection it runs the three JEST parts on the super-batch,
+    waiting for each so that `seconds` splits the step into time/scoring, time/selection and time/update."""
+    update = functools.partial(train_step, model=model, optimizer=optimizer, loss_name=config.loss,
+                               flexi_patch=config.coarse_patch_size if config.flexi else None)
+    data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
+    if config.selection == "none":
+        jitted = jax.jit(update, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
+                         donate_argnums=0)
+
+        def uniform_step(state: dict, inputs: dict, step_number: int):
+            state, metrics = jitted(state, {"image": inputs["image"], "tokens": inputs["tokens"]})
+            return state, metrics, {}
+
+        return uniform_step
+
+    if scored is None:
+        raise ValueError("selection needs scored shards (--scored)")
+    parts = make_jest_functions(config, model, update, mesh, scored.reference.temperature, scored.reference.bias)
+    selection_rng = jax.random.key(config.seed + 1)
+
+    def selection_step(state: dict, inputs: dict, step_number: int):
+        started = time.perf_counter()
+        zimg, ztxt, t_and_b = jax.block_until_ready(parts.embed(state["params"], inputs["image"], inputs["tokens"]))
+        scored_at = time.perf_counter()
+        indices, diagnostics = jax.block_until_ready(parts.choose(
+            jax.random.fold_in(selection_rng, step_number), zimg, ztxt, t_and_b, inputs["ref_zimg"],
+            inputs["ref_ztxt"], inputs["clean"]))
+        selected_at = time.perf_counter()
+        state, metrics = parts.update(state, inputs["image"], inputs["tokens"], indices)
+        metrics = jax.block_until_ready({**metrics, **diagnostics})
+        seconds = {"time/scoring": scored_at - started, "time/selection": selected_at - scored_at,
+                   "time/update": time.perf_counter() - selected_at}
+        return state, metrics, seconds
+
+    return selection_step
 
 
 def step_flops(config: TrainConfig, model_config: ModelConfig) -> dict[str, int]:

@@ -50,6 +50,17 @@ def sigmoid_pair_losses(
     return jax.nn.softplus(-labels * logits)
 
 
+def own_pair_sigmoid(zimg, ztxt, t, b, xp=jnp):
+    """Each example with its own caption: (cosine ⟨x_i, y_i⟩, logit t·cosine + b, loss softplus(−logit)), each [n].
+
+    The one definition of the own-pair terms, in numpy (`xp=numpy`: the scoring job's stored `ref_*` scores) or in
+    JAX (selection's diagonal S_ii); the loss is the positive pair's ℓ_ii of `sigmoid_pair_losses`.
+    """
+    cosine = xp.sum(zimg * ztxt, axis=-1)
+    logit = t * cosine + b
+    return cosine, logit, xp.logaddexp(0.0, -logit)
+
+
 def sigmoid_loss(
     zimg: jax.Array,
     ztxt: jax.Array,
@@ -99,3 +110,12 @@ def softmax_loss(
     mean_i2t = i2t.sum() / jnp.maximum(i2t_valid.sum(), 1)
     mean_t2i = t2i.sum() / jnp.maximum(t2i_valid.sum(), 1)
     return 0.5 * (mean_i2t + mean_t2i)
+
+
+def contrastive_loss(loss_name: str, zimg: jax.Array, ztxt: jax.Array, aux: dict) -> jax.Array:
+    """The batch loss a model is trained with: "sigmoid" (with the model's aux t and b) or "softmax" (t)."""
+    if loss_name == "sigmoid":
+        return sigmoid_loss(zimg, ztxt, aux["t"], aux["b"])
+    if loss_name == "softmax":
+        return softmax_loss(zimg, ztxt, aux["t"])
+    raise ValueError(f"unknown loss {loss_name!r}; expected 'sigmoid' or 'softmax'")

@@ -14,9 +14,11 @@ import json
 import numpy as np
 import tensorflow as tf
 
-from curation import scored_shards
+from curation import schema, scored_shards
 from curation.input_pipeline import DataPosition, decoded_batches, record_stream
+from curation.preprocess import ValidationOptions
 from curation.selection import offline_filter
+from models.preprocessing import ImagePreprocessing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,12 +43,12 @@ def _clean_flag(metadata: str) -> int:
 def read_scored_examples(path: str) -> list[ScoredExample]:
     """The rows of one scored Parquet shard, in file order."""
     table = scored_shards.read_scored_parquet(path)
-    d = table.schema.field("ref_image_embedding").type.list_size
-    zimg = table.column("ref_image_embedding").combine_chunks().flatten().to_numpy().reshape(-1, d)
-    ztxt = table.column("ref_text_embedding").combine_chunks().flatten().to_numpy().reshape(-1, d)
-    columns = {name: table.column(name).to_pylist() for name in ("key", "image", "caption", "ref_loss", "metadata")}
-    return [ScoredExample(columns["key"][i], columns["image"][i], columns["caption"][i], zimg[i], ztxt[i],
-                          columns["ref_loss"][i], _clean_flag(columns["metadata"][i])) for i in range(table.num_rows)]
+    zimg = schema.embedding_matrix(table, schema.REF_IMAGE_EMBEDDING)
+    ztxt = schema.embedding_matrix(table, schema.REF_TEXT_EMBEDDING)
+    names = (schema.KEY, schema.IMAGE, schema.CAPTION, schema.REF_LOSS, schema.METADATA)
+    keys, images, captions, losses, metadata = (table.column(name).to_pylist() for name in names)
+    return [ScoredExample(keys[i], images[i], captions[i], zimg[i], ztxt[i], losses[i], _clean_flag(metadata[i]))
+            for i in range(table.num_rows)]
 
 
 def ref_loss_threshold(shards: list[str], keep_fraction: float) -> float:
@@ -54,8 +56,8 @@ def ref_loss_threshold(shards: list[str], keep_fraction: float) -> float:
     filtering, DataComp's CLIP-score filter); inf keeps everything."""
     if keep_fraction >= 1.0:
         return float("inf")
-    losses = np.concatenate([scored_shards.read_scored_parquet(path, ["ref_loss"]).column("ref_loss").to_numpy()
-                             for path in shards])
+    losses = np.concatenate([scored_shards.read_scored_parquet(path, [schema.REF_LOSS]).column(schema.REF_LOSS)
+                             .to_numpy() for path in shards])
     keep = offline_filter(-losses, keep_fraction)  # higher score = easier = lower loss
     if not keep.any():
         raise ValueError(f"keep fraction {keep_fraction} keeps none of {len(losses)} examples")
@@ -73,11 +75,15 @@ def make_scored_dataset(
     seed: int,
     start: DataPosition = DataPosition(),
     max_ref_loss: float = float("inf"),
+    preprocessing: ImagePreprocessing | None = None,
+    validation: ValidationOptions | None = None,
 ) -> tf.data.Dataset:
     """Batches {"image", "tokens", "position", "ref_zimg": [B, d] f32, "ref_ztxt": [B, d] f32, "clean": [B] i32}.
 
-    Examples with a stored reference loss over `max_ref_loss` are skipped (offline filtering) and counted as
-    skipped like unreadable records.
+    Images are decoded by the scoring job's rules (`validation`: pass the batch's own, `scored_shards.Options.
+    validation()`, so that nothing it scored is refused here) and resized as `preprocessing` declares. Examples
+    with a stored reference loss over `max_ref_loss` are skipped (offline filtering) and counted as skipped like
+    unreadable records.
     """
     signature = {"ref_zimg": tf.TensorSpec([embed_dim], tf.float32), "ref_ztxt": tf.TensorSpec([embed_dim], tf.float32),
                  "clean": tf.TensorSpec([], tf.int32)}
@@ -91,4 +97,5 @@ def make_scored_dataset(
                       "clean": np.int32(item.clean)}
             yield item.image, tokenizer.encode(item.caption, text_length), position, extras
 
-    return decoded_batches(examples, signature, batch_size=batch_size, image_size=image_size, text_length=text_length)
+    return decoded_batches(examples, signature, batch_size=batch_size, image_size=image_size, text_length=text_length,
+                           preprocessing=preprocessing, validation=validation)

@@ -3,16 +3,22 @@
 An output directory holds one folder per scoring batch (a run of the job), each with its own manifest:
 
     OUTPUT/batch-20261126T101500Z-3f9a/
-        scored-00000-of-00004.parquet     scored examples (SCORED_COLUMNS; embeddings float16)
+        scored-00000-of-00004.parquet     scored examples (the columns of curation/schema.py)
         scored-00000-of-00004.tfrecord    the same as tf.train.Example (embeddings widened to float32)
-        dead_letter-00000-of-00001.parquet  what could not be scored, with a reason (DEAD_LETTER_COLUMNS)
+        dead_letter-00000-of-00001.parquet  what could not be scored, with a reason
         _MANIFEST.json                    written last and atomically: the batch exists once this file does
 
-Readers open only the shards a manifest lists and refuse batches of another schema version or reference
-fingerprint. A batch folder without a manifest is unfinished (its run died, failed its --max_bad_fraction check,
-or is still running): no reader opens it, `--incremental` does not count its input shards as done, and
-`remove_unfinished` deletes it. So are temporary files ignored: Beam's `beam-temp-*` folders and the manifest's own
-`._MANIFEST.json.*.tmp`. Files go through Beam's `FileSystems`, so `gs://` outputs read like local ones.
+Readers open only the shards a manifest lists and refuse batches of an unknown schema version or of another
+reference fingerprint. A batch folder without a manifest is unfinished (its run died, failed its
+--max_bad_fraction check, or is still running): no reader opens it, `--incremental` does not count its input
+shards as done, and `remove_unfinished` deletes it. So are temporary files ignored: Beam's `beam-temp-*` folders and
+the manifest's own `._MANIFEST.json.*.tmp`. Files go through Beam's `FileSystems`, so `gs://` outputs read like
+local ones.
+
+The manifest is typed (`Manifest` and the records it holds). Version 2 added the reference's loss family,
+preprocessing, width and FLOPs, shard counts, and each input shard's status and output files; a version-1
+manifest is read by filling those from what it recorded (its reference was always one of our sigmoid checkpoints,
+and any of its output files may hold an input shard's records). The shard columns did not change.
 """
 
 from __future__ import annotations
@@ -24,15 +30,17 @@ import posixpath
 import uuid
 from typing import Any, Iterator
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from curation import tfrecord
+from curation import schema, tfrecord
+from curation.preprocess import ValidationOptions
+from models.flops import example_forward_flops
+from models.preprocessing import ImagePreprocessing, dataclass_from_dict
+from models.two_towers import ModelConfig
 
-SCHEMA_VERSION = 1
 MANIFEST_NAME = "_MANIFEST.json"
 BATCH_PREFIX = "batch-"
 SCORED_PREFIX = "scored"
@@ -40,70 +48,84 @@ DEAD_LETTER_PREFIX = "dead_letter"
 OUTPUT_FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
 TEMPORARY_PREFIXES = ("beam-temp-", f".{MANIFEST_NAME}.")  # Beam's FileBasedSink, write_manifest
-
-# Column -> meaning. The embeddings are the reference model's, L2-normalized before rounding to float16.
-SCORED_COLUMNS = {
-    "key": "string: the example's key in the input corpus",
-    "caption": "string: the cleaned caption (UTF-8, whitespace collapsed)",
-    "image": "binary: image bytes as stored, re-encoded (--store_image=resized) or empty (--store_image=none)",
-    "source": "string: the input shard the example came from",
-    "metadata": "string: JSON of the input record's other fields (e.g. the demo corpus's hidden truth)",
-    "ref_image_embedding": "fixed_size_list<float16>[d] (TFRecord: float32 list of the same float16 values)",
-    "ref_text_embedding": "fixed_size_list<float16>[d] (TFRecord: float32 list of the same float16 values)",
-    "ref_cosine": "float32: ⟨image, text⟩ of the stored (float16) embeddings",
-    "ref_logit": "float32: t*·ref_cosine + c*, the example's own pair logit under the reference",
-    "ref_loss": "float32: softplus(−ref_logit), its own-pair sigmoid loss (low = easy for the reference)",
-}
-DEAD_LETTER_COLUMNS = {
-    "key": "string", "source": "string", "stage": "string: read | caption | decode | embed",
-    "reason": "string: why it could not be scored", "message": "string: details",
-}
+DONE, FAILED = "done", "failed"  # status of an input shard
 
 
-def scored_schema(embed_dim: int) -> pa.Schema:
-    """The explicit Parquet schema of scored shards for reference embeddings of width `embed_dim`."""
-    embedding = pa.list_(pa.float16(), embed_dim)
-    return pa.schema(
-        [
-            ("key", pa.string()), ("caption", pa.string()), ("image", pa.binary()), ("source", pa.string()),
-            ("metadata", pa.string()), ("ref_image_embedding", embedding), ("ref_text_embedding", embedding),
-            ("ref_cosine", pa.float32()), ("ref_logit", pa.float32()), ("ref_loss", pa.float32()),
-        ],
-        metadata={"schema_version": str(SCHEMA_VERSION)},
-    )
+class ScoredShardsError(ValueError):
+    """Scored shards that must not be read together, or a manifest that does not match the files."""
 
 
-DEAD_LETTER_SCHEMA = pa.schema([(name, pa.string()) for name in DEAD_LETTER_COLUMNS])
+def _typed(cls, values: dict[str, Any], where: str):
+    """`cls(**values)`, refusing unknown fields with their names."""
+    try:
+        return dataclass_from_dict(cls, values, f"the {cls.__name__} of the manifest in {where}")
+    except (TypeError, ValueError) as error:
+        raise ScoredShardsError(str(error)) from error
 
 
-def tfrecord_feature_spec(embed_dim: int) -> dict[str, Any]:
-    """`tf.io.parse_single_example` spec of a scored TFRecord (TensorFlow imported only when called)."""
-    import tensorflow as tf
+@dataclasses.dataclass(frozen=True)
+class ReferenceInfo:
+    """The model the batch was scored with: all a reader needs of it, and how to recognise it."""
 
-    spec = {name: tf.io.FixedLenFeature([], tf.string) for name in ("key", "caption", "image", "source", "metadata")}
-    spec.update({name: tf.io.FixedLenFeature([embed_dim], tf.float32)
-                 for name in ("ref_image_embedding", "ref_text_embedding")})
-    spec.update({name: tf.io.FixedLenFeature([], tf.float32) for name in ("ref_cosine", "ref_logit", "ref_loss")})
-    return spec
+    id: str  # what the job was given (a checkpoint folder)
+    fingerprint: str  # sha256 over its weights, config and tokenizer
+    width: int  # embedding width d
+    loss: str  # "sigmoid" (t and bias) or "softmax" (t)
+    temperature: float  # t*, exponentiated
+    bias: float  # bias* of the sigmoid loss
+    image_preprocessing: dict[str, Any]  # models.preprocessing.ImagePreprocessing.to_dict()
+    text_length: int
+    tokenizer: str  # the tokenizer's kind
+    forward_flops_per_example: int
+    model: dict[str, Any] = dataclasses.field(default_factory=dict)  # its own config (ModelConfig for ours)
 
-
-def encode_tfrecord_example(row: dict[str, Any]) -> bytes:
-    """One scored row (as in the Parquet table) -> serialized tf.train.Example."""
-    return tfrecord.encode_example(
-        {
-            "key": row["key"], "caption": row["caption"], "image": row["image"], "source": row["source"],
-            "metadata": row["metadata"],
-            "ref_image_embedding": [float(v) for v in np.asarray(row["ref_image_embedding"], np.float32)],
-            "ref_text_embedding": [float(v) for v in np.asarray(row["ref_text_embedding"], np.float32)],
-            "ref_cosine": float(row["ref_cosine"]), "ref_logit": float(row["ref_logit"]),
-            "ref_loss": float(row["ref_loss"]),
-        }
-    )
+    @property
+    def preprocessing(self) -> ImagePreprocessing:
+        return ImagePreprocessing.from_dict(self.image_preprocessing)
 
 
-def new_batch_name(now: str) -> str:
-    """batch-{UTC time}-{random}: sorts by time, never collides between concurrent runs."""
-    return f"{BATCH_PREFIX}{now}-{uuid.uuid4().hex[:6]}"
+@dataclasses.dataclass(frozen=True)
+class Counts:
+    """read = scored + dead-lettered (per reason); shards = done + failed."""
+
+    read: int
+    scored: int
+    dead_letter: dict[str, int]
+    shards: int = 0
+    shards_done: int = 0
+    shards_failed: int = 0
+
+    @property
+    def dead_lettered(self) -> int:
+        return sum(self.dead_letter.values())
+
+
+@dataclasses.dataclass(frozen=True)
+class InputShard:
+    path: str
+    status: str = DONE  # DONE, or FAILED: not scored, to be scored again by an --incremental run
+    reason: str = ""  # why it failed
+    size_bytes: int = -1  # -1: not recorded
+    outputs: list[str] = dataclasses.field(default_factory=list)  # scored files (in the batch) holding its records
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The job's flags that shaped the batch."""
+
+    store_image: str = "as_stored"
+    stored_image_size: int = 64
+    input_format: str = "wds"
+    max_caption_chars: int = 1000
+    min_image_size: int = 8
+    max_image_pixels: int = 64_000_000
+    # Embeddings are byte-identical between runs at the same inference batch size (pipelines/jax_inference.py).
+    inference_batch_size: int = 256
+    note: str = ""  # how a batch was derived, when not by the job
+
+    def validation(self) -> ValidationOptions:
+        """The decode and caption rules the batch was scored under (a reader decoding its images applies them)."""
+        return ValidationOptions(self.max_image_pixels, self.min_image_size, self.max_caption_chars)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +133,14 @@ class Manifest:
     """The `_MANIFEST.json` of one batch. `shards` and `dead_letter_shards` are file names inside the batch folder."""
 
     schema_version: int
-    reference_fingerprint: str
-    reference: dict[str, Any]  # {"t": t*, "c": c*, "checkpoint": path, "model": ModelConfig dict}
-    counts: dict[str, Any]  # {"read": n, "scored": n, "dead_letter": {reason: n}}
-    input_shards: list[str]
+    created: str
+    reference: ReferenceInfo
+    counts: Counts
+    input_shards: list[InputShard]
     shards: list[str]
     dead_letter_shards: list[str]
     output_formats: list[str]
-    created: str
-    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    options: Options = dataclasses.field(default_factory=Options)
     batch_dir: str = ""  # where it was read from (not stored)
 
     def to_json(self) -> str:
@@ -130,23 +151,61 @@ class Manifest:
     @classmethod
     def from_json(cls, text: str, batch_dir: str = "") -> "Manifest":
         values = json.loads(text)
-        known = {field.name for field in dataclasses.fields(cls)} - {"batch_dir"}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"manifest in {batch_dir or '?'} has unknown fields {sorted(unknown)}")
-        return cls(**values, batch_dir=batch_dir)
+        where = batch_dir or "?"
+        version = values.get("schema_version")
+        if version not in schema.READABLE_VERSIONS:
+            raise ScoredShardsError(f"manifest in {where} has schema version {version!r}; this reader reads "
+                                    f"{list(schema.READABLE_VERSIONS)} (a newer batch needs a newer jest-curation)")
+        if version == 1:
+            values = _upgrade_version_1(values)
+        values = dict(values)
+        values["reference"] = _typed(ReferenceInfo, values.get("reference", {}), where)
+        values["counts"] = _typed(Counts, values.get("counts", {}), where)
+        values["input_shards"] = [_typed(InputShard, shard, where) for shard in values.get("input_shards", [])]
+        values["options"] = _typed(Options, values.get("options", {}), where)
+        return _typed(cls, {**values, "batch_dir": batch_dir}, where)
 
     @property
-    def reference_t(self) -> float:
-        return float(self.reference["t"])
+    def reference_fingerprint(self) -> str:
+        return self.reference.fingerprint
 
-    @property
-    def reference_c(self) -> float:
-        return float(self.reference["c"])
+    def done_input_shards(self) -> list[str]:
+        return [shard.path for shard in self.input_shards if shard.status == DONE]
 
     def shard_paths(self, format: str = "parquet") -> list[str]:
         suffix = _SUFFIX[format]
         return [posixpath.join(self.batch_dir, name) for name in self.shards if name.endswith(suffix)]
+
+
+def reference_from_model(id: str, fingerprint: str, config: ModelConfig, tokenizer: str, temperature: float,
+                         bias: float) -> ReferenceInfo:
+    """The ReferenceInfo of one of our dual-encoder checkpoints."""
+    return ReferenceInfo(id=id, fingerprint=fingerprint, width=config.embed_dim, loss="sigmoid",
+                         temperature=float(temperature), bias=float(bias),
+                         image_preprocessing=config.preprocessing().to_dict(), text_length=config.text_length,
+                         tokenizer=tokenizer, forward_flops_per_example=example_forward_flops(config),
+                         model=config.to_dict())
+
+
+def _upgrade_version_1(values: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest's dict in the version-2 layout (what it did not record is filled as its job did it)."""
+    old = values["reference"]
+    config = ModelConfig.from_dict(old["model"])
+    reference = reference_from_model(old["checkpoint"], values["reference_fingerprint"], config, "unrecorded",
+                                     old["t"], old["c"])
+    shards = list(values["shards"])
+    counts = {**values["counts"], "shards": len(values["input_shards"]), "shards_done": len(values["input_shards"])}
+    return {
+        "schema_version": 1, "created": values["created"], "reference": dataclasses.asdict(reference),
+        "counts": counts, "input_shards": [{"path": path, "outputs": shards} for path in values["input_shards"]],
+        "shards": shards, "dead_letter_shards": values["dead_letter_shards"],
+        "output_formats": values["output_formats"], "options": values.get("options", {}),
+    }
+
+
+def new_batch_name(now: str) -> str:
+    """batch-{UTC time}-{random}: sorts by time, never collides between concurrent runs."""
+    return f"{BATCH_PREFIX}{now}-{uuid.uuid4().hex[:6]}"
 
 
 def write_manifest(batch_dir: str, manifest: Manifest) -> str:
@@ -213,33 +272,35 @@ def remove_unfinished(output: str, before: str) -> list[str]:
     return sorted(doomed)
 
 
-class ScoredShardsError(ValueError):
-    """Scored shards that must not be read together, or a manifest that does not match the files."""
-
-
 @dataclasses.dataclass(frozen=True)
 class ScoredSet:
-    """The batches of one output that a reader uses, checked to share schema version and reference."""
+    """The batches of one output that a reader uses, checked to share one reference (the newest one's record)."""
 
     manifests: list[Manifest]
-    fingerprint: str
-    reference_t: float
-    reference_c: float
-    embed_dim: int
+    reference: ReferenceInfo
+
+    @property
+    def fingerprint(self) -> str:
+        return self.reference.fingerprint
+
+    @property
+    def embed_dim(self) -> int:
+        return self.reference.width
 
     def shard_paths(self, format: str = "parquet") -> list[str]:
         return [path for manifest in self.manifests for path in manifest.shard_paths(format)]
 
     @property
     def scored(self) -> int:
-        return sum(int(manifest.counts["scored"]) for manifest in self.manifests)
+        return sum(manifest.counts.scored for manifest in self.manifests)
 
 
 def open_scored(output: str, fingerprint: str | None = None, check_files: bool = True) -> ScoredSet:
     """All batches under `output` (those of `fingerprint` when given), checked.
 
-    Raises ScoredShardsError when there is no batch, when batches mix schema versions or reference fingerprints,
-    or (with `check_files`) when a shard a manifest lists is missing.
+    Raises ScoredShardsError when there is no batch, when a batch has a schema version this reader does not know,
+    when batches mix reference fingerprints, or (with `check_files`) when a shard a manifest lists is missing.
+    Version-1 and version-2 batches read together: their shards have the same columns.
     """
     manifests = read_manifests(output)
     if fingerprint is not None:
@@ -247,10 +308,6 @@ def open_scored(output: str, fingerprint: str | None = None, check_files: bool =
     if not manifests:
         which = f" scored by reference {fingerprint[:12]}" if fingerprint else ""
         raise ScoredShardsError(f"no scored batch{which} under {output} (no {BATCH_PREFIX}*/{MANIFEST_NAME})")
-    versions = {manifest.schema_version for manifest in manifests}
-    if versions != {SCHEMA_VERSION}:
-        raise ScoredShardsError(
-            f"{output} holds schema versions {sorted(versions)}; this reader reads version {SCHEMA_VERSION} only")
     fingerprints = {manifest.reference_fingerprint for manifest in manifests}
     if len(fingerprints) > 1:
         by_fingerprint = {f[:12]: [posixpath.basename(m.batch_dir) for m in manifests if m.reference_fingerprint == f]
@@ -265,9 +322,7 @@ def open_scored(output: str, fingerprint: str | None = None, check_files: bool =
             missing = [path for path in listed if not FileSystems.exists(path)]
             if missing:
                 raise ScoredShardsError(f"manifest of {manifest.batch_dir} lists missing shards {missing[:5]}")
-    first = manifests[0]
-    return ScoredSet(manifests, first.reference_fingerprint, first.reference_t, first.reference_c,
-                     int(first.reference["model"]["embed_dim"]))
+    return ScoredSet(manifests, manifests[-1].reference)
 
 
 def read_scored_parquet(path: str, columns: list[str] | None = None) -> pa.Table:
@@ -286,6 +341,23 @@ def iter_scored_tfrecord(path: str) -> Iterator[dict[str, Any]]:
         for frame in tfrecord.iter_frames(f):
             if isinstance(frame, tfrecord.FrameError):
                 raise ScoredShardsError(f"{path}: {frame}")
-            features = tfrecord.decode_example(frame)
-            yield {name: (np.asarray(values, np.float32) if name.startswith("ref_") and name.endswith("embedding")
-                          else values[0]) for name, values in features.items()}
+            yield schema.decode_tfrecord_example(frame)
+
+
+def sources_of(path: str) -> set[str]:
+    """The input shards whose records a scored file (Parquet or TFRecord) holds."""
+    if path.endswith(_SUFFIX["parquet"]):
+        return set(read_scored_parquet(path, [schema.SOURCE]).column(schema.SOURCE).to_pylist())
+    return {row[schema.SOURCE] for row in iter_scored_tfrecord(path)}
+
+
+def write_scored_batch(output: str, name: str, table: pa.Table, manifest: Manifest) -> str:
+    """A one-shard Parquet batch `output/name` from a table of the scored schema, with its manifest (for batches
+    derived outside the job); returns the batch folder."""
+    batch_dir = posixpath.join(output, name)
+    shard = f"{SCORED_PREFIX}-00000-of-00001{_SUFFIX['parquet']}"
+    with FileSystems.create(posixpath.join(batch_dir, shard)) as f:
+        pq.write_table(table, f)
+    write_manifest(batch_dir, dataclasses.replace(manifest, shards=[shard], dead_letter_shards=[],
+                                                  output_formats=["parquet"], batch_dir=""))
+    return batch_dir

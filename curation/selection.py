@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curation.losses import pair_logits, sigmoid_pair_losses
+from curation.losses import own_pair_sigmoid, pair_logits, sigmoid_pair_losses
 
 SCORES = ("learnability", "hard_learner", "easy_reference")
 METHODS = ("joint", "independent", "uniform")
@@ -117,7 +117,7 @@ def _own_logits(e: Embeddings) -> jax.Array:
 def diagonal_scores(learner: Embeddings | None, reference: Embeddings | None, score: str = "learnability") -> jax.Array:
     """[B] S_ii: the score of each example with its own caption (sigmoid loss), without building B×B."""
     learner, reference = _models(learner, reference, score)
-    values = [None if e is None else jax.nn.softplus(-(_own_logits(e) + e.b)) for e in (learner, reference)]
+    values = [None if e is None else own_pair_sigmoid(e.zimg, e.ztxt, e.t, e.b)[2] for e in (learner, reference)]
     return _combine(score, *values)
 
 

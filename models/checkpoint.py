@@ -2,7 +2,8 @@
 
 One orbax checkpoint directory (local or gs://) holds two items, written together and atomically:
   params/  the Flax params pytree (orbax StandardSave)
-  meta/    JSON: {"model": ModelConfig, "tokenizer": tokenizer state, "fingerprint": sha256}
+  meta/    JSON: {"model": ModelConfig, "tokenizer": tokenizer state, "fingerprint": sha256, "temperature": t,
+           "bias": b}, so that a job needs no weights to know the model's loss parameters
 The fingerprint is a sha256 over the canonical JSON of config + tokenizer and every param's path, dtype, shape and
 bytes: stable across save/restore, different when any param (or the config) changes. The scoring job records it in
 its manifest and the trainer refuses shards scored by a different reference.
@@ -23,7 +24,8 @@ import orbax.checkpoint as ocp
 from models.tokenizer import ByteTokenizer, WordTokenizer, tokenizer_from_dict
 from models.two_towers import ModelConfig, abstract_params
 
-META_VERSION = 1
+META_VERSION = 2
+READABLE_META_VERSIONS = (1, 2)  # version 1 had no temperature and bias in its meta
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +100,7 @@ def save(
         "model": config.to_dict(),
         "tokenizer": tokenizer.to_dict(),
         "fingerprint": digest,
+        **loss_parameters(params),
     }
     _checkpointer().save(
         _absolute(directory),
@@ -107,16 +110,28 @@ def save(
     return digest
 
 
+def loss_parameters(params) -> dict[str, float]:
+    """{"temperature": t (exponentiated), "bias": b} of the sigmoid loss, from the params."""
+    log_temperature = np.asarray(jax.device_get(params["log_temperature"]), np.float64).reshape(-1)[0]
+    bias = np.asarray(jax.device_get(params["bias"]), np.float64).reshape(-1)[0]
+    return {"temperature": float(np.exp(log_temperature)), "bias": float(bias)}
+
+
 def read_meta(directory: str) -> dict:
-    """The JSON item of a checkpoint (config, tokenizer, fingerprint) without reading the params."""
-    return _checkpointer().restore(_absolute(directory), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    """The JSON item of a checkpoint (config, tokenizer, fingerprint, temperature, bias) without the params (a
+    version-1 checkpoint, whose meta lacks temperature and bias, is restored once to read them)."""
+    meta = _checkpointer().restore(_absolute(directory), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    if meta.get("meta_version") not in READABLE_META_VERSIONS:
+        raise ValueError(f"checkpoint {directory}: meta_version {meta.get('meta_version')!r}, this code reads "
+                         f"{list(READABLE_META_VERSIONS)}")
+    if "temperature" not in meta:
+        meta = {**meta, **loss_parameters(restore(directory, meta=meta).params)}
+    return meta
 
 
-def restore(directory: str) -> Checkpoint:
+def restore(directory: str, meta: dict | None = None) -> Checkpoint:
     """Read a checkpoint; refuses params that do not match the saved config, naming the offending keys."""
-    meta = read_meta(directory)
-    if meta.get("meta_version") != META_VERSION:
-        raise ValueError(f"checkpoint {directory}: meta_version {meta.get('meta_version')!r}, expected {META_VERSION}")
+    meta = meta or read_meta(directory)
     config = ModelConfig.from_dict(meta["model"])
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     expected_tree = abstract_params(config)

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from models.preprocessing import ImagePreprocessing, dataclass_from_dict
+
 # Named sizes shared by both towers: a 1-layer `mu` for tests, `xs` for CPU demos, then the standard ViT sizes.
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),
@@ -52,11 +54,11 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {field.name for field in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown keys in model config: {unknown}")
-        return cls(**values)
+        return dataclass_from_dict(cls, values, "model config")
+
+    def preprocessing(self) -> ImagePreprocessing:
+        """How images reach this model: squashed to `image_size`, pixels mapped to [-1, 1]."""
+        return ImagePreprocessing(self.image_size)
 
     def tokens_per_image(self, patch_size: int | None = None) -> int:
         patch_size = patch_size or self.patch_size

@@ -8,13 +8,15 @@ over workers (one shard file per element, reshuffled so a runner can balance the
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+import argparse
+from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
-from curation.corpus import CorpusError, CorpusRecord, FieldNames, check_format, match_shards, read_shard
+from curation.corpus import (DEFAULT_FIELDS, FORMATS, CorpusError, CorpusRecord, FieldNames, check_format, match_shards,
+                             read_shard)
 
 METRICS_NAMESPACE = "corpus"
 
@@ -76,3 +78,36 @@ class ReadCorpus(beam.PTransform):
                 self.ERRORS, main=self.RECORDS
             )
         )
+
+
+def field_names(format: str, key: str | None = None, image: str | None = None,
+                caption: str | None = None) -> FieldNames:
+    """The layout's default field names with overrides; `image` and `caption` take comma-separated candidates."""
+    default = DEFAULT_FIELDS[check_format(format)]
+
+    def candidates(names: str | None, fallback: tuple[str, ...], what: str) -> tuple[str, ...]:
+        if names is None:
+            return fallback
+        parsed = tuple(name.strip() for name in names.split(",") if name.strip())
+        if not parsed:
+            raise ValueError(f"empty {what} field list {names!r}")
+        return parsed
+
+    return FieldNames(key=default.key if key is None else key, image=candidates(image, default.image, "image"),
+                      caption=candidates(caption, default.caption, "caption"))
+
+
+def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
+    """The corpus reader flags every entry point shares; `reader_options(args)` turns them into read_shard kwargs."""
+    parser.add_argument("--input_format", choices=FORMATS, default="wds", help="layout of the input shards")
+    parser.add_argument("--key_field", default=None, help="Parquet column / TFRecord feature of the key")
+    parser.add_argument("--image_field", default=None,
+                        help="image column / feature / tar extension(s), comma-separated, first present wins")
+    parser.add_argument("--caption_field", default=None, help="caption column / feature / tar extension(s)")
+    parser.add_argument("--parquet_batch_rows", type=int, default=1024, help="Parquet rows read at a time")
+
+
+def reader_options(args: argparse.Namespace) -> dict[str, Any]:
+    """{"format", "fields", "batch_rows"} from the flags of `add_reader_arguments`."""
+    fields = field_names(args.input_format, args.key_field, args.image_field, args.caption_field)
+    return {"format": args.input_format, "fields": fields, "batch_rows": args.parquet_batch_rows}

@@ -34,7 +34,7 @@ class PreparedExample:
     source: str
     caption: str
     image: bytes  # bytes to store in the scored shard (as stored, re-encoded, or empty)
-    pixels: np.ndarray  # [S, S, 3] uint8
+    pixels: np.ndarray  # [S, S, 3] uint8, resized as the model's `config.preprocessing()` declares
     tokens: np.ndarray  # [L] int32
     metadata: dict[str, Any]
 
@@ -55,10 +55,11 @@ class LoadedModel:
         self.config, self.fingerprint, self.batch_size = restored.config, restored.fingerprint, batch_size
         self.params = jax.device_put(restored.params)
         model = TwoTower(restored.config)
+        self.preprocessing = preprocessing = restored.config.preprocessing()  # how the model wants its pixels
 
         @jax.jit
         def forward(params, pixels, tokens):  # [N, S, S, 3] uint8, [N, L] int32
-            images = pixels.astype(jnp.float32) / 127.5 - 1.0
+            images = preprocessing.normalize(pixels, xp=jnp)  # [N, S, S, 3] float32
             zimg, ztxt, _ = model.apply({"params": params}, images, tokens)
             return zimg, ztxt
 

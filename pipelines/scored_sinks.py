@@ -10,20 +10,9 @@ import posixpath
 from typing import Any, Sequence
 
 import apache_beam as beam
-import numpy as np
-import pyarrow as pa
 from apache_beam.pvalue import AsDict, AsList, AsSingleton
 
-from curation import scored_shards
-from curation.corpus import CorpusError
-
-
-def _rows_to_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    columns = {name: [row[name] for row in rows] for name in schema.names}
-    for name in ("ref_image_embedding", "ref_text_embedding"):
-        flat = pa.array(np.concatenate(columns[name]), pa.float16())
-        columns[name] = pa.FixedSizeListArray.from_arrays(flat, schema.field(name).type.list_size)
-    return pa.Table.from_pydict(columns, schema=schema)
+from curation import errors, schema, scored_shards
 
 
 class WriteScoredShards(beam.PTransform):
@@ -37,25 +26,20 @@ class WriteScoredShards(beam.PTransform):
     def expand(self, rows):
         written = []
         if "parquet" in self._formats:
-            schema = scored_shards.scored_schema(self._embed_dim)
             written.append(
                 rows
                 | "BatchRows" >> beam.BatchElements(min_batch_size=64, max_batch_size=2048)
-                | "ToArrowTables" >> beam.Map(_rows_to_table, schema)
+                | "ToArrowTables" >> beam.Map(schema.rows_to_table, self._embed_dim)
                 | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                    self._prefix, schema, file_name_suffix=".parquet", num_shards=self._num_shards))
+                    self._prefix, schema.scored_schema(self._embed_dim), file_name_suffix=".parquet",
+                    num_shards=self._num_shards))
         if "tfrecord" in self._formats:
             written.append(
                 rows
-                | "ToTFExamples" >> beam.Map(scored_shards.encode_tfrecord_example)
+                | "ToTFExamples" >> beam.Map(schema.encode_tfrecord_example)
                 | "WriteTFRecord" >> beam.io.WriteToTFRecord(
                     self._prefix, file_name_suffix=".tfrecord", num_shards=self._num_shards))
         return written | "AllScoredFiles" >> beam.Flatten()
-
-
-def dead_letter_row(error: CorpusError) -> dict[str, str]:
-    return {"key": error.key, "source": error.source, "stage": error.stage, "reason": error.reason,
-            "message": error.message}
 
 
 class WriteDeadLetter(beam.PTransform):
@@ -67,9 +51,9 @@ class WriteDeadLetter(beam.PTransform):
 
     def expand(self, errors):
         return (errors
-                | "ToRows" >> beam.Map(dead_letter_row)
+                | "ToRows" >> beam.FlatMap(lambda error: schema.dead_letter_rows([error]))
                 | "WriteParquet" >> beam.io.WriteToParquet(
-                    self._prefix, scored_shards.DEAD_LETTER_SCHEMA, file_name_suffix=".parquet", num_shards=1))
+                    self._prefix, schema.dead_letter_schema(), file_name_suffix=".parquet", num_shards=1))
 
 
 class TooManyBadRecords(RuntimeError):
@@ -85,12 +69,33 @@ def check_bad_fraction(read: int, dead_lettered: int, max_bad_fraction: float, b
             "no manifest was written, so the batch will not be read")
 
 
-def _write_manifest(_, scored_files, dead_letter_files, read, scored, dead_letter, *, batch_dir, template,
-                    max_bad_fraction):
+# Read errors after which a shard's records were not all read: the shard is marked failed, to be scored again.
+SHARD_FAILURES = (errors.UNREADABLE_SHARD,)
+
+
+def input_shard_records(input_shards: list[tuple[str, int]], scored_files: list[str],
+                        shard_errors: list[Any]) -> list[scored_shards.InputShard]:
+    """Each input shard's status and the scored files holding its records (read back from their source column)."""
+    holders: dict[str, list[str]] = {}
+    for path in sorted(scored_files):
+        for source in scored_shards.sources_of(path):
+            holders.setdefault(source, []).append(posixpath.basename(path))
+    failures = {error.source: f"{error.reason}: {error.message}" for error in shard_errors}
+    return [scored_shards.InputShard(path, scored_shards.FAILED if path in failures else scored_shards.DONE,
+                                     failures.get(path, ""), size, holders.get(path, []))
+            for path, size in input_shards]
+
+
+def _write_manifest(_, scored_files, dead_letter_files, shard_errors, read, scored, dead_letter, *, batch_dir,
+                    template, input_shards, max_bad_fraction):
     check_bad_fraction(read, sum(dead_letter.values()), max_bad_fraction, batch_dir)
+    shards = input_shard_records(input_shards, scored_files, shard_errors)
+    failed = sum(shard.status == scored_shards.FAILED for shard in shards)
     manifest = scored_shards.Manifest(
         **template,
-        counts={"read": read, "scored": scored, "dead_letter": dict(sorted(dead_letter.items()))},
+        counts=scored_shards.Counts(read=read, scored=scored, dead_letter=dict(sorted(dead_letter.items())),
+                                    shards=len(shards), shards_done=len(shards) - failed, shards_failed=failed),
+        input_shards=shards,
         shards=sorted(posixpath.basename(path) for path in scored_files),
         dead_letter_shards=sorted(posixpath.basename(path) for path in dead_letter_files),
     )
@@ -98,18 +103,24 @@ def _write_manifest(_, scored_files, dead_letter_files, read, scored, dead_lette
 
 
 class WriteManifest(beam.PTransform):
-    """Once every shard is final, write `_MANIFEST.json` (counts, input shards, output files) atomically; or, when
-    more than `max_bad_fraction` of the records read was dead-lettered, fail the job instead."""
+    """Once every shard is final, write `_MANIFEST.json` (counts, input shards with their status and outputs, output
+    files) atomically; or, when more than `max_bad_fraction` of the records read was dead-lettered, fail the job.
 
-    def __init__(self, batch_dir: str, template: dict[str, Any], max_bad_fraction: float = 1.0):
+    `template` holds the manifest's fields known before the run (schema_version, created, reference,
+    output_formats, options); `input_shards` the (path, size in bytes) of every input shard of the batch."""
+
+    def __init__(self, batch_dir: str, template: dict[str, Any], input_shards: list[tuple[str, int]],
+                 max_bad_fraction: float = 1.0):
         super().__init__()
-        self._batch_dir, self._template, self._max_bad_fraction = batch_dir, template, max_bad_fraction
+        self._batch_dir, self._template, self._input_shards = batch_dir, template, input_shards
+        self._max_bad_fraction = max_bad_fraction
 
     def expand(self, inputs):
-        scored_files, dead_letter_files, read, scored, dead_letter = inputs
+        scored_files, dead_letter_files, errors_pcoll, read, scored, dead_letter = inputs
+        shard_errors = errors_pcoll | "ShardFailures" >> beam.Filter(lambda error: error.reason in SHARD_FAILURES)
         return (scored_files.pipeline
                 | "Once" >> beam.Create([None])
                 | "Write" >> beam.Map(_write_manifest, AsList(scored_files), AsList(dead_letter_files),
-                                      AsSingleton(read), AsSingleton(scored), AsDict(dead_letter),
-                                      batch_dir=self._batch_dir, template=self._template,
-                                      max_bad_fraction=self._max_bad_fraction))
+                                      AsList(shard_errors), AsSingleton(read), AsSingleton(scored),
+                                      AsDict(dead_letter), batch_dir=self._batch_dir, template=self._template,
+                                      input_shards=self._input_shards, max_bad_fraction=self._max_bad_fraction))

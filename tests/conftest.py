@@ -5,8 +5,8 @@ import socket
 import jax
 import pytest
 
+from demo.make_corpus import write_corpus
 from models import checkpoint
-from pipelines.make_corpus import write_corpus
 from models.tokenizer import ByteTokenizer
 from models.two_towers import ModelConfig, init_params
 

@@ -142,7 +142,7 @@ def test_repeated_setting_is_made_again_for_another_reference(scored_tiny_corpus
     out = ablations.make_repeated(scored_tiny_corpus, str(tmp_path / "repeated"), distinct=4, share=0.5)
     manifest_path = os.path.join(out, "batch-repeated", "_MANIFEST.json")
     manifest = json.loads(open(manifest_path).read())
-    manifest["reference_fingerprint"] = "0" * 64
+    manifest["reference"]["fingerprint"] = "0" * 64
     open(manifest_path, "w").write(json.dumps(manifest))
     ablations.make_repeated(scored_tiny_corpus, out, distinct=4, share=0.5)
     source = scored_shards.open_scored(scored_tiny_corpus).manifests[0].reference_fingerprint

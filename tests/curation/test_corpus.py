@@ -226,17 +226,3 @@ def test_gzipped_tfrecord_and_tar_are_read_through_the_filesystem_layer(tmp_path
         packed = tmp_path / (name + ".gz")
         packed.write_bytes(gzip.compress(open(plain, "rb").read()))
         assert project(read_shard(str(packed), format)) == project(records)
-
-
-def test_reader_flags_override_the_default_field_names():
-    import argparse
-
-    parser = argparse.ArgumentParser()
-    corpus.add_reader_arguments(parser)
-    options = corpus.reader_options(parser.parse_args(["--input_format", "parquet", "--image_field", "img, jpg"]))
-    assert options == {"format": "parquet", "batch_rows": 1024,
-                       "fields": FieldNames(key="key", image=("img", "jpg"), caption=("caption", "text"))}
-    assert corpus.reader_options(parser.parse_args([]))["fields"] == corpus.DEFAULT_FIELDS["wds"]
-    assert corpus.field_names("tfrecord", key="id", caption="text").caption == ("text",)
-    with pytest.raises(ValueError, match="empty image field"):
-        corpus.field_names("wds", image=" , ")

@@ -10,7 +10,8 @@ import pytest
 from curation import configs, jest
 from curation.losses import sigmoid_loss
 from curation.metrics import read_metrics
-from curation.train import make_optimizer, train, train_step
+from curation.jest import train_step
+from curation.train import make_optimizer, train
 from models.two_towers import TwoTower, init_params
 from tests.four_devices import run_on_four_cpu_devices
 
@@ -93,7 +94,8 @@ def test_a_jest_step_on_four_cpu_devices_selects_and_updates_as_on_one():
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec
         from curation import configs, jest
-        from curation.train import make_mesh, make_optimizer, train_step
+        from curation.jest import train_step
+        from curation.train import make_mesh, make_optimizer
         from models.two_towers import TwoTower, init_params
 
         assert jax.device_count() == 4, jax.devices()

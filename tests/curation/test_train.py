@@ -1,5 +1,6 @@
 import dataclasses
 import os
+import shutil
 import textwrap
 
 import jax
@@ -13,6 +14,11 @@ from models import checkpoint
 from tests.four_devices import run_on_four_cpu_devices
 
 SMOKE = configs.get_config("reference", smoke=True)
+BEFORE_V2 = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "before_v2")
+# The overrides tests/fixtures/before_v2/make/make_train_fixture.py ran its 2-step uniform smoke run with.
+OLD_RUN = configs.get_config("uniform", smoke=True, overrides={
+    "total_steps": "2", "checkpoint_every": "2", "embed_dim": "8", "text_length": "8", "image_size": "16",
+    "tokenizer": "bytes", "batch_size": "4", "eval_size": "4", "max_vocab": "64"})
 
 
 def _params_bytes(params):
@@ -63,6 +69,29 @@ def test_killed_run_resumes_to_exactly_the_uninterrupted_params(tiny_corpus, tmp
     assert steps == [2, 4, 6]
 
 
+def test_a_run_written_before_v2_resumes(tmp_path):
+    corpus = os.path.join(BEFORE_V2, "corpus")
+    fixture = os.path.join(BEFORE_V2, "uniform_run")
+    old_params = checkpoint.restore(os.path.join(fixture, "model")).params
+
+    # Its checkpoint at step 2 is its last: a run to step 2 restores it and trains nothing.
+    finished = str(tmp_path / "finished")
+    shutil.copytree(fixture, finished)
+    assert _params_bytes(train(OLD_RUN, corpus, finished)) == _params_bytes(old_params)
+
+    # A run to step 3 resumes from step 2 (its data position and counters too) and trains one step.
+    workdir = str(tmp_path / "longer")
+    shutil.copytree(fixture, workdir)
+    params = train(dataclasses.replace(OLD_RUN, total_steps=3), corpus, workdir)
+    train_rows = [row for row in read_metrics(workdir) if "loss" in row]
+    assert [row["step"] for row in train_rows] == [2, 3]
+    assert train_rows[-1]["examples_seen"] == 3 * OLD_RUN.batch_size
+    assert train_rows[-1]["wall_s"] > train_rows[0]["wall_s"]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "3"]
+    assert _params_bytes(params) != _params_bytes(old_params)
+    assert _params_bytes(checkpoint.restore(os.path.join(workdir, "model")).params) == _params_bytes(params)
+
+
 def test_a_half_written_checkpoint_is_ignored_on_resume(tiny_corpus, tmp_path):
     config = dataclasses.replace(SMOKE, eval_every=100)
 
@@ -110,7 +139,8 @@ def test_four_cpu_devices_give_the_same_step_as_one(tmp_path):
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec
         from curation import configs
-        from curation.train import make_mesh, make_optimizer, train_step
+        from curation.jest import train_step
+        from curation.train import make_mesh, make_optimizer
         from models.two_towers import TwoTower, init_params
 
         assert jax.device_count() == 4, jax.devices()

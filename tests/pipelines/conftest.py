@@ -1,6 +1,6 @@
 import pytest
 
-from pipelines.make_corpus import NoiseRates, write_corpus
+from demo.make_corpus import NoiseRates, write_corpus
 
 # Every broken kind often enough to show up in a small corpus, and every other noise kind too.
 BROKEN_HEAVY = NoiseRates(misaligned=0.2, boilerplate=0.1, near_duplicate=0.05, degraded=0.1, truncated_image=0.05,

@@ -7,8 +7,9 @@ from apache_beam.testing.test_pipeline import TestPipeline as BeamTestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 from curation import corpus
-from curation.corpus import CorpusError, CorpusRecord, iter_corpus, read_shard
+from curation.corpus import CorpusError, CorpusRecord, FieldNames, iter_corpus, read_shard
 from curation.corpus_writers import SHARD_SUFFIXES, open_shard_writer
+from pipelines import corpus_io
 from pipelines.corpus_io import ReadCorpus
 
 
@@ -116,3 +117,17 @@ def test_gcs_truncated_shard_is_an_error_record(gcs_bucket):
     items = list(read_shard(path, "tfrecord"))
     assert [type(i) for i in items] == [CorpusRecord] * 3 + [CorpusError]
     assert items[-1].reason == corpus.TRUNCATED_SHARD and items[-1].source == path
+
+
+def test_reader_flags_override_the_default_field_names():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    corpus_io.add_reader_arguments(parser)
+    options = corpus_io.reader_options(parser.parse_args(["--input_format", "parquet", "--image_field", "img, jpg"]))
+    assert options == {"format": "parquet", "batch_rows": 1024,
+                       "fields": FieldNames(key="key", image=("img", "jpg"), caption=("caption", "text"))}
+    assert corpus_io.reader_options(parser.parse_args([]))["fields"] == corpus.DEFAULT_FIELDS["wds"]
+    assert corpus_io.field_names("tfrecord", key="id", caption="text").caption == ("text",)
+    with pytest.raises(ValueError, match="empty image field"):
+        corpus_io.field_names("wds", image=" , ")

@@ -21,13 +21,14 @@ import jax.numpy as jnp
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from apache_beam.ml.inference.base import PredictionResult
 from PIL import Image
 
 from curation import scored_shards
 from curation.corpus import CorpusError, CorpusRecord, read_shard
 from curation.corpus_writers import open_shard_writer
 from models import checkpoint
-from pipelines import corpus_io, score, scored_sinks
+from pipelines import corpus_io, score, scored_sinks, stages
 from pipelines.jax_inference import Embeddings, PreparedExample
 
 SCORED = "scored"
@@ -269,9 +270,9 @@ def test_fuzzed_corpus_every_record_is_scored_or_dead_lettered_with_its_reason(f
 def test_fuzzed_corpus_counts_add_up_per_reason(fuzz_run):
     cases, manifest, _ = fuzz_run
     counts, dead = manifest.counts, dead_letter(manifest.batch_dir)
-    assert counts["read"] == len(cases) == counts["scored"] + sum(counts["dead_letter"].values())
-    assert counts["scored"] == len(scored_rows(manifest))
-    assert counts["dead_letter"] == dict(collections.Counter(row["reason"] for row in dead))
+    assert counts.read == len(cases) == counts.scored + counts.dead_lettered
+    assert counts.scored == len(scored_rows(manifest))
+    assert counts.dead_letter == dict(collections.Counter(row["reason"] for row in dead))
     stages = {"read": {"duplicate_key", "missing_image", "missing_caption"}, "embed": {"non_finite_embedding"},
               "caption": {"empty_caption", "caption_too_long", "caption_not_utf8"},
               "decode": {"empty_image", "not_an_image", "corrupt_image", "decompression_bomb", "image_too_small"}}
@@ -284,7 +285,7 @@ def test_non_finite_embeddings_go_to_the_dead_letter_never_to_a_scored_shard(fuz
     poisoned = [row for row in dead_letter(manifest.batch_dir) if row["reason"] == "non_finite_embedding"]
     assert sorted(row["key"] for row in poisoned) == ["poisoned-caption-0", "poisoned-caption-1"]
     assert all(row["stage"] == "embed" and "ref_text_embedding" in row["message"] for row in poisoned)
-    assert manifest.counts["dead_letter"]["non_finite_embedding"] == 2
+    assert manifest.counts.dead_letter["non_finite_embedding"] == 2
     for row in scored_rows(manifest).values():
         values = [row["ref_image_embedding"], row["ref_text_embedding"], row["ref_cosine"], row["ref_loss"]]
         assert all(np.isfinite(value).all() for value in values), row["key"]
@@ -294,12 +295,16 @@ def test_score_or_dead_letter_catches_nan_and_inf():
     example = PreparedExample("k", "shard.tar", "a caption", b"", np.zeros((4, 4, 3), np.uint8),
                               np.zeros(4, np.int32), {})
     unit = np.ones(8, np.float32) / np.sqrt(8)
-    row = score.score_or_dead_letter(example, Embeddings(unit, unit), 10.0, -10.0)
+
+    def score_of(image, text):
+        return stages.score_or_dead_letter(("k", PredictionResult(example, Embeddings(image, text))), 10.0, -10.0)
+
+    row = score_of(unit, unit)
     assert row["ref_cosine"] == pytest.approx(1.0, abs=1e-3)
     for image, text, bad in [(np.full(8, np.nan, np.float32), unit, "ref_image_embedding"),
                              (unit, np.where(np.arange(8) == 3, np.inf, unit).astype(np.float32), "ref_text_embedding"),
                              (unit * 1e6, unit, "ref_image_embedding")]:  # finite in float32, Inf in float16
-        error = score.score_or_dead_letter(example, Embeddings(image, text), 10.0, -10.0)
+        error = score_of(image, text)
         assert isinstance(error, CorpusError) and error.reason == "non_finite_embedding" and error.stage == "embed"
         assert bad in error.message and error.key == "k" and error.source == "shard.tar"
 
@@ -345,8 +350,8 @@ def test_an_input_shard_whose_name_is_not_utf8_is_refused_before_the_job(referen
 def test_max_bad_fraction_fails_after_writing_the_dead_letter_and_writes_no_manifest(fuzz_run, nan_reference,
                                                                                        tmp_path):
     _, finished, root = fuzz_run
-    dead = sum(finished.counts["dead_letter"].values())
-    read = finished.counts["read"]
+    dead = finished.counts.dead_lettered
+    read = finished.counts.read
     output = str(tmp_path / "out")
     with pytest.raises(Exception, match=rf"{dead} of {read} records .* over --max_bad_fraction=0.5") as failure:
         score.run(fuzz_args(root / "corpus", "parquet", output, nan_reference, "--max_bad_fraction=0.5"))
@@ -448,8 +453,9 @@ def test_a_killed_run_is_never_read_and_its_rerun_equals_an_uninterrupted_run(ki
     assert all(path.startswith(rerun.batch_dir + "/") for path in scored.shard_paths())
     assert len(rerun.shard_paths()) == 3 != len(baseline.shard_paths())
     assert exact(scored_rows(rerun)) == exact(scored_rows(baseline))  # same keys, byte-identical values
-    assert len(scored_rows(rerun)) == rerun.counts["scored"] == 27
-    assert rerun.counts == baseline.counts == {"read": 30, "scored": 27, "dead_letter": {"empty_caption": 3}}
+    assert len(scored_rows(rerun)) == rerun.counts.scored == 27
+    assert rerun.counts == baseline.counts
+    assert (baseline.counts.read, baseline.counts.scored, baseline.counts.dead_letter) == (30, 27, {"empty_caption": 3})
 
 
 def test_clean_unfinished_removes_unfinished_batches_and_temporary_files_only(killed_and_rerun, reference_checkpoint,

@@ -9,11 +9,12 @@ import pytest
 
 from curation import scored_shards
 from curation.corpus import CorpusRecord, iter_corpus
+from curation.preprocess import ValidationOptions, decode_image
 from models import checkpoint
+from models.preprocessing import ImagePreprocessing
 from models.two_towers import TwoTower, init_params
 from pipelines import score
 from pipelines.jax_inference import DualEncoderHandler, PreparedExample
-from pipelines.validation import ValidationOptions, decode_image, resize_pixels
 
 SUFFIX = {"wds": "tar", "parquet": "parquet", "tfrecord": "tfrecord"}
 
@@ -60,20 +61,29 @@ def check_run_against_truth(corpus: str, format: str, manifest: scored_shards.Ma
     assert all(row["stage"] in ("decode", "caption") and row["message"] and row["source"] for row in dead)
 
     counts = manifest.counts
-    assert counts["read"] == len(records) == counts["scored"] + sum(counts["dead_letter"].values())
-    assert counts["scored"] == len(scored)
-    assert counts["dead_letter"] == {reason: list(expected.values()).count(reason) for reason in injected}
+    assert counts.read == len(records) == counts.scored + counts.dead_lettered
+    assert counts.scored == len(scored)
+    assert counts.dead_letter == {reason: list(expected.values()).count(reason) for reason in injected}
     # The manifest lists exactly the shards present (besides itself).
     present = sorted(os.listdir(manifest.batch_dir))
     assert present == sorted(manifest.shards + manifest.dead_letter_shards + [scored_shards.MANIFEST_NAME])
-    assert sorted(os.path.basename(p) for p in manifest.input_shards) == sorted(
+    assert sorted(os.path.basename(shard.path) for shard in manifest.input_shards) == sorted(
         os.path.basename(p) for p in glob.glob(f"{corpus}/web/*.{SUFFIX[format]}"))
+    # Each input shard is done, with its size, and names the scored files holding its records (and only those).
+    holders = {}
+    for name in manifest.shards:
+        for source in scored_shards.sources_of(os.path.join(manifest.batch_dir, name)):
+            holders.setdefault(source, set()).add(name)
+    for shard in manifest.input_shards:
+        assert shard.status == scored_shards.DONE and shard.size_bytes == os.path.getsize(shard.path)
+        assert set(shard.outputs) == holders[shard.path] and shard.outputs
+    assert (counts.shards, counts.shards_done, counts.shards_failed) == (len(manifest.input_shards),) * 2 + (0,)
 
 
 def test_wds_end_to_end_counts_add_up_per_injected_reason(wds_run, web_corpora):
     summary, manifest = wds_run
     check_run_against_truth(web_corpora["wds"], "wds", manifest)
-    assert summary["read"] == manifest.counts["read"] and summary["examples_per_second"] > 0
+    assert summary["read"] == manifest.counts.read and summary["examples_per_second"] > 0
 
 
 @pytest.mark.parametrize("format", ["parquet", "tfrecord"])
@@ -85,9 +95,12 @@ def test_parquet_and_tfrecord_inputs_end_to_end(web_corpora, reference_checkpoin
 def direct_embeddings(checkpoint_dir: str, image_bytes: list[bytes], captions: list[str]):
     restored = checkpoint.restore(checkpoint_dir)
     size, length = restored.config.image_size, restored.config.text_length
-    pixels = np.stack([resize_pixels(decode_image(data, ValidationOptions(min_image_size=1)), size) for data in image_bytes])
+    preprocessing = restored.config.preprocessing()
+    pixels = np.stack([preprocessing.resize_pixels(decode_image(data, ValidationOptions(min_image_size=1)))
+                       for data in image_bytes])
     tokens = restored.tokenizer.encode_batch(captions, length)
-    zimg, ztxt, aux = TwoTower(restored.config).apply({"params": restored.params}, pixels / 127.5 - 1.0, tokens)
+    zimg, ztxt, aux = TwoTower(restored.config).apply({"params": restored.params}, preprocessing.normalize(pixels),
+                                                      tokens)
     return np.asarray(zimg), np.asarray(ztxt), float(aux["t"]), float(aux["b"])
 
 
@@ -101,7 +114,7 @@ def test_stored_embeddings_and_scores_equal_a_direct_model_call(wds_run, referen
     assert table.schema.field("ref_image_embedding").type.value_type == "halffloat"
     np.testing.assert_allclose(stored_img, zimg, atol=1e-3)
     np.testing.assert_allclose(stored_txt, ztxt, atol=1e-3)
-    assert (manifest.reference_t, manifest.reference_c) == pytest.approx((t, c))
+    assert (manifest.reference.temperature, manifest.reference.bias) == pytest.approx((t, c))
     cosine = (stored_img * stored_txt).sum(axis=1)
     np.testing.assert_allclose(table.column("ref_cosine").to_numpy(), cosine, rtol=1e-5, atol=1e-6)
     logit = t * cosine + c
@@ -113,7 +126,8 @@ def test_the_handler_gives_the_same_embeddings_whatever_the_batch(web_corpora, r
     records = [r for r in iter_corpus(f"{web_corpora['wds']}/web/00000.tar", "wds") if expected_reason(r) is None]
     restored = checkpoint.restore(reference_checkpoint)
     examples = [PreparedExample(r.key, r.source, r.caption, r.image,
-                                resize_pixels(decode_image(r.image, ValidationOptions(min_image_size=1)), 32),
+                                ImagePreprocessing(32).resize_pixels(
+                                    decode_image(r.image, ValidationOptions(min_image_size=1))),
                                 restored.tokenizer.encode(r.caption, 32), {}) for r in records[:20]]
     zimg, ztxt, _, _ = direct_embeddings(reference_checkpoint, [r.image for r in records[:20]],
                                          [r.caption for r in records[:20]])
@@ -147,7 +161,18 @@ def test_tfrecord_output_reads_with_plain_tf_data_and_matches_parquet(wds_run):
                                       np.asarray(row["ref_image_embedding"], np.float16).astype(np.float32))
         assert example["ref_loss"] == pytest.approx(row["ref_loss"])
         seen += 1
-    assert seen == len(parquet) == manifest.counts["scored"]
+    assert seen == len(parquet) == manifest.counts.scored
+
+
+def test_an_unreadable_shard_is_marked_failed_and_scored_again(web_corpora, reference_checkpoint, tmp_path):
+    corpus, output = web_corpora["wds"], str(tmp_path / "out")
+    wrong = score.run([f"--input={corpus}/web/00000.tar", "--input_format=parquet", f"--output={output}",
+                       f"--reference_checkpoint={reference_checkpoint}"])  # tar shards read as Parquet
+    (shard,) = batch_manifest(wrong).input_shards
+    assert shard.status == scored_shards.FAILED and shard.reason.startswith("unreadable_shard")
+    assert shard.outputs == [] and batch_manifest(wrong).counts.shards_failed == 1
+    right = run_score(corpus, "wds", output, reference_checkpoint, "--incremental", shards="00000")
+    assert right["scored"] > 0 and [s.status for s in batch_manifest(right).input_shards] == [scored_shards.DONE]
 
 
 def test_incremental_run_scores_only_new_shards(web_corpora, reference_checkpoint, tmp_path):
@@ -156,7 +181,7 @@ def test_incremental_run_scores_only_new_shards(web_corpora, reference_checkpoin
     with pytest.raises(SystemExit, match="--incremental"):
         run_score(corpus, "wds", output, reference_checkpoint)
     second = run_score(corpus, "wds", output, reference_checkpoint, "--incremental")
-    assert [os.path.basename(p) for p in batch_manifest(second).input_shards] == ["00002.tar"]
+    assert [os.path.basename(shard.path) for shard in batch_manifest(second).input_shards] == ["00002.tar"]
     assert first["read"] + second["read"] == 120
     nothing = run_score(corpus, "wds", output, reference_checkpoint, "--incremental")
     assert nothing["batch_dir"] is None and nothing["skipped_shards"] == 3
@@ -196,13 +221,13 @@ def test_gcs_input_to_gcs_output(gcs_bucket, web_corpora, reference_checkpoint):
     assert summary["batch_dir"].startswith(f"{output}/batch-")
     scored = scored_shards.open_scored(output)  # checks every listed file exists in the bucket
     manifest = scored.manifests[0]
-    assert all(path.startswith("gs://") for path in manifest.input_shards) and len(manifest.input_shards) == 2
+    assert all(shard.path.startswith("gs://") for shard in manifest.input_shards) and len(manifest.input_shards) == 2
     table = __import__("pyarrow").concat_tables(
         [scored_shards.read_scored_parquet(path) for path in scored.shard_paths("parquet")])
     tf_rows = [row for path in scored.shard_paths("tfrecord") for row in scored_shards.iter_scored_tfrecord(path)]
-    assert table.num_rows == len(tf_rows) == manifest.counts["scored"] > 0
+    assert table.num_rows == len(tf_rows) == manifest.counts.scored > 0
     dead = scored_shards.read_scored_parquet(posixpath.join(manifest.batch_dir, manifest.dead_letter_shards[0]))
-    assert manifest.counts["read"] == 80 == table.num_rows + dead.num_rows
+    assert manifest.counts.read == 80 == table.num_rows + dead.num_rows
 
 
 def test_two_multiprocessing_workers_score_the_same_as_one(web_corpora, reference_checkpoint, tmp_path):

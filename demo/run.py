@@ -1,4 +1,4 @@
-"""The end-to-end demo: `python -m pipelines.demo --out runs/demo` (what `make demo` runs).
+"""The end-to-end demo: `python -m demo --out runs/demo` (what `make demo` runs).
 
 1. make the demo corpus (web split with hidden noise, a clean curated split, eval splits);
 2. train the reference model on the curated split;
@@ -21,13 +21,14 @@ from typing import Sequence
 
 from curation import configs, report, scored_shards
 from curation.train import train
-from pipelines import make_corpus, score
+from demo import make_corpus
+from pipelines import score
 
-log = logging.getLogger("pipelines.demo")
+log = logging.getLogger("demo.run")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--web_size", type=int, default=10000)
     parser.add_argument("--curated_size", type=int, default=8000)
@@ -100,8 +101,8 @@ def run(argv: Sequence[str] | None = None) -> str:
         "",
         f"- corpus: {args.web_size} web examples (hidden noise: misaligned captions, boilerplate, near-duplicates, "
         f"degraded and broken images), {args.curated_size} curated, {args.eval_size} per eval split; seed {args.seed}",
-        f"- scoring job: read {counts['read']}, scored {counts['scored']}, dead-lettered "
-        f"{sum(counts['dead_letter'].values())} ({', '.join(f'{k} {v}' for k, v in counts['dead_letter'].items())})",
+        f"- scoring job: read {counts.read}, scored {counts.scored}, dead-lettered {counts.dead_lettered} "
+        f"({', '.join(f'{k} {v}' for k, v in counts.dead_letter.items())})",
         f"- learners: {args.learner_steps} steps of b = {jest_config.batch_size}; {args.jest_config} draws "
         f"super-batches of B = {jest_config.superbatch_size} (f = {jest_config.filter_ratio}) and selects jointly by "
         f"learnability in {jest_config.n_chunks} chunks"

@@ -1,6 +1,6 @@
 """Make the demo corpus: a web-like image-text corpus rendered on the spot, with hidden ground truth.
 
-    python -m pipelines.make_corpus --out /tmp/demo_corpus --size 10000 --format wds --seed 0
+    python -m demo.make_corpus --out /tmp/demo_corpus --size 10000 --format wds --seed 0
 
 Writes, under --out (a local directory or gs:// prefix):
 
@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from curation.corpus import CorpusRecord, check_format
 from curation.corpus_writers import SHARD_SUFFIXES, open_shard_writer
-from pipelines import demo_scenes as scenes
+from demo import scenes
 
 SCHEMA_VERSION = 1
 SPLIT_IDS = {"web": 0, "curated": 1, "eval/zeroshot": 2, "eval/retrieval": 3}  # also the split's folder

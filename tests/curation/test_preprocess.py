@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from curation import errors, preprocess
 from curation.corpus import CorpusError, CorpusRecord
-from pipelines import validation
-from pipelines.validation import ValidationOptions, decode_and_validate
+from curation.preprocess import ValidationOptions, decode_and_validate
+from models.preprocessing import ImagePreprocessing
 
 OPTIONS = ValidationOptions(max_image_pixels=1_000_000, min_image_size=8, max_caption_chars=50)
 
@@ -66,31 +67,31 @@ def png_header_only(width: int, height: int) -> bytes:
 
 def test_broken_images_are_dead_lettered_with_their_reason():
     jpeg = encoded(Image.new("RGB", (64, 64), (9, 200, 9)), "JPEG")
-    assert reason(decode_and_validate(record(b""), OPTIONS)) == validation.EMPTY_IMAGE
-    assert reason(decode_and_validate(record(b"<html>404</html>"), OPTIONS)) == validation.NOT_AN_IMAGE
-    assert reason(decode_and_validate(record(np.random.default_rng(0).bytes(500)), OPTIONS)) == validation.NOT_AN_IMAGE
-    assert reason(decode_and_validate(record(jpeg[: len(jpeg) // 2]), OPTIONS)) == validation.CORRUPT_IMAGE
-    assert reason(decode_and_validate(record(jpeg[:40]), OPTIONS)) == validation.CORRUPT_IMAGE
-    assert reason(decode_and_validate(record(png_header_only(4000, 4000)), OPTIONS)) == validation.DECOMPRESSION_BOMB
+    assert reason(decode_and_validate(record(b""), OPTIONS)) == errors.EMPTY_IMAGE
+    assert reason(decode_and_validate(record(b"<html>404</html>"), OPTIONS)) == errors.NOT_AN_IMAGE
+    assert reason(decode_and_validate(record(np.random.default_rng(0).bytes(500)), OPTIONS)) == errors.NOT_AN_IMAGE
+    assert reason(decode_and_validate(record(jpeg[: len(jpeg) // 2]), OPTIONS)) == errors.CORRUPT_IMAGE
+    assert reason(decode_and_validate(record(jpeg[:40]), OPTIONS)) == errors.CORRUPT_IMAGE
+    assert reason(decode_and_validate(record(png_header_only(4000, 4000)), OPTIONS)) == errors.DECOMPRESSION_BOMB
     tiny = encoded(Image.new("RGB", (7, 100)))
-    assert reason(decode_and_validate(record(tiny), OPTIONS)) == validation.IMAGE_TOO_SMALL
+    assert reason(decode_and_validate(record(tiny), OPTIONS)) == errors.IMAGE_TOO_SMALL
 
 
 def test_broken_captions_are_dead_lettered_before_decoding():
     image = encoded(Image.new("RGB", (10, 10)))
-    for caption, expected in [(b"a \xff\xfe circle", validation.CAPTION_NOT_UTF8), (" \n\t ", validation.EMPTY_CAPTION),
-                              ("", validation.EMPTY_CAPTION), ("word " * 20, validation.CAPTION_TOO_LONG)]:
+    for caption, expected in [(b"a \xff\xfe circle", errors.CAPTION_NOT_UTF8), (" \n\t ", errors.EMPTY_CAPTION),
+                              ("", errors.EMPTY_CAPTION), ("word " * 20, errors.CAPTION_TOO_LONG)]:
         item = decode_and_validate(record(image, caption), OPTIONS)
         assert reason(item) == expected and item.stage == "caption"
     assert decode_and_validate(record(image, "é".encode("utf-8")), OPTIONS).caption == "é"
     # The caption is checked first: a record with both problems is dead-lettered for its caption.
-    assert reason(decode_and_validate(record(b"", ""), OPTIONS)) == validation.EMPTY_CAPTION
+    assert reason(decode_and_validate(record(b"", ""), OPTIONS)) == errors.EMPTY_CAPTION
 
 
 def test_resize_and_reencode():
     pixels = np.zeros((40, 20, 3), np.uint8)
-    assert validation.resize_pixels(pixels, 16).shape == (16, 16, 3)
-    with Image.open(io.BytesIO(validation.encode_jpeg(pixels, 24))) as image:
+    assert ImagePreprocessing(16).resize_pixels(pixels).shape == (16, 16, 3)
+    with Image.open(io.BytesIO(preprocess.encode_jpeg(pixels, 24))) as image:
         assert image.size == (24, 24) and image.format == "JPEG"
 
 
@@ -115,10 +116,23 @@ def test_an_animated_image_gives_its_first_frame(format):
 def test_only_common_web_formats_are_decoded():
     # PIL would hand PostScript to Ghostscript; it and the other formats a web corpus never needs are not images.
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
-    assert reason(decode_and_validate(record(eps), OPTIONS)) == validation.NOT_AN_IMAGE
+    assert reason(decode_and_validate(record(eps), OPTIONS)) == errors.NOT_AN_IMAGE
     for format in ("ICO", "TGA", "PPM", "PCX"):
         item = decode_and_validate(record(encoded(Image.new("RGB", (16, 16)), format)), OPTIONS)
-        assert reason(item) == validation.NOT_AN_IMAGE, format
+        assert reason(item) == errors.NOT_AN_IMAGE, format
     for format in ("BMP", "TIFF", "GIF", "WEBP", "JPEG", "PNG"):
         assert decode_and_validate(record(encoded(Image.new("RGB", (16, 16)), format)), OPTIONS).pixels.shape == (
             16, 16, 3), format
+
+
+def test_the_trainer_side_refuses_what_the_scoring_job_dead_letters():
+    for caption in (b"a \xff\xfe circle", " \x00\x07\x1b ", "word " * 20, ""):
+        assert preprocess.training_caption(caption, OPTIONS) is None, caption
+    assert preprocess.training_caption("  a\tred\n\ncircle\x00 ", OPTIONS) == "a red circle"
+    size = ImagePreprocessing(8)
+    red = preprocess.prepare_image(encoded(Image.new("RGB", (20, 12), (255, 0, 0))), size, OPTIONS)
+    assert red.shape == (8, 8, 3) and red.dtype == np.float32
+    np.testing.assert_allclose(red.reshape(-1, 3), [[1.0, -1.0, -1.0]] * 64)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
+    for data in (b"", eps, encoded(Image.new("RGB", (7, 100))), png_header_only(4000, 4000)):
+        assert preprocess.prepare_image(data, size, OPTIONS) is None

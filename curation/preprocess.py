@@ -1,7 +1,9 @@
-"""Decode and validate one corpus record: an RGB image and a clean caption, or a dead-letter entry saying why not.
+"""The record rules both halves apply: decode an image and clean a caption, or say why not.
 
-Pure functions (no Beam) so that every rule is unit-testable; `pipelines/score.py` wraps them in the
-DecodeAndValidate transform with a counter per reason.
+The scoring job (`pipelines/score.py`) dead-letters a record that fails them, with the reason from
+`curation.errors`; the trainer (`curation/input_pipeline.py`) skips the same records, so a learner never trains on
+an example its reference refused. Resizing and normalization are the model's own (`models.preprocessing`).
+Pure functions, no Beam.
 """
 
 from __future__ import annotations
@@ -10,26 +12,15 @@ import dataclasses
 import io
 import re
 import unicodedata
-import warnings
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from curation.corpus import CorpusError, CorpusRecord
-
-# Dead-letter reasons of the decode stage ...
-EMPTY_IMAGE = "empty_image"  # zero bytes
-NOT_AN_IMAGE = "not_an_image"  # no image decoder recognizes the bytes (HTML, random bytes, ...)
-CORRUPT_IMAGE = "corrupt_image"  # recognized but cannot be decoded: truncated or damaged data
-DECOMPRESSION_BOMB = "decompression_bomb"  # more pixels than --max_image_pixels
-IMAGE_TOO_SMALL = "image_too_small"  # a side shorter than --min_image_size
-# ... and of the caption stage.
-CAPTION_NOT_UTF8 = "caption_not_utf8"
-EMPTY_CAPTION = "empty_caption"  # nothing left after whitespace cleanup
-CAPTION_TOO_LONG = "caption_too_long"  # more than --max_caption_chars after cleanup
-VALIDATION_REASONS = (EMPTY_IMAGE, NOT_AN_IMAGE, CORRUPT_IMAGE, DECOMPRESSION_BOMB, IMAGE_TOO_SMALL,
-                      CAPTION_NOT_UTF8, EMPTY_CAPTION, CAPTION_TOO_LONG)
+from curation.corpus import CorpusRecord
+from curation.errors import (CAPTION, CAPTION_NOT_UTF8, CAPTION_TOO_LONG, CORRUPT_IMAGE, DECODE, DECOMPRESSION_BOMB,
+                             EMPTY_CAPTION, EMPTY_IMAGE, IMAGE_TOO_SMALL, NOT_AN_IMAGE, CorpusError)
+from models.preprocessing import ImagePreprocessing
 
 # The only decoders PIL may use. PIL knows ~40 formats; some run external programs (EPS: Ghostscript) or are rarely
 # exercised parsers, and a web corpus has no business needing them. Anything else is "not an image".
@@ -72,10 +63,6 @@ def clean_caption(caption: str) -> str:
     return _WHITESPACE.sub(" ", caption).strip()
 
 
-def _error(record: CorpusRecord, stage: str, reason: str, message: str) -> CorpusError:
-    return CorpusError(key=record.key, source=record.source, reason=reason, message=message, stage=stage)
-
-
 def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB with 8 bits a channel; alpha is dropped. 16-bit grey is scaled to 8 bits: PIL's own conversion clips it
     at 255, so most of a 16-bit image would come out white."""
@@ -87,22 +74,26 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 def decode_image(data: bytes, options: ValidationOptions) -> np.ndarray | tuple[str, str]:
     """[H, W, 3] uint8 RGB with EXIF orientation applied (an animated image: its first frame), or (reason,
-    message). Only IMAGE_FORMATS are decoded."""
+    message). Only IMAGE_FORMATS are decoded.
+
+    The pixel cap is the lower of `options.max_image_pixels` and PIL's own `Image.MAX_IMAGE_PIXELS`, checked on the
+    header before any pixel is decoded. (No warnings filter turns PIL's bomb warning into an error: filters are
+    process-wide, and the trainer decodes on a thread pool.)
+    """
     if not data:
         return EMPTY_IMAGE, "image has 0 bytes"
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
+    except Image.DecompressionBombError as error:  # over twice PIL's limit
         return DECOMPRESSION_BOMB, str(error)
     except Exception as error:  # PIL raises UnidentifiedImageError and others for bytes it cannot parse
         reason = CORRUPT_IMAGE if has_image_signature(data) else NOT_AN_IMAGE
         return reason, f"{type(error).__name__}: {error}"
+    max_pixels = min(options.max_image_pixels, Image.MAX_IMAGE_PIXELS or options.max_image_pixels)
     with image:
         width, height = image.size
-        if width * height > options.max_image_pixels:
-            return DECOMPRESSION_BOMB, f"{width}x{height} is over {options.max_image_pixels} pixels"
+        if width * height > max_pixels:
+            return DECOMPRESSION_BOMB, f"{width}x{height} is over {max_pixels} pixels"
         if min(width, height) < options.min_image_size:
             return IMAGE_TOO_SMALL, f"{width}x{height} has a side under {options.min_image_size} px"
         try:
@@ -134,22 +125,33 @@ def decode_and_validate(record: CorpusRecord, options: ValidationOptions) -> Val
     it is cheap, and a record with a bad caption need not be decoded)."""
     caption = validate_caption(record.caption, options)
     if isinstance(caption, tuple):
-        return _error(record, "caption", *caption)
+        return CorpusError(record.key, record.source, *caption, stage=CAPTION)
     pixels = decode_image(record.image, options)
     if isinstance(pixels, tuple):
-        return _error(record, "decode", *pixels)
+        return CorpusError(record.key, record.source, *pixels, stage=DECODE)
     return ValidExample(record.key, record.source, caption, record.image, pixels, dict(record.metadata))
 
 
-def resize_pixels(pixels: np.ndarray, size: int) -> np.ndarray:
-    """[H, W, 3] uint8 -> [size, size, 3] uint8, bilinear (what the trainer's input pipeline does)."""
-    if pixels.shape[:2] == (size, size):
-        return pixels
-    return np.asarray(Image.fromarray(pixels).resize((size, size), Image.Resampling.BILINEAR), np.uint8)
-
-
 def encode_jpeg(pixels: np.ndarray, size: int, quality: int = 90) -> bytes:
-    """Re-encode at `size`x`size` (for --store_image=resized)."""
+    """Re-encode squashed to `size`x`size` (for --store_image=resized)."""
     buffer = io.BytesIO()
-    Image.fromarray(resize_pixels(pixels, size)).save(buffer, format="JPEG", quality=quality)
+    Image.fromarray(ImagePreprocessing(size).resize_pixels(pixels)).save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
+
+
+# The trainer's side: the same rules, with a refused record as None (it is skipped, not dead-lettered).
+
+def training_caption(caption: str | bytes, options: ValidationOptions = ValidationOptions()) -> str | None:
+    """The cleaned caption to tokenize, or None where the scoring job would dead-letter the record."""
+    cleaned = validate_caption(caption, options)
+    return None if isinstance(cleaned, tuple) else cleaned
+
+
+def prepare_image(data: bytes, preprocessing: ImagePreprocessing,
+                  options: ValidationOptions = ValidationOptions()) -> np.ndarray | None:
+    """Encoded image -> [S, S, 3] float32 as `preprocessing` declares, or None where the scoring job would
+    dead-letter it."""
+    pixels = decode_image(data, options)
+    if isinstance(pixels, tuple):
+        return None
+    return preprocessing.normalize(preprocessing.resize_pixels(pixels))

@@ -10,13 +10,14 @@ import pytest
 from PIL import Image
 
 from curation.corpus import CorpusRecord, iter_corpus
-from pipelines import demo_scenes, make_corpus
-from pipelines.make_corpus import NoiseRates, write_corpus
+from demo import make_corpus, scenes
+from demo.make_corpus import NoiseRates, write_corpus
 
 SIZE = 60
 # Higher than the defaults so that a tiny corpus holds every noise kind (3 of each broken kind).
 RATES = NoiseRates(misaligned=0.2, boilerplate=0.1, near_duplicate=0.1, degraded=0.1, truncated_image=0.05,
                    non_image=0.05, empty_caption=0.05, long_caption=0.05, bad_utf8=0.05)
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(make_corpus.__file__)))
 KWARGS = dict(noise=RATES, curated_size=10, eval_size=12, shard_size=25)
 
 
@@ -88,7 +89,7 @@ def test_noise_is_what_the_hidden_truth_says(tiny_corpus):
             source = web[related]
             assert source.metadata["truth"] == "clean" and source.metadata["shape"] == record.metadata["shape"]
         elif truth == "boilerplate":
-            assert not any(word in record.caption for word in demo_scenes.SHAPES)
+            assert not any(word in record.caption for word in scenes.SHAPES)
         else:
             assert related == ""
     clean = [r for r in web.values() if r.metadata["truth"] == "clean"]
@@ -106,13 +107,13 @@ def test_curated_and_eval_splits_are_clean_disjoint_and_labelled(tiny_corpus):
     for split in ("curated", "eval/zeroshot", "eval/retrieval"):
         assert {r.metadata["truth"] for r in splits[split]} == {"clean"}
     classes = json.load(open(os.path.join(out, "eval", "classes.json")))
-    assert classes["shape"]["classes"] == list(demo_scenes.SHAPES)
-    assert classes["colour"]["classes"] == list(demo_scenes.COLOURS)
+    assert classes["shape"]["classes"] == list(scenes.SHAPES)
+    assert classes["colour"]["classes"] == list(scenes.COLOURS)
     for task in classes.values():
         assert task["templates"] and all("{}" in template for template in task["templates"])
     zeroshot = splits["eval/zeroshot"]
-    assert [r.metadata["shape"] for r in zeroshot[:6]] == list(demo_scenes.SHAPES)  # balanced over classes
-    assert {r.metadata["colour"] for r in zeroshot} == set(list(demo_scenes.COLOURS)[:2])
+    assert [r.metadata["shape"] for r in zeroshot[:6]] == list(scenes.SHAPES)  # balanced over classes
+    assert {r.metadata["colour"] for r in zeroshot} == set(list(scenes.COLOURS)[:2])
     for record in splits["eval/retrieval"]:
         assert record.metadata["shape"] in record.caption and record.metadata["colour"] in record.caption
         assert record.metadata["background"] in record.caption
@@ -162,10 +163,10 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 
 def test_command_line_with_rate_flags_and_workers_matches_the_api(tmp_path):
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "pipelines.make_corpus", "--out", str(out), "--size", "40", "--format",
+    command = [sys.executable, "-m", "demo.make_corpus", "--out", str(out), "--size", "40", "--format",
                "parquet", "--seed", "5", "--curated_size", "4", "--eval_size", "6", "--workers", "2",
                "--boilerplate_rate", "0", "--misaligned_rate", "0.5", "--image_format", "png", "--no_progress"]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=os.path.dirname(make_corpus.__file__) + "/..")
+    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert "wrote web 40" in done.stdout
     truth = json.load(open(out / "_SPLITS.json"))["splits"]["web"]["truth"]

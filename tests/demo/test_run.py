@@ -1,6 +1,6 @@
 import os
 
-from pipelines import demo
+from demo import run as demo
 
 
 def test_the_demo_runs_end_to_end_and_writes_the_report(tmp_path):

@@ -1,0 +1,92 @@
+"""What a run trains on, beside the input pipeline: a corpus split or scored shards, and the tokenizer built from
+their captions. `TrainingData.batches` is the stream the train loop reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import posixpath
+from typing import Callable, Iterator
+
+from curation import configs, input_pipeline, schema, scored_input, scored_shards
+from curation.preprocess import ValidationOptions
+from models.tokenizer import ByteTokenizer, WordTokenizer, tokenizer_from_dict
+
+
+def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator[str]], workdir: str):
+    """The byte tokenizer, or a word vocabulary of `captions()` (the training data's), saved in the workdir for
+    resumes."""
+    path = posixpath.join(workdir, "tokenizer.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return tokenizer_from_dict(json.load(f))
+    if config.tokenizer == "bytes":
+        tokenizer = ByteTokenizer()
+    elif config.tokenizer == "words":
+        tokenizer = WordTokenizer.build(captions(), max_vocab=config.max_vocab)
+    else:
+        raise ValueError(f"unknown tokenizer {config.tokenizer!r}; expected 'words' or 'bytes'")
+    with open(path, "w") as f:
+        json.dump(tokenizer.to_dict(), f)
+    return tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingData:
+    """Where a run's examples come from: a corpus split, or scored shards (with reference embeddings)."""
+
+    shards: list[str]
+    format: str
+    scored: scored_shards.ScoredSet | None = None
+    max_ref_loss: float = float("inf")
+
+    @classmethod
+    def open(cls, config: configs.TrainConfig, data_dir: str, scored_dir: str | None) -> "TrainingData":
+        if scored_dir is None:
+            if config.needs_scores:
+                raise ValueError(f"config {config.name!r} selects with reference scores: pass --scored "
+                                 "(the output of python -m pipelines.score)")
+            shards, format = input_pipeline.split_shards(data_dir, config.split)
+            return cls(shards, format)
+        scored = scored_shards.open_scored(scored_dir)
+        no_images = [m.batch_dir for m in scored.manifests if m.options.store_image == "none"]
+        if no_images:
+            raise ValueError(f"scored batches {no_images} were written with --store_image=none: nothing to train on")
+        shards = scored.shard_paths("parquet")
+        if not shards:
+            raise ValueError(f"no Parquet scored shards under {scored_dir} (score with --output_format parquet)")
+        return cls(shards, "parquet", scored, scored_input.ref_loss_threshold(shards, config.offline_keep))
+
+    def captions(self) -> Iterator[str]:
+        if self.scored is not None:
+            for path in self.shards:
+                yield from scored_shards.read_scored_parquet(path, [schema.CAPTION]).column(schema.CAPTION).to_pylist()
+            return
+        for shard in self.shards:
+            for item in input_pipeline.read_shard(shard, self.format):
+                caption = input_pipeline.record_caption(item)
+                if caption is not None:
+                    yield caption
+
+    def validation(self) -> ValidationOptions | None:
+        """The decode rules of the scoring runs whose images the trainer decodes again (the loosest, when batches
+        were scored under different flags), so that nothing they scored is skipped; None: the default rules."""
+        if self.scored is None:
+            return None
+        rules = [manifest.options.validation() for manifest in self.scored.manifests]
+        return ValidationOptions(max(rule.max_image_pixels for rule in rules), min(rule.min_image_size for rule in rules),
+                                 max(rule.max_caption_chars for rule in rules))
+
+    def batches(self, tokenizer, config: configs.TrainConfig, position) -> Iterator[dict]:
+        """Batches of `config.superbatch_size` examples from `position` on, preprocessed as the learner declares."""
+        common = dict(batch_size=config.superbatch_size, image_size=config.image_size,
+                      text_length=config.text_length, seed=config.seed, start=position,
+                      preprocessing=config.model_config(tokenizer.vocab_size).preprocessing(),
+                      validation=self.validation())
+        if self.scored is None:
+            dataset = input_pipeline.make_dataset(self.shards, self.format, tokenizer, **common)
+        else:
+            dataset = scored_input.make_scored_dataset(self.shards, tokenizer, embed_dim=self.scored.embed_dim,
+                                                       max_ref_loss=self.max_ref_loss, **common)
+        return dataset.as_numpy_iterator()
