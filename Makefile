@@ -24,13 +24,14 @@ test: install
 demo: install
 	$(PY) -m demo --out runs/demo
 
-# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 2 hours on 2
+# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 2 h 15 min on 2
 # CPU cores, most of it the ablation grid (bench/ablations.py, which needs the demo's outputs and makes them first).
 bench: install
 	$(PY) bench/score_throughput.py
 	$(PY) bench/selection.py
 	$(PY) bench/selection_memory.py
 	$(PY) bench/input_pipeline.py
+	$(PY) bench/loss_parameters.py
 	$(PY) bench/ablations.py
 
 clean:

@@ -78,10 +78,7 @@ def main(argv=None) -> None:
               "thread pool and prefetches while the step runs; 'input wait' is the time the loop blocks on `next()`. "
               "On 2 CPU cores decoding competes with the step's own compute, so some of the cost shows in the step "
               "rather than in the wait."]
-    text = "\n".join(lines)
-    print("\n" + text)
-    if not args.no_write:
-        results.write_section("Input pipeline", text, COMMAND)
+    results.publish("Input pipeline", lines, COMMAND, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -29,3 +29,11 @@ def write_section(title: str, body: str, command: str) -> None:
         updated = existing[:start] + section + ("\n" + existing[end + 1:] if end >= 0 else "")
     with open(RESULTS, "w") as out:
         out.write(updated)
+
+
+def publish(title: str, lines: list[str], command: str, write: bool = True) -> None:
+    """Print a bench's section and, unless told not to (`--no_write`), write it to RESULTS.md."""
+    text = "\n".join(lines)
+    print("\n" + text)
+    if write:
+        write_section(title, text, command)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable
 
 from models.two_towers import ModelConfig
@@ -34,6 +35,12 @@ class TrainConfig:
     warmup_steps: int = 50
     weight_decay: float = 1e-4
     seed: int = 0
+    # The sigmoid loss's temperature t (exponentiated) and bias b at step 0, and how much faster than the other
+    # params they learn (a multiplier of the learning rate). Adam moves a param by about the learning rate a step,
+    # so over a few hundred steps at 1e-3 a multiplier of 1 leaves them where they started.
+    temperature_init: float = 10.0
+    bias_init: float = -10.0
+    temperature_bias_lr_multiplier: float = 100.0  # chosen by bench/loss_parameters.py (bench/RESULTS.md)
     # JEST selection (curation/selection.py). batch_size is the sub-batch b trained on; with selection, each step
     # draws a super-batch of B = b / (1 - filter_ratio) examples from the scored shards (--scored).
     selection: str = "none"  # none | joint | independent | uniform
@@ -45,6 +52,7 @@ class TrainConfig:
     offline_keep: float = 1.0  # keep this fraction of the scored examples with the lowest stored reference loss
     flexi: bool = False  # score the super-batch at flexi_patch_size, train half the sub-batch at each patch size
     flexi_patch_size: int = 0  # 0: twice patch_size
+    learner_diagnostics: bool = False  # with a score that needs no learner pass: run it anyway to log learnability
     # Bookkeeping.
     log_every: int = 10
     eval_every: int = 100
@@ -60,6 +68,8 @@ class TrainConfig:
             embed_dim=self.embed_dim,
             text_length=self.text_length,
             vocab_size=vocab_size,
+            log_temperature_init=math.log(self.temperature_init),
+            bias_init=self.bias_init,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -82,6 +92,17 @@ class TrainConfig:
     def needs_scores(self) -> bool:
         """Whether the run reads scored shards (selection or offline filtering) rather than the raw corpus."""
         return self.selection != "none" or self.offline_keep < 1.0
+
+    @property
+    def uses_learner_scores(self) -> bool:
+        """Whether selection needs the learner's pass over the super-batch (charged to the run's online FLOPs)."""
+        return self.selection in ("joint", "independent") and self.score != "easy_reference"
+
+    @property
+    def uses_reference_scores(self) -> bool:
+        """Whether the run needs the reference's scores (so the offline scoring pass counts as its cost)."""
+        selects_by_reference = self.selection in ("joint", "independent") and self.score != "hard_learner"
+        return selects_by_reference or self.offline_keep < 1.0
 
 
 def reference() -> TrainConfig:

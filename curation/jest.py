@@ -58,14 +58,37 @@ def train_step(state: dict, batch: dict, *, model: TwoTower, optimizer, loss_nam
 
 
 class JestFunctions(NamedTuple):
-    embed: callable
+    embed: callable | None  # None when the config needs no learner pass
     choose: callable
     update: callable
 
 
+def off_diagonal_share(traces: jax.Array, indices: jax.Array, diagonal: jax.Array, n_chunks: int) -> jax.Array:
+    """How much of the conditional scores joint selection drew by came from the picked set rather than from each
+    candidate alone: Σ|c_i − S_ii| / (Σ|S_ii| + Σ|c_i − S_ii|) over the picks of every chunk after the first.
+
+    traces [n_chunks, B]: the scores each chunk was drawn from; indices [b] in pick order; diagonal [B]: S_ii.
+    0 means joint selection is independent selection by S_ii; it grows as the pair terms matter."""
+    if n_chunks < 2:
+        return jnp.zeros([])
+    chunk = indices.shape[0] // n_chunks
+    picks = indices[chunk:].reshape(n_chunks - 1, chunk)  # [N-1, n]
+    conditional = jnp.take_along_axis(traces[1:], picks, axis=1)  # [N-1, n]
+    own = diagonal[picks]
+    off = jnp.abs(conditional - own).sum()
+    return off / (jnp.abs(own).sum() + off)
+
+
+def flexi_order(rng: jax.Array, indices: jax.Array) -> jax.Array:
+    """The selected sub-batch in a random order drawn from the step's RNG: its first half trains at the fine patch
+    and its second at the coarse one, so which examples go to each resolution does not depend on pick order."""
+    return jax.random.permutation(rng, indices)
+
+
 def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: jax.sharding.Mesh,
                         reference_t: float, reference_bias: float) -> JestFunctions:
-    """The jitted parts of a JEST step for `config` (train_step: the trainer's pure update on a batch)."""
+    """The jitted parts of a JEST step for `config` (train_step: the trainer's pure update on a batch). The
+    learner's pass runs only where the score uses it, or where `config.learner_diagnostics` asks for it."""
     data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     score_patch = config.coarse_patch_size if config.flexi else config.patch_size
     n_select = config.batch_size
@@ -76,29 +99,40 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
         return zimg, ztxt, jnp.stack([aux["t"], aux["b"]])
 
     @functools.partial(jax.jit, out_shardings=(replicated, replicated))
-    def choose(rng, zimg, ztxt, t_and_b, ref_zimg, ref_ztxt, clean):
-        learner = selection.Embeddings(zimg, ztxt, t_and_b[0], t_and_b[1])
+    def choose(rng, learned, ref_zimg, ref_ztxt, clean):  # learned: (zimg, ztxt, [t, b]) of the learner, or None
+        learner = None if learned is None else selection.Embeddings(learned[0], learned[1], *learned[2])
         reference = selection.Embeddings(ref_zimg, ref_ztxt, reference_t, reference_bias)
-        indices = selection.select(
-            rng, learner, reference, method=config.selection, n_select=n_select, score=config.score,
-            n_chunks=config.n_chunks, loss=config.loss, first_chunk=config.first_chunk, noise=config.selection_noise)
-        random = jax.random.permutation(jax.random.fold_in(rng, 7919), zimg.shape[0])[:n_select]
-        diagnostics = {
-            "selected_learnability": selection.subbatch_score(learner, reference, indices, loss=config.loss),
-            "random_learnability": selection.subbatch_score(learner, reference, random, loss=config.loss),
-            "selected_clean": jnp.mean(clean[indices] == 1),
-            "superbatch_clean": jnp.mean(clean == 1),
-        }
+        options = dict(score=config.score, n_select=n_select, n_chunks=config.n_chunks, loss=config.loss,
+                       first_chunk=config.first_chunk, noise=config.selection_noise)
+        diagnostics = {}
+        if config.selection == "joint":
+            indices, traces = selection.joint_selection_trace(rng, learner, reference, **options)
+            if config.loss == "sigmoid":
+                diagonal = selection.diagonal_scores(learner, reference, config.score)
+                diagnostics["offdiag_share"] = off_diagonal_share(traces, indices, diagonal, config.n_chunks)
+        else:
+            indices = selection.select(rng, learner, reference, method=config.selection, **options)
+        if learner is not None:
+            random = jax.random.permutation(jax.random.fold_in(rng, 7919), ref_zimg.shape[0])[:n_select]
+            diagnostics["selected_learnability"] = selection.subbatch_score(learner, reference, indices,
+                                                                            loss=config.loss)
+            diagnostics["random_learnability"] = selection.subbatch_score(learner, reference, random,
+                                                                          loss=config.loss)
+        diagnostics["selected_clean"] = jnp.mean(clean[indices] == 1)
+        diagnostics["superbatch_clean"] = jnp.mean(clean == 1)
         return indices, diagnostics
 
-    def subset_step(state, images, tokens, indices):
+    def subset_step(state, images, tokens, indices, rng):
+        if config.flexi:
+            indices = flexi_order(rng, indices)
         batch = {"image": jax.lax.with_sharding_constraint(images[indices], data),
                  "tokens": jax.lax.with_sharding_constraint(tokens[indices], data)}
         return train_step(state, batch)
 
-    update = jax.jit(subset_step, in_shardings=(replicated, data, data, replicated),
+    update = jax.jit(subset_step, in_shardings=(replicated, data, data, replicated, replicated),
                      out_shardings=(replicated, replicated), donate_argnums=0)
-    return JestFunctions(embed, choose, update)
+    needs_learner = config.uses_learner_scores or config.learner_diagnostics
+    return JestFunctions(embed if needs_learner else None, choose, update)
 
 
 def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTransformation,
@@ -125,14 +159,16 @@ def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTra
     selection_rng = jax.random.key(config.seed + 1)
 
     def selection_step(state: dict, inputs: dict, step_number: int):
+        rng = jax.random.fold_in(selection_rng, step_number)
         started = time.perf_counter()
-        zimg, ztxt, t_and_b = jax.block_until_ready(parts.embed(state["params"], inputs["image"], inputs["tokens"]))
+        learned = None
+        if parts.embed is not None:
+            learned = jax.block_until_ready(parts.embed(state["params"], inputs["image"], inputs["tokens"]))
         scored_at = time.perf_counter()
         indices, diagnostics = jax.block_until_ready(parts.choose(
-            jax.random.fold_in(selection_rng, step_number), zimg, ztxt, t_and_b, inputs["ref_zimg"],
-            inputs["ref_ztxt"], inputs["clean"]))
+            rng, learned, inputs["ref_zimg"], inputs["ref_ztxt"], inputs["clean"]))
         selected_at = time.perf_counter()
-        state, metrics = parts.update(state, inputs["image"], inputs["tokens"], indices)
+        state, metrics = parts.update(state, inputs["image"], inputs["tokens"], indices, jax.random.fold_in(rng, 1))
         metrics = jax.block_until_ready({**metrics, **diagnostics})
         seconds = {"time/scoring": scored_at - started, "time/selection": selected_at - scored_at,
                    "time/update": time.perf_counter() - selected_at}
@@ -142,7 +178,8 @@ def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTra
 
 
 def step_flops(config: TrainConfig, model_config: ModelConfig) -> dict[str, int]:
-    """Per-step FLOPs: the update on b examples and, with selection, the learner's scoring pass over B."""
+    """Per-step online FLOPs: the update on b examples and, where the method's score uses it, the learner's
+    scoring pass over B (a pass run only for diagnostics is not charged)."""
     if config.flexi:
         half = config.batch_size // 2
         train = half * example_train_flops(model_config) + (config.batch_size - half) * example_train_flops(
@@ -150,7 +187,7 @@ def step_flops(config: TrainConfig, model_config: ModelConfig) -> dict[str, int]
     else:
         train = config.batch_size * example_train_flops(model_config)
     scoring = 0
-    if config.selection != "none":
+    if config.uses_learner_scores:
         patch = config.coarse_patch_size if config.flexi else config.patch_size
         scoring = config.superbatch_size * example_forward_flops(model_config, patch)
     return {"train": train, "learner_scoring": scoring}

@@ -43,13 +43,28 @@ def make_mesh(batch_size: int, devices=None) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(np.array(devices), ("data",))
 
 
+LOSS_PARAMS = ("log_temperature", "bias")  # the top-level params of the sigmoid loss's t and b
+
+
 def make_optimizer(config: configs.TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay; no weight decay on biases, norms, temperature."""
+    """AdamW with linear warmup and cosine decay; no weight decay on biases, norms, temperature. The loss's t and b
+    take steps `temperature_bias_lr_multiplier` times as long (a multiplier of 1 is plain AdamW, whose state
+    checkpoints of earlier runs hold)."""
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1)
     )
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
-    return optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+    adamw = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
+    if config.temperature_bias_lr_multiplier == 1.0:
+        return adamw
+    factor = config.temperature_bias_lr_multiplier
+
+    def scale_loss_params(updates, state, params=None):
+        del params
+        return {name: jax.tree_util.tree_map(lambda update: update * factor, value) if name in LOSS_PARAMS else value
+                for name, value in updates.items()}, state
+
+    return optax.chain(adamw, optax.GradientTransformation(lambda params: optax.EmptyState(), scale_loss_params))
 
 
 def train(
@@ -88,7 +103,7 @@ def train(
 
     # Update step, the same call for every config (with selection: learner scoring, selection, update).
     step_fn = jest.make_step(config, model, optimizer, mesh, data.scored)
-    flops = {**jest.step_flops(config, model_config), "reference": reference_example_flops(data.scored)}
+    flops = {**jest.step_flops(config, model_config), **offline_flops(config, data.scored)}
 
     # Checkpoint restore: the state, the data position and the run's counters.
     manager = checkpoint_manager(workdir)
@@ -162,9 +177,12 @@ def init_state(model_config: ModelConfig, optimizer: optax.GradientTransformatio
     return jax.jit(init, out_shardings=NamedSharding(mesh, PartitionSpec()))(jax.random.key(seed))
 
 
-def reference_example_flops(scored: scored_shards.ScoredSet | None) -> int:
-    """The reference's forward FLOPs per scored example: spent offline, once, reported apart from the learner's."""
-    return 0 if scored is None else scored.reference.forward_flops_per_example
+def offline_flops(config: configs.TrainConfig, scored: scored_shards.ScoredSet | None) -> dict[str, int]:
+    """The reference's forward per example and over every example scored: spent offline, once per corpus, and
+    counted for a run only when it uses the reference's scores (the reference's training is reported apart)."""
+    per_example = 0 if scored is None else scored.reference.forward_flops_per_example
+    used = scored is not None and config.uses_reference_scores
+    return {"reference_per_example": per_example, "offline_scoring": per_example * scored.scored if used else 0}
 
 
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
@@ -205,14 +223,15 @@ def count_examples(progress: dict, config: configs.TrainConfig, position) -> Non
 
 def train_row(step: int, values: dict[str, float], progress: dict, flops: dict[str, int],
               timings: dict[str, float], steps_logged: int) -> dict[str, float]:
-    """One metrics row: the logged steps' mean metrics, the run's counters and FLOPs, and the mean seconds per
-    step of each timed part."""
+    """One metrics row: the logged steps' mean metrics, the run's counters and FLOPs (online: the learner's
+    updates and scoring passes so far; offline: the reference's pass over the scored corpus), and the mean seconds
+    per step of each timed part."""
     drawn = progress["superbatch_examples_seen"]
+    train_flops, scoring_flops = step * flops["train"], step * flops["learner_scoring"]
     return {
         **values, "examples_seen": progress["examples_seen"], "superbatch_examples_seen": drawn,
-        "train_flops": step * flops["train"], "learner_scoring_flops": step * flops["learner_scoring"],
-        "reference_scoring_flops": drawn * flops["reference"],
-        "reference_flops_per_example": flops["reference"],
+        "train_flops": train_flops, "learner_scoring_flops": scoring_flops, "online_flops": train_flops + scoring_flops,
+        "offline_scoring_flops": flops["offline_scoring"], "reference_flops_per_example": flops["reference_per_example"],
         "wall_s": progress["wall_s"], "skipped": max(progress["position"]["raw_seen"] - drawn, 0),
         **{name: seconds / steps_logged for name, seconds in timings.items()},
     }

@@ -93,7 +93,8 @@ def run(argv: Sequence[str] | None = None) -> str:
         timings[name] = time.perf_counter() - start
 
     stage(5, "report")
-    manifest = scored_shards.open_scored(scored).manifests[-1]
+    scored_set = scored_shards.open_scored(scored)
+    manifest = scored_set.manifests[-1]
     jest_config = configs.get_config(args.jest_config)
     counts = manifest.counts
     notes = "\n".join([
@@ -106,10 +107,12 @@ def run(argv: Sequence[str] | None = None) -> str:
         f"- learners: {args.learner_steps} steps of b = {jest_config.batch_size}; {args.jest_config} draws "
         f"super-batches of B = {jest_config.superbatch_size} (f = {jest_config.filter_ratio}) and selects jointly by "
         f"learnability in {jest_config.n_chunks} chunks"
-        + (f", scoring them at patch {jest_config.coarse_patch_size} and training half of each sub-batch at "
-           f"patch {jest_config.patch_size} and half at {jest_config.coarse_patch_size}" if jest_config.flexi else ""),
-        "- FLOPs: the learner's updates, plus for JEST the learner's scoring passes and the reference's offline "
-        "scoring of every example drawn",
+        + (f", scoring them at patch {jest_config.coarse_patch_size} and training a random half of each sub-batch "
+           f"at patch {jest_config.patch_size} and the other half at {jest_config.coarse_patch_size}"
+           if jest_config.flexi else ""),
+        "- FLOPs: online is the learner's updates plus, for JEST, its scoring passes over the super-batches; offline "
+        f"scoring is the reference's forward once per example scored ({scored_set.scored:,} examples), spent "
+        "once for every run on these scores; the reference's training is its own row",
         "- stage wall-clock: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()),
     ])
     path = report.write_report({"uniform": workdirs["uniform"], args.jest_config: workdirs[args.jest_config]}, args.out,

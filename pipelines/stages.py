@@ -115,9 +115,9 @@ class EmbedWithReference(beam.PTransform):
 def score_row(example: PreparedExample, embeddings: Embeddings, t: float, bias: float) -> dict[str, Any]:
     """A scored-shard row. Cosine, logit and loss are computed from the stored float16 embeddings, so a reader
     recomputing them from the shard gets the stored values."""
-    zimg = embeddings.image.astype(np.float16)
-    ztxt = embeddings.text.astype(np.float16)
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught by score_or_dead_letter
+        zimg = embeddings.image.astype(np.float16)
+        ztxt = embeddings.text.astype(np.float16)
         cosine, logit, loss = own_pair_sigmoid(zimg.astype(np.float32), ztxt.astype(np.float32), np.float32(t),
                                                np.float32(bias), xp=np)
     return {

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from curation import configs, jest
+from curation import configs, jest, scored_shards
 from curation.losses import sigmoid_loss
 from curation.metrics import read_metrics
 from curation.jest import train_step
@@ -32,8 +32,20 @@ def test_jest_run_reports_selection_cleanliness_flops_and_time_split(tiny_corpus
     assert all(row[f"time/{part}"] > 0 for row in rows for part in ("data", "scoring", "selection", "update"))
     flops = jest.step_flops(JEST_SMOKE, JEST_SMOKE.model_config(vocab_size=259))
     assert last["learner_scoring_flops"] == 6 * flops["learner_scoring"] > 0
-    assert last["reference_scoring_flops"] == last["superbatch_examples_seen"] * last["reference_flops_per_example"] > 0
+    assert last["online_flops"] == last["train_flops"] + last["learner_scoring_flops"]
+    examples_scored = scored_shards.open_scored(scored_tiny_corpus).scored
+    assert last["offline_scoring_flops"] == examples_scored * last["reference_flops_per_example"] > 0
+    assert all(0 <= row["offdiag_share"] <= 1 for row in rows) and rows[-1]["offdiag_share"] > 0
     assert any("zeroshot_top1" in row for row in read_metrics(workdir))
+
+
+def test_easy_reference_trains_without_a_learner_pass(tiny_corpus, scored_tiny_corpus, tmp_path):
+    workdir = str(tmp_path / "easy")
+    train(configs.get_config("easy_reference", smoke=True), tiny_corpus, workdir, scored_dir=scored_tiny_corpus)
+    rows = [row for row in read_metrics(workdir) if "loss" in row]
+    assert all(row["learner_scoring_flops"] == 0 and "selected_learnability" not in row for row in rows)
+    assert all(0.0 <= row["selected_clean"] <= 1.0 for row in rows) and rows[-1]["offline_scoring_flops"] > 0
+    assert all(row["time/scoring"] < 0.01 for row in rows)  # nothing ran
 
 
 def test_selection_configs_need_scored_shards(tiny_corpus, tmp_path):
@@ -93,7 +105,7 @@ def test_a_jest_step_on_four_cpu_devices_selects_and_updates_as_on_one():
         import functools, json, sys
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import NamedSharding, PartitionSpec
-        from curation import configs, jest
+        from curation import configs, jest, scored_shards
         from curation.jest import train_step
         from curation.train import make_mesh, make_optimizer
         from models.two_towers import TwoTower, init_params
@@ -119,10 +131,10 @@ def test_a_jest_step_on_four_cpu_devices_selects_and_updates_as_on_one():
             state = jax.device_put({"params": params, "opt_state": optimizer.init(params),
                                     "step": jnp.zeros([], jnp.int32)}, replicated)
             sharded = {k: jax.device_put(v, data) for k, v in batch.items()}
-            zimg, ztxt, tb = fns.embed(state["params"], sharded["image"], sharded["tokens"])
-            indices, diagnostics = fns.choose(jax.random.key(3), zimg, ztxt, tb, sharded["ref_zimg"],
-                                              sharded["ref_ztxt"], sharded["clean"])
-            state, metrics = fns.update(state, sharded["image"], sharded["tokens"], indices)
+            learned = fns.embed(state["params"], sharded["image"], sharded["tokens"])
+            indices, diagnostics = fns.choose(jax.random.key(3), learned, sharded["ref_zimg"], sharded["ref_ztxt"],
+                                              sharded["clean"])
+            state, metrics = fns.update(state, sharded["image"], sharded["tokens"], indices, jax.random.key(4))
             results[n] = {"indices": np.asarray(indices).tolist(), "loss": float(metrics["loss"]),
                           "selected": float(diagnostics["selected_learnability"])}
         json.dump(results, sys.stdout)
@@ -132,3 +144,30 @@ def test_a_jest_step_on_four_cpu_devices_selects_and_updates_as_on_one():
     assert len(set(results["1"]["indices"])) == configs.get_config("jest", smoke=True).batch_size
     assert results["1"]["loss"] == pytest.approx(results["4"]["loss"], rel=1e-5)
     assert results["1"]["selected"] == pytest.approx(results["4"]["selected"], rel=1e-4)
+
+
+def test_off_diagonal_share_matches_a_dense_recount():
+    from curation import selection
+
+    rng = np.random.default_rng(1)
+
+    def embeddings(t, b):
+        z = rng.normal(size=(2, 48, 8)).astype(np.float32)
+        z /= np.linalg.norm(z, axis=-1, keepdims=True)
+        return selection.Embeddings(jnp.asarray(z[0]), jnp.asarray(z[1]), t, b)
+
+    learner, reference = embeddings(12.0, -6.0), embeddings(9.0, -4.0)
+    indices, traces = selection.joint_selection_trace(jax.random.key(0), learner, reference, n_select=16,
+                                                      n_chunks=4)
+    dense = np.asarray(selection.pair_scores(learner, reference))  # [B, B]
+    indices = np.asarray(indices)
+    own, off = [], []
+    for chunk in range(1, 4):
+        before = indices[: 4 * chunk]
+        for i in indices[4 * chunk: 4 * chunk + 4]:
+            own.append(dense[i, i])
+            off.append(dense[i, before].sum() + dense[before, i].sum())
+    expected = np.abs(off).sum() / (np.abs(own).sum() + np.abs(off).sum())
+    share = jest.off_diagonal_share(traces, jnp.asarray(indices), selection.diagonal_scores(learner, reference), 4)
+    assert float(share) == pytest.approx(expected, rel=1e-4) and 0 < expected < 1
+    assert float(jest.off_diagonal_share(traces, jnp.asarray(indices), jnp.zeros(48), 1)) == 0.0

@@ -4,6 +4,7 @@ import shutil
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,10 +16,12 @@ from tests.four_devices import run_on_four_cpu_devices
 
 SMOKE = configs.get_config("reference", smoke=True)
 BEFORE_V2 = os.path.join(os.path.dirname(__file__), os.pardir, "fixtures", "before_v2")
-# The overrides tests/fixtures/before_v2/make/make_train_fixture.py ran its 2-step uniform smoke run with.
+# The overrides tests/fixtures/before_v2/make/make_train_fixture.py ran its 2-step uniform smoke run with; the
+# temperature and bias then learnt at the plain learning rate (multiplier 1), whose optimizer state it saved.
 OLD_RUN = configs.get_config("uniform", smoke=True, overrides={
     "total_steps": "2", "checkpoint_every": "2", "embed_dim": "8", "text_length": "8", "image_size": "16",
-    "tokenizer": "bytes", "batch_size": "4", "eval_size": "4", "max_vocab": "64"})
+    "tokenizer": "bytes", "batch_size": "4", "eval_size": "4", "max_vocab": "64",
+    "temperature_bias_lr_multiplier": "1"})
 
 
 def _params_bytes(params):
@@ -171,3 +174,30 @@ def test_four_cpu_devices_give_the_same_step_as_one(tmp_path):
     results = run_on_four_cpu_devices(script)
     assert results["1"]["loss"] == pytest.approx(results["4"]["loss"], rel=1e-5)
     np.testing.assert_allclose(results["1"]["head"], results["4"]["head"], rtol=1e-4, atol=1e-6)
+
+
+def test_the_temperature_and_bias_learn_at_their_own_rate():
+    import optax
+
+    from curation.train import make_optimizer
+    from models.two_towers import init_params
+
+    def first_step(multiplier: float) -> dict[str, float]:
+        """How far one step moves t, b and a text-tower param, from the configured initial t and b."""
+        config = dataclasses.replace(SMOKE, temperature_bias_lr_multiplier=multiplier, warmup_steps=0,
+                                     temperature_init=5.0, bias_init=-3.0)
+        params = init_params(config.model_config(259), jax.random.key(0))
+        assert float(jnp.exp(params["log_temperature"][0])) == pytest.approx(5.0)
+        assert float(params["bias"][0]) == -3.0
+        optimizer = make_optimizer(config)
+        grads = jax.tree_util.tree_map(jnp.ones_like, params)
+        updates, _ = optimizer.update(grads, optimizer.init(params), params)
+        moved = jax.tree_util.tree_map(lambda new, old: abs(float((new - old).ravel()[0])),
+                                       optax.apply_updates(params, updates), params)
+        return {"t": moved["log_temperature"], "b": moved["bias"],
+                "other": jax.tree_util.tree_leaves(moved["text_tower"])[0]}
+
+    plain, fast = first_step(1.0), first_step(100.0)
+    assert fast["t"] == pytest.approx(100 * plain["t"], rel=1e-4) and plain["t"] > 0
+    assert fast["b"] == pytest.approx(100 * plain["b"], rel=1e-4)
+    assert fast["other"] == pytest.approx(plain["other"], rel=1e-6) and plain["other"] > 0
