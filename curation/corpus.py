@@ -22,13 +22,14 @@ import dataclasses
 import json
 import posixpath
 import tarfile
-from typing import Any, BinaryIO, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from google.protobuf.message import DecodeError
 
 from curation import tfrecord
+from curation.streams import StreamGuard, TailRecorder
 from curation.errors import (CORRUPT_RECORD, DUPLICATE_KEY, MISSING_CAPTION, MISSING_IMAGE, TRUNCATED_SHARD,
                              UNREADABLE_SHARD, CorpusError, CorpusReadError)
 
@@ -121,28 +122,6 @@ def split_member_name(name: str) -> tuple[str, str]:
     return (posixpath.join(directory, stem) if directory else stem), (extension if dot else "")
 
 
-class _TailRecorder:
-    """Read-only file wrapper that counts bytes and keeps the last ones read, so the end of a tar stream can be
-    checked: `tarfile` in stream mode ends quietly on a missing or damaged end-of-archive block."""
-
-    def __init__(self, raw: BinaryIO, keep: int = 1 << 16):
-        self._raw, self._keep = raw, keep
-        self._tail, self.position = b"", 0
-
-    def read(self, size: int = -1) -> bytes:
-        data = self._raw.read(size)
-        self.position += len(data)
-        self._tail = (self._tail + data)[-self._keep :]
-        return data
-
-    def bytes_at(self, start: int, size: int) -> bytes:
-        """Bytes [start, start + size) if still in the kept tail (fewer where the file ended)."""
-        tail_start = self.position - len(self._tail)
-        if start < tail_start:
-            raise ValueError(f"byte {start} is no longer kept (kept from {tail_start})")
-        return self._tail[start - tail_start : start - tail_start + size]
-
-
 def _wds_sample(path: str, key: str, members: dict[str, bytes], fields: FieldNames) -> CorpusItem:
     image_ext = next((ext for ext in fields.image if ext in members), None)
     caption_ext = next((ext for ext in fields.caption if ext in members), None)
@@ -187,7 +166,7 @@ def parse_wds(path: str, fields: FieldNames, **_: Any) -> Iterator[CorpusItem]:
         return _wds_sample(path, key, members, fields)
 
     with FileSystems.open(path) as raw:  # compression from the suffix: .tar.gz works too
-        recorder = _TailRecorder(raw)
+        recorder = TailRecorder(raw)
         try:
             tar = tarfile.open(fileobj=recorder, mode="r|")
         except tarfile.TarError as error:
@@ -241,14 +220,19 @@ def _image_bytes(value: Any) -> bytes | str:
 
 
 def parse_parquet(path: str, fields: FieldNames, *, batch_rows: int = 1024, **_: Any) -> Iterator[CorpusItem]:
-    """Rows of a Parquet file, read `batch_rows` at a time; columns other than key/image/caption go to metadata."""
+    """Rows of a Parquet file, read `batch_rows` at a time; columns other than key/image/caption go to metadata.
+    A file that is not Parquet, or is damaged, is an UNREADABLE_SHARD; an error of the stream itself is raised."""
     import pyarrow
     import pyarrow.parquet as pq
 
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+    data_errors = (pyarrow.ArrowException, OSError, ValueError)
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        f = StreamGuard(raw)
         try:
             parquet = pq.ParquetFile(f)
-        except (pyarrow.ArrowException, OSError, ValueError) as error:
+        except data_errors as error:
+            if f.failed:
+                raise
             yield _parse_error(path, shard_stem(path), UNREADABLE_SHARD, error)
             return
         columns = parquet.schema_arrow.names
@@ -265,7 +249,9 @@ def parse_parquet(path: str, fields: FieldNames, *, batch_rows: int = 1024, **_:
                 for values in batch.to_pylist():
                     yield _parquet_row(path, row, values, fields.key, image_column, caption_column, skip)
                     row += 1
-        except (pyarrow.ArrowException, OSError, ValueError) as error:
+        except data_errors as error:
+            if f.failed:
+                raise
             message = f"cannot read past row {row}: {type(error).__name__}: {error}"
             yield _parse_error(path, shard_stem(path), UNREADABLE_SHARD, message)
 
@@ -304,7 +290,9 @@ def parse_tfrecord(path: str, fields: FieldNames, **_: Any) -> Iterator[CorpusIt
     with FileSystems.open(path) as f:
         for index, frame in enumerate(tfrecord.iter_frames(f)):
             if isinstance(frame, tfrecord.FrameError):
-                reason = TRUNCATED_SHARD if frame.kind == "truncated" else CORRUPT_RECORD
+                # A fatal frame ends the file: the shard was not read whole (truncated, or its framing is lost).
+                reason = (TRUNCATED_SHARD if frame.kind == "truncated" else UNREADABLE_SHARD) if frame.fatal else \
+                    CORRUPT_RECORD
                 yield _parse_error(path, derived_key(path, index), reason, f"{frame.message} at byte {frame.offset}")
                 continue
             try:
@@ -340,6 +328,14 @@ _PARSERS: dict[str, Callable[..., Iterator[CorpusItem]]] = {
     "parquet": parse_parquet,
     "tfrecord": parse_tfrecord,
 }
+
+
+SHARD_FAILURES = (TRUNCATED_SHARD, UNREADABLE_SHARD)  # the shard was not read whole
+
+
+def is_shard_failure(item: CorpusItem) -> bool:
+    """Whether `item` says its shard could not be read to the end (its records are then not to be used)."""
+    return isinstance(item, CorpusError) and item.reason in SHARD_FAILURES
 
 
 def check_format(format: str) -> str:

@@ -128,6 +128,10 @@ def make_dataset(
                            preprocessing=preprocessing, validation=validation)
 
 
+class NoUsableExamples(ValueError):
+    """The shards give no example a model could train on: the stream would never yield a batch."""
+
+
 def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: dict[str, tf.TensorSpec], *,
                     batch_size: int, image_size: int, text_length: int, workers: int = 2,
                     preprocessing: ImagePreprocessing | None = None,
@@ -148,15 +152,24 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
     def generate():
         ready: list[tuple] = []  # decoded examples not yet batched: (image, tokens, position, *extras)
         group: list[tuple] = []
+        first_epoch = last_good_epoch = None  # the stream's first epoch, and that of its last usable example
         with concurrent.futures.ThreadPoolExecutor(workers) as pool:
             for image_bytes, tokens, position, extras in examples():
+                first_epoch = position[0] if first_epoch is None else first_epoch
+                if position[0] - (first_epoch if last_good_epoch is None else last_good_epoch) >= 2:
+                    raise NoUsableExamples(
+                        f"a whole pass over the shards gave no usable example (epoch {position[0]}, {position[3]} "
+                        "records read): every record was refused by the decode and caption rules or filtered out")
                 if image_bytes is not None:
                     group.append((image_bytes, tokens, np.asarray(position, np.int64),
                                   *(extras[name] for name in extra_signature)))
                 if len(group) < batch_size:
                     continue
                 images = pool.map(lambda item: prepare_image(item[0], preprocessing, validation), group)
-                ready.extend((image, *item[1:]) for image, item in zip(images, group) if image is not None)
+                decoded = [(image, *item[1:]) for image, item in zip(images, group) if image is not None]
+                if decoded:
+                    last_good_epoch = int(decoded[-1][2][0])
+                ready.extend(decoded)
                 group = []
                 while len(ready) >= batch_size:
                     batch, ready = ready[:batch_size], ready[batch_size:]

@@ -105,8 +105,9 @@ class InputShard:
     path: str
     status: str = DONE  # DONE, or FAILED: not scored, to be scored again by an --incremental run
     reason: str = ""  # why it failed
-    size_bytes: int = -1  # -1: not recorded
+    size_bytes: int = -1  # -1: not recorded; with `modified`, what makes --incremental score a changed shard again
     outputs: list[str] = dataclasses.field(default_factory=list)  # scored files (in the batch) holding its records
+    modified: float = -1.0  # modification time (seconds since the epoch) as the filesystem reported it; -1: not known
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,6 +50,9 @@ class TrainingData:
             shards, format = input_pipeline.split_shards(data_dir, config.split)
             return cls(shards, format)
         scored = scored_shards.open_scored(scored_dir)
+        if scored.scored == 0:
+            raise ValueError(f"the scored batches under {scored_dir} hold no scored example (see their manifests' "
+                             "counts and dead letter): nothing to train on")
         no_images = [m.batch_dir for m in scored.manifests if m.options.store_image == "none"]
         if no_images:
             raise ValueError(f"scored batches {no_images} were written with --store_image=none: nothing to train on")

@@ -15,23 +15,42 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
-from curation.corpus import (DEFAULT_FIELDS, FORMATS, CorpusError, CorpusRecord, FieldNames, check_format, match_shards,
-                             read_shard)
+from curation.corpus import (DEFAULT_FIELDS, FORMATS, CorpusError, CorpusRecord, FieldNames, check_format,
+                             is_shard_failure, match_shards, read_shard)
 
 METRICS_NAMESPACE = "corpus"
 
 
+class ShardReadError(OSError):
+    """An input shard could not be read for a reason outside its data (permission, vanished file, network): raised,
+    so that the runner retries the read, and named when it gives up."""
+
+
 class _ReadShardFn(beam.DoFn):
-    """Shard path -> its CorpusRecords (main output) and CorpusErrors (tagged ReadCorpus.ERRORS)."""
+    """Shard path -> its CorpusRecords (main output) and CorpusErrors (tagged ReadCorpus.ERRORS), or, for a shard
+    that could not be read to the end, only the CorpusError saying why (tagged ReadCorpus.FAILED_SHARDS).
+
+    A shard's items are held until its end has been read, so that no record of a partly read shard goes on: one
+    shard per worker thread is in memory at a time."""
 
     def __init__(self, format: str, fields: FieldNames | None, batch_rows: int):
         self._format, self._fields, self._batch_rows = format, fields, batch_rows
         self._shards = Metrics.counter(METRICS_NAMESPACE, "shards_read")
+        self._failed = Metrics.counter(METRICS_NAMESPACE, "shards_failed")
         self._records = Metrics.counter(METRICS_NAMESPACE, "records_read")
 
     def process(self, path: str) -> Iterator[CorpusRecord | TaggedOutput]:
+        try:
+            items = list(read_shard(path, self._format, self._fields, batch_rows=self._batch_rows))
+        except OSError as error:
+            raise ShardReadError(f"cannot read input shard {path}: {type(error).__name__}: {error}") from error
+        failure = next((item for item in items if is_shard_failure(item)), None)
+        if failure is not None:
+            self._failed.inc()
+            yield TaggedOutput(ReadCorpus.FAILED_SHARDS, failure)
+            return
         self._shards.inc()
-        for item in read_shard(path, self._format, self._fields, batch_rows=self._batch_rows):
+        for item in items:
             if isinstance(item, CorpusError):
                 Metrics.counter(METRICS_NAMESPACE, f"errors_{item.reason}").inc()
                 yield TaggedOutput(ReadCorpus.ERRORS, item)
@@ -43,13 +62,15 @@ class _ReadShardFn(beam.DoFn):
 class ReadCorpus(beam.PTransform):
     """Read every shard matching `file_patterns` (a glob or list of globs, matched when the pipeline runs).
 
-    Returns a DoOutputsTuple: `.records` (the main output, `CorpusRecord`s) and `.errors` (`CorpusError`s: orphan
-    members, truncated shards, corrupt frames...); it unpacks as `records, errors`. Counters in namespace "corpus":
-    shards_read, records_read, and errors_<reason> per error reason.
+    Returns a DoOutputsTuple that unpacks as `records, errors, failed_shards`: `CorpusRecord`s of the shards read
+    whole; `CorpusError`s of their records (orphan members, duplicate keys, corrupt frames...); and one `CorpusError`
+    per shard that could not be read to the end (not the declared format, truncated, framing lost), whose records
+    are all held back. Counters in namespace "corpus": shards_read, shards_failed, records_read, and errors_<reason>.
     """
 
     RECORDS = "records"
     ERRORS = "errors"
+    FAILED_SHARDS = "failed_shards"
 
     def __init__(
         self,
@@ -75,7 +96,7 @@ class ReadCorpus(beam.PTransform):
             | "SpreadShards" >> beam.Reshuffle()
             | "ParseShards"
             >> beam.ParDo(_ReadShardFn(self._format, self._fields, self._batch_rows)).with_outputs(
-                self.ERRORS, main=self.RECORDS
+                self.ERRORS, self.FAILED_SHARDS, main=self.RECORDS
             )
         )
 

@@ -32,6 +32,7 @@ import argparse
 import datetime
 import json
 import logging
+import os
 import posixpath
 import time
 from typing import Any, Iterator, Sequence
@@ -98,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_bad_fraction", type=_fraction, default=1.0,
                         help="fail, without a manifest, when more than this fraction of the records read is "
                              "dead-lettered (default 1: never)")
+    parser.add_argument("--allow_failed_shards", type=_flag, nargs="?", const=True, default=False,
+                        help="write the manifest even when input shards could not be read whole (they are listed as "
+                             "failed, none of their records is kept, and --incremental scores them again); default: "
+                             "fail the job without a manifest")
+    parser.add_argument("--skip_failed_shards", type=_flag, nargs="?", const=True, default=False,
+                        help="with --incremental: do not retry shards an earlier batch listed as failed")
     parser.add_argument("--clean_unfinished", type=_flag, nargs="?", const=True, default=False,
                         help="first delete the unfinished batch folders of earlier runs under --output (only when "
                              "no other run is writing to it)")
@@ -108,10 +115,37 @@ def _count(pcoll, label: str):
     return pcoll | label >> beam.combiners.Count.Globally()
 
 
-def plan_batch(args: argparse.Namespace, fingerprint: str) -> tuple[list[str], list[str]]:
-    """(input shards to score now, input shards skipped as already scored). Refuses to mix references or to
-    re-score into an output that already holds batches unless --incremental. A shard a batch marked failed is
-    not done: it is scored again."""
+def canonical_path(path: str) -> str:
+    """The one spelling of a shard's path: a local path absolute with links resolved, a URL as it is. (A relative
+    path recorded by an earlier batch is resolved against the current directory.)"""
+    return path if "://" in path else os.path.realpath(path)
+
+
+def shard_identities(paths: list[str]) -> list[tuple[str, int, float]]:
+    """(canonical path, size in bytes, modification time) of each shard, as the filesystem reports them."""
+    canonical = sorted({canonical_path(path) for path in paths})
+    identities = []
+    for path, result in zip(canonical, FileSystems.match(canonical)):
+        metadata = result.metadata_list[0]
+        identities.append((path, metadata.size_in_bytes, float(metadata.last_updated_in_seconds or -1.0)))
+    return identities
+
+
+def _already_scored(shard: tuple[str, int, float], recorded: dict[str, scored_shards.InputShard]) -> bool:
+    """Whether an earlier batch holds this very shard: the same canonical path, and the same size and
+    modification time where it recorded them (a shard that changed is scored again)."""
+    earlier = recorded.get(shard[0])
+    if earlier is None:
+        return False
+    same_size = earlier.size_bytes < 0 or earlier.size_bytes == shard[1]
+    same_time = earlier.modified < 0 or earlier.modified == shard[2]
+    return same_size and same_time
+
+
+def plan_batch(args: argparse.Namespace, fingerprint: str) -> tuple[list[tuple[str, int, float]], list[str]]:
+    """(identities of the input shards to score now, paths skipped as already scored). Refuses to mix references
+    or to re-score into an output that already holds batches unless --incremental. A shard an earlier batch marked
+    failed is scored again, unless --skip_failed_shards."""
     shards = match_shards([pattern for value in args.input for pattern in value.split(",") if pattern])
     not_utf8 = [ascii(shard) for shard in shards if valid_unicode(shard) != shard]
     if not_utf8:  # a local file name; Beam carries paths as UTF-8 text and would fail on it mid-job
@@ -124,8 +158,12 @@ def plan_batch(args: argparse.Namespace, fingerprint: str) -> tuple[list[str], l
     if others and not args.force_new_reference:
         raise SystemExit(f"{args.output} holds batches scored by reference(s) {others}, not {fingerprint[:12]}; "
                          "pass --force_new_reference to add a batch of this reference beside them")
-    done = {shard for m in existing if m.reference_fingerprint == fingerprint for shard in m.done_input_shards()}
-    return [shard for shard in shards if shard not in done], [shard for shard in shards if shard in done]
+    counted = (scored_shards.DONE, scored_shards.FAILED) if args.skip_failed_shards else (scored_shards.DONE,)
+    recorded = {canonical_path(shard.path): shard for m in existing if m.reference_fingerprint == fingerprint
+                for shard in m.input_shards if shard.status in counted}
+    identities = shard_identities(shards)
+    todo = [shard for shard in identities if not _already_scored(shard, recorded)]
+    return todo, [shard[0] for shard in identities if _already_scored(shard, recorded)]
 
 
 def parse_formats(text: str) -> list[str]:
@@ -147,12 +185,6 @@ def describe_reference(checkpoint_dir: str) -> tuple[scored_shards.ReferenceInfo
                                                    ModelConfig.from_dict(meta["model"]), meta["tokenizer"]["kind"],
                                                    t, bias)
     return reference, meta["tokenizer"]
-
-
-def _shard_sizes(paths: list[str]) -> list[tuple[str, int]]:
-    """(path, size in bytes) of each input shard: part of its identity in the manifest."""
-    return [(path, result.metadata_list[0].size_in_bytes if result.metadata_list else -1)
-            for path, result in zip(paths, FileSystems.match(paths))]
 
 
 def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None,
@@ -193,8 +225,8 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
 
     start = time.perf_counter()
     pipeline = test_pipeline or beam.Pipeline(options=options)
-    records, read_errors = pipeline | "ReadCorpus" >> ReadCorpus(todo, reader["format"], reader["fields"],
-                                                                  batch_rows=reader["batch_rows"])
+    records, read_errors, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(
+        [path for path, _, _ in todo], reader["format"], reader["fields"], batch_rows=reader["batch_rows"])
     valid, invalid = records | "DecodeAndValidate" >> DecodeAndValidate(validation)
     rows, non_finite = (valid
                         | "Preprocess" >> Preprocess(tokenizer, reference.preprocessing, reference.text_length,
@@ -208,8 +240,8 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     read = ((_count(records, "CountRecords"), _count(read_errors, "CountReadErrors"))
             | "ReadItems" >> beam.Flatten() | "SumRead" >> beam.CombineGlobally(sum))
     per_reason = errors | "Reasons" >> beam.Map(lambda error: error.reason) | "PerReason" >> beam.combiners.Count.PerElement()
-    ((scored_files, dead_letter_files, read_errors, read, _count(rows, "CountScored"), per_reason)
-     | "WriteManifest" >> WriteManifest(batch_dir, template, _shard_sizes(todo), args.max_bad_fraction))
+    ((scored_files, dead_letter_files, failed_shards, read, _count(rows, "CountScored"), per_reason)
+     | "WriteManifest" >> WriteManifest(batch_dir, template, todo, args.max_bad_fraction, args.allow_failed_shards))
     result = pipeline.run()
     if not wait:
         log.info("submitted: the batch appears in %s when its _MANIFEST.json is written", batch_dir)

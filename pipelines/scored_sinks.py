@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import apache_beam as beam
 from apache_beam.pvalue import AsDict, AsList, AsSingleton
 
-from curation import errors, schema, scored_shards
+from curation import schema, scored_shards
 
 
 class WriteScoredShards(beam.PTransform):
@@ -69,27 +69,34 @@ def check_bad_fraction(read: int, dead_lettered: int, max_bad_fraction: float, b
             "no manifest was written, so the batch will not be read")
 
 
-# Read errors after which a shard's records were not all read: the shard is marked failed, to be scored again.
-SHARD_FAILURES = (errors.UNREADABLE_SHARD,)
+class FailedShards(RuntimeError):
+    """Input shards could not be read whole, and --allow_failed_shards was not given."""
 
 
-def input_shard_records(input_shards: list[tuple[str, int]], scored_files: list[str],
-                        shard_errors: list[Any]) -> list[scored_shards.InputShard]:
-    """Each input shard's status and the scored files holding its records (read back from their source column)."""
+def input_shard_records(input_shards: list[tuple[str, int, float]], scored_files: list[str],
+                        shard_failures: list[Any]) -> list[scored_shards.InputShard]:
+    """Each input shard's identity, status and the scored files holding its records (read back from their source
+    column)."""
     holders: dict[str, list[str]] = {}
     for path in sorted(scored_files):
         for source in scored_shards.sources_of(path):
             holders.setdefault(source, []).append(posixpath.basename(path))
-    failures = {error.source: f"{error.reason}: {error.message}" for error in shard_errors}
+    failures = {error.source: f"{error.reason}: {error.message}" for error in shard_failures}
     return [scored_shards.InputShard(path, scored_shards.FAILED if path in failures else scored_shards.DONE,
-                                     failures.get(path, ""), size, holders.get(path, []))
-            for path, size in input_shards]
+                                     failures.get(path, ""), size, holders.get(path, []), modified)
+            for path, size, modified in input_shards]
 
 
-def _write_manifest(_, scored_files, dead_letter_files, shard_errors, read, scored, dead_letter, *, batch_dir,
-                    template, input_shards, max_bad_fraction):
+def _write_manifest(_, scored_files, dead_letter_files, shard_failures, read, scored, dead_letter, *, batch_dir,
+                    template, input_shards, max_bad_fraction, allow_failed_shards):
+    if shard_failures and not allow_failed_shards:
+        named = "; ".join(f"{error.source} ({error.reason}: {error.message})" for error in shard_failures[:5])
+        raise FailedShards(
+            f"{len(shard_failures)} of {len(input_shards)} input shards could not be read whole, so no manifest was "
+            f"written and none of {batch_dir} will be read: {named}. Fix or remove them and run again with "
+            "--incremental, or pass --allow_failed_shards to keep the rest and list them as failed")
     check_bad_fraction(read, sum(dead_letter.values()), max_bad_fraction, batch_dir)
-    shards = input_shard_records(input_shards, scored_files, shard_errors)
+    shards = input_shard_records(input_shards, scored_files, shard_failures)
     failed = sum(shard.status == scored_shards.FAILED for shard in shards)
     manifest = scored_shards.Manifest(
         **template,
@@ -104,23 +111,24 @@ def _write_manifest(_, scored_files, dead_letter_files, shard_errors, read, scor
 
 class WriteManifest(beam.PTransform):
     """Once every shard is final, write `_MANIFEST.json` (counts, input shards with their status and outputs, output
-    files) atomically; or, when more than `max_bad_fraction` of the records read was dead-lettered, fail the job.
+    files) atomically; or fail the job instead when an input shard could not be read whole (unless
+    `allow_failed_shards`) or when more than `max_bad_fraction` of the records read was dead-lettered.
 
     `template` holds the manifest's fields known before the run (schema_version, created, reference,
-    output_formats, options); `input_shards` the (path, size in bytes) of every input shard of the batch."""
+    output_formats, options); `input_shards` the (path, size in bytes, modification time) of every input shard."""
 
-    def __init__(self, batch_dir: str, template: dict[str, Any], input_shards: list[tuple[str, int]],
-                 max_bad_fraction: float = 1.0):
+    def __init__(self, batch_dir: str, template: dict[str, Any], input_shards: list[tuple[str, int, float]],
+                 max_bad_fraction: float = 1.0, allow_failed_shards: bool = False):
         super().__init__()
         self._batch_dir, self._template, self._input_shards = batch_dir, template, input_shards
-        self._max_bad_fraction = max_bad_fraction
+        self._max_bad_fraction, self._allow_failed_shards = max_bad_fraction, allow_failed_shards
 
     def expand(self, inputs):
-        scored_files, dead_letter_files, errors_pcoll, read, scored, dead_letter = inputs
-        shard_errors = errors_pcoll | "ShardFailures" >> beam.Filter(lambda error: error.reason in SHARD_FAILURES)
+        scored_files, dead_letter_files, shard_failures, read, scored, dead_letter = inputs
         return (scored_files.pipeline
                 | "Once" >> beam.Create([None])
                 | "Write" >> beam.Map(_write_manifest, AsList(scored_files), AsList(dead_letter_files),
-                                      AsList(shard_errors), AsSingleton(read), AsSingleton(scored),
+                                      AsList(shard_failures), AsSingleton(read), AsSingleton(scored),
                                       AsDict(dead_letter), batch_dir=self._batch_dir, template=self._template,
-                                      input_shards=self._input_shards, max_bad_fraction=self._max_bad_fraction))
+                                      input_shards=self._input_shards, max_bad_fraction=self._max_bad_fraction,
+                                      allow_failed_shards=self._allow_failed_shards))

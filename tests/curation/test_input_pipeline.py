@@ -140,3 +140,19 @@ def test_a_models_preprocessing_is_used_and_must_match_the_image_size(rule_corpu
 def test_split_format_comes_from_the_splits_file(tiny_corpus):
     with open(os.path.join(tiny_corpus, "_SPLITS.json")) as f:
         assert json.load(f)["format"] == split_shards(tiny_corpus, "curated")[1]
+
+
+def test_a_stream_with_no_usable_example_raises_instead_of_looping(tmp_path):
+    from curation import input_pipeline
+    from curation.corpus import CorpusRecord
+    from curation.corpus_writers import open_shard_writer
+    from models.tokenizer import ByteTokenizer
+
+    path = str(tmp_path / "00000.tar")
+    with open_shard_writer(path, "wds") as writer:
+        for index in range(5):
+            writer.write(CorpusRecord(f"k{index}", b"<html>not an image</html>", "a caption", path))
+    dataset = input_pipeline.make_dataset([path], "wds", ByteTokenizer(), batch_size=2, image_size=16,
+                                          text_length=8, seed=0)
+    with pytest.raises(Exception, match="no usable example"):
+        next(dataset.as_numpy_iterator())

@@ -164,15 +164,41 @@ def test_tfrecord_output_reads_with_plain_tf_data_and_matches_parquet(wds_run):
     assert seen == len(parquet) == manifest.counts.scored
 
 
-def test_an_unreadable_shard_is_marked_failed_and_scored_again(web_corpora, reference_checkpoint, tmp_path):
+def test_an_unreadable_shard_fails_the_job_or_is_listed_failed_and_scored_again(web_corpora, reference_checkpoint,
+                                                                                tmp_path):
     corpus, output = web_corpora["wds"], str(tmp_path / "out")
-    wrong = score.run([f"--input={corpus}/web/00000.tar", "--input_format=parquet", f"--output={output}",
-                       f"--reference_checkpoint={reference_checkpoint}"])  # tar shards read as Parquet
-    (shard,) = batch_manifest(wrong).input_shards
+    wrong = [f"--input={corpus}/web/00000.tar", "--input_format=parquet", f"--output={output}",
+             f"--reference_checkpoint={reference_checkpoint}"]  # tar shards read as Parquet
+    with pytest.raises(Exception, match="could not be read whole"):
+        score.run(wrong)
+    assert scored_shards.read_manifests(output) == []
+    allowed = score.run([*wrong, "--allow_failed_shards"])
+    (shard,) = batch_manifest(allowed).input_shards
     assert shard.status == scored_shards.FAILED and shard.reason.startswith("unreadable_shard")
-    assert shard.outputs == [] and batch_manifest(wrong).counts.shards_failed == 1
+    assert shard.outputs == [] and batch_manifest(allowed).counts.shards_failed == 1
+    assert allowed["read"] == allowed["scored"] == 0  # nothing of the shard was taken for records
+    skipped = run_score(corpus, "wds", output, reference_checkpoint, "--incremental", "--skip_failed_shards",
+                        shards="00000")
+    assert skipped["batch_dir"] is None and skipped["skipped_shards"] == 1
     right = run_score(corpus, "wds", output, reference_checkpoint, "--incremental", shards="00000")
     assert right["scored"] > 0 and [s.status for s in batch_manifest(right).input_shards] == [scored_shards.DONE]
+
+
+def test_incremental_with_another_spelling_of_the_same_shards_scores_nothing(web_corpora, reference_checkpoint,
+                                                                             tmp_path, monkeypatch):
+    corpus, output = web_corpora["wds"], str(tmp_path / "out")
+    first = run_score(corpus, "wds", output, reference_checkpoint, shards="0000[01]")
+    assert first["scored"] > 0
+    monkeypatch.chdir(os.path.join(corpus, "web"))
+    again = score.run(["--input=./00000.tar,../web/00001.tar", f"--output={output}", "--incremental",
+                       f"--reference_checkpoint={reference_checkpoint}", "--min_image_size=4"])
+    assert again["batch_dir"] is None and again["skipped_shards"] == 2
+    # A shard that changed since is scored again.
+    path = os.path.join(corpus, "web", "00001.tar")
+    os.utime(path, (1, 1))
+    changed = score.run(["--input=./00001.tar", f"--output={output}", "--incremental",
+                         f"--reference_checkpoint={reference_checkpoint}", "--min_image_size=4"])
+    assert [shard.path for shard in batch_manifest(changed).input_shards] == [os.path.realpath(path)]
 
 
 def test_incremental_run_scores_only_new_shards(web_corpora, reference_checkpoint, tmp_path):
