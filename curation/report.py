@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from curation import cli
 from curation.metrics import read_metrics
 
 
@@ -241,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run", action="append", required=True, help="NAME=WORKDIR; the first is the baseline")
     parser.add_argument("--reference", default=None, help="workdir of the reference model's training run")
     parser.add_argument("--out", required=True, help="folder for report.md and the plots")
+    cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    cli.quiet_logging(args.verbose)
     runs = dict(item.split("=", 1) for item in args.run)
     print(write_report(runs, args.out, args.reference))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import dataclasses
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from curation import configs, input_pipeline, jest, scored_shards
+from curation import cli, configs, input_pipeline, jest, scored_shards
 from curation.evaluate import Evaluator
 from curation.metrics import MetricWriter, progress_bar
 from curation.training_data import TrainingData, build_tokenizer
@@ -255,17 +256,65 @@ def save_model(workdir: str, params: dict, model_config: ModelConfig, tokenizer)
     log.info("final model: %s (fingerprint %s)", path, digest)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def _config_field_flags(parser: argparse.ArgumentParser, defaults: configs.TrainConfig) -> None:
+    """Every TrainConfig field as `--field` (the field's type); the help shows the value of the chosen --config."""
+    group = parser.add_argument_group("config fields", f"override fields of --config (defaults shown: {defaults.name}"
+                                      f"{', --smoke' if defaults != configs.CONFIGS[defaults.name]() else ''})")
+    for field in dataclasses.fields(defaults):
+        value = getattr(defaults, field.name)
+        kind = type(value)
+        if kind is bool:
+            group.add_argument(f"--{field.name}", type=cli.parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
+                               metavar="BOOL", help=f"default: {str(value).lower()}")
+        else:
+            group.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                               help=f"default: {value}")
+
+
+def build_parser(defaults: configs.TrainConfig) -> cli.OneLineErrorParser:
+    parser = cli.OneLineErrorParser(prog="python -m curation.train", description=__doc__, allow_abbrev=False,
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, choices=sorted(configs.CONFIGS))
     parser.add_argument("--data", required=True, help="corpus directory (made by demo.make_corpus)")
     parser.add_argument("--scored", default=None,
                         help="scored output of python -m pipelines.score to train on (needed by selection configs)")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, model/")
     parser.add_argument("--smoke", action="store_true", help="shrink the run to seconds (tests)")
-    args, rest = parser.parse_known_args(argv)
-    config = configs.get_config(args.config, args.smoke, configs.parse_override_flags(rest))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    cli.add_verbose_flag(parser)
+    _config_field_flags(parser, defaults)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.TrainConfig]:
+    """(the flags, the config they give): the named config with --smoke and the fields given on the command line."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    first = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    first.add_argument("--config", default=None)
+    first.add_argument("--smoke", action="store_true")
+    known, _ = first.parse_known_args(argv)
+    name = known.config if known.config in configs.CONFIGS else "reference"
+    base = configs.get_config(name, known.smoke)
+    parser = build_parser(base)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        parser.fail_unknown(unknown)
+    fields = {field.name for field in dataclasses.fields(base)}
+    try:
+        config = dataclasses.replace(base, **{name: value for name, value in vars(args).items() if name in fields})
+        config.superbatch_size  # validates filter_ratio
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
+    if config.needs_scores and not args.scored:
+        parser.error(f"--config {args.config} selects or filters by score: pass --scored DIR (the output of "
+                     "python -m pipelines.score)")
+    if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
+        parser.error(f"--workdir {args.workdir} is a file; give a directory (new, or a run to resume)")
+    return args, config
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, config = parse_args(argv)
+    cli.quiet_logging(args.verbose)
     train(config, args.data, args.workdir, scored_dir=args.scored)
 
 

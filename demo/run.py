@@ -19,7 +19,7 @@ import os
 import time
 from typing import Sequence
 
-from curation import configs, report, scored_shards
+from curation import cli, configs, report, scored_shards
 from curation.train import train
 from demo import make_corpus
 from pipelines import score
@@ -39,6 +39,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="the JEST learner's config (Flexi scores the super-batch at 4x fewer tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a tiny version in about a minute (tests)")
+    cli.add_verbose_flag(parser)
     return parser.parse_args(argv)
 
 
@@ -123,9 +124,7 @@ def run(argv: Sequence[str] | None = None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    for chatty in ("apache_beam", "absl", "jax", "orbax"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
+    cli.quiet_logging(parse_args(argv).verbose)
     print(run(argv))
 
 

@@ -30,19 +30,23 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import glob
 import json
 import logging
 import os
+import os
 import posixpath
+import sys
+import threading
 import time
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
-from curation import schema, scored_shards
+from curation import cli, schema, scored_shards
 from curation.corpus import match_shards, valid_unicode
 from curation.preprocess import ValidationOptions
 from models import checkpoint as model_checkpoint
@@ -55,14 +59,8 @@ from pipelines.stages import STORE_IMAGE, DecodeAndValidate, EmbedWithReference,
 log = logging.getLogger("pipelines.score")
 
 
-def _flag(text: str) -> bool:
-    """A boolean flag that also takes a value (`--incremental`, `--incremental=true`), as Flex Templates pass it."""
-    value = text.strip().lower()
-    if value in ("true", "1", "yes"):
-        return True
-    if value in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+# A boolean flag that also takes a value (`--incremental`, `--incremental=true`), as Flex Templates pass it.
+_flag = cli.parse_bool
 
 
 def _fraction(text: str) -> float:
@@ -73,7 +71,8 @@ def _fraction(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = cli.OneLineErrorParser(prog="python -m pipelines.score", description=__doc__.split("\n")[0],
+                                    formatter_class=argparse.RawTextHelpFormatter, allow_abbrev=False)
     parser.add_argument("--input", required=True, action="append",
                         help="glob(s) of input shards (local or gs://), comma-separated or repeated")
     add_reader_arguments(parser)
@@ -98,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="one model copy per worker VM shared by its processes (accelerator workers)")
     parser.add_argument("--max_bad_fraction", type=_fraction, default=1.0,
                         help="fail, without a manifest, when more than this fraction of the records read is "
-                             "dead-lettered (default 1: never)")
+                             "dead-lettered (default 1.0: never fail; e.g. 0.05 fails above 5%%)")
     parser.add_argument("--allow_failed_shards", type=_flag, nargs="?", const=True, default=False,
                         help="write the manifest even when input shards could not be read whole (they are listed as "
                              "failed, none of their records is kept, and --incremental scores them again); default: "
@@ -108,7 +107,110 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clean_unfinished", type=_flag, nargs="?", const=True, default=False,
                         help="first delete the unfinished batch folders of earlier runs under --output (only when "
                              "no other run is writing to it)")
+    cli.add_verbose_flag(parser)
     return parser
+
+
+class _ScratchBeamParser(_BeamArgumentParser):
+    def error(self, message: str):
+        raise ValueError(message)
+
+
+def _beam_option_classes() -> list[type]:
+    found, todo = [], list(PipelineOptions.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        if cls not in found:
+            found.append(cls)
+            todo.extend(cls.__subclasses__())
+    return found
+
+
+def _beam_parser() -> _ScratchBeamParser:
+    """A parser that knows every flag of Beam's option classes (as PipelineOptions parses them)."""
+    parser = _ScratchBeamParser(allow_abbrev=False, conflict_handler="resolve", add_help=False)
+    for cls in _beam_option_classes():
+        if "_add_argparse_args" in vars(cls):  # an inherited one would add its parent's flags again
+            try:
+                cls._add_argparse_args(parser)
+            except (argparse.ArgumentError, TypeError, ValueError):
+                pass
+    return parser
+
+
+_GCLOUD_HINT = "run `gcloud auth application-default login` or set GOOGLE_APPLICATION_CREDENTIALS"
+
+
+def _check_gcs_credentials(paths: list[str], timeout_s: float = 10.0) -> None:
+    """Refuse gs:// paths without Google credentials at once, not after a minute of retries (no check against a
+    local emulator, STORAGE_EMULATOR_HOST)."""
+    gcs = [path for path in paths if path.startswith("gs://")]
+    if not gcs or os.environ.get("STORAGE_EMULATOR_HOST"):
+        return
+    import google.auth
+
+    result: dict[str, Any] = {}
+
+    def probe():
+        try:
+            result["credentials"] = google.auth.default()
+        except Exception as error:  # DefaultCredentialsError, or a transport error
+            result["error"] = error
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if "credentials" not in result:
+        why = f"no Google credentials ({' '.join(str(result['error']).split())[:120]})" if "error" in result \
+            else f"no Google credentials found within {timeout_s:.0f} s"
+        raise SystemExit(f"{gcs[0]}: {why}; {_GCLOUD_HINT}")
+
+
+def _check_reference(directory: str) -> None:
+    """--reference_checkpoint must be a model checkpoint folder that can be read."""
+    if not FileSystems.exists(directory):
+        raise SystemExit(f"--reference_checkpoint {directory} does not exist")
+    if not FileSystems.exists(posixpath.join(directory, "meta")):
+        inner = posixpath.join(directory.rstrip("/"), "model")
+        if FileSystems.exists(posixpath.join(inner, "meta")):
+            raise SystemExit(f"--reference_checkpoint {directory} is a training workdir, not a model checkpoint; "
+                             f"did you mean --reference_checkpoint {inner}")
+        raise SystemExit(f"--reference_checkpoint {directory} is not a model checkpoint (no meta item); give the "
+                         "model/ folder of the reference's training workdir")
+    try:
+        meta = model_checkpoint.read_meta(directory)
+        if "://" not in directory:  # local: read the weights too (cheap), so damage shows now, not on the workers
+            model_checkpoint.restore(directory, meta=meta)
+    except SystemExit:
+        raise
+    except Exception as error:
+        detail = " ".join(str(error).split())[:160]
+        raise SystemExit(f"--reference_checkpoint {directory} is damaged or unreadable ({type(error).__name__}: "
+                         f"{detail}); save it again or point at another checkpoint") from None
+
+
+def check_arguments(args: argparse.Namespace, beam_args: list[str]) -> None:
+    """Refuse, before any work, flags neither this job nor Beam knows, and inputs that cannot work."""
+    beam_parser = _beam_parser()
+    try:
+        _, unknown = beam_parser.parse_known_args(list(beam_args))
+    except ValueError as error:
+        raise SystemExit(f"Beam option: {' '.join(str(error).split())}") from None
+    if unknown:
+        known = [*cli.parser_flags(build_parser()), *cli.parser_flags(beam_parser)]
+        raise SystemExit(cli.unknown_flag_message(unknown, known))
+    patterns = [pattern for value in args.input for pattern in value.split(",") if pattern]
+    _check_gcs_credentials([*patterns, args.output, args.reference_checkpoint])
+    for pattern in patterns:
+        if "://" in pattern:
+            continue
+        directories = [path for path in sorted(glob.glob(pattern)) if os.path.isdir(path)]
+        if directories:
+            raise SystemExit(f"--input {pattern} matches the directory {directories[0]}, not shard files; give a "
+                             f"glob of its shards, e.g. --input '{directories[0].rstrip('/')}/*'")
+    if os.path.isfile(args.output):
+        raise SystemExit(f"--output {args.output} is a file; give a directory")
+    _check_reference(args.reference_checkpoint)
 
 
 def _count(pcoll, label: str):
@@ -194,6 +296,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     With wait=False (a Flex Template launcher) it returns once the job is submitted, with only the batch folder.
     """
     args, beam_args = build_parser().parse_known_args(argv)
+    check_arguments(args, beam_args)
     formats = parse_formats(args.output_format)
     created = datetime.datetime.now(datetime.timezone.utc)
     batch_dir = posixpath.join(args.output, scored_shards.new_batch_name(created.strftime("%Y%m%dT%H%M%SZ")))
@@ -269,8 +372,15 @@ def summarize(batch_dir: str, seconds: float) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None, wait: bool = True) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    summary = run(argv, wait=wait)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cli.quiet_logging("--verbose" in argv)
+    try:
+        summary = run(argv, wait=wait)
+    except SystemExit as error:
+        if error.code is None or isinstance(error.code, int):
+            raise
+        print(f"python -m pipelines.score: error: {' '.join(str(error.code).split())}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(summary, indent=2))
 
 

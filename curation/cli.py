@@ -1,0 +1,76 @@
+"""What the command-line entry points share: quiet logging and one-line errors for mistyped flags."""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+from typing import Iterable
+
+# Libraries whose INFO lines drown the project's own progress; `--verbose` lets them through again.
+# (Beam's "Converting string literal type hint to Any" comes from apache_beam.typehints.native_type_compatibility.)
+THIRD_PARTY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "apache_beam", "tensorflow", "h5py", "matplotlib", "PIL",
+                       "urllib3", "google", "fsspec", "gcsfs")
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def quiet_logging(verbose: bool = False) -> None:
+    """INFO for the project's loggers; third-party loggers at WARNING unless `verbose` (then everything at INFO)."""
+    logging.basicConfig(level=logging.INFO, format=FORMAT, force=True)
+    level = logging.NOTSET if verbose else logging.WARNING
+    for name in THIRD_PARTY_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+    try:  # absl keeps its own verbosity (orbax logs through it)
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
+    except ImportError:
+        pass
+
+
+def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help="also show the INFO logs of the libraries used")
+
+
+def option_name(arg: str) -> str:
+    """'--batch_sise=8' -> '--batch_sise'."""
+    return arg.split("=", 1)[0]
+
+
+def suggestion(flag: str, known: Iterable[str]) -> str:
+    """' (did you mean --x?)' for the closest of `known` to `flag`, or '' when none is close."""
+    close = difflib.get_close_matches(flag, sorted(set(known)), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def unknown_flag_message(unknown: Iterable[str], known: Iterable[str]) -> str:
+    """One line naming the first unknown flag and the closest known one."""
+    known = list(known)
+    flags = [option_name(arg) for arg in unknown if arg.startswith("-")]
+    if not flags:
+        return f"unexpected argument(s): {' '.join(unknown)}"
+    more = f" (and {len(flags) - 1} more unknown)" if len(flags) > 1 else ""
+    return f"unknown flag {flags[0]}{suggestion(flags[0], known)}{more}"
+
+
+def parser_flags(parser: argparse.ArgumentParser) -> list[str]:
+    return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr (`prog: error: message`, exit code 2), no usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+    def fail_unknown(self, unknown: list[str], extra_known: Iterable[str] = ()) -> None:
+        self.error(unknown_flag_message(unknown, [*parser_flags(self), *extra_known]))
+
+
+def parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes"):
+        return True
+    if value in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false/1/0/yes/no, got {text!r}")
