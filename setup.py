@@ -13,7 +13,7 @@ setup(
     # requirements.txt + constraints.txt pin the exact versions tested here.
     install_requires=[
         "apache-beam[gcp]>=2.77,<2.78",
-        "tensorflow-cpu>=2.21,<2.22",
+        "tensorflow>=2.21,<2.22",
         "jax>=0.10.2,<0.11",
         "flax>=0.12.8,<0.13",
         "optax>=0.2.8,<0.3",
@@ -27,5 +27,6 @@ setup(
         "tqdm>=4.70",
         "matplotlib>=3.11",
         "tensorboard>=2.21,<2.22",
+        "keras-hub>=0.32,<0.33",
     ],
 )

@@ -29,6 +29,9 @@ class TrainConfig:
     max_vocab: int = 2048
     # Optimization.
     loss: str = "sigmoid"  # or "softmax"
+    # The loss selection scores both models with: "auto" is the learner's `loss`, or softmax when the reference is
+    # a softmax (CLIP) model; "sigmoid" with a softmax reference is refused (it has no bias, no own-pair loss).
+    selection_loss: str = "auto"
     batch_size: int = 128
     total_steps: int = 500
     learning_rate: float = 1e-3
@@ -49,7 +52,8 @@ class TrainConfig:
     n_chunks: int = 16
     first_chunk: str = "score"  # score | uniform
     selection_noise: bool = True  # Gumbel sampling; False: greedy (joint) or top-k (independent)
-    offline_keep: float = 1.0  # keep this fraction of the scored examples with the lowest stored reference loss
+    offline_keep: float = 1.0  # keep this fraction of the scored examples easiest for the reference (lowest stored
+    # loss; highest cosine for a softmax reference)
     flexi: bool = False  # score the super-batch at flexi_patch_size, train half the sub-batch at each patch size
     flexi_patch_size: int = 0  # 0: twice patch_size
     learner_diagnostics: bool = False  # with a score that needs no learner pass: run it anyway to log learnability

@@ -23,9 +23,10 @@ from apache_beam.io.filesystems import FileSystems
 
 from curation.corpus import CorpusRecord, match_shards, read_shard
 from curation.preprocess import ValidationOptions, prepare_image, training_caption
+from models.environment import keep_tensorflow_off_accelerators
 from models.preprocessing import ImagePreprocessing
 
-tf.config.set_visible_devices([], "GPU")  # tf.data only: accelerators belong to JAX
+keep_tensorflow_off_accelerators()
 
 _EXTENSIONS = {".tar": "wds", ".parquet": "parquet", ".tfrecord": "tfrecord"}
 

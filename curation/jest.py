@@ -14,6 +14,7 @@ super-batch (XLA gathers what it needs), so the same RNG gives the same indices 
 from __future__ import annotations
 
 import functools
+import logging
 import time
 from typing import TYPE_CHECKING, Callable, NamedTuple
 
@@ -30,6 +31,8 @@ from models.two_towers import ModelConfig, TwoTower
 
 if TYPE_CHECKING:
     from curation.scored_shards import ScoredSet
+
+log = logging.getLogger(__name__)
 
 # (state, inputs, step_number) -> (state, metrics, seconds spent in each timed part, by metric name)
 Step = Callable[[dict, dict, int], tuple[dict, dict, dict[str, float]]]
@@ -85,10 +88,31 @@ def flexi_order(rng: jax.Array, indices: jax.Array) -> jax.Array:
     return jax.random.permutation(rng, indices)
 
 
+SELECTION_LOSSES = ("auto", "sigmoid", "softmax")
+
+
+def selection_loss(config: TrainConfig, reference_loss: str) -> str:
+    """The loss selection scores learner and reference with: `config.selection_loss`, where "auto" is the learner's
+    own loss, or softmax for a softmax (CLIP) reference. Raises ValueError for a combination that cannot work."""
+    if config.selection_loss not in SELECTION_LOSSES:
+        raise ValueError(f"--selection_loss {config.selection_loss!r}: choose from {list(SELECTION_LOSSES)}")
+    if reference_loss not in ("sigmoid", "softmax"):
+        raise ValueError(f"the reference's loss family {reference_loss!r} is not one selection knows "
+                         "(sigmoid or softmax)")
+    if config.selection_loss == "auto":
+        return "softmax" if reference_loss == "softmax" else config.loss
+    if config.selection_loss == "sigmoid" and reference_loss == "softmax":
+        raise ValueError("--selection_loss sigmoid needs a sigmoid (SigLIP) reference: a softmax (CLIP) reference has "
+                         "no bias and no own-pair sigmoid loss; use --selection_loss auto (softmax for both)")
+    return config.selection_loss
+
+
 def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: jax.sharding.Mesh,
-                        reference_t: float, reference_bias: float) -> JestFunctions:
+                        reference_t: float, reference_bias: float, loss: str | None = None) -> JestFunctions:
     """The jitted parts of a JEST step for `config` (train_step: the trainer's pure update on a batch). The
-    learner's pass runs only where the score uses it, or where `config.learner_diagnostics` asks for it."""
+    learner's pass runs only where the score uses it, or where `config.learner_diagnostics` asks for it. `loss`
+    is the selection loss (`selection_loss`; default the learner's own)."""
+    loss = loss or config.loss
     data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     score_patch = config.coarse_patch_size if config.flexi else config.patch_size
     n_select = config.batch_size
@@ -102,22 +126,20 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
     def choose(rng, learned, ref_zimg, ref_ztxt, clean):  # learned: (zimg, ztxt, [t, b]) of the learner, or None
         learner = None if learned is None else selection.Embeddings(learned[0], learned[1], *learned[2])
         reference = selection.Embeddings(ref_zimg, ref_ztxt, reference_t, reference_bias)
-        options = dict(score=config.score, n_select=n_select, n_chunks=config.n_chunks, loss=config.loss,
+        options = dict(score=config.score, n_select=n_select, n_chunks=config.n_chunks, loss=loss,
                        first_chunk=config.first_chunk, noise=config.selection_noise)
         diagnostics = {}
         if config.selection == "joint":
             indices, traces = selection.joint_selection_trace(rng, learner, reference, **options)
-            if config.loss == "sigmoid":
+            if loss == "sigmoid":
                 diagonal = selection.diagonal_scores(learner, reference, config.score)
                 diagnostics["offdiag_share"] = off_diagonal_share(traces, indices, diagonal, config.n_chunks)
         else:
             indices = selection.select(rng, learner, reference, method=config.selection, **options)
         if learner is not None:
             random = jax.random.permutation(jax.random.fold_in(rng, 7919), ref_zimg.shape[0])[:n_select]
-            diagnostics["selected_learnability"] = selection.subbatch_score(learner, reference, indices,
-                                                                            loss=config.loss)
-            diagnostics["random_learnability"] = selection.subbatch_score(learner, reference, random,
-                                                                          loss=config.loss)
+            diagnostics["selected_learnability"] = selection.subbatch_score(learner, reference, indices, loss=loss)
+            diagnostics["random_learnability"] = selection.subbatch_score(learner, reference, random, loss=loss)
         diagnostics["selected_clean"] = jnp.mean(clean[indices] == 1)
         diagnostics["superbatch_clean"] = jnp.mean(clean == 1)
         return indices, diagnostics
@@ -155,7 +177,12 @@ def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTra
 
     if scored is None:
         raise ValueError("selection needs scored shards (--scored)")
-    parts = make_jest_functions(config, model, update, mesh, scored.reference.temperature, scored.reference.bias)
+    loss = selection_loss(config, scored.reference.loss)
+    if loss != config.loss:
+        log.info("the reference is a %s model: selection scores learner and reference with the %s loss (the learner "
+                 "trains with %s)", scored.reference.loss, loss, config.loss)
+    parts = make_jest_functions(config, model, update, mesh, scored.reference.temperature, scored.reference.bias,
+                                loss)
     selection_rng = jax.random.key(config.seed + 1)
 
     def selection_step(state: dict, inputs: dict, step_number: int):

@@ -6,7 +6,8 @@ schema table (`markdown_table()`, checked against README.md by a test). Every ot
 the constants below, never by spelling it: a column renamed here is renamed everywhere.
 
 Version 2 changed the manifest only (see `curation/scored_shards.py`); the shard columns are those of version 1,
-so shards of both versions read the same way.
+so shards of both versions read the same way. `ref_loss` is null (a missing feature in TFRecord) for a softmax
+(CLIP) reference, which has no per-example own-pair loss; rank such data by `ref_cosine`, as DataComp does.
 """
 
 from __future__ import annotations
@@ -62,11 +63,15 @@ class Column:
             return pa.list_(pa.float16(), embed_dim)
         return {"string": pa.string(), "binary": pa.binary(), "float32": pa.float32()}[self.kind]
 
+    nullable: bool = False  # may be null (Parquet) / missing (TFRecord; parsed as NaN)
+
     def tf_feature(self, embed_dim: int):
         import tensorflow as tf  # only when a tf.data spec is asked for
 
         if self.kind == "embedding":
             return tf.io.FixedLenFeature([embed_dim], tf.float32)
+        if self.nullable:
+            return tf.io.FixedLenFeature([], tf.float32, default_value=float("nan"))
         return tf.io.FixedLenFeature([], tf.float32 if self.kind == "float32" else tf.string)
 
     def to_feature(self, value: Any) -> Any:
@@ -94,8 +99,11 @@ SCORED_COLUMNS: tuple[Column, ...] = (
     Column(REF_IMAGE_EMBEDDING, "embedding", "the reference's image embedding, L2-normalized"),
     Column(REF_TEXT_EMBEDDING, "embedding", "the reference's text embedding, L2-normalized"),
     Column(REF_COSINE, "float32", "⟨image, text⟩ of the stored (float16) embeddings"),
-    Column(REF_LOGIT, "float32", "`t*·ref_cosine + bias*`: the example's own pair logit under the reference"),
-    Column(REF_LOSS, "float32", "`softplus(−ref_logit)`, its own-pair sigmoid loss: low means easy for the reference"),
+    Column(REF_LOGIT, "float32", "`t*·ref_cosine + bias*`: the example's own pair logit under the reference (softmax "
+                                 "references: `t*·ref_cosine`)"),
+    Column(REF_LOSS, "float32", "`softplus(−ref_logit)`, its own-pair sigmoid loss: low means easy for the reference; "
+                                "null for a softmax (CLIP) reference, which has no per-example loss",
+           nullable=True),
 )
 DEAD_LETTER_COLUMNS: tuple[Column, ...] = (
     Column(KEY, "string", "the record's key, or the shard's stem for a shard-level problem"),
@@ -151,13 +159,15 @@ def rows_to_table(rows: Sequence[dict[str, Any]], embed_dim: int) -> pa.Table:
 def encode_tfrecord_example(row: dict[str, Any]) -> bytes:
     """One scored row -> a serialized tf.train.Example (embeddings as float32 lists of the float16 values)."""
     check_row(row)
-    return tfrecord.encode_example({column.name: column.to_feature(row[column.name]) for column in SCORED_COLUMNS})
+    return tfrecord.encode_example({column.name: column.to_feature(row[column.name]) for column in SCORED_COLUMNS
+                                    if row[column.name] is not None})
 
 
 def decode_tfrecord_example(data: bytes) -> dict[str, Any]:
     """A serialized scored tf.train.Example -> the row (embeddings as float32 arrays, strings as str)."""
     features = tfrecord.decode_example(data)
-    return {name: _BY_NAME[name].from_feature(values) for name, values in features.items() if name in _BY_NAME}
+    row = {name: _BY_NAME[name].from_feature(values) for name, values in features.items() if name in _BY_NAME}
+    return {**{column.name: None for column in SCORED_COLUMNS if column.nullable}, **row}
 
 
 def embedding_matrix(table: pa.Table, name: str) -> np.ndarray:
@@ -176,5 +186,6 @@ def markdown_table() -> str:
     lines = ["| column | Parquet type | TFRecord feature | meaning |", "|---|---|---|---|"]
     for column in SCORED_COLUMNS:
         arrow, feature = _KINDS[column.kind]
+        arrow, feature = (f"{arrow} (nullable)", f"{feature} (absent when null)") if column.nullable else (arrow, feature)
         lines.append(f"| `{column.name}` | {arrow} | {feature} | {column.meaning} |")
     return "\n".join(lines)

@@ -9,6 +9,7 @@ corpus's hidden truth, −1 when a corpus has none: analysis only, never an inpu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -28,7 +29,7 @@ class ScoredExample:
     caption: str
     ref_zimg: np.ndarray  # [d] float16
     ref_ztxt: np.ndarray  # [d] float16
-    ref_loss: float
+    difficulty: float  # for the reference: its own-pair loss, or −cosine for a softmax reference (lower: easier)
     clean: int  # 1 clean, 0 noisy, −1 unknown (from metadata "truth")
 
 
@@ -40,28 +41,39 @@ def _clean_flag(metadata: str) -> int:
     return -1 if truth is None else int(truth == "clean")
 
 
-def read_scored_examples(path: str) -> list[ScoredExample]:
+def _difficulty(table, loss_family: str) -> np.ndarray:
+    """[n] how hard each example is for the reference, lower is easier: the stored own-pair loss of a sigmoid
+    reference; minus the stored cosine of a softmax (CLIP) one, which has no per-example loss (DataComp's CLIP
+    score). For a sigmoid reference the two order examples alike (the loss falls as the cosine rises, t > 0)."""
+    if loss_family == "softmax":
+        return -table.column(schema.REF_COSINE).to_numpy().astype(np.float64)
+    return table.column(schema.REF_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
+
+
+def read_scored_examples(path: str, loss_family: str = "sigmoid") -> list[ScoredExample]:
     """The rows of one scored Parquet shard, in file order."""
     table = scored_shards.read_scored_parquet(path)
     zimg = schema.embedding_matrix(table, schema.REF_IMAGE_EMBEDDING)
     ztxt = schema.embedding_matrix(table, schema.REF_TEXT_EMBEDDING)
-    names = (schema.KEY, schema.IMAGE, schema.CAPTION, schema.REF_LOSS, schema.METADATA)
-    keys, images, captions, losses, metadata = (table.column(name).to_pylist() for name in names)
-    return [ScoredExample(keys[i], images[i], captions[i], zimg[i], ztxt[i], losses[i], _clean_flag(metadata[i]))
-            for i in range(table.num_rows)]
+    names = (schema.KEY, schema.IMAGE, schema.CAPTION, schema.METADATA)
+    keys, images, captions, metadata = (table.column(name).to_pylist() for name in names)
+    difficulty = _difficulty(table, loss_family)
+    return [ScoredExample(keys[i], images[i], captions[i], zimg[i], ztxt[i], float(difficulty[i]),
+                          _clean_flag(metadata[i])) for i in range(table.num_rows)]
 
 
-def ref_loss_threshold(shards: list[str], keep_fraction: float) -> float:
-    """The stored own-pair reference loss at or under which the easiest `keep_fraction` of examples lie (offline
+def difficulty_threshold(shards: list[str], keep_fraction: float, loss_family: str = "sigmoid") -> float:
+    """The difficulty (`_difficulty`) at or under which the easiest `keep_fraction` of examples lie (offline
     filtering, DataComp's CLIP-score filter); inf keeps everything."""
     if keep_fraction >= 1.0:
         return float("inf")
-    losses = np.concatenate([scored_shards.read_scored_parquet(path, [schema.REF_LOSS]).column(schema.REF_LOSS)
-                             .to_numpy() for path in shards])
-    keep = offline_filter(-losses, keep_fraction)  # higher score = easier = lower loss
+    column = schema.REF_COSINE if loss_family == "softmax" else schema.REF_LOSS
+    difficulty = np.concatenate([_difficulty(scored_shards.read_scored_parquet(path, [column]), loss_family)
+                                 for path in shards])
+    keep = offline_filter(-difficulty, keep_fraction)  # higher score = easier
     if not keep.any():
-        raise ValueError(f"keep fraction {keep_fraction} keeps none of {len(losses)} examples")
-    return float(losses[keep].max())
+        raise ValueError(f"keep fraction {keep_fraction} keeps none of {len(difficulty)} examples")
+    return float(difficulty[keep].max())
 
 
 def make_scored_dataset(
@@ -74,7 +86,8 @@ def make_scored_dataset(
     embed_dim: int,
     seed: int,
     start: DataPosition = DataPosition(),
-    max_ref_loss: float = float("inf"),
+    max_difficulty: float = float("inf"),
+    loss_family: str = "sigmoid",
     preprocessing: ImagePreprocessing | None = None,
     validation: ValidationOptions | None = None,
 ) -> tf.data.Dataset:
@@ -82,15 +95,16 @@ def make_scored_dataset(
 
     Images are decoded by the scoring job's rules (`validation`: pass the batch's own, `scored_shards.Options.
     validation()`, so that nothing it scored is refused here) and resized as `preprocessing` declares. Examples
-    with a stored reference loss over `max_ref_loss` are skipped (offline filtering) and counted as skipped like
-    unreadable records.
+    harder for the reference than `max_difficulty` (`difficulty_threshold`, under the reference's `loss_family`)
+    are skipped (offline filtering) and counted as skipped like unreadable records.
     """
     signature = {"ref_zimg": tf.TensorSpec([embed_dim], tf.float32), "ref_ztxt": tf.TensorSpec([embed_dim], tf.float32),
                  "clean": tf.TensorSpec([], tf.int32)}
 
     def examples():
-        for item, position in record_stream(shards, "parquet", seed, start, reader=read_scored_examples):
-            if item.ref_loss > max_ref_loss:
+        reader = functools.partial(read_scored_examples, loss_family=loss_family)
+        for item, position in record_stream(shards, "parquet", seed, start, reader=reader):
+            if item.difficulty > max_difficulty:
                 yield None, None, position, {}
                 continue
             extras = {"ref_zimg": item.ref_zimg.astype(np.float32), "ref_ztxt": item.ref_ztxt.astype(np.float32),

@@ -302,6 +302,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.Trai
     try:
         config = dataclasses.replace(base, **{name: value for name, value in vars(args).items() if name in fields})
         config.superbatch_size  # validates filter_ratio
+        if config.selection_loss not in jest.SELECTION_LOSSES:
+            raise ValueError(f"--selection_loss {config.selection_loss!r}: choose from {list(jest.SELECTION_LOSSES)}")
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     if config.needs_scores and not args.scored:
@@ -315,6 +317,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.Trai
 def main(argv: list[str] | None = None) -> None:
     args, config = parse_args(argv)
     cli.quiet_logging(args.verbose)
+    try:  # the data and the reference's loss family checked against the config before any work
+        TrainingData.open(config, args.data, args.scored)
+    except (ValueError, OSError) as error:
+        print(f"python -m curation.train: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
     train(config, args.data, args.workdir, scored_dir=args.scored)
 
 

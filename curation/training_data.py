@@ -39,7 +39,7 @@ class TrainingData:
     shards: list[str]
     format: str
     scored: scored_shards.ScoredSet | None = None
-    max_ref_loss: float = float("inf")
+    max_difficulty: float = float("inf")  # offline filtering: see scored_input.difficulty_threshold
 
     @classmethod
     def open(cls, config: configs.TrainConfig, data_dir: str, scored_dir: str | None) -> "TrainingData":
@@ -59,7 +59,12 @@ class TrainingData:
         shards = scored.shard_paths("parquet")
         if not shards:
             raise ValueError(f"no Parquet scored shards under {scored_dir} (score with --output_format parquet)")
-        return cls(shards, "parquet", scored, scored_input.ref_loss_threshold(shards, config.offline_keep))
+        if config.selection != "none":
+            from curation.jest import selection_loss
+
+            selection_loss(config, scored.reference.loss)  # refuses, before any work, a combination that cannot work
+        return cls(shards, "parquet", scored,
+                   scored_input.difficulty_threshold(shards, config.offline_keep, scored.reference.loss))
 
     def captions(self) -> Iterator[str]:
         if self.scored is not None:
@@ -91,5 +96,6 @@ class TrainingData:
             dataset = input_pipeline.make_dataset(self.shards, self.format, tokenizer, **common)
         else:
             dataset = scored_input.make_scored_dataset(self.shards, tokenizer, embed_dim=self.scored.embed_dim,
-                                                       max_ref_loss=self.max_ref_loss, **common)
+                                                       max_difficulty=self.max_difficulty,
+                                                       loss_family=self.scored.reference.loss, **common)
         return dataset.as_numpy_iterator()

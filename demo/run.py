@@ -76,7 +76,7 @@ def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None) -
 
     start = stage(3, "score the web split with the Beam job")
     score.run([f"--input={corpus}/web/*.tar", f"--output={scored}",
-               f"--reference_checkpoint={os.path.join(reference_workdir, 'model')}", "--incremental"])
+               f"--reference={os.path.join(reference_workdir, 'model')}", "--incremental"])
     timings["scoring"] = time.perf_counter() - start
     return corpus, reference_workdir, scored
 

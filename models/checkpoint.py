@@ -129,12 +129,19 @@ def read_meta(directory: str) -> dict:
     return meta
 
 
-def restore(directory: str, meta: dict | None = None) -> Checkpoint:
-    """Read a checkpoint; refuses params that do not match the saved config, naming the offending keys."""
+def restore(directory: str, meta: dict | None = None, sharding: jax.sharding.Sharding | None = None) -> Checkpoint:
+    """Read a checkpoint; refuses params that do not match the saved config, naming the offending keys.
+
+    The params restore on this process's devices whatever topology saved them: each leaf gets `sharding` (default:
+    the first local device; pass a replicated `NamedSharding` over the caller's mesh to place them there), so a
+    model trained on N devices restores on 1 or on M.
+    """
     meta = meta or read_meta(directory)
     config = ModelConfig.from_dict(meta["model"])
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
-    expected_tree = abstract_params(config)
+    target = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    expected_tree = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
+                                           abstract_params(config))
     checkpointer, path = _checkpointer(), _absolute(directory)
     stored_tree = checkpointer.metadata(path).item_metadata["params"]
     _check_params_match(_leaves_by_name(stored_tree), _leaves_by_name(expected_tree), directory)

@@ -1,1 +1,2 @@
+import models.environment  # noqa: F401  (keras on JAX, quiet tensorflow imports: before anything else)
 

@@ -1,12 +1,16 @@
-"""A Beam RunInference `ModelHandler` for the JAX dual encoder (Beam ships handlers for PyTorch, TF and sklearn only).
+"""A Beam RunInference `ModelHandler` for any reference (Beam ships handlers for PyTorch, TF and sklearn only).
 
-    embedded = prepared | RunInference(KeyedModelHandler(DualEncoderHandler(checkpoint_dir)))
+    embedded = prepared | RunInference(KeyedModelHandler(DualEncoderHandler(reference)))
 
-The handler holds a checkpoint *path*; the weights are restored in `load_model()` on the worker, never pickled
-into the job graph. Every batch Beam forms is padded to `batch_size` rows, so XLA compiles the forward once and an
-example's embedding does not depend on the batch it landed in: runs at one `batch_size` are byte-identical. Another
-`batch_size` is another compiled program whose kernels may round differently (in float32's last bit, which moves a
-few stored float16 values by one step).
+The handler holds a `pipelines.references.Reference` (a description, no weights); the weights are loaded in
+`load_model()` on the worker, never pickled into the job graph. Every batch Beam forms is padded to `batch_size`
+rows, so XLA compiles the forward once and an example's embedding does not depend on the batch it landed in: runs
+at one `batch_size` are byte-identical. Another `batch_size` is another compiled program whose kernels may round
+differently (in float32's last bit, which moves a few stored float16 values by one step).
+
+Sharing follows Beam's conventions, passed to the base class: `large_model` shares one copy per worker VM across
+its SDK processes (Beam's multi-process shared model), and `model_copies` keeps that many copies instead (one per
+accelerator of a multi-GPU worker).
 """
 
 from __future__ import annotations
@@ -16,12 +20,10 @@ import logging
 from typing import Any, Iterable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
-from models import checkpoint as model_checkpoint
-from models.two_towers import TwoTower
+from pipelines.references import LoadedReference, Reference
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ class PreparedExample:
     source: str
     caption: str
     image: bytes  # bytes to store in the scored shard (as stored, re-encoded, or empty)
-    pixels: np.ndarray  # [S, S, 3] uint8, resized as the model's `config.preprocessing()` declares
+    pixels: np.ndarray  # [S, S, 3] uint8, resized as the reference's preprocessing declares
     tokens: np.ndarray  # [L] int32
     metadata: dict[str, Any]
 
@@ -47,62 +49,29 @@ class Embeddings:
     text: np.ndarray  # [d]
 
 
-class LoadedModel:
-    """A restored checkpoint and its jitted forward at one fixed batch size."""
-
-    def __init__(self, checkpoint_dir: str, batch_size: int):
-        restored = model_checkpoint.restore(checkpoint_dir)
-        self.config, self.fingerprint, self.batch_size = restored.config, restored.fingerprint, batch_size
-        self.params = jax.device_put(restored.params)
-        model = TwoTower(restored.config)
-        self.preprocessing = preprocessing = restored.config.preprocessing()  # how the model wants its pixels
-
-        @jax.jit
-        def forward(params, pixels, tokens):  # [N, S, S, 3] uint8, [N, L] int32
-            images = preprocessing.normalize(pixels, xp=jnp)  # [N, S, S, 3] float32
-            zimg, ztxt, _ = model.apply({"params": params}, images, tokens)
-            return zimg, ztxt
-
-        self._forward = forward
-
-    def embed(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[n, S, S, 3] uint8, [n, L] int32 -> ([n, d], [n, d]) float32, run in padded chunks of `batch_size`."""
-        count = pixels.shape[0]
-        images_out, texts_out = [], []
-        for start in range(0, count, self.batch_size):
-            chunk_pixels, chunk_tokens = pixels[start:start + self.batch_size], tokens[start:start + self.batch_size]
-            real = chunk_pixels.shape[0]
-            if real < self.batch_size:  # pad with copies of the first row; the padding rows are dropped below
-                pad = self.batch_size - real
-                chunk_pixels = np.concatenate([chunk_pixels, np.repeat(chunk_pixels[:1], pad, axis=0)])
-                chunk_tokens = np.concatenate([chunk_tokens, np.repeat(chunk_tokens[:1], pad, axis=0)])
-            zimg, ztxt = self._forward(self.params, chunk_pixels, chunk_tokens)
-            images_out.append(np.asarray(zimg)[:real])
-            texts_out.append(np.asarray(ztxt)[:real])
-        return np.concatenate(images_out), np.concatenate(texts_out)
-
-
-class DualEncoderHandler(ModelHandler[PreparedExample, PredictionResult, LoadedModel]):
+class DualEncoderHandler(ModelHandler[PreparedExample, PredictionResult, LoadedReference]):
     """RunInference handler: PreparedExample -> PredictionResult(example, Embeddings)."""
 
-    def __init__(self, checkpoint_dir: str, batch_size: int = 256, *, min_batch_size: int = 1,
-                 large_model: bool = False):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=batch_size)
-        self._checkpoint_dir, self._batch_size, self._large_model = checkpoint_dir, batch_size, large_model
+    def __init__(self, reference: Reference, batch_size: int = 256, *, min_batch_size: int = 1,
+                 large_model: bool = False, model_copies: int | None = None):
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=batch_size, large_model=large_model,
+                         model_copies=model_copies)
+        self._reference, self._batch_size = reference, batch_size
 
-    def load_model(self) -> LoadedModel:
-        model = LoadedModel(self._checkpoint_dir, self._batch_size)
-        log.info("restored reference %s (%s) on %s", self._checkpoint_dir, model.fingerprint[:12], jax.devices())
+    def load_model(self) -> LoadedReference:
+        model = self._reference.load(self._batch_size)
+        log.info("loaded reference %s (%s) on %s", self._reference.info.id, self._reference.info.fingerprint[:12],
+                 jax.devices())
         return model
 
-    def run_inference(self, batch: Sequence[PreparedExample], model: LoadedModel,
+    def run_inference(self, batch: Sequence[PreparedExample], model: LoadedReference,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
         if not batch:
             return []
         pixels = np.stack([example.pixels for example in batch])
         tokens = np.stack([example.tokens for example in batch])
         zimg, ztxt = model.embed(pixels, tokens)
-        return [PredictionResult(example, Embeddings(zimg[i], ztxt[i]), self._checkpoint_dir)
+        return [PredictionResult(example, Embeddings(zimg[i], ztxt[i]), self._reference.info.id)
                 for i, example in enumerate(batch)]
 
     def get_num_bytes(self, batch: Sequence[PreparedExample]) -> int:
@@ -110,7 +79,3 @@ class DualEncoderHandler(ModelHandler[PreparedExample, PredictionResult, LoadedM
 
     def get_metrics_namespace(self) -> str:
         return "reference_model"
-
-    def share_model_across_processes(self) -> bool:
-        # On an accelerator worker one copy of the model per VM, shared by the SDK processes (Beam's large-model mode).
-        return self._large_model

@@ -1,7 +1,10 @@
 """Score a web corpus with the reference model: `python -m pipelines.score`.
 
     python -m pipelines.score --input 'runs/demo/corpus/web/*.tar' --input_format wds \\
-        --output runs/demo/scored --reference_checkpoint runs/demo/reference/model
+        --output runs/demo/scored --reference runs/demo/reference/model
+
+--reference is one of this project's checkpoints, a keras-hub preset (`keras_hub:siglip2_base_patch16_224`), or
+a keras-hub preset folder, local or on gs:// (see pipelines/references/).
 
 The job, one named transform per stage:
 
@@ -34,7 +37,6 @@ import glob
 import json
 import logging
 import os
-import os
 import posixpath
 import sys
 import threading
@@ -42,19 +44,18 @@ import time
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
-import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
 from curation import cli, schema, scored_shards
 from curation.corpus import match_shards, valid_unicode
 from curation.preprocess import ValidationOptions
-from models import checkpoint as model_checkpoint
-from models.two_towers import ModelConfig
+from pipelines import references
 from pipelines.corpus_io import ReadCorpus, add_reader_arguments, reader_options
 from pipelines.jax_inference import DualEncoderHandler
 from pipelines.scored_sinks import WriteDeadLetter, WriteManifest, WriteScoredShards
-from pipelines.stages import STORE_IMAGE, DecodeAndValidate, EmbedWithReference, Preprocess, Score
+from pipelines.stages import (STORE_IMAGE, DecodeAndValidate, EmbedWithReference, Preprocess, ReadLossParameters,
+                              Score)
 
 log = logging.getLogger("pipelines.score")
 
@@ -77,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="glob(s) of input shards (local or gs://), comma-separated or repeated")
     add_reader_arguments(parser)
     parser.add_argument("--output", required=True, help="output directory; each run adds a batch folder to it")
-    parser.add_argument("--reference_checkpoint", required=True, help="model checkpoint of the reference (#models)")
+    parser.add_argument("--reference", "--reference_checkpoint", dest="reference", required=True,
+                        help="the reference model: a checkpoint folder of this project, keras_hub:PRESET, or a "
+                             "keras-hub preset folder (local or gs://)")
     parser.add_argument("--output_format", default="parquet",
                         help="comma-separated: parquet, tfrecord (default parquet)")
     parser.add_argument("--store_image", choices=STORE_IMAGE, default="as_stored",
@@ -95,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max_caption_chars", type=int, default=ValidationOptions.max_caption_chars)
     parser.add_argument("--large_model", type=_flag, nargs="?", const=True, default=False,
                         help="one model copy per worker VM shared by its processes (accelerator workers)")
+    parser.add_argument("--model_copies", type=int, default=0,
+                        help="with an accelerator worker: that many model copies per VM shared by its processes, "
+                             "e.g. one per GPU (implies sharing; 0: Beam's default)")
     parser.add_argument("--max_bad_fraction", type=_fraction, default=1.0,
                         help="fail, without a manifest, when more than this fraction of the records read is "
                              "dead-lettered (default 1.0: never fail; e.g. 0.05 fails above 5%%)")
@@ -166,30 +172,21 @@ def _check_gcs_credentials(paths: list[str], timeout_s: float = 10.0) -> None:
         raise SystemExit(f"{gcs[0]}: {why}; {_GCLOUD_HINT}")
 
 
-def _check_reference(directory: str) -> None:
-    """--reference_checkpoint must be a model checkpoint folder that can be read."""
-    if not FileSystems.exists(directory):
-        raise SystemExit(f"--reference_checkpoint {directory} does not exist")
-    if not FileSystems.exists(posixpath.join(directory, "meta")):
-        inner = posixpath.join(directory.rstrip("/"), "model")
-        if FileSystems.exists(posixpath.join(inner, "meta")):
-            raise SystemExit(f"--reference_checkpoint {directory} is a training workdir, not a model checkpoint; "
-                             f"did you mean --reference_checkpoint {inner}")
-        raise SystemExit(f"--reference_checkpoint {directory} is not a model checkpoint (no meta item); give the "
-                         "model/ folder of the reference's training workdir")
+def check_reference(spec: str) -> references.Reference:
+    """--reference, resolved from its metadata and checked for damage where that is cheap."""
     try:
-        meta = model_checkpoint.read_meta(directory)
-        if "://" not in directory:  # local: read the weights too (cheap), so damage shows now, not on the workers
-            model_checkpoint.restore(directory, meta=meta)
-    except SystemExit:
-        raise
+        reference = references.resolve(spec)
+        reference.check_loadable()
+        return reference
+    except references.ReferenceSpecError as error:
+        raise SystemExit(str(error)) from None
     except Exception as error:
         detail = " ".join(str(error).split())[:160]
-        raise SystemExit(f"--reference_checkpoint {directory} is damaged or unreadable ({type(error).__name__}: "
-                         f"{detail}); save it again or point at another checkpoint") from None
+        raise SystemExit(f"--reference {spec} is damaged or unreadable ({type(error).__name__}: {detail}); save it "
+                         "again or point at another reference") from None
 
 
-def check_arguments(args: argparse.Namespace, beam_args: list[str]) -> None:
+def check_arguments(args: argparse.Namespace, beam_args: list[str]) -> references.Reference:
     """Refuse, before any work, flags neither this job nor Beam knows, and inputs that cannot work."""
     beam_parser = _beam_parser()
     try:
@@ -200,7 +197,7 @@ def check_arguments(args: argparse.Namespace, beam_args: list[str]) -> None:
         known = [*cli.parser_flags(build_parser()), *cli.parser_flags(beam_parser)]
         raise SystemExit(cli.unknown_flag_message(unknown, known))
     patterns = [pattern for value in args.input for pattern in value.split(",") if pattern]
-    _check_gcs_credentials([*patterns, args.output, args.reference_checkpoint])
+    _check_gcs_credentials([*patterns, args.output, args.reference])
     for pattern in patterns:
         if "://" in pattern:
             continue
@@ -210,7 +207,9 @@ def check_arguments(args: argparse.Namespace, beam_args: list[str]) -> None:
                              f"glob of its shards, e.g. --input '{directories[0].rstrip('/')}/*'")
     if os.path.isfile(args.output):
         raise SystemExit(f"--output {args.output} is a file; give a directory")
-    _check_reference(args.reference_checkpoint)
+    if args.model_copies < 0:
+        raise SystemExit(f"--model_copies {args.model_copies}: give a positive count (or 0 for Beam's default)")
+    return check_reference(args.reference)
 
 
 def _count(pcoll, label: str):
@@ -276,19 +275,6 @@ def parse_formats(text: str) -> list[str]:
     return formats
 
 
-def describe_reference(checkpoint_dir: str) -> tuple[scored_shards.ReferenceInfo, dict[str, Any]]:
-    """(what the manifest records of the reference, its tokenizer state), from the checkpoint's metadata only."""
-    meta = model_checkpoint.read_meta(checkpoint_dir)
-    t, bias = meta["temperature"], meta["bias"]
-    if not (np.isfinite(t) and np.isfinite(bias)):
-        raise SystemExit(f"reference {checkpoint_dir} has a non-finite temperature or bias (t={t}, bias={bias}): "
-                         "every score would be NaN")
-    reference = scored_shards.reference_from_model(checkpoint_dir, meta["fingerprint"],
-                                                   ModelConfig.from_dict(meta["model"]), meta["tokenizer"]["kind"],
-                                                   t, bias)
-    return reference, meta["tokenizer"]
-
-
 def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None,
         wait: bool = True) -> dict[str, Any]:
     """Build and run the job; returns the run summary (the manifest's counts, batch folder, examples/s).
@@ -296,11 +282,11 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     With wait=False (a Flex Template launcher) it returns once the job is submitted, with only the batch folder.
     """
     args, beam_args = build_parser().parse_known_args(argv)
-    check_arguments(args, beam_args)
+    reference_model = check_arguments(args, beam_args)
+    reference = reference_model.info  # the workers load the weights
     formats = parse_formats(args.output_format)
     created = datetime.datetime.now(datetime.timezone.utc)
     batch_dir = posixpath.join(args.output, scored_shards.new_batch_name(created.strftime("%Y%m%dT%H%M%SZ")))
-    reference, tokenizer = describe_reference(args.reference_checkpoint)  # the workers restore the weights
     if args.clean_unfinished:
         for path in scored_shards.remove_unfinished(args.output, before=posixpath.basename(batch_dir)):
             log.info("removed unfinished or temporary %s", path)
@@ -320,7 +306,8 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
             max_image_pixels=args.max_image_pixels, inference_batch_size=args.inference_batch_size),
     }
     validation = ValidationOptions(args.max_image_pixels, args.min_image_size, args.max_caption_chars)
-    handler = DualEncoderHandler(args.reference_checkpoint, args.inference_batch_size, large_model=args.large_model)
+    handler = DualEncoderHandler(reference_model, args.inference_batch_size, large_model=args.large_model,
+                                 model_copies=args.model_copies or None)
     options = PipelineOptions(beam_args if any(a.startswith("--runner") for a in beam_args)
                               else [*beam_args, "--runner=FnApiRunner"])
     options.view_as(SetupOptions).save_main_session = False
@@ -331,11 +318,11 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     records, read_errors, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(
         [path for path, _, _ in todo], reader["format"], reader["fields"], batch_rows=reader["batch_rows"])
     valid, invalid = records | "DecodeAndValidate" >> DecodeAndValidate(validation)
+    loss_parameters = pipeline | "ReadLossParameters" >> ReadLossParameters(reference_model)
     rows, non_finite = (valid
-                        | "Preprocess" >> Preprocess(tokenizer, reference.preprocessing, reference.text_length,
-                                                     args.store_image, args.stored_image_size)
+                        | "Preprocess" >> Preprocess(reference_model, args.store_image, args.stored_image_size)
                         | "EmbedWithReference" >> EmbedWithReference(handler)
-                        | "Score" >> Score(reference.temperature, reference.bias))
+                        | "Score" >> Score(reference.loss, loss_parameters))
     scored_files = rows | "WriteScoredShards" >> WriteScoredShards(batch_dir, formats, reference.width,
                                                                    args.num_output_shards)
     errors = (read_errors, invalid, non_finite) | "AllErrors" >> beam.Flatten()
@@ -343,7 +330,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     read = ((_count(records, "CountRecords"), _count(read_errors, "CountReadErrors"))
             | "ReadItems" >> beam.Flatten() | "SumRead" >> beam.CombineGlobally(sum))
     per_reason = errors | "Reasons" >> beam.Map(lambda error: error.reason) | "PerReason" >> beam.combiners.Count.PerElement()
-    ((scored_files, dead_letter_files, failed_shards, read, _count(rows, "CountScored"), per_reason)
+    ((scored_files, dead_letter_files, failed_shards, read, _count(rows, "CountScored"), per_reason, loss_parameters)
      | "WriteManifest" >> WriteManifest(batch_dir, template, todo, args.max_bad_fraction, args.allow_failed_shards))
     result = pipeline.run()
     if not wait:

@@ -6,6 +6,7 @@ manifest step runs once every file is final and is the only thing that makes a b
 
 from __future__ import annotations
 
+import dataclasses
 import posixpath
 from typing import Any, Sequence
 
@@ -87,8 +88,8 @@ def input_shard_records(input_shards: list[tuple[str, int, float]], scored_files
             for path, size, modified in input_shards]
 
 
-def _write_manifest(_, scored_files, dead_letter_files, shard_failures, read, scored, dead_letter, *, batch_dir,
-                    template, input_shards, max_bad_fraction, allow_failed_shards):
+def _write_manifest(_, scored_files, dead_letter_files, shard_failures, read, scored, dead_letter, loss_parameters, *,
+                    batch_dir, template, input_shards, max_bad_fraction, allow_failed_shards):
     if shard_failures and not allow_failed_shards:
         named = "; ".join(f"{error.source} ({error.reason}: {error.message})" for error in shard_failures[:5])
         raise FailedShards(
@@ -98,8 +99,10 @@ def _write_manifest(_, scored_files, dead_letter_files, shard_failures, read, sc
     check_bad_fraction(read, sum(dead_letter.values()), max_bad_fraction, batch_dir)
     shards = input_shard_records(input_shards, scored_files, shard_failures)
     failed = sum(shard.status == scored_shards.FAILED for shard in shards)
+    reference = dataclasses.replace(template["reference"], temperature=loss_parameters.temperature,
+                                    bias=loss_parameters.bias)
     manifest = scored_shards.Manifest(
-        **template,
+        **{**template, "reference": reference},
         counts=scored_shards.Counts(read=read, scored=scored, dead_letter=dict(sorted(dead_letter.items())),
                                     shards=len(shards), shards_done=len(shards) - failed, shards_failed=failed),
         input_shards=shards,
@@ -115,7 +118,8 @@ class WriteManifest(beam.PTransform):
     `allow_failed_shards`) or when more than `max_bad_fraction` of the records read was dead-lettered.
 
     `template` holds the manifest's fields known before the run (schema_version, created, reference,
-    output_formats, options); `input_shards` the (path, size in bytes, modification time) of every input shard."""
+    output_formats, options); `input_shards` the (path, size in bytes, modification time) of every input shard.
+    The reference's t and bias come from the one-element `loss_parameters` input (`stages.ReadLossParameters`)."""
 
     def __init__(self, batch_dir: str, template: dict[str, Any], input_shards: list[tuple[str, int, float]],
                  max_bad_fraction: float = 1.0, allow_failed_shards: bool = False):
@@ -124,11 +128,11 @@ class WriteManifest(beam.PTransform):
         self._max_bad_fraction, self._allow_failed_shards = max_bad_fraction, allow_failed_shards
 
     def expand(self, inputs):
-        scored_files, dead_letter_files, shard_failures, read, scored, dead_letter = inputs
+        scored_files, dead_letter_files, shard_failures, read, scored, dead_letter, loss_parameters = inputs
         return (scored_files.pipeline
                 | "Once" >> beam.Create([None])
                 | "Write" >> beam.Map(_write_manifest, AsList(scored_files), AsList(dead_letter_files),
                                       AsList(shard_failures), AsSingleton(read), AsSingleton(scored),
-                                      AsDict(dead_letter), batch_dir=self._batch_dir, template=self._template,
+                                      AsDict(dead_letter), AsSingleton(loss_parameters), batch_dir=self._batch_dir, template=self._template,
                                       input_shards=self._input_shards, max_bad_fraction=self._max_bad_fraction,
                                       allow_failed_shards=self._allow_failed_shards))

@@ -18,15 +18,14 @@ import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-from apache_beam.pvalue import TaggedOutput
+from apache_beam.pvalue import AsSingleton, TaggedOutput
 
 from curation import errors, schema
 from curation.errors import CorpusError
 from curation.losses import own_pair_sigmoid
 from curation.preprocess import ValidationOptions, ValidExample, decode_and_validate, encode_jpeg
-from models.preprocessing import ImagePreprocessing
-from models.tokenizer import tokenizer_from_dict
 from pipelines.jax_inference import DualEncoderHandler, Embeddings, PreparedExample
+from pipelines.references import LossParameters, Reference
 
 NAMESPACE = "score"
 DEAD_LETTER = "dead_letter"
@@ -67,13 +66,12 @@ class DecodeAndValidate(_Fallible):
 
 
 class _PreprocessFn(beam.DoFn):
-    def __init__(self, tokenizer: dict[str, Any], image: ImagePreprocessing, text_length: int, store_image: str,
-                 stored_image_size: int):
-        self._tokenizer_state, self._image, self._text_length = tokenizer, image, text_length
+    def __init__(self, reference: Reference, store_image: str, stored_image_size: int):
+        self._reference, self._image = reference, reference.info.preprocessing
         self._store_image, self._stored_image_size = store_image, stored_image_size
 
     def setup(self) -> None:
-        self._tokenizer = tokenizer_from_dict(self._tokenizer_state)
+        self._text = self._reference.text_encoder()
 
     def process(self, example: ValidExample) -> Iterator[tuple[str, PreparedExample]]:
         if self._store_image == "as_stored":
@@ -84,21 +82,44 @@ class _PreprocessFn(beam.DoFn):
             image = b""
         yield example.key, PreparedExample(
             example.key, example.source, example.caption, image, self._image.resize_pixels(example.pixels),
-            self._tokenizer.encode(example.caption, self._text_length), example.metadata)
+            self._text.encode(example.caption), example.metadata)
 
 
 class Preprocess(beam.PTransform):
     """ValidExample -> (key, PreparedExample): pixels as the reference declares them, its token ids, and the image
-    bytes to store. Takes the reference's tokenizer state and preprocessing (read from its metadata by the
-    launcher), so no worker opens the checkpoint for them."""
+    bytes to store. The reference's text encoder is made once per worker (its tokenizer files, never its weights)."""
 
-    def __init__(self, tokenizer: dict[str, Any], image: ImagePreprocessing, text_length: int, store_image: str,
-                 stored_image_size: int):
+    def __init__(self, reference: Reference, store_image: str, stored_image_size: int):
         super().__init__()
-        self._fn = _PreprocessFn(tokenizer, image, text_length, store_image, stored_image_size)
+        self._fn = _PreprocessFn(reference, store_image, stored_image_size)
 
     def expand(self, valid):
         return valid | "ResizeAndTokenize" >> beam.ParDo(self._fn)
+
+
+class _ReadLossParameters(beam.DoFn):
+    def __init__(self, reference: Reference):
+        self._reference = reference
+
+    def process(self, _) -> Iterator[LossParameters]:
+        yield self._reference.load(batch_size=1).loss_parameters()
+
+
+class ReadLossParameters(beam.PTransform):
+    """One element, the reference's t and bias: from its metadata when the launcher knows them (our checkpoints),
+    else from its weights, loaded on a worker (a preset's are in its weights file, which the launcher never
+    fetches)."""
+
+    def __init__(self, reference: Reference):
+        super().__init__()
+        self._reference = reference
+
+    def expand(self, pipeline):
+        info = self._reference.info
+        if np.isfinite(info.temperature) and np.isfinite(info.bias):
+            return pipeline | "FromMetadata" >> beam.Create([LossParameters(info.temperature, info.bias)])
+        return pipeline | "Once" >> beam.Create([None]) | "FromWeights" >> beam.ParDo(_ReadLossParameters(
+            self._reference))
 
 
 class EmbedWithReference(beam.PTransform):
@@ -112,37 +133,61 @@ class EmbedWithReference(beam.PTransform):
         return prepared | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
 
 
-def score_row(example: PreparedExample, embeddings: Embeddings, t: float, bias: float) -> dict[str, Any]:
+def score_row(example: PreparedExample, embeddings: Embeddings, loss: str,
+              parameters: LossParameters) -> dict[str, Any]:
     """A scored-shard row. Cosine, logit and loss are computed from the stored float16 embeddings, so a reader
-    recomputing them from the shard gets the stored values."""
+    recomputing them from the shard gets the stored values. A softmax (CLIP) reference has no per-example own-pair
+    loss: its logit is t·cosine and its `ref_loss` is null."""
     with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is caught by score_or_dead_letter
         zimg = embeddings.image.astype(np.float16)
         ztxt = embeddings.text.astype(np.float16)
-        cosine, logit, loss = own_pair_sigmoid(zimg.astype(np.float32), ztxt.astype(np.float32), np.float32(t),
-                                               np.float32(bias), xp=np)
+        bias = parameters.bias if loss == "sigmoid" else 0.0
+        cosine, logit, own_loss = own_pair_sigmoid(zimg.astype(np.float32), ztxt.astype(np.float32),
+                                                   np.float32(parameters.temperature), np.float32(bias), xp=np)
     return {
         schema.KEY: example.key, schema.CAPTION: example.caption, schema.IMAGE: example.image,
         schema.SOURCE: example.source, schema.METADATA: json.dumps(example.metadata, sort_keys=True, default=str),
         schema.REF_IMAGE_EMBEDDING: zimg, schema.REF_TEXT_EMBEDDING: ztxt,
-        schema.REF_COSINE: float(cosine), schema.REF_LOGIT: float(logit), schema.REF_LOSS: float(loss),
+        schema.REF_COSINE: float(cosine), schema.REF_LOGIT: float(logit),
+        schema.REF_LOSS: float(own_loss) if loss == "sigmoid" else None,
     }
 
 
-def score_or_dead_letter(element: tuple[str, Any], t: float, bias: float) -> dict[str, Any] | CorpusError:
+def score_or_dead_letter(element: tuple[str, Any], loss: str, parameters: LossParameters) -> dict[str, Any] | CorpusError:
     """(key, PredictionResult) -> the scored row, or a CorpusError (stage embed) when an embedding or score is NaN
     or infinite: a row like that would poison every loss the trainer computes from it."""
     _, result = element
     example = result.example
-    row = score_row(example, result.inference, t, bias)
-    bad = [name for name in (*schema.EMBEDDINGS, *schema.SCORES) if not np.isfinite(row[name]).all()]
+    row = score_row(example, result.inference, loss, parameters)
+    bad = [name for name in (*schema.EMBEDDINGS, *schema.SCORES)
+           if row[name] is not None and not np.isfinite(row[name]).all()]
     if not bad:
         return row
     return CorpusError(key=example.key, source=example.source, reason=errors.NON_FINITE_EMBEDDING, stage=errors.EMBED,
                        message=f"not finite: {', '.join(bad)}")
 
 
-class Score(_Fallible):
-    """(key, PredictionResult) -> scored rows (main) | CorpusError of stage embed (tagged `dead_letter`)."""
+class _ScoreFn(beam.DoFn):
+    def __init__(self, loss: str):
+        self._loss = loss
 
-    def __init__(self, t: float, bias: float):
-        super().__init__("EasyReferenceScore", functools.partial(score_or_dead_letter, t=t, bias=bias))
+    def process(self, element, parameters: LossParameters) -> Iterator[Any]:
+        result = score_or_dead_letter(element, self._loss, parameters)
+        if isinstance(result, CorpusError):
+            Metrics.counter(NAMESPACE, f"dead_letter_{result.reason}").inc()
+            yield TaggedOutput(DEAD_LETTER, result)
+        else:
+            yield result
+
+
+class Score(beam.PTransform):
+    """(key, PredictionResult) -> scored rows (main) | CorpusError of stage embed (tagged `dead_letter`), under the
+    reference's loss family and its t and bias (a one-element PCollection, `ReadLossParameters`)."""
+
+    def __init__(self, loss: str, parameters):
+        super().__init__()
+        self._loss, self._parameters = loss, parameters
+
+    def expand(self, predictions):
+        return predictions | "EasyReferenceScore" >> beam.ParDo(
+            _ScoreFn(self._loss), AsSingleton(self._parameters)).with_outputs(DEAD_LETTER, main="main")

@@ -1,6 +1,9 @@
 """Fixtures shared by the test packages."""
 
+import os
 import socket
+
+os.environ.setdefault("KERAS_BACKEND", "jax")  # before tensorflow (and so keras) is first imported
 
 import jax
 import pytest

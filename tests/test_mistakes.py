@@ -105,7 +105,7 @@ def score_paths(tmp_path, reference_checkpoint, tiny_corpus):
 def score_argv(paths, *flags: str, **replace: str) -> list[str]:
     paths = {**paths, **replace}
     return [f"--input={paths['input']}", f"--output={paths['output']}",
-            f"--reference_checkpoint={paths['reference']}", *flags]
+            f"--reference={paths['reference']}", *flags]
 
 
 @pytest.mark.parametrize("flags, named", [
@@ -123,7 +123,7 @@ def test_score_reference_is_a_training_workdir(capsys, score_paths, reference_ch
     workdir = tmp_path / "work"
     shutil.copytree(reference_checkpoint, workdir / "model")
     line = refused(capsys, score.main, score_argv(score_paths, reference=str(workdir)))
-    assert f"did you mean --reference_checkpoint {workdir}/model" in line
+    assert f"did you mean --reference {workdir}/model" in line
     assert not os.path.exists(score_paths["output"])
 
 
@@ -173,7 +173,7 @@ def test_score_accepts_template_parameters_and_launcher_flags(score_paths):
     """What a Flex Template launcher passes: every metadata.json parameter and Dataflow's own flags."""
     flags = job_flags()
     local = {"input": score_paths["input"], "output": score_paths["output"],
-             "reference_checkpoint": score_paths["reference"]}
+             "reference": score_paths["reference"]}
     ours = [f"--{name}={local.get(name, sample(name, flags[name])[0])}"
             for name in (parameter["name"] for parameter in METADATA["parameters"])]
     launcher = ["--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/t",

@@ -33,12 +33,12 @@ def test_batches_carry_the_stored_reference_embeddings_and_truth(scored_tiny_cor
 def test_offline_filter_keeps_the_easiest_fraction(scored_tiny_corpus):
     scored, rows = stored_rows(scored_tiny_corpus)
     losses = np.array([row["ref_loss"] for row in rows.values()])
-    threshold = scored_input.ref_loss_threshold(scored.shard_paths(), 0.25)
+    threshold = scored_input.difficulty_threshold(scored.shard_paths(), 0.25)
     assert (losses <= threshold).sum() == round(0.25 * len(losses))
-    assert scored_input.ref_loss_threshold(scored.shard_paths(), 1.0) == float("inf")
+    assert scored_input.difficulty_threshold(scored.shard_paths(), 1.0) == float("inf")
     dataset = scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), batch_size=8, image_size=32,
                                                text_length=32, embed_dim=scored.embed_dim, seed=0,
-                                               max_ref_loss=threshold)
+                                               max_difficulty=threshold)
     kept = {np.asarray(row["ref_image_embedding"], np.float16).tobytes(): row["ref_loss"] for row in rows.values()}
     batches = dataset.take(2).as_numpy_iterator()
     for batch in batches:

@@ -63,8 +63,10 @@ def test_normalize_in_numpy_and_under_jit_agree(preprocessing):
 
 def test_dict_round_trip_and_refusals():
     assert ImagePreprocessing.from_dict(json.loads(json.dumps(CLIP.to_dict()))) == CLIP
-    with pytest.raises(ValueError, match="unknown keys.*'interpolation'"):
-        ImagePreprocessing.from_dict({"size": 16, "interpolation": "bicubic"})
+    with pytest.raises(ValueError, match="unknown keys.*'sharpen'"):
+        ImagePreprocessing.from_dict({"size": 16, "sharpen": True})
+    with pytest.raises(ValueError, match="unknown interpolation 'lanczos'"):
+        ImagePreprocessing.from_dict({"size": 16, "interpolation": "lanczos"})
     with pytest.raises(ValueError, match="unknown resize mode 'pad'"):
         ImagePreprocessing.from_dict({"size": 16, "resize": "pad"})
     with pytest.raises(ValueError, match="one value per RGB channel"):

@@ -26,7 +26,7 @@ PARAMETERS = {parameter["name"]: parameter for parameter in METADATA["parameters
 SAMPLES = {
     "input": "gs://my-bucket/web/*.tar",
     "output": "gs://my-bucket/scored",
-    "reference_checkpoint": "gs://my-bucket/reference/model",
+    "reference": "gs://my-bucket/reference/model",
     "output_format": "parquet,tfrecord",
     "key_field": "id",
     "image_field": "jpg,png",
@@ -94,8 +94,9 @@ def test_every_parameter_is_a_job_flag(name):
 
 def test_parameters_are_optional_exactly_when_the_flag_is():
     flags = job_flags()
-    required = sorted(name for name, action in flags.items() if action.required)
-    missing = [name for name in required if name not in PARAMETERS]
+    required = [action for action in build_parser()._actions if action.required]  # one parameter per flag and aliases
+    missing = [action.option_strings[0][2:] for action in required
+               if not any(option[2:] in PARAMETERS for option in action.option_strings)]
     assert not missing, f"required flags missing from metadata.json: {missing}"
     for name, parameter in PARAMETERS.items():
         if name in flags:

@@ -28,6 +28,7 @@ from curation import scored_shards
 from curation.corpus import CorpusError, CorpusRecord, read_shard
 from curation.corpus_writers import open_shard_writer
 from models import checkpoint
+from pipelines.references import LossParameters
 from pipelines import corpus_io, score, scored_sinks, stages
 from pipelines.jax_inference import Embeddings, PreparedExample
 
@@ -297,7 +298,8 @@ def test_score_or_dead_letter_catches_nan_and_inf():
     unit = np.ones(8, np.float32) / np.sqrt(8)
 
     def score_of(image, text):
-        return stages.score_or_dead_letter(("k", PredictionResult(example, Embeddings(image, text))), 10.0, -10.0)
+        return stages.score_or_dead_letter(("k", PredictionResult(example, Embeddings(image, text))), "sigmoid",
+                                           LossParameters(10.0, -10.0))
 
     row = score_of(unit, unit)
     assert row["ref_cosine"] == pytest.approx(1.0, abs=1e-3)

@@ -13,6 +13,7 @@ from curation.preprocess import ValidationOptions, decode_image
 from models import checkpoint
 from models.preprocessing import ImagePreprocessing
 from models.two_towers import TwoTower, init_params
+from pipelines import references
 from pipelines import score
 from pipelines.jax_inference import DualEncoderHandler, PreparedExample
 
@@ -131,7 +132,7 @@ def test_the_handler_gives_the_same_embeddings_whatever_the_batch(web_corpora, r
                                 restored.tokenizer.encode(r.caption, 32), {}) for r in records[:20]]
     zimg, ztxt, _, _ = direct_embeddings(reference_checkpoint, [r.image for r in records[:20]],
                                          [r.caption for r in records[:20]])
-    handler = DualEncoderHandler(reference_checkpoint, batch_size=8)  # a batch of 20 runs as 8 + 8 + 4 padded
+    handler = DualEncoderHandler(references.resolve(reference_checkpoint), batch_size=8)  # 20 run as 8 + 8 + 4 padded
     model = handler.load_model()
     for beam_batch in (1, 7, 20):
         results = [result for start in range(0, 20, beam_batch)
