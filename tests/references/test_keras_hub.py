@@ -55,6 +55,7 @@ def test_a_preset_scores_the_corpus_and_the_manifest_records_the_reference(name,
     assert summary["scored"] > 150
     reference, backbone = manifest.reference, keras_hub.models.Backbone.from_preset(presets[name])
     loss = "softmax" if name == "clip" else "sigmoid"
+    assert reference.id == presets[name] and reference.model["keras_hub"] == backbone.__class__.__name__
     assert reference.loss == loss and reference.width == 32 and reference.text_length == 16
     assert (reference.temperature, reference.bias) == pytest.approx(_head(backbone, loss))
     assert reference.fingerprint == references.resolve(presets[name]).info.fingerprint
