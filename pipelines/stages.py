@@ -38,8 +38,8 @@ class _OrDeadLetter(beam.DoFn):
     def __init__(self, fn: Callable[[Any], Any]):
         self._fn = fn
 
-    def process(self, element) -> Iterator[Any]:
-        result = self._fn(element)
+    def process(self, element, **side_inputs) -> Iterator[Any]:
+        result = self._fn(element, **side_inputs)
         if isinstance(result, CorpusError):
             Metrics.counter(NAMESPACE, f"dead_letter_{result.reason}").inc()
             yield TaggedOutput(DEAD_LETTER, result)
@@ -48,14 +48,16 @@ class _OrDeadLetter(beam.DoFn):
 
 
 class _Fallible(beam.PTransform):
-    """Elements -> `fn`'s results (main) | CorpusErrors (tagged `dead_letter`); unpacks as `main, dead_letter`."""
+    """Elements -> `fn`'s results (main) | CorpusErrors (tagged `dead_letter`); unpacks as `main, dead_letter`.
+    `side_inputs` (name -> Beam side input) reach `fn` as keyword arguments."""
 
-    def __init__(self, step: str, fn: Callable[[Any], Any]):
+    def __init__(self, step: str, fn: Callable[..., Any], **side_inputs):
         super().__init__()
-        self._step, self._fn = step, fn
+        self._step, self._fn, self._side_inputs = step, fn, side_inputs
 
     def expand(self, elements):
-        return elements | self._step >> beam.ParDo(_OrDeadLetter(self._fn)).with_outputs(DEAD_LETTER, main="main")
+        return elements | self._step >> beam.ParDo(_OrDeadLetter(self._fn), **self._side_inputs).with_outputs(
+            DEAD_LETTER, main="main")
 
 
 class DecodeAndValidate(_Fallible):
@@ -167,27 +169,10 @@ def score_or_dead_letter(element: tuple[str, Any], loss: str, parameters: LossPa
                        message=f"not finite: {', '.join(bad)}")
 
 
-class _ScoreFn(beam.DoFn):
-    def __init__(self, loss: str):
-        self._loss = loss
-
-    def process(self, element, parameters: LossParameters) -> Iterator[Any]:
-        result = score_or_dead_letter(element, self._loss, parameters)
-        if isinstance(result, CorpusError):
-            Metrics.counter(NAMESPACE, f"dead_letter_{result.reason}").inc()
-            yield TaggedOutput(DEAD_LETTER, result)
-        else:
-            yield result
-
-
-class Score(beam.PTransform):
+class Score(_Fallible):
     """(key, PredictionResult) -> scored rows (main) | CorpusError of stage embed (tagged `dead_letter`), under the
     reference's loss family and its t and bias (a one-element PCollection, `ReadLossParameters`)."""
 
     def __init__(self, loss: str, parameters):
-        super().__init__()
-        self._loss, self._parameters = loss, parameters
-
-    def expand(self, predictions):
-        return predictions | "EasyReferenceScore" >> beam.ParDo(
-            _ScoreFn(self._loss), AsSingleton(self._parameters)).with_outputs(DEAD_LETTER, main="main")
+        super().__init__("EasyReferenceScore", functools.partial(score_or_dead_letter, loss=loss),
+                         parameters=AsSingleton(parameters))
