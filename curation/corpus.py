@@ -65,6 +65,9 @@ class CorpusRecord:
     caption: str | bytes  # str when valid UTF-8, else the raw bytes
     source: str  # path of the shard file the record came from
     metadata: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # json member / other columns
+    # Its place in its shard's read order (`read_shard`) and the shard's item count; -1, 0: not known.
+    index: int = dataclasses.field(default=-1, compare=False)
+    shard_items: int = dataclasses.field(default=0, compare=False)
 
 
 CorpusItem = CorpusRecord | CorpusError
@@ -347,16 +350,27 @@ def check_format(format: str) -> str:
 def read_shard(
     path: str, format: str, fields: FieldNames | None = None, *, batch_rows: int = 1024
 ) -> Iterator[CorpusItem]:
-    """Records and errors of one shard file, in file order. Bad data never raises; a missing file does."""
+    """Records and errors of one shard file, in file order, each with its `index` in that order. Bad data never
+    raises; a missing file does. (The order is what a score sidecar's rows follow.)"""
     fields = fields or DEFAULT_FIELDS[check_format(format)]
     seen: set[str] = set()
-    for item in _PARSERS[format](path, fields, batch_rows=batch_rows):
+    for index, item in enumerate(_PARSERS[format](path, fields, batch_rows=batch_rows)):
         if isinstance(item, CorpusRecord):
             if item.key in seen:
                 item = _parse_error(path, item.key, DUPLICATE_KEY, "key already read from this shard")
             else:
                 seen.add(item.key)
+        object.__setattr__(item, "index", index)  # frozen, and made here: set in place rather than copied
         yield item
+
+
+def read_whole_shard(path: str, format: str, fields: FieldNames | None = None, *,
+                     batch_rows: int = 1024) -> list[CorpusItem]:
+    """`read_shard` as a list, each item also knowing how many the shard has (`shard_items`)."""
+    items = list(read_shard(path, format, fields, batch_rows=batch_rows))
+    for item in items:
+        object.__setattr__(item, "shard_items", len(items))
+    return items
 
 
 def match_shards(patterns: str | Iterable[str]) -> list[str]:

@@ -51,6 +51,9 @@ class CorpusError:
     reason: str  # one of REASONS[stage]
     message: str
     stage: str = READ
+    # Its place in its shard's read order (`corpus.read_shard`) and the shard's item count: a score sidecar's row.
+    index: int = dataclasses.field(default=-1, compare=False)
+    shard_items: int = dataclasses.field(default=0, compare=False)
 
 
 class CorpusReadError(RuntimeError):

@@ -45,6 +45,8 @@ class ValidExample:
     image: bytes  # as stored
     pixels: np.ndarray  # [H, W, 3] uint8, EXIF orientation applied
     metadata: dict[str, Any]
+    index: int = -1  # the record's place in its shard and the shard's item count (see CorpusRecord)
+    shard_items: int = 0
 
 
 _WHITESPACE = re.compile(r"\s+")
@@ -72,6 +74,15 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+_OBJECT_REPR = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+def _message(error: BaseException) -> str:
+    """The error as a dead-letter message, without object addresses (PIL names the BytesIO it read), so that two
+    runs over the same data write the same messages."""
+    return f"{type(error).__name__}: {_OBJECT_REPR.sub('', str(error))}"
+
+
 def decode_image(data: bytes, options: ValidationOptions) -> np.ndarray | tuple[str, str]:
     """[H, W, 3] uint8 RGB with EXIF orientation applied (an animated image: its first frame), or (reason,
     message). Only IMAGE_FORMATS are decoded.
@@ -88,7 +99,7 @@ def decode_image(data: bytes, options: ValidationOptions) -> np.ndarray | tuple[
         return DECOMPRESSION_BOMB, str(error)
     except Exception as error:  # PIL raises UnidentifiedImageError and others for bytes it cannot parse
         reason = CORRUPT_IMAGE if has_image_signature(data) else NOT_AN_IMAGE
-        return reason, f"{type(error).__name__}: {error}"
+        return reason, _message(error)
     max_pixels = min(options.max_image_pixels, Image.MAX_IMAGE_PIXELS or options.max_image_pixels)
     with image:
         width, height = image.size
@@ -101,7 +112,7 @@ def decode_image(data: bytes, options: ValidationOptions) -> np.ndarray | tuple[
             image = ImageOps.exif_transpose(image)
             rgb = _to_rgb(image)
         except Exception as error:  # truncated data, bad Huffman tables, broken PNG chunks ...
-            return CORRUPT_IMAGE, f"{type(error).__name__}: {error}"
+            return CORRUPT_IMAGE, _message(error)
     return np.asarray(rgb, np.uint8)
 
 
@@ -123,13 +134,14 @@ def validate_caption(caption: str | bytes, options: ValidationOptions) -> str | 
 def decode_and_validate(record: CorpusRecord, options: ValidationOptions) -> ValidExample | CorpusError:
     """The record decoded and checked, or a CorpusError with stage "caption" or "decode" (caption checked first:
     it is cheap, and a record with a bad caption need not be decoded)."""
+    place = dict(index=record.index, shard_items=record.shard_items)
     caption = validate_caption(record.caption, options)
     if isinstance(caption, tuple):
-        return CorpusError(record.key, record.source, *caption, stage=CAPTION)
+        return CorpusError(record.key, record.source, *caption, stage=CAPTION, **place)
     pixels = decode_image(record.image, options)
     if isinstance(pixels, tuple):
-        return CorpusError(record.key, record.source, *pixels, stage=DECODE)
-    return ValidExample(record.key, record.source, caption, record.image, pixels, dict(record.metadata))
+        return CorpusError(record.key, record.source, *pixels, stage=DECODE, **place)
+    return ValidExample(record.key, record.source, caption, record.image, pixels, dict(record.metadata), **place)
 
 
 def encode_jpeg(pixels: np.ndarray, size: int, quality: int = 90) -> bytes:

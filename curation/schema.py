@@ -49,6 +49,9 @@ _KINDS = {
     "binary": ("binary", "bytes"),
     "float32": ("float32", "float"),
     "embedding": ("fixed_size_list<float16>[d]", "float × d (the float16 values, widened)"),
+    # A sidecar's embeddings: null for a dead-lettered row, which a fixed-size list cannot be in Parquet as pyarrow
+    # reads it back (pyarrow 25 refuses a null fixed-size list on read).
+    "embedding_or_null": ("list<float16> (d values)", "float × d (the float16 values, widened)"),
 }
 
 
@@ -61,6 +64,8 @@ class Column:
     def arrow_type(self, embed_dim: int) -> pa.DataType:
         if self.kind == "embedding":
             return pa.list_(pa.float16(), embed_dim)
+        if self.kind == "embedding_or_null":
+            return pa.list_(pa.float16())
         return {"string": pa.string(), "binary": pa.binary(), "float32": pa.float32()}[self.kind]
 
     nullable: bool = False  # may be null (Parquet) / missing (TFRecord; parsed as NaN)
@@ -76,14 +81,14 @@ class Column:
 
     def to_feature(self, value: Any) -> Any:
         """The value as a tf.train.Example feature (bytes, float, or a list of floats)."""
-        if self.kind == "embedding":
+        if self.kind in ("embedding", "embedding_or_null"):
             return [float(v) for v in np.asarray(value, np.float32)]
         if self.kind == "float32":
             return float(value)
         return value
 
     def from_feature(self, values: list) -> Any:
-        if self.kind == "embedding":
+        if self.kind in ("embedding", "embedding_or_null"):
             return np.asarray(values, np.float32)
         if self.kind == "string":
             return values[0].decode("utf-8")
@@ -112,14 +117,84 @@ DEAD_LETTER_COLUMNS: tuple[Column, ...] = (
     Column(REASON, "string", "why, one word per rule (`curation/errors.py`)"),
     Column(MESSAGE, "string", "details"),
 )
+# A score sidecar (`--output_layout sidecar`): one row per item its input shard gave (`corpus.read_shard`), in that
+# order, without image bytes; a dead-lettered item has its reason and null scores.
+SIDECAR_COLUMNS: tuple[Column, ...] = (
+    Column(KEY, "string", "the record's key (for an item the reader could not make a record of: as the dead letter "
+                          "names it)"),
+    Column(CAPTION, "string", "the cleaned caption; null when dead-lettered", nullable=True),
+    Column(REF_IMAGE_EMBEDDING, "embedding_or_null", "the reference's image embedding, L2-normalized; null when "
+                                                     "dead-lettered", nullable=True),
+    Column(REF_TEXT_EMBEDDING, "embedding_or_null", "the reference's text embedding, L2-normalized; null when "
+                                                    "dead-lettered", nullable=True),
+    Column(REF_COSINE, "float32", "as in the copied layout; null when dead-lettered", nullable=True),
+    Column(REF_LOGIT, "float32", "as in the copied layout; null when dead-lettered", nullable=True),
+    Column(REF_LOSS, "float32", "as in the copied layout (null for a softmax reference); null when dead-lettered",
+           nullable=True),
+    Column(STAGE, "string", "null when scored, else where it failed (as in the dead letter)", nullable=True),
+    Column(REASON, "string", "null when scored, else why (as in the dead letter)", nullable=True),
+    Column(MESSAGE, "string", "null when scored, else details", nullable=True),
+)
 SCORED_NAMES = tuple(column.name for column in SCORED_COLUMNS)
+SIDECAR_NAMES = tuple(column.name for column in SIDECAR_COLUMNS)
 _BY_NAME = {column.name: column for column in SCORED_COLUMNS}
+_SIDECAR_BY_NAME = {column.name: column for column in SIDECAR_COLUMNS}
 
 
 def scored_schema(embed_dim: int) -> pa.Schema:
     """The Arrow schema of scored Parquet shards for reference embeddings of width `embed_dim`."""
     return pa.schema([(column.name, column.arrow_type(embed_dim)) for column in SCORED_COLUMNS],
                      metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)})
+
+
+def sidecar_schema(embed_dim: int) -> pa.Schema:
+    """The Arrow schema of score sidecars for reference embeddings of width `embed_dim`."""
+    return pa.schema([pa.field(column.name, column.arrow_type(embed_dim), nullable=column.nullable)
+                      for column in SIDECAR_COLUMNS], metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)})
+
+
+def sidecar_table(rows: Sequence[dict[str, Any]], embed_dim: int) -> pa.Table:
+    """Sidecar rows (dicts of the sidecar columns, absent or None for null; embeddings as [d] arrays) -> a table of
+    `sidecar_schema`, in the order given."""
+    schema = sidecar_schema(embed_dim)
+    columns = {}
+    for column in SIDECAR_COLUMNS:
+        values = [row.get(column.name) for row in rows]
+        if column.kind == "embedding_or_null":
+            present = np.array([value is not None for value in values], bool)
+            flat = np.concatenate([value for value in values if value is not None]).astype(np.float16) \
+                if present.any() else np.zeros([0], np.float16)
+            offsets = np.concatenate([[0], np.cumsum(present * embed_dim)]).astype(np.int32)
+            columns[column.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float16()),
+                                                            mask=pa.array(~present))
+        else:
+            columns[column.name] = pa.array(values, column.arrow_type(embed_dim))
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def sidecar_embeddings(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """([n, d] float16 of a sidecar's embedding column, zeros where null; [n] bool, True where present)."""
+    column = table.column(name).combine_chunks()
+    present = ~np.asarray(column.is_null().to_numpy(zero_copy_only=False), bool)
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    width = len(values) // max(int(present.sum()), 1)
+    matrix = np.zeros([len(column), width], np.float16)
+    matrix[present] = values.reshape(-1, width) if present.any() else matrix[present]
+    return matrix, present
+
+
+def encode_sidecar_example(row: dict[str, Any]) -> bytes:
+    """One sidecar row -> a serialized tf.train.Example (null columns absent)."""
+    return tfrecord.encode_example({column.name: column.to_feature(row[column.name]) for column in SIDECAR_COLUMNS
+                                    if row.get(column.name) is not None})
+
+
+def decode_sidecar_example(data: bytes) -> dict[str, Any]:
+    """A serialized sidecar tf.train.Example -> the row (absent columns None)."""
+    features = tfrecord.decode_example(data)
+    row = {name: _SIDECAR_BY_NAME[name].from_feature(values) for name, values in features.items()
+           if name in _SIDECAR_BY_NAME}
+    return {**{name: None for name in SIDECAR_NAMES}, **row}
 
 
 def dead_letter_schema() -> pa.Schema:
@@ -181,10 +256,10 @@ def dead_letter_rows(errors: Iterable[Any]) -> list[dict[str, str]]:
     return [{column.name: getattr(error, column.name) for column in DEAD_LETTER_COLUMNS} for error in errors]
 
 
-def markdown_table() -> str:
-    """The README's table of the scored columns."""
+def markdown_table(columns: Sequence[Column] = SCORED_COLUMNS) -> str:
+    """The README's table of the scored columns (or of the sidecar's, `SIDECAR_COLUMNS`)."""
     lines = ["| column | Parquet type | TFRecord feature | meaning |", "|---|---|---|---|"]
-    for column in SCORED_COLUMNS:
+    for column in columns:
         arrow, feature = _KINDS[column.kind]
         arrow, feature = (f"{arrow} (nullable)", f"{feature} (absent when null)") if column.nullable else (arrow, feature)
         lines.append(f"| `{column.name}` | {arrow} | {feature} | {column.meaning} |")

@@ -1,7 +1,8 @@
 """Training input from scored shards: super-batches carrying the reference embeddings the scoring job stored.
 
 The same deterministic, resumable stream as `input_pipeline.make_dataset` (seeded shard and record order, a data
-position on every batch), over the Parquet shards the manifests under a scored output list. Besides the image and
+position on every batch), over the Parquet shards the manifests under a scored output list, or (sidecar layout)
+over the input shards of the corpus, each read together with its score sidecar. Besides the image and
 tokens each example brings `ref_zimg`, `ref_ztxt` (float32 of the stored float16) and `clean` (1/0 from the demo
 corpus's hidden truth, −1 when a corpus has none: analysis only, never an input to selection).
 """
@@ -16,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from curation import schema, scored_shards
+from curation.corpus import CorpusRecord, FieldNames, read_shard
 from curation.input_pipeline import DataPosition, decoded_batches, record_stream
 from curation.preprocess import ValidationOptions
 from curation.selection import offline_filter
@@ -33,11 +35,14 @@ class ScoredExample:
     clean: int  # 1 clean, 0 noisy, −1 unknown (from metadata "truth")
 
 
-def _clean_flag(metadata: str) -> int:
-    try:
-        truth = json.loads(metadata).get("truth") if metadata else None
-    except ValueError:
-        truth = None
+def _clean_flag(metadata: str | dict) -> int:
+    """From an example's metadata (a dict, or its JSON as a scored shard stores it)."""
+    if isinstance(metadata, str):
+        try:
+            metadata = json.loads(metadata) if metadata else {}
+        except ValueError:
+            metadata = {}
+    truth = metadata.get("truth") if isinstance(metadata, dict) else None
     return -1 if truth is None else int(truth == "clean")
 
 
@@ -46,7 +51,7 @@ def _difficulty(table, loss_family: str) -> np.ndarray:
     reference; minus the stored cosine of a softmax (CLIP) one, which has no per-example loss (DataComp's CLIP
     score). For a sigmoid reference the two order examples alike (the loss falls as the cosine rises, t > 0)."""
     if loss_family == "softmax":
-        return -table.column(schema.REF_COSINE).to_numpy().astype(np.float64)
+        return -table.column(schema.REF_COSINE).to_numpy(zero_copy_only=False).astype(np.float64)
     return table.column(schema.REF_LOSS).to_numpy(zero_copy_only=False).astype(np.float64)
 
 
@@ -62,14 +67,62 @@ def read_scored_examples(path: str, loss_family: str = "sigmoid") -> list[Scored
                           _clean_flag(metadata[i])) for i in range(table.num_rows)]
 
 
-def difficulty_threshold(shards: list[str], keep_fraction: float, loss_family: str = "sigmoid") -> float:
+@dataclasses.dataclass(frozen=True)
+class SidecarShard:
+    """An input shard of the corpus and its score sidecar, read together (the sidecar layout): what the scoring job
+    read from the shard, item for item, as it read it."""
+
+    corpus: str
+    sidecar: str
+    format: str
+    fields: FieldNames
+
+
+def read_sidecar_examples(shard: SidecarShard, loss_family: str = "sigmoid") -> list[ScoredExample | None]:
+    """The items of an input shard, in its order, as ScoredExamples with the sidecar's scores; None for an item its
+    sidecar dead-lettered. Raises ScoredShardsError naming the shard when the two do not line up (a row count or a
+    key that differs: the shard changed after it was scored)."""
+    items = list(read_shard(shard.corpus, shard.format, shard.fields))
+    table = scored_shards.read_sidecar(shard.sidecar)
+    if table.num_rows != len(items):
+        raise scored_shards.ScoredShardsError(
+            f"{shard.corpus} gives {len(items)} items but its sidecar {shard.sidecar} has {table.num_rows} rows: the "
+            "shard changed after it was scored; score it again (python -m pipelines.score --incremental)")
+    keys = table.column(schema.KEY).to_pylist()
+    for index, (item, key) in enumerate(zip(items, keys)):
+        if item.key != key:
+            raise scored_shards.ScoredShardsError(
+                f"item {index} of {shard.corpus} has key {item.key!r} but row {index} of its sidecar {shard.sidecar} "
+                f"has {key!r}: the shard changed after it was scored; score it again")
+    zimg, present = schema.sidecar_embeddings(table, schema.REF_IMAGE_EMBEDDING)
+    ztxt, _ = schema.sidecar_embeddings(table, schema.REF_TEXT_EMBEDDING)
+    captions = table.column(schema.CAPTION).to_pylist()
+    difficulty = _difficulty(table, loss_family)
+    return [ScoredExample(items[i].key, items[i].image, captions[i], zimg[i], ztxt[i], float(difficulty[i]),
+                          _clean_flag(items[i].metadata))
+            if present[i] and isinstance(items[i], CorpusRecord) else None for i in range(len(items))]
+
+
+def _scores_path(shard: str | SidecarShard) -> str:
+    return shard.sidecar if isinstance(shard, SidecarShard) else shard
+
+
+def read_examples(shard: str | SidecarShard, loss_family: str = "sigmoid") -> list[ScoredExample | None]:
+    """The examples of a scored Parquet shard, or of an input shard and its sidecar."""
+    if isinstance(shard, SidecarShard):
+        return read_sidecar_examples(shard, loss_family)
+    return read_scored_examples(shard, loss_family)
+
+
+def difficulty_threshold(shards: list[str | SidecarShard], keep_fraction: float, loss_family: str = "sigmoid") -> float:
     """The difficulty (`_difficulty`) at or under which the easiest `keep_fraction` of examples lie (offline
-    filtering, DataComp's CLIP-score filter); inf keeps everything."""
+    filtering, DataComp's CLIP-score filter); inf keeps everything. Dead-lettered rows of sidecars do not count."""
     if keep_fraction >= 1.0:
         return float("inf")
     column = schema.REF_COSINE if loss_family == "softmax" else schema.REF_LOSS
-    difficulty = np.concatenate([_difficulty(scored_shards.read_scored_parquet(path, [column]), loss_family)
-                                 for path in shards])
+    difficulty = np.concatenate([_difficulty(scored_shards.read_scored_parquet(_scores_path(path), [column]),
+                                             loss_family) for path in shards])
+    difficulty = difficulty[np.isfinite(difficulty)]
     keep = offline_filter(-difficulty, keep_fraction)  # higher score = easier
     if not keep.any():
         raise ValueError(f"keep fraction {keep_fraction} keeps none of {len(difficulty)} examples")
@@ -77,7 +130,7 @@ def difficulty_threshold(shards: list[str], keep_fraction: float, loss_family: s
 
 
 def make_scored_dataset(
-    shards: list[str],
+    shards: list[str | SidecarShard],
     tokenizer,
     *,
     batch_size: int,
@@ -102,9 +155,9 @@ def make_scored_dataset(
                  "clean": tf.TensorSpec([], tf.int32)}
 
     def examples():
-        reader = functools.partial(read_scored_examples, loss_family=loss_family)
+        reader = functools.partial(read_examples, loss_family=loss_family)
         for item, position in record_stream(shards, "parquet", seed, start, reader=reader):
-            if item.difficulty > max_difficulty:
+            if item is None or item.difficulty > max_difficulty:  # dead-lettered (a sidecar's row), or filtered
                 yield None, None, position, {}
                 continue
             extras = {"ref_zimg": item.ref_zimg.astype(np.float32), "ref_ztxt": item.ref_ztxt.astype(np.float32),

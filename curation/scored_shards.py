@@ -8,6 +8,18 @@ An output directory holds one folder per scoring batch (a run of the job), each 
         dead_letter-00000-of-00001.parquet  what could not be scored, with a reason
         _MANIFEST.json                    written last and atomically: the batch exists once this file does
 
+or, with `--output_layout sidecar`, beside a corpus that is never copied, one score sidecar per input shard:
+
+    OUTPUT/batch-20261126T101500Z-3f9a/
+        sidecars/00012-5be1c0d2.parquet   a row per item of input shard …/00012.tar, in its order (schema.SIDECAR_COLUMNS)
+        _MANIFEST.json                    input shard -> its sidecar (path relative to OUTPUT)
+
+A sidecar is written atomically as soon as its shard is scored and records in its own footer what it is (the input
+shard's path, size and modification time, the reference fingerprint, the options, its counts), so it counts as done
+by itself: a run that dies leaves finished sidecars that the next run of the same reference and options adopts
+instead of scoring their shards again (`resumable_sidecars`). When a shard is scored again the newest batch's
+sidecar wins.
+
 Readers open only the shards a manifest lists and refuse batches of an unknown schema version or of another
 reference fingerprint. A batch folder without a manifest is unfinished (its run died, failed its
 --max_bad_fraction check, or is still running): no reader opens it, `--incremental` does not count its input
@@ -24,11 +36,12 @@ and any of its output files may hold an input shard's records). The shard column
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import posixpath
 import uuid
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -49,6 +62,12 @@ OUTPUT_FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
 TEMPORARY_PREFIXES = ("beam-temp-", f".{MANIFEST_NAME}.")  # Beam's FileBasedSink, write_manifest
 DONE, FAILED = "done", "failed"  # status of an input shard
+# Parquet as the job writes it: zstd, and row groups large enough for scans (see README, "Output layouts").
+PARQUET_COMPRESSION = "zstd"
+ROW_GROUP_BYTES = 64 << 20
+LAYOUTS = ("copied", "sidecar")  # --output_layout
+SIDECAR_DIR = "sidecars"
+SIDECAR_KEY = b"jest_sidecar"  # Parquet key-value metadata of a sidecar: its SidecarInfo as JSON
 
 
 class ScoredShardsError(ValueError):
@@ -108,6 +127,7 @@ class InputShard:
     size_bytes: int = -1  # -1: not recorded; with `modified`, what makes --incremental score a changed shard again
     outputs: list[str] = dataclasses.field(default_factory=list)  # scored files (in the batch) holding its records
     modified: float = -1.0  # modification time (seconds since the epoch) as the filesystem reported it; -1: not known
+    sidecar: str = ""  # sidecar layout: its score sidecar, relative to the output folder (maybe another batch's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,10 +143,32 @@ class Options:
     # Embeddings are byte-identical between runs at the same inference batch size (pipelines/jax_inference.py).
     inference_batch_size: int = 256
     note: str = ""  # how a batch was derived, when not by the job
+    output_layout: str = "copied"  # or "sidecar": scores beside the corpus, one file per input shard
+    # How the corpus was read (--key_field, --image_field, --caption_field; empty: the format's defaults), so that
+    # a reader of sidecars reads the input shards item for item as the job did.
+    key_field: str = ""
+    image_field: list[str] = dataclasses.field(default_factory=list)
+    caption_field: list[str] = dataclasses.field(default_factory=list)
 
     def validation(self) -> ValidationOptions:
         """The decode and caption rules the batch was scored under (a reader decoding its images applies them)."""
         return ValidationOptions(self.max_image_pixels, self.min_image_size, self.max_caption_chars)
+
+    def fields(self):
+        """The corpus FieldNames the job read the input shards with."""
+        from curation.corpus import DEFAULT_FIELDS, FieldNames
+
+        default = DEFAULT_FIELDS[self.input_format]
+        return FieldNames(self.key_field or default.key, tuple(self.image_field) or default.image,
+                          tuple(self.caption_field) or default.caption)
+
+    def scoring(self) -> dict[str, Any]:
+        """What decides a sidecar's content besides its shard and reference: a sidecar written under other values
+        is not adopted by a resumed run."""
+        values = dataclasses.asdict(self)
+        for name in ("store_image", "stored_image_size", "note", "output_layout"):
+            values.pop(name)
+        return values
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,6 +218,16 @@ class Manifest:
     def shard_paths(self, format: str = "parquet") -> list[str]:
         suffix = _SUFFIX[format]
         return [posixpath.join(self.batch_dir, name) for name in self.shards if name.endswith(suffix)]
+
+    @property
+    def output(self) -> str:
+        """The output folder the batch is in."""
+        return posixpath.dirname(self.batch_dir.rstrip("/"))
+
+    def sidecars(self) -> dict[str, str]:
+        """Sidecar layout: input shard path -> the full path of its Parquet sidecar (shards done only)."""
+        return {shard.path: posixpath.join(self.output, shard.sidecar) for shard in self.input_shards
+                if shard.status == DONE and shard.sidecar}
 
 
 def reference_from_model(id: str, fingerprint: str, config: ModelConfig, tokenizer: str, temperature: float,
@@ -251,16 +303,22 @@ def unfinished_batches(output: str) -> list[str]:
                   if posixpath.join(folder, MANIFEST_NAME) not in paths)
 
 
-def remove_unfinished(output: str, before: str) -> list[str]:
+def remove_unfinished(output: str, before: str, keep: Iterable[str] = ()) -> list[str]:
     """Delete the unfinished batch folders named (by time) before the batch name `before`, and the temporary files
     left in finished ones; returns what was deleted. Only safe when no run that started earlier is still writing
-    to `output`: its batch folder has no manifest yet either."""
+    to `output`: its batch folder has no manifest yet either. Sidecars a manifest lists (a resumed run adopts the
+    finished sidecars of the run it resumes), and the paths in `keep`, stay: of such a folder only the rest goes."""
     cutoff = before[: len(BATCH_PREFIX) + len("YYYYmmddTHHMMSSZ")]
+    kept = set(keep) | {path for manifest in read_manifests(output) for path in manifest.sidecars().values()}
+    kept |= {path[: -len(_SUFFIX["parquet"])] + _SUFFIX["tfrecord"] for path in kept}  # a TFRecord twin too
     doomed: dict[str, list[str]] = {}  # file or folder -> the files under it
     for folder, paths in sorted(_batch_folders(output).items()):
         if posixpath.join(folder, MANIFEST_NAME) not in paths:
             if posixpath.basename(folder) < cutoff:
-                doomed[folder] = paths
+                if any(path in kept for path in paths):
+                    doomed.update({path: [path] for path in paths if path not in kept})
+                else:
+                    doomed[folder] = paths
             continue
         for path in paths:
             top = path[len(folder) + 1:].split("/", 1)[0]
@@ -290,6 +348,23 @@ class ScoredSet:
 
     def shard_paths(self, format: str = "parquet") -> list[str]:
         return [path for manifest in self.manifests for path in manifest.shard_paths(format)]
+
+    @property
+    def layout(self) -> str:
+        """"copied" or "sidecar"; a reader takes one layout per output (ScoredShardsError when they are mixed)."""
+        layouts = {manifest.options.output_layout for manifest in self.manifests}
+        if len(layouts) > 1:
+            raise ScoredShardsError(f"{self.manifests[0].output} holds batches of both output layouts "
+                                    f"{sorted(layouts)}; score into separate outputs")
+        return layouts.pop()
+
+    def sidecar_pairs(self) -> list[tuple[str, str, Options]]:
+        """(input shard, its sidecar, the options it was scored under) for every input shard of the sidecar
+        batches, the newest batch's sidecar where a shard was scored more than once; sorted by input shard."""
+        newest: dict[str, tuple[str, Options]] = {}
+        for manifest in self.manifests:  # oldest first
+            newest.update({shard: (sidecar, manifest.options) for shard, sidecar in manifest.sidecars().items()})
+        return [(shard, sidecar, options) for shard, (sidecar, options) in sorted(newest.items())]
 
     @property
     def scored(self) -> int:
@@ -362,3 +437,85 @@ def write_scored_batch(output: str, name: str, table: pa.Table, manifest: Manife
     write_manifest(batch_dir, dataclasses.replace(manifest, shards=[shard], dead_letter_shards=[],
                                                   output_formats=["parquet"], batch_dir=""))
     return batch_dir
+
+
+# --- Score sidecars (--output_layout sidecar) -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SidecarInfo:
+    """What a sidecar's footer says of it: enough to adopt it, without a manifest, in a resumed run."""
+
+    input_shard: str  # canonical path of the input shard
+    size_bytes: int
+    modified: float
+    reference_fingerprint: str
+    scoring: dict[str, Any]  # Options.scoring() of the run that wrote it
+    read: int  # rows = items of the input shard
+    scored: int
+    dead_letter: dict[str, int]
+    batch: str  # name of the batch folder it was written in
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> "SidecarInfo":
+        return _typed(cls, json.loads(text), where)
+
+
+def sidecar_name(input_shard: str) -> str:
+    """File name of an input shard's sidecar: its stem and a hash of its path (stems repeat across folders)."""
+    from curation.corpus import shard_stem
+
+    return f"{shard_stem(input_shard)}-{hashlib.sha1(input_shard.encode('utf-8')).hexdigest()[:8]}"
+
+
+def write_sidecar(path: str, table: pa.Table, info: SidecarInfo, row_group_rows: int = 16384) -> str:
+    """Write a sidecar table (zstd, row groups of `row_group_rows`) with `info` in its footer, atomically: to a
+    temporary name, then renamed, so that a sidecar that exists is whole."""
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), SIDECAR_KEY: info.to_json().encode()})
+    temporary = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
+    with FileSystems.create(temporary) as f:
+        pq.write_table(table, f, compression=PARQUET_COMPRESSION, row_group_size=row_group_rows)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+    return path
+
+
+def read_sidecar_info(path: str) -> SidecarInfo:
+    """The SidecarInfo in a sidecar's footer (reads the footer only)."""
+    try:
+        with FileSystems.open(path) as f:
+            metadata = pq.read_schema(f).metadata or {}
+    except (OSError, pa.ArrowException) as error:
+        raise ScoredShardsError(f"score sidecar {path} cannot be read: {error}") from error
+    if SIDECAR_KEY not in metadata:
+        raise ScoredShardsError(f"{path} is not a score sidecar (no {SIDECAR_KEY.decode()} in its footer)")
+    return SidecarInfo.from_json(metadata[SIDECAR_KEY].decode("utf-8"), path)
+
+
+def resumable_sidecars(output: str, fingerprint: str, scoring: dict[str, Any]) -> dict[str, tuple[str, SidecarInfo]]:
+    """Finished sidecars that runs which never wrote their manifest left under `output` (they died, or were killed)
+    and that were scored by reference `fingerprint` under `scoring` (Options.scoring()): input shard -> (its path
+    relative to `output`, what its footer says); the newest where a shard has several."""
+    found: dict[str, tuple[str, SidecarInfo]] = {}
+    output = output.rstrip("/")
+    for folder in unfinished_batches(output):
+        pattern = posixpath.join(folder, SIDECAR_DIR, "*.parquet")
+        for metadata in FileSystems.match([pattern])[0].metadata_list:
+            if posixpath.basename(metadata.path).startswith("."):
+                continue
+            try:
+                info = read_sidecar_info(metadata.path)
+            except ScoredShardsError:
+                continue
+            if info.reference_fingerprint == fingerprint and info.scoring == scoring:
+                found[info.input_shard] = (metadata.path[len(output) + 1:], info)
+    return found
+
+
+def read_sidecar(path: str, columns: list[str] | None = None) -> pa.Table:
+    """One Parquet score sidecar as a pyarrow Table (through FileSystems)."""
+    return read_scored_parquet(path, columns)

@@ -36,7 +36,7 @@ def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator
 class TrainingData:
     """Where a run's examples come from: a corpus split, or scored shards (with reference embeddings)."""
 
-    shards: list[str]
+    shards: list  # shard paths; scored Parquet shards; or scored_input.SidecarShard (corpus shard + its sidecar)
     format: str
     scored: scored_shards.ScoredSet | None = None
     max_difficulty: float = float("inf")  # offline filtering: see scored_input.difficulty_threshold
@@ -53,12 +53,19 @@ class TrainingData:
         if scored.scored == 0:
             raise ValueError(f"the scored batches under {scored_dir} hold no scored example (see their manifests' "
                              "counts and dead letter): nothing to train on")
-        no_images = [m.batch_dir for m in scored.manifests if m.options.store_image == "none"]
-        if no_images:
-            raise ValueError(f"scored batches {no_images} were written with --store_image=none: nothing to train on")
-        shards = scored.shard_paths("parquet")
-        if not shards:
-            raise ValueError(f"no Parquet scored shards under {scored_dir} (score with --output_format parquet)")
+        if scored.layout == "sidecar":
+            shards = [scored_input.SidecarShard(corpus, sidecar, options.input_format, options.fields())
+                      for corpus, sidecar, options in scored.sidecar_pairs()]
+            if not shards:
+                raise ValueError(f"the sidecar batches under {scored_dir} list no scored input shard")
+        else:
+            no_images = [m.batch_dir for m in scored.manifests if m.options.store_image == "none"]
+            if no_images:
+                raise ValueError(f"scored batches {no_images} were written with --store_image=none: nothing to train "
+                                 "on (score with --output_layout sidecar to train from the corpus itself)")
+            shards = scored.shard_paths("parquet")
+            if not shards:
+                raise ValueError(f"no Parquet scored shards under {scored_dir} (score with --output_format parquet)")
         if config.selection != "none":
             from curation.jest import selection_loss
 
@@ -68,8 +75,10 @@ class TrainingData:
 
     def captions(self) -> Iterator[str]:
         if self.scored is not None:
-            for path in self.shards:
-                yield from scored_shards.read_scored_parquet(path, [schema.CAPTION]).column(schema.CAPTION).to_pylist()
+            for shard in self.shards:
+                path = shard.sidecar if isinstance(shard, scored_input.SidecarShard) else shard
+                captions = scored_shards.read_scored_parquet(path, [schema.CAPTION]).column(schema.CAPTION).to_pylist()
+                yield from (caption for caption in captions if caption is not None)
             return
         for shard in self.shards:
             for item in input_pipeline.read_shard(shard, self.format):

@@ -16,7 +16,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 
 from curation.corpus import (DEFAULT_FIELDS, FORMATS, CorpusError, CorpusRecord, FieldNames, check_format,
-                             is_shard_failure, match_shards, read_shard)
+                             is_shard_failure, match_shards, read_whole_shard)
 
 METRICS_NAMESPACE = "corpus"
 
@@ -33,15 +33,16 @@ class _ReadShardFn(beam.DoFn):
     A shard's items are held until its end has been read, so that no record of a partly read shard goes on: one
     shard per worker thread is in memory at a time."""
 
-    def __init__(self, format: str, fields: FieldNames | None, batch_rows: int):
+    def __init__(self, format: str, fields: FieldNames | None, batch_rows: int, errors_inline: bool = False):
         self._format, self._fields, self._batch_rows = format, fields, batch_rows
+        self._errors_inline = errors_inline
         self._shards = Metrics.counter(METRICS_NAMESPACE, "shards_read")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "shards_failed")
         self._records = Metrics.counter(METRICS_NAMESPACE, "records_read")
 
     def process(self, path: str) -> Iterator[CorpusRecord | TaggedOutput]:
         try:
-            items = list(read_shard(path, self._format, self._fields, batch_rows=self._batch_rows))
+            items = read_whole_shard(path, self._format, self._fields, batch_rows=self._batch_rows)
         except OSError as error:
             raise ShardReadError(f"cannot read input shard {path}: {type(error).__name__}: {error}") from error
         failure = next((item for item in items if is_shard_failure(item)), None)
@@ -53,7 +54,7 @@ class _ReadShardFn(beam.DoFn):
         for item in items:
             if isinstance(item, CorpusError):
                 Metrics.counter(METRICS_NAMESPACE, f"errors_{item.reason}").inc()
-                yield TaggedOutput(ReadCorpus.ERRORS, item)
+                yield item if self._errors_inline else TaggedOutput(ReadCorpus.ERRORS, item)
             else:
                 self._records.inc()
                 yield item
@@ -66,6 +67,8 @@ class ReadCorpus(beam.PTransform):
     whole; `CorpusError`s of their records (orphan members, duplicate keys, corrupt frames...); and one `CorpusError`
     per shard that could not be read to the end (not the declared format, truncated, framing lost), whose records
     are all held back. Counters in namespace "corpus": shards_read, shards_failed, records_read, and errors_<reason>.
+    Every item knows its place in its shard (`index`, `shard_items`). With `errors_inline` the record errors stay
+    in the records' stream, in their place (for score sidecars, which hold a row per item), and `errors` is empty.
     """
 
     RECORDS = "records"
@@ -79,6 +82,7 @@ class ReadCorpus(beam.PTransform):
         fields: FieldNames | None = None,
         *,
         batch_rows: int = 1024,
+        errors_inline: bool = False,
     ):
         super().__init__()
         self._patterns = (file_patterns,) if isinstance(file_patterns, str) else tuple(file_patterns)
@@ -87,6 +91,7 @@ class ReadCorpus(beam.PTransform):
         self._format = check_format(format)
         self._fields = fields
         self._batch_rows = batch_rows
+        self._errors_inline = errors_inline
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
         return (
@@ -95,7 +100,7 @@ class ReadCorpus(beam.PTransform):
             | "MatchShards" >> beam.FlatMap(match_shards)
             | "SpreadShards" >> beam.Reshuffle()
             | "ParseShards"
-            >> beam.ParDo(_ReadShardFn(self._format, self._fields, self._batch_rows)).with_outputs(
+            >> beam.ParDo(_ReadShardFn(self._format, self._fields, self._batch_rows, self._errors_inline)).with_outputs(
                 self.ERRORS, self.FAILED_SHARDS, main=self.RECORDS
             )
         )

@@ -39,6 +39,8 @@ class PreparedExample:
     pixels: np.ndarray  # [S, S, 3] uint8, resized as the reference's preprocessing declares
     tokens: np.ndarray  # [L] int32
     metadata: dict[str, Any]
+    index: int = -1  # its place in its shard and the shard's item count (see curation.corpus.CorpusRecord)
+    shard_items: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,16 +68,19 @@ class DualEncoderHandler(ModelHandler[PreparedExample, PredictionResult, LoadedR
 
     def run_inference(self, batch: Sequence[PreparedExample], model: LoadedReference,
                       inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
-        if not batch:
-            return []
-        pixels = np.stack([example.pixels for example in batch])
-        tokens = np.stack([example.tokens for example in batch])
-        zimg, ztxt = model.embed(pixels, tokens)
-        return [PredictionResult(example, Embeddings(zimg[i], ztxt[i]), self._reference.info.id)
-                for i, example in enumerate(batch)]
+        # A CorpusError in the batch (errors kept inline, for score sidecars) passes with no inference.
+        prepared = [example for example in batch if isinstance(example, PreparedExample)]
+        embedded = iter(())
+        if prepared:
+            zimg, ztxt = model.embed(np.stack([example.pixels for example in prepared]),
+                                     np.stack([example.tokens for example in prepared]))
+            embedded = (Embeddings(zimg[i], ztxt[i]) for i in range(len(prepared)))
+        return [PredictionResult(example, next(embedded) if isinstance(example, PreparedExample) else None,
+                                 self._reference.info.id) for example in batch]
 
     def get_num_bytes(self, batch: Sequence[PreparedExample]) -> int:
-        return sum(example.pixels.nbytes + example.tokens.nbytes for example in batch)
+        return sum(example.pixels.nbytes + example.tokens.nbytes for example in batch
+                   if isinstance(example, PreparedExample))
 
     def get_metrics_namespace(self) -> str:
         return "reference_model"

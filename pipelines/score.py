@@ -53,7 +53,8 @@ from curation.preprocess import ValidationOptions
 from pipelines import references
 from pipelines.corpus_io import ReadCorpus, add_reader_arguments, reader_options
 from pipelines.jax_inference import DualEncoderHandler
-from pipelines.scored_sinks import WriteDeadLetter, WriteManifest, WriteScoredShards
+from pipelines.scored_sinks import (SidecarWritten, WriteDeadLetter, WriteManifest, WriteScoredShards,
+                                    WriteSidecarManifest, WriteSidecars)
 from pipelines.stages import (STORE_IMAGE, DecodeAndValidate, EmbedWithReference, Preprocess, ReadLossParameters,
                               Score)
 
@@ -83,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "keras-hub preset folder (local or gs://)")
     parser.add_argument("--output_format", default="parquet",
                         help="comma-separated: parquet, tfrecord (default parquet)")
+    parser.add_argument("--output_layout", choices=scored_shards.LAYOUTS, default="copied",
+                        help="copied: scored shards holding the examples (images too, --store_image); sidecar: one "
+                             "score file per input shard, row i for its record i, beside a corpus that is not "
+                             "copied (a run that dies resumes from the sidecars it finished)")
     parser.add_argument("--store_image", choices=STORE_IMAGE, default="as_stored",
                         help="image bytes in the scored shards: as stored, re-encoded JPEG, or none")
     parser.add_argument("--stored_image_size", type=int, default=64, help="side of re-encoded images (resized)")
@@ -207,6 +212,9 @@ def check_arguments(args: argparse.Namespace, beam_args: list[str]) -> reference
                              f"glob of its shards, e.g. --input '{directories[0].rstrip('/')}/*'")
     if os.path.isfile(args.output):
         raise SystemExit(f"--output {args.output} is a file; give a directory")
+    if args.output_layout == "sidecar" and (args.store_image != "as_stored" or args.num_output_shards):
+        raise SystemExit("--store_image and --num_output_shards shape the copied layout; --output_layout sidecar "
+                         "writes one sidecar per input shard and no image: drop them")
     if args.model_copies < 0:
         raise SystemExit(f"--model_copies {args.model_copies}: give a positive count (or 0 for Beam's default)")
     return check_reference(args.reference)
@@ -243,10 +251,13 @@ def _already_scored(shard: tuple[str, int, float], recorded: dict[str, scored_sh
     return same_size and same_time
 
 
-def plan_batch(args: argparse.Namespace, fingerprint: str) -> tuple[list[tuple[str, int, float]], list[str]]:
-    """(identities of the input shards to score now, paths skipped as already scored). Refuses to mix references
-    or to re-score into an output that already holds batches unless --incremental. A shard an earlier batch marked
-    failed is scored again, unless --skip_failed_shards."""
+def plan_batch(args: argparse.Namespace, fingerprint: str, options: scored_shards.Options | None = None
+               ) -> tuple[list[tuple[str, int, float]], list[str], dict[str, Any]]:
+    """(identities of the input shards to score now, paths skipped as already scored, input shard -> the finished
+    sidecar of a run that died, to adopt). Refuses to mix references or to re-score into an output that already
+    holds batches unless --incremental. A shard an earlier batch marked failed is scored again, unless
+    --skip_failed_shards. Sidecars are adopted (sidecar layout) when they hold the very shard, scored by this
+    reference under the same `options`."""
     shards = match_shards([pattern for value in args.input for pattern in value.split(",") if pattern])
     not_utf8 = [ascii(shard) for shard in shards if valid_unicode(shard) != shard]
     if not_utf8:  # a local file name; Beam carries paths as UTF-8 text and would fail on it mid-job
@@ -264,7 +275,15 @@ def plan_batch(args: argparse.Namespace, fingerprint: str) -> tuple[list[tuple[s
                 for shard in m.input_shards if shard.status in counted}
     identities = shard_identities(shards)
     todo = [shard for shard in identities if not _already_scored(shard, recorded)]
-    return todo, [shard[0] for shard in identities if _already_scored(shard, recorded)]
+    skipped = [shard[0] for shard in identities if _already_scored(shard, recorded)]
+    adopted: dict[str, Any] = {}
+    if options is not None and options.output_layout == "sidecar":
+        finished = scored_shards.resumable_sidecars(args.output, fingerprint, options.scoring())
+        for path, size, modified in todo:
+            found = finished.get(path)
+            if found is not None and (found[1].size_bytes, found[1].modified) == (size, modified):
+                adopted[path] = found
+    return [shard for shard in todo if shard[0] not in adopted], skipped, adopted
 
 
 def parse_formats(text: str) -> list[str]:
@@ -287,34 +306,61 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     formats = parse_formats(args.output_format)
     created = datetime.datetime.now(datetime.timezone.utc)
     batch_dir = posixpath.join(args.output, scored_shards.new_batch_name(created.strftime("%Y%m%dT%H%M%SZ")))
+    reader = reader_options(args)
+    fields = reader["fields"]
+    options = scored_shards.Options(
+        store_image=args.store_image if args.output_layout == "copied" else "none",
+        stored_image_size=args.stored_image_size, input_format=args.input_format,
+        max_caption_chars=args.max_caption_chars, min_image_size=args.min_image_size,
+        max_image_pixels=args.max_image_pixels, inference_batch_size=args.inference_batch_size,
+        output_layout=args.output_layout, key_field=fields.key, image_field=list(fields.image),
+        caption_field=list(fields.caption))
+    todo, skipped, adopted = plan_batch(args, reference.fingerprint, options)
     if args.clean_unfinished:
-        for path in scored_shards.remove_unfinished(args.output, before=posixpath.basename(batch_dir)):
+        keep = [posixpath.join(args.output, relative) for relative, _ in adopted.values()]
+        for path in scored_shards.remove_unfinished(args.output, before=posixpath.basename(batch_dir), keep=keep):
             log.info("removed unfinished or temporary %s", path)
-    todo, skipped = plan_batch(args, reference.fingerprint)
     if skipped:
         log.info("skipping %d input shard(s) already scored by this reference", len(skipped))
-    if not todo:
+    if adopted:
+        log.info("resuming: %d input shard(s) have finished sidecars from a run that did not finish (%s); scoring "
+                 "the other %d", len(adopted), ", ".join(sorted({info.batch for _, info in adopted.values()})),
+                 len(todo))
+    if not todo and not adopted:
         log.info("nothing to score: every input shard is in a batch under %s", args.output)
         return {"batch_dir": None, "read": 0, "scored": 0, "dead_letter": {}, "skipped_shards": len(skipped)}
 
     template = {
         "schema_version": schema.SCHEMA_VERSION, "created": created.isoformat(), "reference": reference,
-        "output_formats": formats,
-        "options": scored_shards.Options(
-            store_image=args.store_image, stored_image_size=args.stored_image_size, input_format=args.input_format,
-            max_caption_chars=args.max_caption_chars, min_image_size=args.min_image_size,
-            max_image_pixels=args.max_image_pixels, inference_batch_size=args.inference_batch_size),
+        "output_formats": formats, "options": options,
     }
     validation = ValidationOptions(args.max_image_pixels, args.min_image_size, args.max_caption_chars)
     handler = DualEncoderHandler(reference_model, args.inference_batch_size, large_model=args.large_model,
                                  model_copies=args.model_copies or None)
-    options = PipelineOptions(beam_args if any(a.startswith("--runner") for a in beam_args)
-                              else [*beam_args, "--runner=FnApiRunner"])
-    options.view_as(SetupOptions).save_main_session = False
-    reader = reader_options(args)
+    beam_options = PipelineOptions(beam_args if any(a.startswith("--runner") for a in beam_args)
+                                   else [*beam_args, "--runner=FnApiRunner"])
+    beam_options.view_as(SetupOptions).save_main_session = False
 
     start = time.perf_counter()
-    pipeline = test_pipeline or beam.Pipeline(options=options)
+    pipeline = test_pipeline or beam.Pipeline(options=beam_options)
+    if args.output_layout == "sidecar":
+        build_sidecar_job(pipeline, args, reference_model, handler, validation, batch_dir, template, todo, adopted,
+                          formats)
+    else:
+        build_copied_job(pipeline, args, reference_model, handler, validation, batch_dir, template, todo, formats)
+    result = pipeline.run()
+    if not wait:
+        log.info("submitted: the batch appears in %s when its _MANIFEST.json is written", batch_dir)
+        return {"batch_dir": batch_dir}
+    result.wait_until_finish()
+    seconds = time.perf_counter() - start
+    return summarize(batch_dir, seconds)
+
+
+def build_copied_job(pipeline, args, reference_model, handler, validation, batch_dir, template, todo, formats):
+    """The copied layout: scored shards holding the examples, a dead letter, the manifest."""
+    reference = reference_model.info
+    reader = reader_options(args)
     records, read_errors, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(
         [path for path, _, _ in todo], reader["format"], reader["fields"], batch_rows=reader["batch_rows"])
     valid, invalid = records | "DecodeAndValidate" >> DecodeAndValidate(validation)
@@ -332,13 +378,35 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     per_reason = errors | "Reasons" >> beam.Map(lambda error: error.reason) | "PerReason" >> beam.combiners.Count.PerElement()
     ((scored_files, dead_letter_files, failed_shards, read, _count(rows, "CountScored"), per_reason, loss_parameters)
      | "WriteManifest" >> WriteManifest(batch_dir, template, todo, args.max_bad_fraction, args.allow_failed_shards))
-    result = pipeline.run()
-    if not wait:
-        log.info("submitted: the batch appears in %s when its _MANIFEST.json is written", batch_dir)
-        return {"batch_dir": batch_dir}
-    result.wait_until_finish()
-    seconds = time.perf_counter() - start
-    return summarize(batch_dir, seconds)
+
+
+def build_sidecar_job(pipeline, args, reference_model, handler, validation, batch_dir, template, todo, adopted,
+                      formats):
+    """The sidecar layout: every stage keeps its errors inline, in their place, so that one fused stage runs from a
+    shard's read to its sidecar, written as soon as the shard is done."""
+    reference = reference_model.info
+    reader = reader_options(args)
+    adopted_written = {path: SidecarWritten(path, relative, info.read, info.scored, info.dead_letter)
+                       for path, (relative, info) in adopted.items()}
+    identities = sorted([*todo, *((path, info.size_bytes, info.modified) for path, (_, info) in adopted.items())])
+    loss_parameters = pipeline | "ReadLossParameters" >> ReadLossParameters(reference_model)
+    if todo:
+        records, _, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(
+            [path for path, _, _ in todo], reader["format"], reader["fields"], batch_rows=reader["batch_rows"],
+            errors_inline=True)
+        valid, _ = records | "DecodeAndValidate" >> DecodeAndValidate(validation, errors_inline=True)
+        items, _ = (valid
+                    | "Preprocess" >> Preprocess(reference_model, "none", args.stored_image_size)
+                    | "EmbedWithReference" >> EmbedWithReference(handler)
+                    | "Score" >> Score(reference.loss, loss_parameters, errors_inline=True))
+        written = items | "WriteSidecars" >> WriteSidecars(batch_dir, reference.width, formats, reference.fingerprint,
+                                                           template["options"].scoring(), todo)
+    else:
+        written = pipeline | "NothingToScore" >> beam.Create([])
+        failed_shards = pipeline | "NoFailedShards" >> beam.Create([])
+    ((written, failed_shards, loss_parameters)
+     | "WriteManifest" >> WriteSidecarManifest(batch_dir, template, identities, adopted_written,
+                                               args.max_bad_fraction, args.allow_failed_shards))
 
 
 def summarize(batch_dir: str, seconds: float) -> dict[str, Any]:

@@ -10,6 +10,7 @@ A fallible stage applies a plain function to each element: what it returns conti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from typing import Any, Callable, Iterator
@@ -32,39 +33,56 @@ DEAD_LETTER = "dead_letter"
 STORE_IMAGE = ("as_stored", "resized", "none")
 
 
-class _OrDeadLetter(beam.DoFn):
-    """`fn(element)` on the main output, or, when it is a CorpusError, on the dead letter with a counter."""
+def _error_of(element: Any) -> CorpusError | None:
+    """The CorpusError an element is or carries ((key, error), or (key, PredictionResult of one)), else None."""
+    if isinstance(element, tuple) and len(element) == 2:
+        element = element[1]
+        element = getattr(element, "example", element)
+    return element if isinstance(element, CorpusError) else None
 
-    def __init__(self, fn: Callable[[Any], Any]):
-        self._fn = fn
+
+class _OrDeadLetter(beam.DoFn):
+    """`fn(element)` on the main output, or, when it is a CorpusError, on the dead letter with a counter. Inline,
+    errors stay on the main output, in their place, and an element that already is one passes through."""
+
+    def __init__(self, fn: Callable[[Any], Any], inline: bool = False):
+        self._fn, self._inline = fn, inline
 
     def process(self, element, **side_inputs) -> Iterator[Any]:
+        if self._inline:
+            earlier = _error_of(element)
+            if earlier is not None:
+                yield earlier
+                return
         result = self._fn(element, **side_inputs)
         if isinstance(result, CorpusError):
             Metrics.counter(NAMESPACE, f"dead_letter_{result.reason}").inc()
-            yield TaggedOutput(DEAD_LETTER, result)
+            yield result if self._inline else TaggedOutput(DEAD_LETTER, result)
         else:
             yield result
 
 
 class _Fallible(beam.PTransform):
     """Elements -> `fn`'s results (main) | CorpusErrors (tagged `dead_letter`); unpacks as `main, dead_letter`.
-    `side_inputs` (name -> Beam side input) reach `fn` as keyword arguments."""
+    `side_inputs` (name -> Beam side input) reach `fn` as keyword arguments. With `errors_inline`, errors stay in
+    the main output in their place (the dead letter is empty): a score sidecar holds a row for every record, and a
+    Beam Flatten of two outputs would end the fused stage, so that no sidecar could be written before every
+    record of the job is scored."""
 
-    def __init__(self, step: str, fn: Callable[..., Any], **side_inputs):
+    def __init__(self, step: str, fn: Callable[..., Any], errors_inline: bool = False, **side_inputs):
         super().__init__()
-        self._step, self._fn, self._side_inputs = step, fn, side_inputs
+        self._step, self._fn, self._inline, self._side_inputs = step, fn, errors_inline, side_inputs
 
     def expand(self, elements):
-        return elements | self._step >> beam.ParDo(_OrDeadLetter(self._fn), **self._side_inputs).with_outputs(
-            DEAD_LETTER, main="main")
+        return elements | self._step >> beam.ParDo(_OrDeadLetter(self._fn, self._inline),
+                                                   **self._side_inputs).with_outputs(DEAD_LETTER, main="main")
 
 
 class DecodeAndValidate(_Fallible):
     """CorpusRecord -> ValidExample (main) | CorpusError of stage caption or decode (tagged `dead_letter`)."""
 
-    def __init__(self, options: ValidationOptions):
-        super().__init__("Validate", functools.partial(decode_and_validate, options=options))
+    def __init__(self, options: ValidationOptions, errors_inline: bool = False):
+        super().__init__("Validate", functools.partial(decode_and_validate, options=options), errors_inline)
 
 
 class _PreprocessFn(beam.DoFn):
@@ -75,7 +93,10 @@ class _PreprocessFn(beam.DoFn):
     def setup(self) -> None:
         self._text = self._reference.text_encoder()
 
-    def process(self, example: ValidExample) -> Iterator[tuple[str, PreparedExample]]:
+    def process(self, example: ValidExample | CorpusError) -> Iterator[tuple[str, PreparedExample | CorpusError]]:
+        if isinstance(example, CorpusError):  # errors inline (score sidecars): on through the model untouched
+            yield example.key, example
+            return
         if self._store_image == "as_stored":
             image = example.image
         elif self._store_image == "resized":
@@ -84,7 +105,7 @@ class _PreprocessFn(beam.DoFn):
             image = b""
         yield example.key, PreparedExample(
             example.key, example.source, example.caption, image, self._image.resize_pixels(example.pixels),
-            self._text.encode(example.caption), example.metadata)
+            self._text.encode(example.caption), example.metadata, example.index, example.shard_items)
 
 
 class Preprocess(beam.PTransform):
@@ -166,13 +187,43 @@ def score_or_dead_letter(element: tuple[str, Any], loss: str, parameters: LossPa
     if not bad:
         return row
     return CorpusError(key=example.key, source=example.source, reason=errors.NON_FINITE_EMBEDDING, stage=errors.EMBED,
-                       message=f"not finite: {', '.join(bad)}")
+                       message=f"not finite: {', '.join(bad)}", index=example.index, shard_items=example.shard_items)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placed:
+    """A scored row (or a CorpusError) with its place in its input shard: what a score sidecar is made of."""
+
+    source: str
+    index: int
+    shard_items: int
+    row: dict[str, Any] | CorpusError
+
+
+def placed(element: Any) -> Placed:
+    """A sidecar-bound element (a scored Placed row, or a CorpusError kept inline) as a Placed."""
+    if isinstance(element, Placed):
+        return element
+    if isinstance(element, CorpusError):
+        return Placed(element.source, element.index, element.shard_items, element)
+    raise TypeError(f"not a scored row or dead-lettered item: {type(element).__name__}")
+
+
+def score_in_place(element: tuple[str, Any], loss: str, parameters: LossParameters) -> Placed | CorpusError:
+    """`score_or_dead_letter`, the scored row with its place in its shard (sidecar layout)."""
+    result = score_or_dead_letter(element, loss, parameters)
+    if isinstance(result, CorpusError):
+        return result
+    example = element[1].example
+    return Placed(example.source, example.index, example.shard_items, result)
 
 
 class Score(_Fallible):
     """(key, PredictionResult) -> scored rows (main) | CorpusError of stage embed (tagged `dead_letter`), under the
-    reference's loss family and its t and bias (a one-element PCollection, `ReadLossParameters`)."""
+    reference's loss family and its t and bias (a one-element PCollection, `ReadLossParameters`). With
+    `errors_inline` (sidecar layout), one stream of `Placed` rows and CorpusErrors, each knowing its place."""
 
-    def __init__(self, loss: str, parameters):
-        super().__init__("EasyReferenceScore", functools.partial(score_or_dead_letter, loss=loss),
+    def __init__(self, loss: str, parameters, errors_inline: bool = False):
+        fn = score_in_place if errors_inline else score_or_dead_letter
+        super().__init__("EasyReferenceScore", functools.partial(fn, loss=loss), errors_inline,
                          parameters=AsSingleton(parameters))

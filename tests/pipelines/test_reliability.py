@@ -421,7 +421,7 @@ def killed_and_rerun(clean_corpus, reference_checkpoint, tmp_path_factory):
     """(output, the killed run's batch folder, the manifests read after the kill, the re-run's manifest): the first
     run dies reading its 3rd shard."""
     output = str(tmp_path_factory.mktemp("killed") / "out")
-    real_read_shard, shards_started = corpus_io.read_shard, []
+    real_read_shard, shards_started = corpus_io.read_whole_shard, []
 
     def dies_on_the_third_shard(path, *args, **kwargs):
         shards_started.append(path)
@@ -430,7 +430,7 @@ def killed_and_rerun(clean_corpus, reference_checkpoint, tmp_path_factory):
         return real_read_shard(path, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(corpus_io, "read_shard", dies_on_the_third_shard)
+        patch.setattr(corpus_io, "read_whole_shard", dies_on_the_third_shard)
         with pytest.raises(Exception, match="injected fault"):  # small batches: rows reach the writers before
             score.run(clean_args(clean_corpus, output, reference_checkpoint, "--inference_batch_size=7",
                                  "--output_format=parquet,tfrecord"))
