@@ -51,7 +51,7 @@ _KINDS = {
     "embedding": ("fixed_size_list<float16>[d]", "float × d (the float16 values, widened)"),
     # A sidecar's embeddings: null for a dead-lettered row, which a fixed-size list cannot be in Parquet as pyarrow
     # reads it back (pyarrow 25 refuses a null fixed-size list on read).
-    "embedding_or_null": ("list<float16> (d values)", "float × d (the float16 values, widened)"),
+    "embedding_or_null": ("list<float16>, d values", "float × d (the float16 values, widened)"),
 }
 
 
@@ -120,20 +120,16 @@ DEAD_LETTER_COLUMNS: tuple[Column, ...] = (
 # A score sidecar (`--output_layout sidecar`): one row per item its input shard gave (`corpus.read_shard`), in that
 # order, without image bytes; a dead-lettered item has its reason and null scores.
 SIDECAR_COLUMNS: tuple[Column, ...] = (
-    Column(KEY, "string", "the record's key (for an item the reader could not make a record of: as the dead letter "
-                          "names it)"),
-    Column(CAPTION, "string", "the cleaned caption; null when dead-lettered", nullable=True),
-    Column(REF_IMAGE_EMBEDDING, "embedding_or_null", "the reference's image embedding, L2-normalized; null when "
-                                                     "dead-lettered", nullable=True),
-    Column(REF_TEXT_EMBEDDING, "embedding_or_null", "the reference's text embedding, L2-normalized; null when "
-                                                    "dead-lettered", nullable=True),
-    Column(REF_COSINE, "float32", "as in the copied layout; null when dead-lettered", nullable=True),
-    Column(REF_LOGIT, "float32", "as in the copied layout; null when dead-lettered", nullable=True),
-    Column(REF_LOSS, "float32", "as in the copied layout (null for a softmax reference); null when dead-lettered",
-           nullable=True),
-    Column(STAGE, "string", "null when scored, else where it failed (as in the dead letter)", nullable=True),
-    Column(REASON, "string", "null when scored, else why (as in the dead letter)", nullable=True),
-    Column(MESSAGE, "string", "null when scored, else details", nullable=True),
+    Column(KEY, "string", "the item's key (a read error's: as the dead letter names it)"),
+    Column(CAPTION, "string", "the cleaned caption", nullable=True),
+    Column(REF_IMAGE_EMBEDDING, "embedding_or_null", "the reference's image embedding, L2-normalized", nullable=True),
+    Column(REF_TEXT_EMBEDDING, "embedding_or_null", "the reference's text embedding, L2-normalized", nullable=True),
+    Column(REF_COSINE, "float32", "as in the copied layout", nullable=True),
+    Column(REF_LOGIT, "float32", "as in the copied layout", nullable=True),
+    Column(REF_LOSS, "float32", "as in the copied layout (null for a softmax reference)", nullable=True),
+    Column(STAGE, "string", "where it failed, as in the dead letter (null when scored)", nullable=True),
+    Column(REASON, "string", "why, as in the dead letter (null when scored)", nullable=True),
+    Column(MESSAGE, "string", "details (null when scored)", nullable=True),
 )
 SCORED_NAMES = tuple(column.name for column in SCORED_COLUMNS)
 SIDECAR_NAMES = tuple(column.name for column in SIDECAR_COLUMNS)

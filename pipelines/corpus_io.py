@@ -9,14 +9,18 @@ over workers (one shard file per element, reshuffled so a runner can balance the
 from __future__ import annotations
 
 import argparse
+import collections
+import concurrent.futures
 from typing import Any, Iterable, Iterator
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
+from apache_beam.transforms.window import GlobalWindows
 
 from curation.corpus import (DEFAULT_FIELDS, FORMATS, CorpusError, CorpusRecord, FieldNames, check_format,
                              is_shard_failure, match_shards, read_whole_shard)
+from pipelines.progress import worker_progress
 
 METRICS_NAMESPACE = "corpus"
 
@@ -30,19 +34,47 @@ class _ReadShardFn(beam.DoFn):
     """Shard path -> its CorpusRecords (main output) and CorpusErrors (tagged ReadCorpus.ERRORS), or, for a shard
     that could not be read to the end, only the CorpusError saying why (tagged ReadCorpus.FAILED_SHARDS).
 
-    A shard's items are held until its end has been read, so that no record of a partly read shard goes on: one
-    shard per worker thread is in memory at a time."""
+    A shard's items are held until its end has been read, so that no record of a partly read shard goes on; the
+    next shard of the bundle is read meanwhile: two shards per worker thread are in memory at a time."""
 
-    def __init__(self, format: str, fields: FieldNames | None, batch_rows: int, errors_inline: bool = False):
+    def __init__(self, format: str, fields: FieldNames | None, batch_rows: int, errors_inline: bool = False,
+                 total_shards: int = 0):
         self._format, self._fields, self._batch_rows = format, fields, batch_rows
-        self._errors_inline = errors_inline
+        self._errors_inline, self._total_shards = errors_inline, total_shards
         self._shards = Metrics.counter(METRICS_NAMESPACE, "shards_read")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "shards_failed")
         self._records = Metrics.counter(METRICS_NAMESPACE, "records_read")
 
+    def setup(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read_shard")
+        self._progress = worker_progress()
+        self._progress.expect_shards(self._total_shards)
+
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def start_bundle(self) -> None:
+        self._pending: collections.deque = collections.deque()
+
     def process(self, path: str) -> Iterator[CorpusRecord | TaggedOutput]:
+        # The next shard is read on a thread while this one's records go through the stages downstream, whose
+        # model forward releases the Python lock: reading overlaps the forward.
+        self._pending.append((path, self._pool.submit(read_whole_shard, path, self._format, self._fields,
+                                                      batch_rows=self._batch_rows)))
+        if len(self._pending) > 1:
+            yield from self._emit(*self._pending.popleft())
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while self._pending:
+            for output in self._emit(*self._pending.popleft()):
+                if isinstance(output, TaggedOutput):
+                    yield TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+                else:
+                    yield GlobalWindows.windowed_value(output)
+
+    def _emit(self, path: str, future: concurrent.futures.Future) -> Iterator[CorpusRecord | TaggedOutput]:
         try:
-            items = read_whole_shard(path, self._format, self._fields, batch_rows=self._batch_rows)
+            items = future.result()
         except OSError as error:
             raise ShardReadError(f"cannot read input shard {path}: {type(error).__name__}: {error}") from error
         failure = next((item for item in items if is_shard_failure(item)), None)
@@ -51,6 +83,8 @@ class _ReadShardFn(beam.DoFn):
             yield TaggedOutput(ReadCorpus.FAILED_SHARDS, failure)
             return
         self._shards.inc()
+        self._progress.add("records", len(items))
+        self._progress.add("shards")
         for item in items:
             if isinstance(item, CorpusError):
                 Metrics.counter(METRICS_NAMESPACE, f"errors_{item.reason}").inc()
@@ -92,6 +126,8 @@ class ReadCorpus(beam.PTransform):
         self._fields = fields
         self._batch_rows = batch_rows
         self._errors_inline = errors_inline
+        # Progress lines name the shards out of this many (when the patterns are the shard paths themselves).
+        self._total_shards = len(self._patterns) if not any("*" in p or "?" in p for p in self._patterns) else 0
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.pvalue.DoOutputsTuple:
         return (
@@ -100,7 +136,8 @@ class ReadCorpus(beam.PTransform):
             | "MatchShards" >> beam.FlatMap(match_shards)
             | "SpreadShards" >> beam.Reshuffle()
             | "ParseShards"
-            >> beam.ParDo(_ReadShardFn(self._format, self._fields, self._batch_rows, self._errors_inline)).with_outputs(
+            >> beam.ParDo(_ReadShardFn(self._format, self._fields, self._batch_rows, self._errors_inline,
+                                     self._total_shards)).with_outputs(
                 self.ERRORS, self.FAILED_SHARDS, main=self.RECORDS
             )
         )

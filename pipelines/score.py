@@ -354,7 +354,34 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
         return {"batch_dir": batch_dir}
     result.wait_until_finish()
     seconds = time.perf_counter() - start
+    log_counters(result)
     return summarize(batch_dir, seconds)
+
+
+def log_counters(result) -> dict[str, int]:
+    """Log every Beam counter of the finished job, summed over its steps (namespace:name value); returns them."""
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception as error:  # a runner without metrics
+        log.info("the runner reports no counters (%s)", type(error).__name__)
+        return {}
+    totals: dict[str, int] = {}
+    for counter in counters:
+        name = f"{counter.key.metric.namespace}:{counter.key.metric.name}"
+        value = counter.committed if counter.committed is not None else counter.attempted
+        totals[name] = totals.get(name, 0) + int(value or 0)
+    if totals:
+        width = max(map(len, totals))
+        log.info("counters:\n%s", "\n".join(f"  {name:<{width}}  {value:>12,}" for name, value in sorted(totals.items())))
+    return totals
+
+
+def decoding(args: argparse.Namespace, reference) -> dict[str, Any]:
+    """How DecodeAndValidate decodes: JPEGs at the largest size needed (the reference's; the stored size too with
+    --store_image=resized), resized for the reference on the decoding threads, two batches ahead."""
+    preprocessing = reference.preprocessing
+    size = max(preprocessing.size, args.stored_image_size if args.store_image == "resized" else 0)
+    return dict(size=size, preprocessing=preprocessing, depth=2 * args.inference_batch_size)
 
 
 def build_copied_job(pipeline, args, reference_model, handler, validation, batch_dir, template, todo, formats):
@@ -363,7 +390,7 @@ def build_copied_job(pipeline, args, reference_model, handler, validation, batch
     reader = reader_options(args)
     records, read_errors, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(
         [path for path, _, _ in todo], reader["format"], reader["fields"], batch_rows=reader["batch_rows"])
-    valid, invalid = records | "DecodeAndValidate" >> DecodeAndValidate(validation)
+    valid, invalid = records | "DecodeAndValidate" >> DecodeAndValidate(validation, **decoding(args, reference))
     loss_parameters = pipeline | "ReadLossParameters" >> ReadLossParameters(reference_model)
     rows, non_finite = (valid
                         | "Preprocess" >> Preprocess(reference_model, args.store_image, args.stored_image_size)
@@ -394,7 +421,8 @@ def build_sidecar_job(pipeline, args, reference_model, handler, validation, batc
         records, _, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(
             [path for path, _, _ in todo], reader["format"], reader["fields"], batch_rows=reader["batch_rows"],
             errors_inline=True)
-        valid, _ = records | "DecodeAndValidate" >> DecodeAndValidate(validation, errors_inline=True)
+        valid, _ = records | "DecodeAndValidate" >> DecodeAndValidate(validation, errors_inline=True,
+                                                                      **decoding(args, reference))
         items, _ = (valid
                     | "Preprocess" >> Preprocess(reference_model, "none", args.stored_image_size)
                     | "EmbedWithReference" >> EmbedWithReference(handler)

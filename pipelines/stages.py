@@ -10,6 +10,8 @@ A fallible stage applies a plain function to each element: what it returns conti
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import functools
 import json
@@ -20,12 +22,16 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.pvalue import AsSingleton, TaggedOutput
+from apache_beam.transforms.window import GlobalWindows
 
 from curation import errors, schema
 from curation.errors import CorpusError
+from curation.corpus import CorpusRecord
 from curation.losses import own_pair_sigmoid
 from curation.preprocess import ValidationOptions, ValidExample, decode_and_validate, encode_jpeg
+from models.preprocessing import ImagePreprocessing
 from pipelines.jax_inference import DualEncoderHandler, Embeddings, PreparedExample
+from pipelines.progress import worker_progress
 from pipelines.references import LossParameters, Reference
 
 NAMESPACE = "score"
@@ -45,8 +51,11 @@ class _OrDeadLetter(beam.DoFn):
     """`fn(element)` on the main output, or, when it is a CorpusError, on the dead letter with a counter. Inline,
     errors stay on the main output, in their place, and an element that already is one passes through."""
 
-    def __init__(self, fn: Callable[[Any], Any], inline: bool = False):
-        self._fn, self._inline = fn, inline
+    def __init__(self, fn: Callable[[Any], Any], inline: bool = False, progress: str = ""):
+        self._fn, self._inline, self._progress_name = fn, inline, progress
+
+    def setup(self) -> None:
+        self._progress = worker_progress()
 
     def process(self, element, **side_inputs) -> Iterator[Any]:
         if self._inline:
@@ -59,6 +68,8 @@ class _OrDeadLetter(beam.DoFn):
             Metrics.counter(NAMESPACE, f"dead_letter_{result.reason}").inc()
             yield result if self._inline else TaggedOutput(DEAD_LETTER, result)
         else:
+            if self._progress_name:
+                self._progress.add(self._progress_name)
             yield result
 
 
@@ -69,20 +80,89 @@ class _Fallible(beam.PTransform):
     Beam Flatten of two outputs would end the fused stage, so that no sidecar could be written before every
     record of the job is scored."""
 
-    def __init__(self, step: str, fn: Callable[..., Any], errors_inline: bool = False, **side_inputs):
+    def __init__(self, step: str, fn: Callable[..., Any], errors_inline: bool = False, progress: str = "",
+                 **side_inputs):
         super().__init__()
         self._step, self._fn, self._inline, self._side_inputs = step, fn, errors_inline, side_inputs
+        self._progress = progress  # the progress tally (pipelines/progress.py) its results count under
 
     def expand(self, elements):
-        return elements | self._step >> beam.ParDo(_OrDeadLetter(self._fn, self._inline),
+        return elements | self._step >> beam.ParDo(_OrDeadLetter(self._fn, self._inline, self._progress),
                                                    **self._side_inputs).with_outputs(DEAD_LETTER, main="main")
 
 
-class DecodeAndValidate(_Fallible):
-    """CorpusRecord -> ValidExample (main) | CorpusError of stage caption or decode (tagged `dead_letter`)."""
+def decode_for_model(record: CorpusRecord, options: ValidationOptions, preprocessing: ImagePreprocessing | None,
+                     size: int) -> ValidExample | CorpusError:
+    """`decode_and_validate` (JPEGs decoded at `size`, see `decode_image`), and the pixels resized as
+    `preprocessing` declares (ValidExample.model_pixels) when it is given."""
+    example = decode_and_validate(record, options, size)
+    if preprocessing is None or isinstance(example, CorpusError):
+        return example
+    return dataclasses.replace(example, model_pixels=preprocessing.resize_pixels(example.pixels))
 
-    def __init__(self, options: ValidationOptions, errors_inline: bool = False):
-        super().__init__("Validate", functools.partial(decode_and_validate, options=options), errors_inline)
+
+class _DecodeAheadFn(_OrDeadLetter):
+    """`_OrDeadLetter` whose function runs on a thread pool, up to `depth` elements ahead of what it emits, in the
+    order the elements came. PIL decodes and resizes without the Python lock, so the pool works while this thread
+    runs the stages downstream (the model's forward among them): decoding overlaps the forward instead of
+    adding to it. Counters are counted and outputs emitted on the bundle's own thread."""
+
+    def __init__(self, fn: Callable[[Any], Any], inline: bool, workers: int, depth: int):
+        super().__init__(fn, inline)
+        self._workers, self._depth = workers, depth
+
+    def setup(self) -> None:
+        super().setup()
+        self._pool = concurrent.futures.ThreadPoolExecutor(self._workers, thread_name_prefix="decode")
+
+    def teardown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def start_bundle(self) -> None:
+        self._pending: collections.deque = collections.deque()
+
+    def process(self, element) -> Iterator[Any]:
+        earlier = _error_of(element) if self._inline else None
+        if earlier is not None:
+            future = concurrent.futures.Future()
+            future.set_result(earlier)
+        else:
+            future = self._pool.submit(self._fn, element)
+        self._pending.append(future)
+        while self._pending and (len(self._pending) > self._depth or self._pending[0].done()):
+            yield from self._emit(self._pending.popleft().result())
+
+    def finish_bundle(self) -> Iterator[Any]:
+        while self._pending:
+            for output in self._emit(self._pending.popleft().result()):
+                if isinstance(output, TaggedOutput):
+                    yield TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+                else:
+                    yield GlobalWindows.windowed_value(output)
+
+    def _emit(self, result) -> Iterator[Any]:
+        if isinstance(result, CorpusError):
+            Metrics.counter(NAMESPACE, f"dead_letter_{result.reason}").inc()
+            yield result if self._inline else TaggedOutput(DEAD_LETTER, result)
+        else:
+            yield result
+
+
+class DecodeAndValidate(_Fallible):
+    """CorpusRecord -> ValidExample (main) | CorpusError of stage caption or decode (tagged `dead_letter`).
+
+    Decoding runs on `workers` threads, up to `depth` records ahead (`_DecodeAheadFn`), JPEGs at `size` (0: as
+    stored); with `preprocessing` (the reference's), the pixels are resized for the model there too."""
+
+    def __init__(self, options: ValidationOptions, errors_inline: bool = False, *, size: int = 0,
+                 preprocessing: ImagePreprocessing | None = None, workers: int = 2, depth: int = 512):
+        super().__init__("Validate", functools.partial(decode_for_model, options=options,
+                                                       preprocessing=preprocessing, size=size), errors_inline)
+        self._workers, self._depth = workers, depth
+
+    def expand(self, elements):
+        return elements | self._step >> beam.ParDo(_DecodeAheadFn(self._fn, self._inline, self._workers,
+                                                                  self._depth)).with_outputs(DEAD_LETTER, main="main")
 
 
 class _PreprocessFn(beam.DoFn):
@@ -103,8 +183,9 @@ class _PreprocessFn(beam.DoFn):
             image = encode_jpeg(example.pixels, self._stored_image_size)
         else:
             image = b""
+        pixels = example.model_pixels if example.model_pixels is not None else self._image.resize_pixels(example.pixels)
         yield example.key, PreparedExample(
-            example.key, example.source, example.caption, image, self._image.resize_pixels(example.pixels),
+            example.key, example.source, example.caption, image, pixels,
             self._text.encode(example.caption), example.metadata, example.index, example.shard_items)
 
 
@@ -225,5 +306,5 @@ class Score(_Fallible):
 
     def __init__(self, loss: str, parameters, errors_inline: bool = False):
         fn = score_in_place if errors_inline else score_or_dead_letter
-        super().__init__("EasyReferenceScore", functools.partial(fn, loss=loss), errors_inline,
+        super().__init__("EasyReferenceScore", functools.partial(fn, loss=loss), errors_inline, progress="scored",
                          parameters=AsSingleton(parameters))

@@ -145,6 +145,13 @@ def test_score_reference_meta_is_damaged(capsys, score_paths, reference_checkpoi
     assert str(damaged) in line and "damaged" in line
 
 
+@pytest.mark.parametrize("flag", ["--store_image=resized", "--num_output_shards=4"])
+def test_score_copied_layout_flags_with_the_sidecar_layout(capsys, score_paths, flag):
+    line = refused(capsys, score.main, score_argv(score_paths, "--output_layout=sidecar", flag))
+    assert flag.split("=")[0] in line and "--output_layout sidecar" in line and "drop them" in line
+    assert not os.path.exists(score_paths["output"])
+
+
 def test_score_input_is_a_directory(capsys, score_paths, tiny_corpus):
     line = refused(capsys, score.main, score_argv(score_paths, input=f"{tiny_corpus}/web"))
     assert f"{tiny_corpus}/web" in line and "--input" in line

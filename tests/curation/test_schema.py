@@ -51,6 +51,7 @@ def test_column_names_are_spelled_only_in_the_schema_module():
 def test_readme_table_is_the_schema():
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert schema.markdown_table() in readme
+    assert schema.markdown_table(schema.SIDECAR_COLUMNS) in readme
     assert f"schema version {schema.SCHEMA_VERSION}" in readme
 
 

@@ -257,15 +257,30 @@ def test_gcs_input_to_gcs_output(gcs_bucket, web_corpora, reference_checkpoint):
     assert manifest.counts.read == 80 == table.num_rows + dead.num_rows
 
 
-def test_two_multiprocessing_workers_score_the_same_as_one(web_corpora, reference_checkpoint, tmp_path):
+def test_two_multiprocessing_workers_score_the_same_as_one(web_corpora, reference_checkpoint, tmp_path, monkeypatch):
+    import subprocess
+
     def scored_values(summary):
         table = pq.read_table(batch_manifest(summary).shard_paths("parquet"))
         return {row["key"]: (np.asarray(row["ref_image_embedding"], np.float32).tobytes(), row["ref_loss"])
                 for row in table.to_pylist()}
 
+    workers = []  # pids of the SDK worker processes the runner starts
+
+    class RecordingPopen(subprocess.Popen):
+        def __init__(self, args, *rest, **kwargs):
+            super().__init__(args, *rest, **kwargs)
+            if "sdk_worker_main" in str(args):
+                workers.append(self.pid)
+
     one = run_score(web_corpora["wds"], "wds", str(tmp_path / "one"), reference_checkpoint)
-    two = run_score(web_corpora["wds"], "wds", str(tmp_path / "two"), reference_checkpoint, "--runner=DirectRunner",
+    monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
+    # FnApiRunner by name: DirectRunner would first try Prism (a download) and fall back to FnApiRunner on failing.
+    two = run_score(web_corpora["wds"], "wds", str(tmp_path / "two"), reference_checkpoint, "--runner=FnApiRunner",
                     "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    monkeypatch.undo()
+    # Two SDK worker processes were started; the runner splits each stateless stage's input between them.
+    assert len(set(workers)) == 2
     assert scored_values(one) == scored_values(two)
     assert len(scored_values(one)) == one["scored"] == two["scored"]
     assert one["dead_letter"] == two["dead_letter"]
