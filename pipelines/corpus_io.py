@@ -1,6 +1,6 @@
 """Beam source for image-text corpora: WebDataset tar, Parquet or TFRecord shards, local or on gs://.
 
-    records, errors = pipeline | ReadCorpus("gs://bucket/web/*.tar", "wds")
+    records, errors, failed_shards = pipeline | ReadCorpus("gs://bucket/web/*.tar", "wds")
 
 The parsing is `curation.corpus.read_shard`, the same code the trainer uses; this module only spreads the shards
 over workers (one shard file per element, reshuffled so a runner can balance them) and counts what it read.
@@ -38,9 +38,9 @@ class _ReadShardFn(beam.DoFn):
     next shard of the bundle is read meanwhile: two shards per worker thread are in memory at a time."""
 
     def __init__(self, format: str, fields: FieldNames | None, batch_rows: int, errors_inline: bool = False,
-                 total_shards: int = 0):
+                 total_shards: int = 0, shard_sizes: bool = False):
         self._format, self._fields, self._batch_rows = format, fields, batch_rows
-        self._errors_inline, self._total_shards = errors_inline, total_shards
+        self._errors_inline, self._total_shards, self._shard_sizes = errors_inline, total_shards, shard_sizes
         self._shards = Metrics.counter(METRICS_NAMESPACE, "shards_read")
         self._failed = Metrics.counter(METRICS_NAMESPACE, "shards_failed")
         self._records = Metrics.counter(METRICS_NAMESPACE, "records_read")
@@ -83,6 +83,8 @@ class _ReadShardFn(beam.DoFn):
             yield TaggedOutput(ReadCorpus.FAILED_SHARDS, failure)
             return
         self._shards.inc()
+        if self._shard_sizes:
+            yield TaggedOutput(ReadCorpus.SHARD_SIZES, len(items))
         self._progress.add("records", len(items))
         self._progress.add("shards")
         for item in items:
@@ -108,6 +110,7 @@ class ReadCorpus(beam.PTransform):
     RECORDS = "records"
     ERRORS = "errors"
     FAILED_SHARDS = "failed_shards"
+    SHARD_SIZES = "shard_sizes"
 
     def __init__(
         self,
@@ -117,6 +120,7 @@ class ReadCorpus(beam.PTransform):
         *,
         batch_rows: int = 1024,
         errors_inline: bool = False,
+        shard_sizes: bool = False,
     ):
         super().__init__()
         self._patterns = (file_patterns,) if isinstance(file_patterns, str) else tuple(file_patterns)
@@ -125,7 +129,7 @@ class ReadCorpus(beam.PTransform):
         self._format = check_format(format)
         self._fields = fields
         self._batch_rows = batch_rows
-        self._errors_inline = errors_inline
+        self._errors_inline, self._shard_sizes = errors_inline, shard_sizes
         # Progress lines name the shards out of this many (when the patterns are the shard paths themselves).
         self._total_shards = len(self._patterns) if not any("*" in p or "?" in p for p in self._patterns) else 0
 
@@ -137,8 +141,9 @@ class ReadCorpus(beam.PTransform):
             | "SpreadShards" >> beam.Reshuffle()
             | "ParseShards"
             >> beam.ParDo(_ReadShardFn(self._format, self._fields, self._batch_rows, self._errors_inline,
-                                     self._total_shards)).with_outputs(
-                self.ERRORS, self.FAILED_SHARDS, main=self.RECORDS
+                                     self._total_shards, self._shard_sizes)).with_outputs(
+                self.ERRORS, self.FAILED_SHARDS, *((self.SHARD_SIZES,) if self._shard_sizes else ()),
+                main=self.RECORDS
             )
         )
 

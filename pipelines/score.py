@@ -12,6 +12,12 @@ The job, one named transform per stage:
          └──────────────┴──────────── errors ──────────────────────────┴──→ WriteDeadLetter
                                                           counts, files ──→ WriteManifest
 
+With `--output_layout sidecar` the corpus is not copied: each input shard gets one score sidecar, row i for its
+item i (scored, or dead-lettered with its reason), written as soon as the shard is done; a run that dies leaves
+its finished sidecars, which the same command run again adopts (see curation/scored_shards.py):
+
+    ReadCorpus → DecodeAndValidate → Preprocess → EmbedWithReference → Score → WriteSidecars → WriteManifest
+
 Every record read is either scored or dead-lettered with a reason (read errors, decode and caption rules, and
 embeddings that are not finite), so read = scored + dead-lettered, per reason in the manifest's counts.
 
@@ -220,10 +226,6 @@ def check_arguments(args: argparse.Namespace, beam_args: list[str]) -> reference
     return check_reference(args.reference)
 
 
-def _count(pcoll, label: str):
-    return pcoll | label >> beam.combiners.Count.Globally()
-
-
 def canonical_path(path: str) -> str:
     """The one spelling of a shard's path: a local path absolute with links resolved, a URL as it is. (A relative
     path recorded by an earlier batch is resolved against the current directory.)"""
@@ -388,22 +390,24 @@ def build_copied_job(pipeline, args, reference_model, handler, validation, batch
     """The copied layout: scored shards holding the examples, a dead letter, the manifest."""
     reference = reference_model.info
     reader = reader_options(args)
-    records, read_errors, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(
-        [path for path, _, _ in todo], reader["format"], reader["fields"], batch_rows=reader["batch_rows"])
+    records, read_errors, failed_shards, shard_sizes = pipeline | "ReadCorpus" >> ReadCorpus(
+        [path for path, _, _ in todo], reader["format"], reader["fields"], batch_rows=reader["batch_rows"],
+        shard_sizes=True)
     valid, invalid = records | "DecodeAndValidate" >> DecodeAndValidate(validation, **decoding(args, reference))
     loss_parameters = pipeline | "ReadLossParameters" >> ReadLossParameters(reference_model)
     rows, non_finite = (valid
                         | "Preprocess" >> Preprocess(reference_model, args.store_image, args.stored_image_size)
                         | "EmbedWithReference" >> EmbedWithReference(handler)
                         | "Score" >> Score(reference.loss, loss_parameters))
-    scored_files = rows | "WriteScoredShards" >> WriteScoredShards(batch_dir, formats, reference.width,
+    scored_files, scored_rows = rows | "WriteScoredShards" >> WriteScoredShards(batch_dir, formats, reference.width,
                                                                    args.num_output_shards)
     errors = (read_errors, invalid, non_finite) | "AllErrors" >> beam.Flatten()
     dead_letter_files = errors | "WriteDeadLetter" >> WriteDeadLetter(batch_dir)
-    read = ((_count(records, "CountRecords"), _count(read_errors, "CountReadErrors"))
-            | "ReadItems" >> beam.Flatten() | "SumRead" >> beam.CombineGlobally(sum))
+    # Counted a shard (read) or a written batch (scored) at a time, not per record.
+    read = shard_sizes | "SumRead" >> beam.CombineGlobally(sum)
+    scored = scored_rows | "SumScored" >> beam.CombineGlobally(sum)
     per_reason = errors | "Reasons" >> beam.Map(lambda error: error.reason) | "PerReason" >> beam.combiners.Count.PerElement()
-    ((scored_files, dead_letter_files, failed_shards, read, _count(rows, "CountScored"), per_reason, loss_parameters)
+    ((scored_files, dead_letter_files, failed_shards, read, scored, per_reason, loss_parameters)
      | "WriteManifest" >> WriteManifest(batch_dir, template, todo, args.max_bad_fraction, args.allow_failed_shards))
 
 
@@ -447,7 +451,8 @@ def summarize(batch_dir: str, seconds: float) -> dict[str, Any]:
     summary = {"batch_dir": batch_dir, "read": counts.read, "scored": counts.scored,
                "dead_letter": counts.dead_letter, "seconds": round(seconds, 2),
                "examples_per_second": round(counts.read / max(seconds, 1e-9), 1),
-               "shards": len(manifest.shards), "input_shards": counts.shards, "failed_shards": counts.shards_failed}
+               "shards": len(manifest.shards), "input_shards": counts.shards, "failed_shards": counts.shards_failed,
+               "sidecars": len(manifest.sidecars())}
     reasons = ", ".join(f"{reason} {n}" for reason, n in counts.dead_letter.items()) or "none"
     log.info("read %d, scored %d, dead-lettered %d (%s) in %.1f s: %.0f examples/s -> %s", counts.read,
              counts.scored, counts.dead_lettered, reasons, seconds, summary["examples_per_second"], batch_dir)

@@ -28,7 +28,8 @@ def row_bytes(row: dict[str, Any], embed_dim: int) -> int:
 
 
 class WriteScoredShards(beam.PTransform):
-    """Scored rows -> shards in each output format; returns the PCollection of the file paths written."""
+    """Scored rows -> shards in each output format; returns (the PCollection of the file paths written, one of row
+    counts that sums to the rows written: one element per written batch, not per row)."""
 
     def __init__(self, batch_dir: str, formats: Sequence[str], embed_dim: int, num_shards: int = 0):
         super().__init__()
@@ -39,22 +40,24 @@ class WriteScoredShards(beam.PTransform):
         written = []
         if "parquet" in self._formats:
             # A table per ~64 MB of rows: each becomes one row group (zstd), large enough for fast scans.
-            written.append(
-                rows
-                | "BatchRows" >> beam.BatchElements(
-                    min_batch_size=scored_shards.ROW_GROUP_BYTES, max_batch_size=scored_shards.ROW_GROUP_BYTES,
-                    element_size_fn=functools.partial(row_bytes, embed_dim=self._embed_dim))
-                | "ToArrowTables" >> beam.Map(schema.rows_to_table, self._embed_dim)
-                | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                    self._prefix, schema.scored_schema(self._embed_dim), codec=scored_shards.PARQUET_COMPRESSION,
-                    file_name_suffix=".parquet", num_shards=self._num_shards))
+            tables = (rows
+                      | "BatchRows" >> beam.BatchElements(
+                          min_batch_size=scored_shards.ROW_GROUP_BYTES, max_batch_size=scored_shards.ROW_GROUP_BYTES,
+                          element_size_fn=functools.partial(row_bytes, embed_dim=self._embed_dim))
+                      | "ToArrowTables" >> beam.Map(schema.rows_to_table, self._embed_dim))
+            written.append(tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
+                self._prefix, schema.scored_schema(self._embed_dim), codec=scored_shards.PARQUET_COMPRESSION,
+                file_name_suffix=".parquet", num_shards=self._num_shards))
+            counts = tables | "CountRows" >> beam.Map(lambda table: table.num_rows)
         if "tfrecord" in self._formats:
             written.append(
                 rows
                 | "ToTFExamples" >> beam.Map(schema.encode_tfrecord_example)
                 | "WriteTFRecord" >> beam.io.WriteToTFRecord(
                     self._prefix, file_name_suffix=".tfrecord", num_shards=self._num_shards))
-        return written | "AllScoredFiles" >> beam.Flatten()
+            if "parquet" not in self._formats:
+                counts = rows | "CountRows" >> beam.combiners.Count.Globally()
+        return written | "AllScoredFiles" >> beam.Flatten(), counts
 
 
 def sidecar_row(row: dict[str, Any] | CorpusError) -> dict[str, Any]:

@@ -136,3 +136,31 @@ def test_the_trainer_side_refuses_what_the_scoring_job_dead_letters():
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n"
     for data in (b"", eps, encoded(Image.new("RGB", (7, 100))), png_header_only(4000, 4000)):
         assert preprocess.prepare_image(data, size, OPTIONS) is None
+
+
+def scene(side: int) -> Image.Image:
+    """A smooth colour ramp with a disc: enough structure for resampling differences to show."""
+    y, x = np.mgrid[0:side, 0:side] / side
+    pixels = np.stack([x, y, ((x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.1).astype(float)], -1)
+    return Image.fromarray((pixels * 255).astype(np.uint8))
+
+
+def test_a_large_jpeg_is_decoded_at_the_models_size_and_resizes_alike():
+    data = encoded(scene(512), "JPEG", quality=95)
+    full = decode_and_validate(record(data), ValidationOptions(min_image_size=8), 0)
+    reduced = decode_and_validate(record(data), ValidationOptions(min_image_size=8), 64)
+    assert full.pixels.shape == (512, 512, 3) and reduced.pixels.shape == (64, 64, 3)  # libjpeg's 1/8 scale
+    assert decode_and_validate(record(data), ValidationOptions(min_image_size=8), 100).pixels.shape == (
+        128, 128, 3)  # 1/4: the largest scale keeping 100 px
+    model = ImagePreprocessing(32)
+    difference = np.abs(model.resize_pixels(full.pixels).astype(int) - model.resize_pixels(reduced.pixels).astype(int))
+    assert difference.mean() < 2.0 and difference.max() < 40, (difference.mean(), difference.max())
+    # The rules are checked on the image as stored: a JPEG too small is refused whatever the target size.
+    small = encoded(scene(6), "JPEG")
+    assert reason(decode_and_validate(record(small), OPTIONS, 64)) == errors.IMAGE_TOO_SMALL
+
+
+def test_what_is_not_a_large_jpeg_decodes_as_stored_whatever_the_size():
+    for data in (encoded(scene(512), "PNG"), encoded(scene(100), "JPEG")):  # not JPEG; under twice the size
+        np.testing.assert_array_equal(decode_and_validate(record(data), OPTIONS, 64).pixels,
+                                      decode_and_validate(record(data), OPTIONS, 0).pixels)

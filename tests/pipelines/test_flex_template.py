@@ -28,6 +28,7 @@ SAMPLES = {
     "output": "gs://my-bucket/scored",
     "reference": "gs://my-bucket/reference/model",
     "output_format": "parquet,tfrecord",
+    "output_layout": "copied",  # the other samples (--store_image, --num_output_shards) shape the copied layout
     "key_field": "id",
     "image_field": "jpg,png",
     "caption_field": "txt",
