@@ -45,7 +45,8 @@ COMMAND = ".venv/bin/python bench/score_throughput.py"
 NOTE = ("Two runs of `python -m pipelines.score` per reference and output layout on the in-process runner (read, "
         "decode, validate, preprocess, RunInference, score, write, manifest; the copied layout stores the images as "
         "they are), a small one and the full one. steady = (difference of their examples) / (difference of their "
-        "times), with the quicker of two full runs; start-up = the small run's time less its examples at the steady rate (launch, weights, compile). "
+        "times), with the quicker of two full runs; "
+        "start-up = the small run's time less its examples at the steady rate (launch, weights, compile). "
         "forward: the same jitted model on the same images already decoded and resized, in batches of the job's "
         "inference batch size (median of 3). decode: decoding and resizing alone as the job does them, one thread "
         "(median of 3). bound: on CPU "
@@ -156,9 +157,10 @@ PROFILE_PARTS = {
     "model forward (RunInference)": [("pipelines/jax_inference.py", "run_inference")],
     "waiting for decoded images": [("pipelines/stages.py", "process"), ("pipelines/stages.py", "finish_bundle")],
     "waiting for the next shard read": [("pipelines/corpus_io.py", "_emit")],
-    "tokenize, score, rows": [("pipelines/stages.py", "score_or_dead_letter"), ("pipelines/stages.py", "score_in_place"),
-                              ("models/tokenizer.py", "encode")],
-    "writing (Arrow, Parquet, sidecars)": [("curation/schema.py", "rows_to_table"), ("pyarrow/parquet/core.py", "write_table"),
+    "tokenize, score, rows": [("pipelines/stages.py", "score_or_dead_letter"),
+                              ("pipelines/stages.py", "score_in_place"), ("models/tokenizer.py", "encode")],
+    "writing (Arrow, Parquet, sidecars)": [("curation/schema.py", "rows_to_table"),
+                                           ("pyarrow/parquet/core.py", "write_table"),
                                            ("pipelines/scored_sinks.py", "_write")],
 }
 
@@ -258,8 +260,9 @@ def main() -> None:
                     total, parts = profiled_run(shards, format, spec, f"{work}/{layout}_profiled", batch_size, layout)
                     profiles.append((name, layout, total, parts))
 
-    table = ["| reference | layout | examples read | batch | pipeline s (all) | start-up s | steady ex/s | forward ex/s | "
-             "decode ex/s | bound ex/s | steady / bound | bytes / example |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| reference | layout | examples read | batch | pipeline s (all) | start-up s | steady ex/s | "
+             "forward ex/s | decode ex/s | bound ex/s | steady / bound | bytes / example |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, layout, read, batch_size, seconds, startup, steady, forward, decode, bound, per_example in rows:
         table.append(f"| {name} | {layout} | {read} | {batch_size} | {seconds:.1f} | {startup:.1f} | {steady:.1f} | "
                      f"{forward:.1f} | {decode:.0f} | {bound:.1f} | {steady / bound:.2f} | {per_example:,.0f} |")
@@ -268,7 +271,8 @@ def main() -> None:
     if profiles:
         lines = ["", "", "Where the job's own thread spends a full run (cProfile, which slows Python code down; the "
                      "decoding and reading threads work beside it, so a wait for them is time they did not hide):",
-                 "", "| reference | layout | profiled run s | " + " | ".join(label for label, _ in profiles[0][3]) + " |",
+                 "", "| reference | layout | profiled run s | "
+                 + " | ".join(label for label, _ in profiles[0][3]) + " |",
                  "|---|---|---|" + "---|" * len(profiles[0][3])]
         for name, layout, total, parts in profiles:
             lines.append(f"| {name} | {layout} | {total:.1f} | " + " | ".join(

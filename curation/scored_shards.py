@@ -11,7 +11,8 @@ An output directory holds one folder per scoring batch (a run of the job), each 
 or, with `--output_layout sidecar`, beside a corpus that is never copied, one score sidecar per input shard:
 
     OUTPUT/batch-20261126T101500Z-3f9a/
-        sidecars/00012-5be1c0d2.parquet   a row per item of input shard …/00012.tar, in its order (schema.SIDECAR_COLUMNS)
+        sidecars/00012-5be1c0d2.parquet   a row per item of input shard …/00012.tar, in its order
+                                          (schema.SIDECAR_COLUMNS)
         _MANIFEST.json                    input shard -> its sidecar (path relative to OUTPUT)
 
 A sidecar is written atomically as soon as its shard is scored and records in its own footer what it is (the input

@@ -15,7 +15,10 @@ import json
 import logging
 import os
 import posixpath
+import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Callable, Iterator
 
@@ -77,10 +80,13 @@ def train(
     batches: Iterator[dict] | None = None,
     step_callback: Callable[[int], None] | None = None,
     devices=None,
+    start_over: bool = False,
 ) -> dict:
     """Run (or resume) training; returns the final params. `data_dir` is the corpus (its eval splits, and its
     training split unless `scored_dir` gives scored shards to train on). `batches` replaces the input (tests)."""
-    # Logging: the workdir holds the run's config, tokenizer, checkpoints, metrics and final model.
+    # The workdir holds the run's config, tokenizer, checkpoints, metrics and final model: a run resumes only its
+    # own (checked before anything is written), or starts over when asked.
+    check_workdir(config, workdir, scored_dir, start_over)
     write_run_config(workdir, config, scored_dir)
 
     # Device mesh: the super-batch and the sub-batch must both divide over it.
@@ -122,7 +128,8 @@ def train(
     pending: list[tuple[int, dict]] = []
     timings: dict[str, float] = collections.defaultdict(float)
     wall_start, wall_before = time.perf_counter(), progress["wall_s"]
-    with progress_bar(config.total_steps, start_step, config.name) as bar:
+    stop = StopOnSigterm()
+    with stop, progress_bar(config.total_steps, start_step, config.name) as bar:
         for step in range(start_step + 1, config.total_steps + 1):
             clock = time.perf_counter()
             batch = next(batches)
@@ -148,15 +155,83 @@ def train(
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if evaluator is not None and (step % config.eval_every == 0 or last):
                 writer.write(step, {"examples_seen": progress["examples_seen"], **evaluator(state["params"])})
-            if step % config.checkpoint_every == 0 or last:
+            if step % config.checkpoint_every == 0 or last or stop.requested:
                 if pending:
                     check_finite(pending)  # a checkpoint never holds the state of a non-finite step
                 save_checkpoint(manager, step, state, progress)
             bar.update(1)
+            if stop.requested and not last:
+                manager.wait_until_finished()
+                writer.close()
+                raise Preempted(f"SIGTERM: saved the checkpoint of step {step} in {workdir}/checkpoints; run the "
+                                "same command again to resume")
     manager.wait_until_finished()
     writer.close()
     save_model(workdir, state["params"], model_config, tokenizer)
     return state["params"]
+
+
+class Preempted(RuntimeError):
+    """SIGTERM (a preempted VM, a cluster draining a node) arrived: the step in flight was finished and saved."""
+
+    exit_code = 143  # 128 + SIGTERM, as a shell reports a process ended by it
+
+
+class StopOnSigterm:
+    """While active (a context), SIGTERM sets `requested` instead of killing the process, so the train loop can
+    finish its step, save a checkpoint and exit. (Only the main thread can install a handler; elsewhere it is a
+    no-op.)"""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        del signum, frame
+        log.warning("SIGTERM: finishing this step, saving a checkpoint, then exiting")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# Fields a resumed run may change: what is reported, and total_steps (a finished run extended; its learning-rate
+# schedule then follows the new total).
+MAY_CHANGE_ON_RESUME = ("log_every", "eval_every", "checkpoint_every", "eval_size", "total_steps")
+RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard", "model")
+
+
+def check_workdir(config: configs.TrainConfig, workdir: str, scored_dir: str | None, start_over: bool) -> None:
+    """Refuse, naming the fields, a workdir whose saved run has another config than this one (it would silently
+    resume the other run); with `start_over`, remove that run's files instead."""
+    path = posixpath.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    if start_over:
+        for name in RUN_FILES:
+            target = posixpath.join(workdir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        log.info("starting over: removed the earlier run's files from %s", workdir)
+        return
+    with open(path) as f:
+        saved = json.load(f)
+    wanted = {**config.to_dict(), "scored": scored_dir}
+    # A field a run of an earlier version did not save is not compared: what it was then is not known.
+    differing = [name for name in sorted(wanted)
+                 if name in saved and name not in MAY_CHANGE_ON_RESUME and saved[name] != wanted[name]]
+    if differing:
+        named = ", ".join(f"{name} (saved {saved[name]!r}, now {wanted[name]!r})" for name in differing[:6])
+        raise ValueError(f"--workdir {workdir} holds a run of another config: {named}; use another --workdir, run "
+                         "the same config again to resume it, or pass --start_over to discard it")
 
 
 def write_run_config(workdir: str, config: configs.TrainConfig, scored_dir: str | None) -> None:
@@ -197,16 +272,30 @@ def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
 
 def restore_checkpoint(manager: ocp.CheckpointManager, state: dict) -> tuple[dict, dict]:
     """The latest checkpoint's state (laid out and sharded like `state`) and progress, or `state` and a fresh
-    progress (data position, examples seen, wall seconds) when there is none."""
+    progress (data position, examples seen, wall seconds) when there is none. A checkpoint that cannot be restored
+    (damaged, cut short) is moved aside, to `checkpoints/corrupt_step_N`, with a warning naming it, and the one
+    before it is restored."""
     progress = {"position": input_pipeline.DataPosition().to_dict(), "examples_seen": 0, "wall_s": 0.0}
-    if manager.latest_step() is None:
-        return state, progress
-    restored = manager.restore(manager.latest_step(), args=ocp.args.Composite(
+    target = ocp.args.Composite(
         state=ocp.args.StandardRestore(jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)),
-        progress=ocp.args.JsonRestore()))
-    log.info("resumed from step %d", int(restored["state"]["step"]))
-    return restored["state"], restored["progress"]
+        progress=ocp.args.JsonRestore())
+    for step in sorted(manager.all_steps(), reverse=True):
+        try:
+            restored = manager.restore(step, args=target)
+        except Exception as error:  # orbax and tensorstore raise many kinds for damaged data
+            directory = posixpath.join(str(manager.directory), str(step))
+            aside = posixpath.join(str(manager.directory), f"corrupt_step_{step}")
+            os.replace(directory, aside)
+            manager.reload()
+            earlier = [other for other in manager.all_steps() if other < step]
+            log.warning("the checkpoint of step %d cannot be restored (%s: %s); moved it to %s and %s", step,
+                        type(error).__name__, " ".join(str(error).split())[:200], aside,
+                        f"resuming from step {max(earlier)}" if earlier else "starting from step 0")
+            continue
+        log.info("resumed from step %d", int(restored["state"]["step"]))
+        return restored["state"], restored["progress"]
+    return state, progress
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, progress: dict) -> None:
@@ -280,6 +369,8 @@ def build_parser(defaults: configs.TrainConfig) -> cli.OneLineErrorParser:
                         help="scored output of python -m pipelines.score to train on (needed by selection configs)")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, model/")
     parser.add_argument("--smoke", action="store_true", help="shrink the run to seconds (tests)")
+    parser.add_argument("--start_over", action="store_true",
+                        help="discard the run already in --workdir (its config, checkpoints, metrics) and start anew")
     cli.add_verbose_flag(parser)
     _config_field_flags(parser, defaults)
     return parser
@@ -317,12 +408,18 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.Trai
 def main(argv: list[str] | None = None) -> None:
     args, config = parse_args(argv)
     cli.quiet_logging(args.verbose)
-    try:  # the data and the reference's loss family checked against the config before any work
+    try:  # the workdir, the data and the reference's loss family checked against the config before any work
+        if not args.start_over:
+            check_workdir(config, args.workdir, args.scored, start_over=False)
         TrainingData.open(config, args.data, args.scored)
     except (ValueError, OSError) as error:
         print(f"python -m curation.train: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
-    train(config, args.data, args.workdir, scored_dir=args.scored)
+    try:
+        train(config, args.data, args.workdir, scored_dir=args.scored, start_over=args.start_over)
+    except Preempted as stopped:
+        log.warning("%s", stopped.args[0])
+        sys.exit(stopped.exit_code)
 
 
 if __name__ == "__main__":

@@ -374,7 +374,8 @@ def log_counters(result) -> dict[str, int]:
         totals[name] = totals.get(name, 0) + int(value or 0)
     if totals:
         width = max(map(len, totals))
-        log.info("counters:\n%s", "\n".join(f"  {name:<{width}}  {value:>12,}" for name, value in sorted(totals.items())))
+        lines = (f"  {name:<{width}}  {value:>12,}" for name, value in sorted(totals.items()))
+        log.info("counters:\n%s", "\n".join(lines))
     return totals
 
 

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 import os
 import shutil
 import textwrap
@@ -201,3 +202,73 @@ def test_the_temperature_and_bias_learn_at_their_own_rate():
     assert fast["t"] == pytest.approx(100 * plain["t"], rel=1e-4) and plain["t"] > 0
     assert fast["b"] == pytest.approx(100 * plain["b"], rel=1e-4)
     assert fast["other"] == pytest.approx(plain["other"], rel=1e-6) and plain["other"] > 0
+
+
+def test_a_workdir_of_another_config_is_refused_naming_the_fields_unless_starting_over(tiny_corpus, tmp_path):
+    from curation.train import main
+
+    workdir = str(tmp_path / "run")
+    train(SMOKE, tiny_corpus, workdir)
+    saved = open(os.path.join(workdir, "config.json")).read()
+    changed = dataclasses.replace(SMOKE, learning_rate=SMOKE.learning_rate * 2, seed=SMOKE.seed + 1)
+    with pytest.raises(ValueError, match=r"another config: learning_rate \(saved .*, now .*\), seed") as refused:
+        train(changed, tiny_corpus, workdir)
+    assert "--start_over" in str(refused.value)
+    assert open(os.path.join(workdir, "config.json")).read() == saved  # nothing written
+    # The command line refuses in one line, before any work.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "reference", "--smoke", "--data", tiny_corpus, "--workdir", workdir,
+              "--learning_rate", "0.5"])
+    assert exit_info.value.code == 2
+    # Reporting fields may change on a resume; with start_over the other run's files go and it trains anew.
+    train(dataclasses.replace(SMOKE, log_every=3), tiny_corpus, workdir)
+    params = train(changed, tiny_corpus, workdir, start_over=True)
+    assert json.load(open(os.path.join(workdir, "config.json")))["learning_rate"] == changed.learning_rate
+    assert _params_bytes(params) == _params_bytes(train(changed, tiny_corpus, str(tmp_path / "fresh")))
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tiny_corpus, tmp_path, caplog):
+    config = dataclasses.replace(SMOKE, eval_every=100, checkpoint_every=2)
+
+    def kill_at_step_5(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    workdir = str(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        train(config, tiny_corpus, workdir, step_callback=kill_at_step_5)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert sorted(name for name in os.listdir(checkpoints) if name.isdigit()) == ["2", "4"]
+    for folder, _, names in os.walk(os.path.join(checkpoints, "4", "state")):  # every data file cut short
+        for name in names:
+            path = os.path.join(folder, name)
+            if os.path.getsize(path) > 64:
+                with open(path, "r+b") as f:
+                    f.truncate(16)
+    caplog.set_level("WARNING", logger="curation.train")
+    resumed = train(config, tiny_corpus, workdir)
+    [warning] = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
+    assert "step 4" in warning and "corrupt_step_4" in warning and "resuming from step 2" in warning
+    assert os.path.isdir(os.path.join(checkpoints, "corrupt_step_4"))
+    assert _params_bytes(resumed) == _params_bytes(train(config, tiny_corpus, str(tmp_path / "straight")))
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_and_the_run_resumes_exactly(tiny_corpus, tmp_path):
+    import signal
+
+    from curation.train import Preempted
+
+    config = dataclasses.replace(SMOKE, eval_every=100, checkpoint_every=100)
+
+    def terminate_at_step_3(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    workdir = str(tmp_path / "run")
+    with pytest.raises(Preempted, match="saved the checkpoint of step 3"):
+        train(config, tiny_corpus, workdir, step_callback=terminate_at_step_3)
+    checkpoints = os.path.join(workdir, "checkpoints")
+    assert sorted(name for name in os.listdir(checkpoints) if name.isdigit()) == ["3"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler is the run's only
+    resumed = train(config, tiny_corpus, workdir)
+    assert _params_bytes(resumed) == _params_bytes(train(config, tiny_corpus, str(tmp_path / "straight")))
