@@ -42,7 +42,7 @@ import json
 import os
 import posixpath
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -50,6 +50,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
 from curation import schema, tfrecord
+from curation.corpus import DEFAULT_FIELDS, FieldNames, shard_stem
 from curation.preprocess import ValidationOptions
 from models.flops import example_forward_flops
 from models.preprocessing import ImagePreprocessing, dataclass_from_dict
@@ -155,10 +156,8 @@ class Options:
         """The decode and caption rules the batch was scored under (a reader decoding its images applies them)."""
         return ValidationOptions(self.max_image_pixels, self.min_image_size, self.max_caption_chars)
 
-    def fields(self):
+    def fields(self) -> FieldNames:
         """The corpus FieldNames the job read the input shards with."""
-        from curation.corpus import DEFAULT_FIELDS, FieldNames
-
         default = DEFAULT_FIELDS[self.input_format]
         return FieldNames(self.key_field or default.key, tuple(self.image_field) or default.image,
                           tuple(self.caption_field) or default.caption)
@@ -262,16 +261,22 @@ def new_batch_name(now: str) -> str:
     return f"{BATCH_PREFIX}{now}-{uuid.uuid4().hex[:6]}"
 
 
-def write_manifest(batch_dir: str, manifest: Manifest) -> str:
-    """Write `_MANIFEST.json` atomically: to a temporary name, then renamed (one object appears whole on GCS)."""
-    final = posixpath.join(batch_dir, MANIFEST_NAME)
-    temporary = posixpath.join(batch_dir, f".{MANIFEST_NAME}.{uuid.uuid4().hex}.tmp")
+def write_atomically(path: str, write: Callable[[Any], None]) -> str:
+    """`write(f)` into a temporary `.{name}.{random}.tmp` beside `path`, then renamed to `path` (one object appears
+    whole on GCS; a reader never sees it half-written); returns `path`."""
+    temporary = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
     with FileSystems.create(temporary) as f:
-        f.write(manifest.to_json().encode("utf-8"))
-    if FileSystems.exists(final):
-        FileSystems.delete([final])
-    FileSystems.rename([temporary], [final])
-    return final
+        write(f)
+    if FileSystems.exists(path):
+        FileSystems.delete([path])
+    FileSystems.rename([temporary], [path])
+    return path
+
+
+def write_manifest(batch_dir: str, manifest: Manifest) -> str:
+    """Write `_MANIFEST.json` atomically (`write_atomically`)."""
+    return write_atomically(posixpath.join(batch_dir, MANIFEST_NAME),
+                            lambda f: f.write(manifest.to_json().encode("utf-8")))
 
 
 def read_manifests(output: str) -> list[Manifest]:
@@ -467,8 +472,6 @@ class SidecarInfo:
 
 def sidecar_name(input_shard: str) -> str:
     """File name of an input shard's sidecar: its stem and a hash of its path (stems repeat across folders)."""
-    from curation.corpus import shard_stem
-
     return f"{shard_stem(input_shard)}-{hashlib.sha1(input_shard.encode('utf-8')).hexdigest()[:8]}"
 
 
@@ -476,13 +479,8 @@ def write_sidecar(path: str, table: pa.Table, info: SidecarInfo, row_group_rows:
     """Write a sidecar table (zstd, row groups of `row_group_rows`) with `info` in its footer, atomically: to a
     temporary name, then renamed, so that a sidecar that exists is whole."""
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), SIDECAR_KEY: info.to_json().encode()})
-    temporary = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with FileSystems.create(temporary) as f:
-        pq.write_table(table, f, compression=PARQUET_COMPRESSION, row_group_size=row_group_rows)
-    if FileSystems.exists(path):
-        FileSystems.delete([path])
-    FileSystems.rename([temporary], [path])
-    return path
+    return write_atomically(path, lambda f: pq.write_table(table, f, compression=PARQUET_COMPRESSION,
+                                                           row_group_size=row_group_rows))
 
 
 def read_sidecar_info(path: str) -> SidecarInfo:

@@ -30,6 +30,16 @@ class ShardReadError(OSError):
     so that the runner retries the read, and named when it gives up."""
 
 
+def in_global_window(outputs: Iterable[Any]) -> Iterator[Any]:
+    """A DoFn's outputs (TaggedOutput or not) as finish_bundle must yield them: in the global window, where every
+    element of the scoring job is (for the DoFns that emit elements of earlier process calls at the bundle's end)."""
+    for output in outputs:
+        if isinstance(output, TaggedOutput):
+            yield TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
+        else:
+            yield GlobalWindows.windowed_value(output)
+
+
 class _ReadShardFn(beam.DoFn):
     """Shard path -> its CorpusRecords (main output) and CorpusErrors (tagged ReadCorpus.ERRORS), or, for a shard
     that could not be read to the end, only the CorpusError saying why (tagged ReadCorpus.FAILED_SHARDS).
@@ -66,11 +76,7 @@ class _ReadShardFn(beam.DoFn):
 
     def finish_bundle(self) -> Iterator[Any]:
         while self._pending:
-            for output in self._emit(*self._pending.popleft()):
-                if isinstance(output, TaggedOutput):
-                    yield TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
-                else:
-                    yield GlobalWindows.windowed_value(output)
+            yield from in_global_window(self._emit(*self._pending.popleft()))
 
     def _emit(self, path: str, future: concurrent.futures.Future) -> Iterator[CorpusRecord | TaggedOutput]:
         try:

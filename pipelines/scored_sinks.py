@@ -9,11 +9,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import posixpath
-import uuid
 from typing import Any, Iterator, Sequence
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsDict, AsList, AsSingleton
 
@@ -118,14 +116,11 @@ class _WriteSidecarsFn(beam.DoFn):
                                          len(ordered) - len(errors), dict(sorted(dead_letter.items())),
                                          posixpath.basename(self._batch_dir))
         if "tfrecord" in self._formats:  # first: the Parquet sidecar is the one that makes the shard done
-            temporary = posixpath.join(posixpath.dirname(path), f".{name}.{uuid.uuid4().hex}.tfrecord.tmp")
-            with FileSystems.create(temporary) as f:
+            def frames(f):
                 for row in ordered:
                     tfrecord.write_frame(f, schema.encode_sidecar_example(row))
-            final = posixpath.join(posixpath.dirname(path), f"{name}.tfrecord")
-            if FileSystems.exists(final):
-                FileSystems.delete([final])
-            FileSystems.rename([temporary], [final])
+
+            scored_shards.write_atomically(posixpath.join(posixpath.dirname(path), f"{name}.tfrecord"), frames)
         scored_shards.write_sidecar(path, schema.sidecar_table(ordered, self._embed_dim), info)
         self._written.inc()
         output = posixpath.dirname(self._batch_dir.rstrip("/"))

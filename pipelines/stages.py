@@ -22,7 +22,6 @@ import numpy as np
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.pvalue import AsSingleton, TaggedOutput
-from apache_beam.transforms.window import GlobalWindows
 
 from curation import errors, schema
 from curation.errors import CorpusError
@@ -30,6 +29,7 @@ from curation.corpus import CorpusRecord
 from curation.losses import own_pair_sigmoid
 from curation.preprocess import ValidationOptions, ValidExample, decode_and_validate, encode_jpeg
 from models.preprocessing import ImagePreprocessing
+from pipelines.corpus_io import in_global_window
 from pipelines.jax_inference import DualEncoderHandler, Embeddings, PreparedExample
 from pipelines.progress import worker_progress
 from pipelines.references import LossParameters, Reference
@@ -63,7 +63,9 @@ class _OrDeadLetter(beam.DoFn):
             if earlier is not None:
                 yield earlier
                 return
-        result = self._fn(element, **side_inputs)
+        yield from self._emit(self._fn(element, **side_inputs))
+
+    def _emit(self, result) -> Iterator[Any]:
         if isinstance(result, CorpusError):
             Metrics.counter(NAMESPACE, f"dead_letter_{result.reason}").inc()
             yield result if self._inline else TaggedOutput(DEAD_LETTER, result)
@@ -134,18 +136,7 @@ class _DecodeAheadFn(_OrDeadLetter):
 
     def finish_bundle(self) -> Iterator[Any]:
         while self._pending:
-            for output in self._emit(self._pending.popleft().result()):
-                if isinstance(output, TaggedOutput):
-                    yield TaggedOutput(output.tag, GlobalWindows.windowed_value(output.value))
-                else:
-                    yield GlobalWindows.windowed_value(output)
-
-    def _emit(self, result) -> Iterator[Any]:
-        if isinstance(result, CorpusError):
-            Metrics.counter(NAMESPACE, f"dead_letter_{result.reason}").inc()
-            yield result if self._inline else TaggedOutput(DEAD_LETTER, result)
-        else:
-            yield result
+            yield from in_global_window(self._emit(self._pending.popleft().result()))
 
 
 class DecodeAndValidate(_Fallible):

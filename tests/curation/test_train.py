@@ -29,6 +29,18 @@ def _params_bytes(params):
     return [np.asarray(leaf).tobytes() for leaf in jax.tree_util.tree_leaves(params)]
 
 
+def _killed_at_step_5(config, corpus, workdir) -> str:
+    """Train until step 5 raises (as a kill would end the run); returns the checkpoints folder."""
+
+    def kill_at_step_5(step):
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(config, corpus, workdir, step_callback=kill_at_step_5)
+    return os.path.join(workdir, "checkpoints")
+
+
 def test_smoke_run_writes_metrics_events_checkpoints_and_the_model(tiny_corpus, tmp_path):
     workdir = str(tmp_path / "run")
     params = train(SMOKE, tiny_corpus, workdir)
@@ -98,15 +110,8 @@ def test_a_run_written_before_v2_resumes(tmp_path):
 
 def test_a_half_written_checkpoint_is_ignored_on_resume(tiny_corpus, tmp_path):
     config = dataclasses.replace(SMOKE, eval_every=100)
-
-    def kill_at_step_5(step):
-        if step == 5:
-            raise KeyboardInterrupt
-
     workdir = str(tmp_path / "run")
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tiny_corpus, workdir, step_callback=kill_at_step_5)
-    checkpoints = os.path.join(workdir, "checkpoints")
+    checkpoints = _killed_at_step_5(config, tiny_corpus, workdir)
     # What a run killed while saving step 6 leaves: orbax's temporary folder, never finalized.
     os.makedirs(os.path.join(checkpoints, "6.orbax-checkpoint-tmp-1234", "state"))
     resumed = train(config, tiny_corpus, workdir)
@@ -229,15 +234,8 @@ def test_a_workdir_of_another_config_is_refused_naming_the_fields_unless_startin
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tiny_corpus, tmp_path, caplog):
     config = dataclasses.replace(SMOKE, eval_every=100, checkpoint_every=2)
-
-    def kill_at_step_5(step):
-        if step == 5:
-            raise KeyboardInterrupt
-
     workdir = str(tmp_path / "run")
-    with pytest.raises(KeyboardInterrupt):
-        train(config, tiny_corpus, workdir, step_callback=kill_at_step_5)
-    checkpoints = os.path.join(workdir, "checkpoints")
+    checkpoints = _killed_at_step_5(config, tiny_corpus, workdir)
     assert sorted(name for name in os.listdir(checkpoints) if name.isdigit()) == ["2", "4"]
     for folder, _, names in os.walk(os.path.join(checkpoints, "4", "state")):  # every data file cut short
         for name in names:
