@@ -260,7 +260,11 @@ def plan_batch(args: argparse.Namespace, fingerprint: str, options: scored_shard
     holds batches unless --incremental. A shard an earlier batch marked failed is scored again, unless
     --skip_failed_shards. Sidecars are adopted (sidecar layout) when they hold the very shard, scored by this
     reference under the same `options`."""
-    shards = match_shards([pattern for value in args.input for pattern in value.split(",") if pattern])
+    try:
+        shards = match_shards([pattern for value in args.input for pattern in value.split(",") if pattern])
+    except FileNotFoundError as error:
+        raise SystemExit(f"--input: {error}; check the path and the glob (quote it, so the shell leaves it alone)"
+                         ) from None
     not_utf8 = [ascii(shard) for shard in shards if valid_unicode(shard) != shard]
     if not_utf8:  # a local file name; Beam carries paths as UTF-8 text and would fail on it mid-job
         raise SystemExit(f"input shard paths must be UTF-8; rename {', '.join(not_utf8[:5])}")

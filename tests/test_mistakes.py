@@ -152,6 +152,12 @@ def test_score_copied_layout_flags_with_the_sidecar_layout(capsys, score_paths, 
     assert not os.path.exists(score_paths["output"])
 
 
+def test_score_input_matches_no_shard(capsys, score_paths, tmp_path):
+    line = refused(capsys, score.main, score_argv(score_paths, input=f"{tmp_path}/nowhere/*.tar"))
+    assert f"{tmp_path}/nowhere/*.tar" in line and "--input" in line
+    assert not os.path.exists(score_paths["output"])
+
+
 def test_score_input_is_a_directory(capsys, score_paths, tiny_corpus):
     line = refused(capsys, score.main, score_argv(score_paths, input=f"{tiny_corpus}/web"))
     assert f"{tiny_corpus}/web" in line and "--input" in line
