@@ -21,6 +21,7 @@ setup(
         "pyarrow>=25,<26",
         "google-cloud-storage>=3.17,<4",
         "google-crc32c>=1.9",
+        "gcsfs>=2026.9",
         "pillow>=12.3,<13",
         "numpy>=2.4,<2.5",
         "protobuf>=6.33,<7",

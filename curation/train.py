@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import json
 import logging
 import os
 import posixpath
-import shutil
 import signal
 import sys
 import threading
@@ -29,11 +27,12 @@ import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from curation import cli, configs, input_pipeline, jest, scored_shards
+from curation import cli, configs, distributed, input_pipeline, jest, run_files, scored_shards
 from curation.evaluate import Evaluator
-from curation.metrics import MetricWriter, progress_bar
+from curation.metrics import MetricWriter, NoMetrics, progress_bar
 from curation.training_data import TrainingData, build_tokenizer
 from models import checkpoint as model_checkpoint
+from models.tokenizer import tokenizer_from_dict
 from models.two_towers import ModelConfig, TwoTower, count_params, init_params
 
 log = logging.getLogger("curation.train")
@@ -83,60 +82,72 @@ def train(
     start_over: bool = False,
 ) -> dict:
     """Run (or resume) training; returns the final params. `data_dir` is the corpus (its eval splits, and its
-    training split unless `scored_dir` gives scored shards to train on). `batches` replaces the input (tests)."""
+    training split unless `scored_dir` gives scored shards to train on). `batches` replaces the input (tests): each
+    process's part of every super-batch, as `TrainingData.batches` gives it.
+
+    Under `jax.distributed` (`curation.distributed`) every process calls this with the same arguments; each reads
+    its own shards into its slice of the global batch, and process 0 alone writes the run's files."""
+    processes, process = jax.process_count(), jax.process_index()
+    primary = distributed.is_primary()
     # The workdir holds the run's config, tokenizer, checkpoints, metrics and final model: a run resumes only its
     # own (checked before anything is written), or starts over when asked.
-    check_workdir(config, workdir, scored_dir, start_over)
-    write_run_config(workdir, config, scored_dir)
+    check_workdir(config, workdir, scored_dir, start_over, num_processes=processes, remove=primary)
+    distributed.barrier("workdir checked")
+    if primary:
+        write_run_config(workdir, config, scored_dir, processes)
 
-    # Device mesh: the super-batch and the sub-batch must both divide over it.
+    # Device mesh: the super-batch and the sub-batch must both divide over it (over every process's devices).
     mesh = make_mesh(config.superbatch_size, devices)
     make_mesh(config.batch_size, devices)
 
-    # Input pipeline (the tokenizer is part of it: captions become tokens there).
+    # Input pipeline (the tokenizer is part of it: captions become tokens there). Process 0 builds or loads the
+    # tokenizer and the others take its copy.
     data = TrainingData.open(config, data_dir, scored_dir)
-    tokenizer = build_tokenizer(config, data.captions, workdir)
+    data.check_processes(config, processes)
+    tokenizer = build_tokenizer(config, data.captions, workdir, write=True) if primary else None
+    tokenizer = tokenizer_from_dict(distributed.share_json(tokenizer.to_dict() if primary else None))
     model_config = config.model_config(tokenizer.vocab_size)
 
     # Model and optimizer.
     model = TwoTower(model_config)
     optimizer = make_optimizer(config)
 
-    # Sharding: params and optimizer state replicated, batches split over the data axis.
+    # Sharding: params and optimizer state replicated, batches split over the data axis (process p's local batch
+    # is rows [p B/P, (p+1) B/P) of the global one).
     state = init_state(model_config, optimizer, config.seed, mesh)
     data_sharding = NamedSharding(mesh, PartitionSpec("data"))
-    log.info("model %s/%s, %d params, %d devices", config.image_variant, config.text_variant,
-             count_params(state["params"]), len(mesh.devices.flat))
+    log.info("model %s/%s, %d params, %d devices in %d process(es)", config.image_variant, config.text_variant,
+             count_params(state["params"]), len(mesh.devices.flat), processes)
 
     # Update step, the same call for every config (with selection: learner scoring, selection, update).
     step_fn = jest.make_step(config, model, optimizer, mesh, data.scored)
     flops = {**jest.step_flops(config, model_config), **offline_flops(config, data.scored)}
 
-    # Checkpoint restore: the state, the data position and the run's counters.
+    # Checkpoint restore: the state, every process's data position and the run's counters.
     manager = checkpoint_manager(workdir)
     state, progress = restore_checkpoint(manager, state)
     start_step = int(state["step"])
-    writer = MetricWriter(workdir, resume_step=start_step)
+    writer = MetricWriter(workdir, resume_step=start_step) if primary else NoMetrics()
 
-    # Evaluators.
-    evaluator = None if batches is not None else Evaluator(
+    # Evaluators (process 0 alone, on its own copy of the params).
+    evaluator = None if batches is not None or not primary else Evaluator(
         data_dir, model_config, tokenizer, config.loss, limit=config.eval_size)
 
     # Train loop.
     if batches is None:
-        batches = data.batches(tokenizer, config, input_pipeline.DataPosition(**progress["position"]))
+        batches = data.batches(tokenizer, config, input_pipeline.DataPosition(**progress["position"]), process,
+                               processes)
     pending: list[tuple[int, dict]] = []
     timings: dict[str, float] = collections.defaultdict(float)
     wall_start, wall_before = time.perf_counter(), progress["wall_s"]
     stop = StopOnSigterm()
-    with stop, progress_bar(config.total_steps, start_step, config.name) as bar:
+    with stop, progress_bar(config.total_steps, start_step, config.name, enabled=primary) as bar:
         for step in range(start_step + 1, config.total_steps + 1):
             clock = time.perf_counter()
             batch = next(batches)
             position = batch.pop("position", None)
             timings["time/data"] += time.perf_counter() - clock
-            inputs = {name: jax.make_array_from_process_local_data(data_sharding, value)
-                      for name, value in batch.items()}
+            inputs = {name: global_batch(data_sharding, value, processes) for name, value in batch.items()}
             state, step_metrics, seconds = step_fn(state, inputs, step)
             for name, value in seconds.items():
                 timings[name] += value
@@ -146,21 +157,25 @@ def train(
                 step_callback(step)
 
             last = step == config.total_steps
+            stopping = distributed.any_process(stop.requested)  # every process stops at the same step
             if step % config.log_every == 0 or last:
                 values = check_finite(pending)
                 progress["wall_s"] = wall_before + time.perf_counter() - wall_start
-                writer.write(step, train_row(step, values, progress, flops, timings, steps_logged=len(pending)))
+                positions = distributed.gather_positions(progress["position"])
+                writer.write(step, train_row(step, values, progress, flops, timings, steps_logged=len(pending),
+                                             raw_seen=sum(position["raw_seen"] for position in positions)))
                 pending = []
                 timings.clear()
                 bar.set_postfix(loss=f"{values['loss']:.3f}")
             if evaluator is not None and (step % config.eval_every == 0 or last):
-                writer.write(step, {"examples_seen": progress["examples_seen"], **evaluator(state["params"])})
-            if step % config.checkpoint_every == 0 or last or stop.requested:
+                writer.write(step, {"examples_seen": progress["examples_seen"],
+                                    **evaluator(distributed.local_copy(state["params"]))})
+            if step % config.checkpoint_every == 0 or last or stopping:
                 if pending:
                     check_finite(pending)  # a checkpoint never holds the state of a non-finite step
                 save_checkpoint(manager, step, state, progress)
             bar.update(1)
-            if stop.requested and not last:
+            if stopping and not last:
                 manager.wait_until_finished()
                 writer.close()
                 raise Preempted(f"SIGTERM: saved the checkpoint of step {step} in {workdir}/checkpoints; run the "
@@ -169,6 +184,11 @@ def train(
     writer.close()
     save_model(workdir, state["params"], model_config, tokenizer)
     return state["params"]
+
+
+def global_batch(sharding: NamedSharding, local: np.ndarray, processes: int) -> jax.Array:
+    """This process's rows as its slice of the global array of `processes` times as many rows."""
+    return jax.make_array_from_process_local_data(sharding, local, (local.shape[0] * processes, *local.shape[1:]))
 
 
 class Preempted(RuntimeError):
@@ -207,24 +227,28 @@ MAY_CHANGE_ON_RESUME = ("log_every", "eval_every", "checkpoint_every", "eval_siz
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard", "model")
 
 
-def check_workdir(config: configs.TrainConfig, workdir: str, scored_dir: str | None, start_over: bool) -> None:
+def saved_run_config(config: configs.TrainConfig, scored_dir: str | None, num_processes: int) -> dict:
+    """What `config.json` records: the config, the scored data, and how many processes read the data (each
+    process's data position is its own, so a run resumes with as many)."""
+    return {**config.to_dict(), "scored": scored_dir, "num_processes": num_processes}
+
+
+def check_workdir(config: configs.TrainConfig, workdir: str, scored_dir: str | None, start_over: bool,
+                  num_processes: int = 1, remove: bool = True) -> None:
     """Refuse, naming the fields, a workdir whose saved run has another config than this one (it would silently
-    resume the other run); with `start_over`, remove that run's files instead."""
-    path = posixpath.join(workdir, "config.json")
-    if not os.path.exists(path):
+    resume the other run); with `start_over`, remove that run's files instead (where `remove`: process 0 of a
+    multi-process run does it for all)."""
+    path = run_files.join(workdir, "config.json")
+    if not run_files.exists(path):
         return
     if start_over:
-        for name in RUN_FILES:
-            target = posixpath.join(workdir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.remove(target)
-        log.info("starting over: removed the earlier run's files from %s", workdir)
+        if remove:
+            for name in RUN_FILES:
+                run_files.remove(run_files.join(workdir, name))
+            log.info("starting over: removed the earlier run's files from %s", workdir)
         return
-    with open(path) as f:
-        saved = json.load(f)
-    wanted = {**config.to_dict(), "scored": scored_dir}
+    saved = run_files.read_json(path)
+    wanted = saved_run_config(config, scored_dir, num_processes)
     # A field a run of an earlier version did not save is not compared: what it was then is not known.
     differing = [name for name in sorted(wanted)
                  if name in saved and name not in MAY_CHANGE_ON_RESUME and saved[name] != wanted[name]]
@@ -234,10 +258,9 @@ def check_workdir(config: configs.TrainConfig, workdir: str, scored_dir: str | N
                          "the same config again to resume it, or pass --start_over to discard it")
 
 
-def write_run_config(workdir: str, config: configs.TrainConfig, scored_dir: str | None) -> None:
-    os.makedirs(workdir, exist_ok=True)
-    with open(posixpath.join(workdir, "config.json"), "w") as f:
-        json.dump({**config.to_dict(), "scored": scored_dir}, f, indent=2)
+def write_run_config(workdir: str, config: configs.TrainConfig, scored_dir: str | None,
+                     num_processes: int = 1) -> None:
+    run_files.write_json(run_files.join(workdir, "config.json"), saved_run_config(config, scored_dir, num_processes))
 
 
 def init_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
@@ -264,7 +287,7 @@ def offline_flops(config: configs.TrainConfig, scored: scored_shards.ScoredSet |
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
     """Checkpoints under `workdir/checkpoints`, each with the items "state" and "progress"; the last two kept."""
     return ocp.CheckpointManager(
-        os.path.abspath(posixpath.join(workdir, "checkpoints")),
+        run_files.absolute(run_files.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()},
     )
@@ -286,7 +309,10 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: dict) -> tuple[dic
         except Exception as error:  # orbax and tensorstore raise many kinds for damaged data
             directory = posixpath.join(str(manager.directory), str(step))
             aside = posixpath.join(str(manager.directory), f"corrupt_step_{step}")
-            os.replace(directory, aside)
+            distributed.barrier(f"restore of step {step} failed")
+            if distributed.is_primary():
+                run_files.move(directory, aside)
+            distributed.barrier(f"step {step} moved aside")
             manager.reload()
             earlier = [other for other in manager.all_steps() if other < step]
             log.warning("the checkpoint of step %d cannot be restored (%s: %s); moved it to %s and %s", step,
@@ -294,11 +320,19 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: dict) -> tuple[dic
                         f"resuming from step {max(earlier)}" if earlier else "starting from step 0")
             continue
         log.info("resumed from step %d", int(restored["state"]["step"]))
-        return restored["state"], restored["progress"]
+        progress = restored["progress"]
+        if "positions" in progress:  # a multi-process run's: each process resumes its own position
+            progress["position"] = progress.pop("positions")[jax.process_index()]
+        return restored["state"], progress
     return state, progress
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, progress: dict) -> None:
+    """Saved by every process together (orbax: the primary writes the replicated state and the JSON); the
+    progress holds every process's data position."""
+    if jax.process_count() > 1:
+        progress = {**{k: v for k, v in progress.items() if k != "position"},
+                    "positions": distributed.gather_positions(progress["position"])}
     manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
 
@@ -312,17 +346,17 @@ def count_examples(progress: dict, config: configs.TrainConfig, position) -> Non
 
 
 def train_row(step: int, values: dict[str, float], progress: dict, flops: dict[str, int],
-              timings: dict[str, float], steps_logged: int) -> dict[str, float]:
+              timings: dict[str, float], steps_logged: int, raw_seen: int | None = None) -> dict[str, float]:
     """One metrics row: the logged steps' mean metrics, the run's counters and FLOPs (online: the learner's
     updates and scoring passes so far; offline: the reference's pass over the scored corpus), and the mean seconds
-    per step of each timed part."""
+    per step of each timed part. `raw_seen`: records read by every process (default: this one's position)."""
     drawn = progress["superbatch_examples_seen"]
     train_flops, scoring_flops = step * flops["train"], step * flops["learner_scoring"]
     return {
         **values, "examples_seen": progress["examples_seen"], "superbatch_examples_seen": drawn,
         "train_flops": train_flops, "learner_scoring_flops": scoring_flops, "online_flops": train_flops + scoring_flops,
         "offline_scoring_flops": flops["offline_scoring"], "reference_flops_per_example": flops["reference_per_example"],
-        "wall_s": progress["wall_s"], "skipped": max(progress["position"]["raw_seen"] - drawn, 0),
+        "wall_s": progress["wall_s"], "skipped": max((progress["position"]["raw_seen"] if raw_seen is None else raw_seen) - drawn, 0),
         **{name: seconds / steps_logged for name, seconds in timings.items()},
     }
 
@@ -371,6 +405,14 @@ def build_parser(defaults: configs.TrainConfig) -> cli.OneLineErrorParser:
     parser.add_argument("--smoke", action="store_true", help="shrink the run to seconds (tests)")
     parser.add_argument("--start_over", action="store_true",
                         help="discard the run already in --workdir (its config, checkpoints, metrics) and start anew")
+    group = parser.add_argument_group("multi-process runs", "one process per host, each started with the same flags "
+                                      "and its own --process_id (or --distributed where the platform sets them)")
+    group.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
+                       help="address of process 0, which every process connects to")
+    group.add_argument("--num_processes", type=int, default=None, help="how many processes take part")
+    group.add_argument("--process_id", type=int, default=None, help="this process's index, 0 to num_processes - 1")
+    group.add_argument("--distributed", action="store_true",
+                       help="take the processes from the platform (Cloud TPU pod, SLURM, Open MPI, Kubernetes)")
     cli.add_verbose_flag(parser)
     _config_field_flags(parser, defaults)
     return parser
@@ -400,6 +442,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.Trai
     if config.needs_scores and not args.scored:
         parser.error(f"--config {args.config} selects or filters by score: pass --scored DIR (the output of "
                      "python -m pipelines.score)")
+    problem = distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id,
+                                      args.distributed)
+    if problem:
+        parser.error(problem)
     if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):
         parser.error(f"--workdir {args.workdir} is a file; give a directory (new, or a run to resume)")
     return args, config
@@ -408,10 +454,11 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.Trai
 def main(argv: list[str] | None = None) -> None:
     args, config = parse_args(argv)
     cli.quiet_logging(args.verbose)
+    distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, args.distributed)
     try:  # the workdir, the data and the reference's loss family checked against the config before any work
         if not args.start_over:
-            check_workdir(config, args.workdir, args.scored, start_over=False)
-        TrainingData.open(config, args.data, args.scored)
+            check_workdir(config, args.workdir, args.scored, start_over=False, num_processes=jax.process_count())
+        TrainingData.open(config, args.data, args.scored).check_processes(config, jax.process_count())
     except (ValueError, OSError) as error:
         print(f"python -m curation.train: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)

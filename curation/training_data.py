@@ -4,31 +4,28 @@ their captions. `TrainingData.batches` is the stream the train loop reads."""
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import posixpath
 from typing import Callable, Iterator
 
-from curation import configs, input_pipeline, schema, scored_input, scored_shards
+from curation import configs, distributed, input_pipeline, run_files, schema, scored_input, scored_shards
 from curation.preprocess import ValidationOptions
 from models.tokenizer import ByteTokenizer, WordTokenizer, tokenizer_from_dict
 
 
-def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator[str]], workdir: str):
+def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator[str]], workdir: str, *,
+                    write: bool = True):
     """The byte tokenizer, or a word vocabulary of `captions()` (the training data's), saved in the workdir for
-    resumes."""
-    path = posixpath.join(workdir, "tokenizer.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return tokenizer_from_dict(json.load(f))
+    resumes (`write`: this process writes the run's files)."""
+    path = run_files.join(workdir, "tokenizer.json")
+    if run_files.exists(path):
+        return tokenizer_from_dict(run_files.read_json(path))
     if config.tokenizer == "bytes":
         tokenizer = ByteTokenizer()
     elif config.tokenizer == "words":
         tokenizer = WordTokenizer.build(captions(), max_vocab=config.max_vocab)
     else:
         raise ValueError(f"unknown tokenizer {config.tokenizer!r}; expected 'words' or 'bytes'")
-    with open(path, "w") as f:
-        json.dump(tokenizer.to_dict(), f)
+    if write:
+        run_files.write_json(path, tokenizer.to_dict(), indent=None)
     return tokenizer
 
 
@@ -95,16 +92,29 @@ class TrainingData:
         return ValidationOptions(max(rule.max_image_pixels for rule in rules), min(rule.min_image_size for rule in rules),
                                  max(rule.max_caption_chars for rule in rules))
 
-    def batches(self, tokenizer, config: configs.TrainConfig, position) -> Iterator[dict]:
-        """Batches of `config.superbatch_size` examples from `position` on, preprocessed as the learner declares."""
-        common = dict(batch_size=config.superbatch_size, image_size=config.image_size,
+    def check_processes(self, config: configs.TrainConfig, process_count: int) -> None:
+        """Raises unless `process_count` processes can share the data: a super-batch that divides over them, and a
+        shard of its own for each."""
+        if config.superbatch_size % process_count:
+            raise ValueError(f"the super-batch of {config.superbatch_size} examples does not divide over "
+                             f"{process_count} processes: choose a batch_size (and filter_ratio) that does")
+        distributed.host_shards(self.shards, 0, process_count)
+
+    def batches(self, tokenizer, config: configs.TrainConfig, position, process_index: int = 0,
+                process_count: int = 1) -> Iterator[dict]:
+        """This process's part of every super-batch, from `position` (its own) on, preprocessed as the learner
+        declares: `config.superbatch_size / process_count` examples a batch, from its own shards
+        (`distributed.host_shards`)."""
+        self.check_processes(config, process_count)
+        shards = distributed.host_shards(self.shards, process_index, process_count)
+        common = dict(batch_size=config.superbatch_size // process_count, image_size=config.image_size,
                       text_length=config.text_length, seed=config.seed, start=position,
                       preprocessing=config.model_config(tokenizer.vocab_size).preprocessing(),
                       validation=self.validation())
         if self.scored is None:
-            dataset = input_pipeline.make_dataset(self.shards, self.format, tokenizer, **common)
+            dataset = input_pipeline.make_dataset(shards, self.format, tokenizer, **common)
         else:
-            dataset = scored_input.make_scored_dataset(self.shards, tokenizer, embed_dim=self.scored.embed_dim,
+            dataset = scored_input.make_scored_dataset(shards, tokenizer, embed_dim=self.scored.embed_dim,
                                                        max_difficulty=self.max_difficulty,
                                                        loss_family=self.scored.reference.loss, **common)
         return dataset.as_numpy_iterator()

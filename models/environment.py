@@ -5,6 +5,7 @@
   (C++ logging before absl is initialised, which TF_CPP_MIN_LOG_LEVEL does not reach). The first imports of
   tensorflow and tensorflow_text run with file descriptor 2 pointed at /dev/null, so a command's output stays its
   own. Set JEST_NATIVE_LOGS=1 to see those lines.
+- orbax's file operations on gs:// go through gcsfs, not TensorFlow's GCS client (EPATH_USE_TF=false; below).
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# orbax reaches gs:// through etils' paths, which take TensorFlow's GCS client whenever TensorFlow is installed;
+# that client has no endpoint setting, so no emulator can stand in for GCS in tests. With this, etils uses gcsfs
+# (fsspec), which the tests run against the emulator (the array data goes through tensorstore's own GCS driver
+# either way).
+os.environ.setdefault("EPATH_USE_TF", "false")
 
 _MUTED_MODULES = ("tensorflow", "tensorflow_text")
 

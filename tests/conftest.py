@@ -4,6 +4,9 @@ import os
 import socket
 
 os.environ.setdefault("KERAS_BACKEND", "jax")  # before tensorflow (and so keras) is first imported
+# gcsfs (read at its import) probes a bucket's layout on the real storage-control service over gRPC, which the GCS
+# emulator does not serve: the probe would wait on the network.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import jax
 import pytest
@@ -28,7 +31,8 @@ def gcs_bucket():
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="corpus-test")
     server.start()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")
+        patch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{port}")  # Beam, google-cloud-storage, gcsfs
+        patch.setenv("TENSORSTORE_GCS_HTTP_URL", f"http://127.0.0.1:{port}")  # orbax's array data
         # Anonymous credentials straight away: no search for default credentials with its retry back-off.
         patch.setattr(google.auth, "default", lambda *args, **kwargs: (AnonymousCredentials(), "test-project"))
         patch.setattr(beam_auth._Credentials, "_credentials_init", False)

@@ -80,6 +80,31 @@ def test_train_workdir_is_a_file(capsys, tmp_path):
     assert str(workdir) in line and "--workdir" in line
 
 
+@pytest.mark.parametrize("flags, named", [
+    (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
+    (["--coordinator_address=10.0.0.2:1234", "--num_processes=2"], "--process_id"),
+    (["--coordinator_address=10.0.0.2:1234", "--num_processes=2", "--process_id=2"], "--process_id 2"),
+    (["--coordinator_address=10.0.0.2", "--num_processes=2", "--process_id=0"], "HOST:PORT"),
+    (["--distributed", "--num_processes=2"], "drop --num_processes"),
+])
+def test_train_multi_process_flags(capsys, train_paths, flags, named):
+    line = refused(capsys, train_cli.main, train_argv(train_paths, "--config", "reference", *flags))
+    assert named in line
+    assert not train_paths[1].exists()
+
+
+def test_train_fewer_shards_than_processes(capsys, tiny_corpus, tmp_path):
+    """A corpus of 1 curated shard cannot give 2 hosts a shard each, nor 3 processes a third of a batch of 16:
+    checked (and refused in one line by main) before anything is written."""
+    from curation import training_data
+
+    data = training_data.TrainingData.open(configs.get_config("reference", smoke=True), tiny_corpus, None)
+    with pytest.raises(ValueError, match="1 training shards for 2 processes"):
+        data.check_processes(configs.get_config("reference", smoke=True), 2)
+    with pytest.raises(ValueError, match="does not divide over 3 processes"):
+        data.check_processes(configs.get_config("reference", smoke=True), 3)
+
+
 def test_train_help_lists_every_field_with_its_default(capsys):
     with pytest.raises(SystemExit) as exit_info:
         train_cli.main(["--config", "jest", "--help"])
