@@ -1,27 +1,42 @@
-"""Bench: trainer step time reading the scored shards vs the same batches served from memory.
+"""Bench: what decoding costs per example, and trainer step time reading the scored shards vs from memory.
 
-    .venv/bin/python bench/input_pipeline.py     # about 5 min on 2 CPU cores
+    .venv/bin/python bench/input_pipeline.py     # about 10 min on 2 CPU cores (plus the demo's preparation)
 
-For each config (uniform: B = b = 128; jest: B = 640 → b = 128) the trainer runs `--steps` steps twice through the
-same train loop: once with its input read from the demo's scored Parquet shards (decode, resize, tokenize, stored
-reference embeddings), once replaying those very batches from a list in memory. The difference is what the input
-pipeline costs the trainer. Step times leave out the first logging interval (compilation). Writes the "Input
-pipeline" section of bench/RESULTS.md.
+1. Decoding: CPU milliseconds (all processes of the machine, from /proc/stat) and wall milliseconds per decoded
+   example, for the demo's 64 px JPEGs (to the learner's 32 px) and for 512 × 384 web-sized JPEGs (to 224 px): the
+   old pipeline (`prepare_image` per image on 1 or 2 threads, float32 per image) against the new one
+   (`decode_pool.DecodePool`: 1 or 2 worker processes, uint8 back, a batch normalized at once). Worker start-up is
+   left out (a pool is started, then timed).
+2. Steps: for each config (uniform: B = b = 128; jest: B = 640 → b = 128) the trainer runs `--steps` steps through
+   the same train loop with its input read from the demo's copied-layout scored Parquet shards (decode, resize,
+   tokenize, stored reference embeddings) on 2 threads and on `--input_processes` worker processes, and once
+   replaying those very batches from a list in memory. Step times leave out the first logging interval
+   (compilation).
+
+Writes the "Input pipeline" section of bench/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
+import io
 import itertools
 import os
 import shutil
 import tempfile
+import time
 
 import numpy as np
+from PIL import Image
 
 import results  # bench/results.py, beside this script
 from curation import configs, input_pipeline
+from curation.corpus import CorpusRecord, iter_corpus
+from curation.decode_pool import DecodePool
+from curation.preprocess import ValidationOptions, prepare_image
+from models.preprocessing import ImagePreprocessing
 from curation.metrics import read_metrics
 from curation.train import train
 from curation.training_data import TrainingData, build_tokenizer
@@ -36,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--configs", default="uniform,jest")
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log_every", type=int, default=10)
+    parser.add_argument("--input_processes", type=int, default=2)
+    parser.add_argument("--decode_examples", type=int, default=4000, help="demo images decoded per measurement")
+    parser.add_argument("--web_examples", type=int, default=400, help="512 px images decoded per measurement")
     parser.add_argument("--no_write", action="store_true")
     return parser.parse_args(argv)
 
@@ -49,11 +67,93 @@ def timed_run(config: configs.TrainConfig, corpus: str, scored: str, workdir: st
             "data_s": float(np.mean([row["time/data"] for row in rows[1:]]))}
 
 
+def busy_cpu_seconds() -> float:
+    """CPU time the whole machine spent busy (user, nice, system, irq, softirq), from /proc/stat."""
+    with open("/proc/stat") as f:
+        fields = [int(value) for value in f.readline().split()[1:8]]
+    user, nice, system, _, _, irq, softirq = fields
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
+def web_jpegs(count: int, seed: int = 0) -> list[bytes]:
+    """512 × 384 JPEGs (quality 90) with smooth colour fields, shapes and sensor-like noise: about the bytes and
+    decode work of a web photo of that size."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:384, 0:512].astype(np.float32)
+    images = []
+    for _ in range(count):
+        a, b, c = rng.uniform(0, 1, 3)
+        field = np.stack([128 + 100 * np.sin(x / (40 + 60 * a) + c), 128 + 100 * np.cos(y / (30 + 50 * b)),
+                          128 + 80 * np.sin((x + y) / (50 + 40 * c))], axis=-1)
+        cy, cx, r = rng.uniform(80, 300), rng.uniform(80, 430), rng.uniform(30, 90)
+        field[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
+        pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="JPEG", quality=90)
+        images.append(out.getvalue())
+    return images
+
+
+def demo_jpegs(corpus: str, count: int) -> list[bytes]:
+    shards, format = input_pipeline.split_shards(corpus, "web")
+    images = []
+    for item in iter_corpus(shards, format):
+        if isinstance(item, CorpusRecord) and item.image:
+            images.append(item.image)
+            if len(images) == count:
+                break
+    return images
+
+
+def time_decoding(images: list[bytes], preprocessing: ImagePreprocessing, mode: str, workers: int,
+                  batch: int = 256, repeats: int = 2) -> tuple[float, float]:
+    """(CPU ms, wall ms) per example decoding `images` `repeats` times, a batch of `batch` at a time. `mode` old:
+    prepare_image per image on `workers` threads; new: DecodePool with `workers` processes."""
+    validation = ValidationOptions()
+    if mode == "old":
+        pool = concurrent.futures.ThreadPoolExecutor(workers)
+
+        def decode(group):
+            return np.stack(list(pool.map(lambda data: prepare_image(data, preprocessing, validation), group)))
+    else:
+        pool = DecodePool(preprocessing, validation, processes=workers)
+        pool.map(images[:batch])  # the workers started and warm
+
+        def decode(group):
+            return preprocessing.normalize(np.stack(pool.map(group)))
+    try:
+        cpu, wall = busy_cpu_seconds(), time.perf_counter()
+        for _ in range(repeats):
+            for start in range(0, len(images), batch):
+                decode(images[start:start + batch])
+        count = repeats * len(images)
+        return (busy_cpu_seconds() - cpu) * 1e3 / count, (time.perf_counter() - wall) * 1e3 / count
+    finally:
+        pool.shutdown() if mode == "old" else pool.close()
+
+
+def decoding_table(corpus: str, args: argparse.Namespace) -> list[str]:
+    sets = [("demo 64 px JPEG → 32 px", demo_jpegs(corpus, args.decode_examples), ImagePreprocessing(32)),
+            ("web 512 × 384 JPEG → 224 px", web_jpegs(args.web_examples), ImagePreprocessing(224))]
+    lines = ["| images | mean bytes | pipeline | workers | CPU ms / example | wall ms / example |",
+             "|---|---|---|---|---|---|"]
+    for label, images, preprocessing in sets:
+        size = int(np.mean([len(image) for image in images]))
+        for mode, kind in (("old", "threads"), ("new", "processes")):
+            for workers in (1, 2):
+                cpu, wall = time_decoding(images, preprocessing, mode, workers)
+                lines.append(f"| {label} | {size:,} | {mode} ({kind}) | {workers} | {cpu:.3f} | {wall:.3f} |")
+                print(lines[-1], flush=True)
+    return lines
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     corpus, _, scored = demo.prepare(demo.parse_args(["--out", args.demo]))
-    lines = ["| config | examples read per step | step from scored shards | step from memory | input wait per step "
-             "(shards) | input wait per step (memory) | cost of reading |", "|---|---|---|---|---|---|---|"]
+    decode_lines = decoding_table(corpus, args)
+    lines = ["| config | examples read per step | input | step from scored shards | step from memory | input wait "
+             "per step (shards) | input wait per step (memory) | cost of reading |",
+             "|---|---|---|---|---|---|---|---|"]
     for name in args.configs.split(","):
         config = dataclasses.replace(configs.get_config(name), total_steps=args.steps, log_every=args.log_every,
                                      eval_every=10**9, checkpoint_every=args.steps)
@@ -61,23 +161,29 @@ def main(argv=None) -> None:
         try:
             data = TrainingData.open(config, corpus, scored)
             tokenizer = build_tokenizer(config, data.captions, workdir)
-            live = data.batches(tokenizer, config, input_pipeline.DataPosition())
             in_memory = list(itertools.islice(data.batches(tokenizer, config, input_pipeline.DataPosition()),
                                               args.steps))
-            shards = timed_run(config, corpus, scored, os.path.join(workdir, "shards"), live)
             memory = timed_run(config, corpus, scored, os.path.join(workdir, "memory"),
                                (dict(batch) for batch in in_memory))
+            for processes in (0, args.input_processes):
+                reading = dataclasses.replace(config, input_processes=processes)
+                live = data.batches(tokenizer, reading, input_pipeline.DataPosition())
+                shards = timed_run(reading, corpus, scored, os.path.join(workdir, f"shards-{processes}"), live)
+                cost = shards["step_s"] / memory["step_s"]
+                kind = "2 threads" if processes == 0 else f"{processes} worker processes"
+                lines.append(f"| {name} | {config.superbatch_size} | {kind} | {shards['step_s'] * 1e3:.0f} ms | "
+                             f"{memory['step_s'] * 1e3:.0f} ms | {shards['data_s'] * 1e3:.0f} ms | "
+                             f"{memory['data_s'] * 1e3:.1f} ms | {cost:.2f}x |")
+                print(lines[-1], flush=True)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-        cost = shards["step_s"] / memory["step_s"] - 1
-        lines.append(f"| {name} | {config.superbatch_size} | {shards['step_s'] * 1e3:.0f} ms | "
-                     f"{memory['step_s'] * 1e3:.0f} ms | {shards['data_s'] * 1e3:.0f} ms | "
-                     f"{memory['data_s'] * 1e3:.1f} ms | {cost:+.1%} |")
-        print(lines[-1], flush=True)
-    lines += ["", f"{args.steps} steps each (the first {args.log_every} left out). The input pipeline decodes on a "
-              "thread pool and prefetches while the step runs; 'input wait' is the time the loop blocks on `next()`. "
-              "On 2 CPU cores decoding competes with the step's own compute, so some of the cost shows in the step "
-              "rather than in the wait."]
+    lines = (["### Decoding", "", *decode_lines, "",
+              "CPU ms counts every process of the machine (/proc/stat), so worker processes' time and the pickling "
+              "of bytes and pixels between them are in it.", "", "### Steps", "", *lines, "",
+              f"{args.steps} steps each (the first {args.log_every} left out); the same scored shards (copied layout, "
+              "64 px JPEGs). 'input wait' is the time the loop blocks on `next()`; tf.data prefetches 2 batches "
+              "while the step runs. On 2 CPU cores decoding competes with the step's own compute, so some of its "
+              "cost shows in the step rather than in the wait."])
     results.publish("Input pipeline", lines, COMMAND, write=not args.no_write)
 
 

@@ -98,18 +98,28 @@ def share_json(value):
 
 
 def gather_positions(position: dict[str, int]) -> list[dict[str, int]]:
-    """Every process's data position (a dict of ints), in process order. Values travel as two 31-bit halves:
-    without x64 jax arrays hold int32, and a host's raw record count passes 2^31 on a web-scale corpus."""
+    """Every process's data position (a dict of ints), in process order. Values travel as two 31-bit halves
+    (`to_halves`): without x64 jax arrays hold int32, and a host's raw record count passes 2^31 on a web-scale
+    corpus."""
     if jax.process_count() == 1:
         return [dict(position)]
     from jax.experimental import multihost_utils
 
     names = sorted(position)
-    values = np.array([int(position[name]) for name in names], np.int64)
-    halves = np.concatenate([values >> 31, values & ((1 << 31) - 1)]).astype(np.int32)
-    gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64)  # [processes, 2 * n]
-    n = len(names)
-    return [dict(zip(names, (int(v) for v in (row[:n] << 31) + row[n:]))) for row in gathered]
+    gathered = np.asarray(multihost_utils.process_allgather(to_halves([position[name] for name in names])))
+    return [dict(zip(names, from_halves(row))) for row in gathered]
+
+
+def to_halves(values: list[int]) -> np.ndarray:
+    """Non-negative ints below 2^62 as int32: [high 31 bits of each..., low 31 bits of each...]."""
+    values = np.array([int(value) for value in values], np.int64)
+    return np.concatenate([values >> 31, values & ((1 << 31) - 1)]).astype(np.int32)
+
+
+def from_halves(halves) -> list[int]:
+    halves = np.asarray(halves).astype(np.int64)
+    n = halves.size // 2
+    return [int(value) for value in (halves[:n] << 31) + halves[n:]]
 
 
 def host_shards(shards: list, process_index: int, process_count: int) -> list:

@@ -3,7 +3,8 @@
 Order: each epoch visits the shards in a seeded permutation, and the records of each shard in a seeded permutation,
 so the stream is a pure function of (seed, position). Every batch carries the position just after its last example;
 a run restored from a checkpoint restarts the stream there and sees exactly the batches an uninterrupted run would.
-Decoding and resizing run on a thread pool and tf.data prefetches the batches. A record is decoded, its caption
+Decoding and resizing run on a thread pool or in worker processes (`decode_pool`), and tf.data prefetches the
+batches. A record is decoded, its caption
 cleaned and its image resized and normalized by the rules the scoring job applies (`curation.preprocess`, with the
 model's `ImagePreprocessing`); what the scoring job would dead-letter, and read errors, are skipped and counted:
 skipped = raw records consumed − examples delivered.
@@ -11,7 +12,6 @@ skipped = raw records consumed − examples delivered.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
 import posixpath
@@ -22,6 +22,7 @@ import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
 from curation.corpus import CorpusRecord, match_shards, read_shard
+from curation.decode_pool import DecodePool
 from curation.preprocess import ValidationOptions, prepare_image, training_caption
 from models.environment import keep_tensorflow_off_accelerators
 from models.preprocessing import ImagePreprocessing
@@ -113,9 +114,11 @@ def make_dataset(
     start: DataPosition = DataPosition(),
     preprocessing: ImagePreprocessing | None = None,
     validation: ValidationOptions | None = None,
+    processes: int = 0,
 ) -> tf.data.Dataset:
     """Batches {"image": [B, S, S, 3] f32, "tokens": [B, L] i32, "position": [B, 4] i64} from `start` on: images
-    as `preprocessing` declares (default: squashed to `image_size`, in [-1, 1]), tokens of the cleaned caption."""
+    as `preprocessing` declares (default: squashed to `image_size`, in [-1, 1]), tokens of the cleaned caption.
+    `processes` > 0 decodes in that many worker processes (`decoded_batches`)."""
 
     def examples():
         for item, position in record_stream(shards, format, seed, start):
@@ -126,7 +129,7 @@ def make_dataset(
                 yield None, None, position, {}
 
     return decoded_batches(examples, {}, batch_size=batch_size, image_size=image_size, text_length=text_length,
-                           preprocessing=preprocessing, validation=validation)
+                           preprocessing=preprocessing, validation=validation, processes=processes)
 
 
 class NoUsableExamples(ValueError):
@@ -134,15 +137,16 @@ class NoUsableExamples(ValueError):
 
 
 def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: dict[str, tf.TensorSpec], *,
-                    batch_size: int, image_size: int, text_length: int, workers: int = 2,
+                    batch_size: int, image_size: int, text_length: int, workers: int = 2, processes: int = 0,
                     preprocessing: ImagePreprocessing | None = None,
                     validation: ValidationOptions | None = None) -> tf.data.Dataset:
     """Batches of decoded examples from `examples()`, which yields (image bytes, tokens, position, extras): image
     bytes None for a record to skip, extras a dict matching `extra_signature`.
 
-    Images are decoded, resized and normalized (`preprocess.prepare_image`) by a pool of `workers` threads (PIL
-    releases the GIL while decoding), a batch's worth at a time, and batches are assembled in Python: per-example
-    tf.data overhead would cost more than the decoding. Images the scoring job would refuse are skipped; they show
+    Images are decoded and resized (`decode_pool.decode_pixels`, as `preprocess.prepare_image` does) a batch's worth
+    at a time, by `workers` threads or, with `processes` > 0, by that many worker processes (`decode_pool`); each
+    batch is normalized at once and assembled in Python: per-example tf.data overhead would cost more than the
+    decoding. Images the scoring job would refuse are skipped; they show
     up as raw records consumed without an example delivered. A batch's `position` rows are the stream positions
     just after each of its examples.
     """
@@ -154,7 +158,7 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
         ready: list[tuple] = []  # decoded examples not yet batched: (image, tokens, position, *extras)
         group: list[tuple] = []
         first_epoch = last_good_epoch = None  # the stream's first epoch, and that of its last usable example
-        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        with DecodePool(preprocessing, validation, threads=workers, processes=processes) as pool:
             for image_bytes, tokens, position, extras in examples():
                 first_epoch = position[0] if first_epoch is None else first_epoch
                 if position[0] - (first_epoch if last_good_epoch is None else last_good_epoch) >= 2:
@@ -166,7 +170,7 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
                                   *(extras[name] for name in extra_signature)))
                 if len(group) < batch_size:
                     continue
-                images = pool.map(lambda item: prepare_image(item[0], preprocessing, validation), group)
+                images = pool.map([item[0] for item in group])
                 decoded = [(image, *item[1:]) for image, item in zip(images, group) if image is not None]
                 if decoded:
                     last_good_epoch = int(decoded[-1][2][0])
@@ -174,7 +178,9 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
                 group = []
                 while len(ready) >= batch_size:
                     batch, ready = ready[:batch_size], ready[batch_size:]
-                    yield {name: np.stack([example[i] for example in batch]) for i, name in enumerate(names)}
+                    arrays = {name: np.stack([example[i] for example in batch]) for i, name in enumerate(names)}
+                    arrays["image"] = preprocessing.normalize(arrays["image"])
+                    yield arrays
 
     signature = {
         "image": tf.TensorSpec([batch_size, image_size, image_size, 3], tf.float32),

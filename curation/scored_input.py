@@ -143,13 +143,15 @@ def make_scored_dataset(
     loss_family: str = "sigmoid",
     preprocessing: ImagePreprocessing | None = None,
     validation: ValidationOptions | None = None,
+    processes: int = 0,
 ) -> tf.data.Dataset:
     """Batches {"image", "tokens", "position", "ref_zimg": [B, d] f32, "ref_ztxt": [B, d] f32, "clean": [B] i32}.
 
     Images are decoded by the scoring job's rules (`validation`: pass the batch's own, `scored_shards.Options.
     validation()`, so that nothing it scored is refused here) and resized as `preprocessing` declares. Examples
     harder for the reference than `max_difficulty` (`difficulty_threshold`, under the reference's `loss_family`)
-    are skipped (offline filtering) and counted as skipped like unreadable records.
+    are skipped (offline filtering) and counted as skipped like unreadable records. `processes` > 0 decodes in
+    that many worker processes.
     """
     signature = {"ref_zimg": tf.TensorSpec([embed_dim], tf.float32), "ref_ztxt": tf.TensorSpec([embed_dim], tf.float32),
                  "clean": tf.TensorSpec([], tf.int32)}
@@ -165,4 +167,4 @@ def make_scored_dataset(
             yield item.image, tokenizer.encode(item.caption, text_length), position, extras
 
     return decoded_batches(examples, signature, batch_size=batch_size, image_size=image_size, text_length=text_length,
-                           preprocessing=preprocessing, validation=validation)
+                           preprocessing=preprocessing, validation=validation, processes=processes)

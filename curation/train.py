@@ -221,9 +221,9 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-# Fields a resumed run may change: what is reported, and total_steps (a finished run extended; its learning-rate
+# Fields a resumed run may change: what is reported, how the input is decoded (the same batches), and total_steps (a finished run extended; its learning-rate
 # schedule then follows the new total).
-MAY_CHANGE_ON_RESUME = ("log_every", "eval_every", "checkpoint_every", "eval_size", "total_steps")
+MAY_CHANGE_ON_RESUME = ("log_every", "eval_every", "checkpoint_every", "eval_size", "total_steps", "input_processes")
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard", "model")
 
 

@@ -110,7 +110,7 @@ class TrainingData:
         common = dict(batch_size=config.superbatch_size // process_count, image_size=config.image_size,
                       text_length=config.text_length, seed=config.seed, start=position,
                       preprocessing=config.model_config(tokenizer.vocab_size).preprocessing(),
-                      validation=self.validation())
+                      validation=self.validation(), processes=config.input_processes)
         if self.scored is None:
             dataset = input_pipeline.make_dataset(shards, self.format, tokenizer, **common)
         else:

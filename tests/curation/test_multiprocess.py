@@ -109,3 +109,12 @@ def test_a_killed_two_process_run_resumes_to_exactly_the_uninterrupted_params(tw
     # Each process went on from its own data position: the resumed steps read what the straight run's did.
     np.testing.assert_array_equal(resumed[0]["local"], straight[0]["local"][4:])
     np.testing.assert_array_equal(resumed[1]["local"], straight[1]["local"][4:])
+
+
+def test_data_positions_travel_between_processes_beyond_int32():
+    from curation.distributed import from_halves, to_halves
+
+    values = [0, 1, 2**31 - 1, 2**31, 12_345_678_901, 2**62 - 1]
+    halves = to_halves(values)
+    assert halves.dtype == np.int32
+    assert from_halves(halves) == values
