@@ -98,7 +98,8 @@ def demo_jpegs(corpus: str, count: int) -> list[bytes]:
     shards, format = input_pipeline.split_shards(corpus, "web")
     images = []
     for item in iter_corpus(shards, format):
-        if isinstance(item, CorpusRecord) and item.image:
+        # images the decode rules accept (the corpus's broken ones are skipped by both pipelines alike)
+        if isinstance(item, CorpusRecord) and prepare_image(item.image, ImagePreprocessing(32)) is not None:
             images.append(item.image)
             if len(images) == count:
                 break
