@@ -18,18 +18,10 @@ import multiprocessing
 
 import numpy as np
 
-from curation.preprocess import ValidationOptions, decode_image
+from curation.preprocess import ValidationOptions, decode_pixels
 from models.preprocessing import ImagePreprocessing
 
 _worker_rules: tuple[ImagePreprocessing, ValidationOptions] | None = None
-
-
-def decode_pixels(data: bytes, preprocessing: ImagePreprocessing, validation: ValidationOptions) -> np.ndarray | None:
-    """Encoded image -> [S, S, 3] uint8 as `preprocessing` resizes it, or None where the scoring job would refuse it."""
-    pixels = decode_image(data, validation, preprocessing.size)
-    if isinstance(pixels, tuple):
-        return None
-    return preprocessing.resize_pixels(pixels)
 
 
 def _start_worker(preprocessing: ImagePreprocessing, validation: ValidationOptions) -> None:

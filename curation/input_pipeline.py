@@ -143,7 +143,7 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
     """Batches of decoded examples from `examples()`, which yields (image bytes, tokens, position, extras): image
     bytes None for a record to skip, extras a dict matching `extra_signature`.
 
-    Images are decoded and resized (`decode_pool.decode_pixels`, as `preprocess.prepare_image` does) a batch's worth
+    Images are decoded and resized (`preprocess.decode_pixels`, as `preprocess.prepare_image` does) a batch's worth
     at a time, by `workers` threads or, with `processes` > 0, by that many worker processes (`decode_pool`); each
     batch is normalized at once and assembled in Python: per-example tf.data overhead would cost more than the
     decoding. Images the scoring job would refuse are skipped; they show

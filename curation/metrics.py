@@ -30,7 +30,7 @@ class MetricWriter:
         if run_files.exists(self.path):
             self._rows = [line for line in run_files.read_text(self.path).splitlines()
                           if line.strip() and json.loads(line)["step"] <= resume_step]
-            run_files.write_text(self.path, "".join(row + "\n" for row in self._rows))
+            self._rewrite()
         self._summary = None
         events = run_files.join(workdir, "tensorboard")
         if tensorboard and _emulated_gcs(events):
@@ -39,11 +39,11 @@ class MetricWriter:
         elif tensorboard:
             import tensorflow as tf
 
-            self._summary = tf.summary.create_file_writer(run_files.absolute(events))
+            self._summary = tf.summary.create_file_writer(events)
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         self._rows.append(json.dumps({"step": step, **metrics}))
-        run_files.write_text(self.path, "".join(row + "\n" for row in self._rows))
+        self._rewrite()
         if self._summary is not None:
             import tensorflow as tf
 
@@ -51,6 +51,9 @@ class MetricWriter:
                 for name, value in metrics.items():
                     tf.summary.scalar(name, value)
             self._summary.flush()
+
+    def _rewrite(self) -> None:
+        run_files.write_text(self.path, "".join(row + "\n" for row in self._rows))
 
     def close(self) -> None:
         if self._summary is not None:

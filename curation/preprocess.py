@@ -165,11 +165,19 @@ def training_caption(caption: str | bytes, options: ValidationOptions = Validati
     return None if isinstance(cleaned, tuple) else cleaned
 
 
-def prepare_image(data: bytes, preprocessing: ImagePreprocessing,
+def decode_pixels(data: bytes, preprocessing: ImagePreprocessing,
                   options: ValidationOptions = ValidationOptions()) -> np.ndarray | None:
-    """Encoded image -> [S, S, 3] float32 as `preprocessing` declares, or None where the scoring job would
+    """Encoded image -> [S, S, 3] uint8 as `preprocessing` resizes it, or None where the scoring job would
     dead-letter it."""
     pixels = decode_image(data, options, preprocessing.size)
     if isinstance(pixels, tuple):
         return None
-    return preprocessing.normalize(preprocessing.resize_pixels(pixels))
+    return preprocessing.resize_pixels(pixels)
+
+
+def prepare_image(data: bytes, preprocessing: ImagePreprocessing,
+                  options: ValidationOptions = ValidationOptions()) -> np.ndarray | None:
+    """Encoded image -> [S, S, 3] float32 as `preprocessing` declares, or None where the scoring job would
+    dead-letter it."""
+    pixels = decode_pixels(data, preprocessing, options)
+    return None if pixels is None else preprocessing.normalize(pixels)

@@ -6,7 +6,6 @@ never sees half a file."""
 from __future__ import annotations
 
 import json
-import os
 import posixpath
 
 from apache_beam.io.filesystems import FileSystems
@@ -59,7 +58,3 @@ def move(source: str, destination: str) -> None:
     sources = [metadata.path for metadata in FileSystems.match([prefix + "**"])[0].metadata_list]
     FileSystems.rename(sources, [destination.rstrip("/") + "/" + path[len(prefix):] for path in sources])
 
-
-def absolute(path: str) -> str:
-    """A local path made absolute (orbax and tf.summary need it); a URL (gs://...) as it is."""
-    return path if "://" in path else os.path.abspath(path)

@@ -104,7 +104,7 @@ def train(
     # tokenizer and the others take its copy.
     data = TrainingData.open(config, data_dir, scored_dir)
     data.check_processes(config, processes)
-    tokenizer = build_tokenizer(config, data.captions, workdir, write=True) if primary else None
+    tokenizer = build_tokenizer(config, data.captions, workdir) if primary else None
     tokenizer = tokenizer_from_dict(distributed.share_json(tokenizer.to_dict() if primary else None))
     model_config = config.model_config(tokenizer.vocab_size)
 
@@ -221,8 +221,8 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-# Fields a resumed run may change: what is reported, how the input is decoded (the same batches), and total_steps (a finished run extended; its learning-rate
-# schedule then follows the new total).
+# Fields a resumed run may change: what is reported, how the input is decoded (the same batches either way), and
+# total_steps (a finished run extended; its learning-rate schedule then follows the new total).
 MAY_CHANGE_ON_RESUME = ("log_every", "eval_every", "checkpoint_every", "eval_size", "total_steps", "input_processes")
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard", "model")
 
@@ -287,7 +287,7 @@ def offline_flops(config: configs.TrainConfig, scored: scored_shards.ScoredSet |
 def checkpoint_manager(workdir: str) -> ocp.CheckpointManager:
     """Checkpoints under `workdir/checkpoints`, each with the items "state" and "progress"; the last two kept."""
     return ocp.CheckpointManager(
-        run_files.absolute(run_files.join(workdir, "checkpoints")),
+        model_checkpoint.absolute_path(run_files.join(workdir, "checkpoints")),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, enable_async_checkpointing=False),
         item_handlers={"state": ocp.StandardCheckpointHandler(), "progress": ocp.JsonCheckpointHandler()},
     )
@@ -351,12 +351,13 @@ def train_row(step: int, values: dict[str, float], progress: dict, flops: dict[s
     updates and scoring passes so far; offline: the reference's pass over the scored corpus), and the mean seconds
     per step of each timed part. `raw_seen`: records read by every process (default: this one's position)."""
     drawn = progress["superbatch_examples_seen"]
+    raw_seen = progress["position"]["raw_seen"] if raw_seen is None else raw_seen
     train_flops, scoring_flops = step * flops["train"], step * flops["learner_scoring"]
     return {
         **values, "examples_seen": progress["examples_seen"], "superbatch_examples_seen": drawn,
         "train_flops": train_flops, "learner_scoring_flops": scoring_flops, "online_flops": train_flops + scoring_flops,
         "offline_scoring_flops": flops["offline_scoring"], "reference_flops_per_example": flops["reference_per_example"],
-        "wall_s": progress["wall_s"], "skipped": max((progress["position"]["raw_seen"] if raw_seen is None else raw_seen) - drawn, 0),
+        "wall_s": progress["wall_s"], "skipped": max(raw_seen - drawn, 0),
         **{name: seconds / steps_logged for name, seconds in timings.items()},
     }
 

@@ -11,10 +11,9 @@ from curation.preprocess import ValidationOptions
 from models.tokenizer import ByteTokenizer, WordTokenizer, tokenizer_from_dict
 
 
-def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator[str]], workdir: str, *,
-                    write: bool = True):
+def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator[str]], workdir: str):
     """The byte tokenizer, or a word vocabulary of `captions()` (the training data's), saved in the workdir for
-    resumes (`write`: this process writes the run's files)."""
+    resumes."""
     path = run_files.join(workdir, "tokenizer.json")
     if run_files.exists(path):
         return tokenizer_from_dict(run_files.read_json(path))
@@ -24,8 +23,7 @@ def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator
         tokenizer = WordTokenizer.build(captions(), max_vocab=config.max_vocab)
     else:
         raise ValueError(f"unknown tokenizer {config.tokenizer!r}; expected 'words' or 'bytes'")
-    if write:
-        run_files.write_json(path, tokenizer.to_dict(), indent=None)
+    run_files.write_json(path, tokenizer.to_dict(), indent=None)
     return tokenizer
 
 

@@ -36,7 +36,7 @@ class Checkpoint:
     fingerprint: str
 
 
-def _absolute(directory: str) -> str:
+def absolute_path(directory: str) -> str:
     """orbax needs absolute paths: a local relative path is made absolute; gs:// and other URLs stay as they are."""
     return directory if "://" in directory else os.path.abspath(directory)
 
@@ -103,7 +103,7 @@ def save(
         **loss_parameters(params),
     }
     _checkpointer().save(
-        _absolute(directory),
+        absolute_path(directory),
         args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)),
         force=overwrite,
     )
@@ -120,7 +120,8 @@ def loss_parameters(params) -> dict[str, float]:
 def read_meta(directory: str) -> dict:
     """The JSON item of a checkpoint (config, tokenizer, fingerprint, temperature, bias) without the params (a
     version-1 checkpoint, whose meta lacks temperature and bias, is restored once to read them)."""
-    meta = _checkpointer().restore(_absolute(directory), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _checkpointer().restore(absolute_path(directory),
+                                   args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     if meta.get("meta_version") not in READABLE_META_VERSIONS:
         raise ValueError(f"checkpoint {directory}: meta_version {meta.get('meta_version')!r}, this code reads "
                          f"{list(READABLE_META_VERSIONS)}")
@@ -142,7 +143,7 @@ def restore(directory: str, meta: dict | None = None, sharding: jax.sharding.Sha
     target = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     expected_tree = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
                                            abstract_params(config))
-    checkpointer, path = _checkpointer(), _absolute(directory)
+    checkpointer, path = _checkpointer(), absolute_path(directory)
     stored_tree = checkpointer.metadata(path).item_metadata["params"]
     _check_params_match(_leaves_by_name(stored_tree), _leaves_by_name(expected_tree), directory)
     params = checkpointer.restore(

@@ -4,8 +4,9 @@
     run_training(processes=2, devices=2, **run) -> [results of process 0, results of process 1, ...]
 
 Each process writes its results to `OUT/process_{i}.npz`: per step the rows of its local super-batch (a sample
-of each image's values, and their data positions), the global super-batch's rows sampled alike as the step saw them, the indices selection chose, and a
-digest of the final params; a run killed at a step (`kill_at`) records `killed`.
+of each image's values, and their data positions), the global super-batch's rows sampled alike as the step saw
+them, and the indices selection chose; and a digest of the final params. A run killed at a step (`kill_at`)
+records `killed`.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def run_training(processes: int, devices: int, out: str, **run) -> list[dict]:
         json.dump(run, f)
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     address = f"127.0.0.1:{free_port()}"
-    workers = [subprocess.Popen([sys.executable, "-m", "tests.processes", spec, out, address, str(processes), str(index)], env=env,
-                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-               for index in range(processes)]
+    command = [sys.executable, "-m", "tests.processes", spec, out, address, str(processes)]
+    workers = [subprocess.Popen([*command, str(index)], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True) for index in range(processes)]
     logs = []
     try:
         for worker in workers:
@@ -157,11 +158,13 @@ def _worker(spec_path: str, out: str, address: str, processes: int, index: int) 
         for leaf in jax.tree_util.tree_leaves(params):
             digest.update(np.asarray(jax.device_get(leaf)).tobytes())
     np.savez(os.path.join(out, f"process_{index}.npz"), local=np.array(record["local"]),
-             global_rows=np.array(record["global"]), positions=np.array(record["positions"]), indices=np.array(record["indices"]),
+             global_rows=np.array(record["global"]), positions=np.array(record["positions"]),
+             indices=np.array(record["indices"]),
              shards=np.array(record["shards"]), killed=np.array(killed), params=np.array(digest.hexdigest()),
              process_count=np.array(jax.process_count()), device_count=np.array(jax.device_count()))
     sys.stdout.flush()
-    os._exit(0) if killed else None  # a killed process leaves without jax.distributed's shutdown handshake
+    if killed:  # a killed process leaves without jax.distributed's shutdown handshake
+        os._exit(0)
 
 
 if __name__ == "__main__":
