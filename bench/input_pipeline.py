@@ -1,13 +1,13 @@
 """Bench: what decoding costs per example, and trainer step time reading the scored shards vs from memory.
 
-    .venv/bin/python bench/input_pipeline.py     # about 10 min on 2 CPU cores (plus the demo's preparation)
+X
 
 1. Decoding: CPU milliseconds (all processes of the machine, from /proc/stat) and wall milliseconds per decoded
    example, for the demo's 64 px JPEGs (to the learner's 32 px) and for 512 × 384 web-sized JPEGs (to 224 px): the
    old pipeline (`prepare_image` per image on 1 or 2 threads, float32 per image) against the new one
    (`decode_pool.DecodePool`: 1 or 2 worker processes, uint8 back, a batch normalized at once). Worker start-up is
    left out (a pool is started, then timed).
-2. Steps: for each config (uniform: B = b = 128; jest: B = 640 → b = 128) the trainer runs `--steps` steps through
+2. Steps (`--rounds` interleaved rounds, each round's ratio to its own memory run): for each config (uniform: B = b = 128; jest: B = 640 → b = 128) the trainer runs `--steps` steps through
    the same train loop with its input read from the demo's copied-layout scored Parquet shards (decode, resize,
    tokenize, stored reference embeddings) on 2 threads and on `--input_processes` worker processes, and once
    replaying those very batches from a list in memory. Step times leave out the first logging interval
@@ -25,6 +25,7 @@ import io
 import itertools
 import os
 import shutil
+import statistics
 import tempfile
 import time
 
@@ -52,6 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log_every", type=int, default=10)
     parser.add_argument("--input_processes", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of (memory, threads, processes) runs per config, interleaved: the machine's "
+                             "speed drifts between runs, so each round's ratio is taken against its own memory run")
     parser.add_argument("--decode_examples", type=int, default=4000, help="demo images decoded per measurement")
     parser.add_argument("--web_examples", type=int, default=400, help="512 px images decoded per measurement")
     parser.add_argument("--no_write", action="store_true")
@@ -153,7 +157,7 @@ def main(argv=None) -> None:
     corpus, _, scored = demo.prepare(demo.parse_args(["--out", args.demo]))
     decode_lines = decoding_table(corpus, args)
     lines = ["| config | examples read per step | input | step from scored shards | step from memory | input wait "
-             "per step (shards) | input wait per step (memory) | cost of reading |",
+             "per step (shards) | input wait per step (memory) | cost of reading (median of rounds, range) |",
              "|---|---|---|---|---|---|---|---|"]
     for name in args.configs.split(","):
         config = dataclasses.replace(configs.get_config(name), total_steps=args.steps, log_every=args.log_every,
@@ -164,25 +168,36 @@ def main(argv=None) -> None:
             tokenizer = build_tokenizer(config, data.captions, workdir)
             in_memory = list(itertools.islice(data.batches(tokenizer, config, input_pipeline.DataPosition()),
                                               args.steps))
-            memory = timed_run(config, corpus, scored, os.path.join(workdir, "memory"),
-                               (dict(batch) for batch in in_memory))
-            for processes in (0, args.input_processes):
-                reading = dataclasses.replace(config, input_processes=processes)
-                live = data.batches(tokenizer, reading, input_pipeline.DataPosition())
-                shards = timed_run(reading, corpus, scored, os.path.join(workdir, f"shards-{processes}"), live)
-                cost = shards["step_s"] / memory["step_s"]
-                kind = "2 threads" if processes == 0 else f"{processes} worker processes"
-                lines.append(f"| {name} | {config.superbatch_size} | {kind} | {shards['step_s'] * 1e3:.0f} ms | "
-                             f"{memory['step_s'] * 1e3:.0f} ms | {shards['data_s'] * 1e3:.0f} ms | "
-                             f"{memory['data_s'] * 1e3:.1f} ms | {cost:.2f}x |")
+            kinds = {0: "2 threads", args.input_processes: f"{args.input_processes} worker processes"}
+            runs = {"memory": [], **{processes: [] for processes in kinds}}
+            for round in range(args.rounds):
+                runs["memory"].append(timed_run(config, corpus, scored, os.path.join(workdir, f"memory-{round}"),
+                                                (dict(batch) for batch in in_memory)))
+                for processes in kinds:
+                    reading = dataclasses.replace(config, input_processes=processes)
+                    live = data.batches(tokenizer, reading, input_pipeline.DataPosition())
+                    runs[processes].append(timed_run(reading, corpus, scored,
+                                                     os.path.join(workdir, f"shards-{processes}-{round}"), live))
+            memory_step = statistics.median(run["step_s"] for run in runs["memory"])
+            memory_wait = statistics.median(run["data_s"] for run in runs["memory"])
+            for processes, kind in kinds.items():
+                ratios = [run["step_s"] / base["step_s"] for run, base in zip(runs[processes], runs["memory"])]
+                step = statistics.median(run["step_s"] for run in runs[processes])
+                wait = statistics.median(run["data_s"] for run in runs[processes])
+                lines.append(f"| {name} | {config.superbatch_size} | {kind} | {step * 1e3:.0f} ms | "
+                             f"{memory_step * 1e3:.0f} ms | {wait * 1e3:.0f} ms | {memory_wait * 1e3:.1f} ms | "
+                             f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) |")
                 print(lines[-1], flush=True)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     lines = (["### Decoding", "", *decode_lines, "",
               "CPU ms counts every process of the machine (/proc/stat), so worker processes' time and the pickling "
               "of bytes and pixels between them are in it.", "", "### Steps", "", *lines, "",
-              f"{args.steps} steps each (the first {args.log_every} left out); the same scored shards (copied layout, "
-              "64 px JPEGs). 'input wait' is the time the loop blocks on `next()`; tf.data prefetches 2 batches "
+              f"{args.steps} steps a run (the first {args.log_every} left out), {args.rounds} rounds of (memory, "
+              "threads, processes) runs one after another; times are medians over rounds, and the cost of reading is "
+              "the median of each round's ratio to its own memory run (the machine's speed drifts between runs by "
+              "more than the effect measured: one memory run took 396 ms a step and another, minutes later, 441 ms). "
+              "The same scored shards (copied layout, 64 px JPEGs). 'input wait' is the time the loop blocks on `next()`; tf.data prefetches 2 batches "
               "while the step runs. On 2 CPU cores decoding competes with the step's own compute, so some of its "
               "cost shows in the step rather than in the wait."])
     results.publish("Input pipeline", lines, COMMAND, write=not args.no_write)
