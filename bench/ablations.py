@@ -1,24 +1,31 @@
-"""Bench: learning efficiency of the selection methods on the demo corpus, over seeds (mean ± std).
+"""Bench: learning efficiency of the selection methods, run part by part under the protocol of bench/RESULTS.md.
 
-    .venv/bin/python bench/ablations.py                      # the full grid, about 100 min on 2 CPU cores
-    .venv/bin/python bench/ablations.py --seeds 1 --steps 30 --repeated_steps 30 --out runs/quick --no_write  # quick
+    .venv/bin/python bench/ablations.py --corpus demo --part headline    # 6 methods x 5 seeds
+    .venv/bin/python bench/ablations.py --corpus demo --part sweep       # f sweep and hard-learner, 3 seeds
+    .venv/bin/python bench/ablations.py --corpus demo --part state       # the "repeated" setting, 3 seeds
+    .venv/bin/python bench/ablations.py --corpus second --part headline  # the held-out corpus, and so on
+    .venv/bin/python bench/ablations.py --corpus demo --part all --rebuild   # tables and plots from the curves
+    .venv/bin/python bench/ablations.py --part headline --seeds 1 --steps 40 --evals 4 --out runs/quick \
+        --curves runs/quick/curves --no_write                             # a quick look
 
-Uses the demo's corpus, reference model and scored shards (`--demo runs/demo`, made first when missing), then
-trains every variant for the same number of steps and sub-batch size, once per seed:
+Each corpus (`--corpus`): the demo's (runs/demo) or a second one from the same generator with another seed and
+noise mix (runs/demo_second), each with its own reference and scored shards, made first when missing. Every
+variant trains for the same steps and sub-batch size, once per seed:
 
-  setting "web" (the demo's noisy web split):
-    uniform; offline top-30% by stored reference loss; independent (RHO-style) and joint learnability at
-    f ∈ {0.5, 0.8, 0.9}; joint hard-learner and easy-reference at f = 0.8; joint learnability with Flexi.
-  setting "repeated" (where the learner's state matters; --repeated_steps, longer): the same scored web split
-    plus copies of its 48 clean examples easiest for the reference, so that the copies are half of all rows.
-    The reference keeps rating the copies easiest however often the learner has seen them; learnability should
-    stop choosing them once the learner has learnt them. uniform vs easy-reference vs learnability (joint, f = 0.8).
+  setting "web" (the corpus's noisy web split), parts "headline" (uniform; offline top-30% by stored reference
+    loss; easy-reference, independent (RHO-style) and joint learnability at f = 0.8; joint learnability with
+    Flexi) and "sweep" (independent and joint learnability at f = 0.5 and 0.9; hard-learner at f = 0.8).
+  setting "repeated", part "state" (where the learner's state matters): the same scored web split plus copies of
+    its 48 clean examples easiest for the reference, so that the copies are half of all rows. The reference keeps
+    rating the copies easiest however often the learner has seen them; learnability should stop choosing them once
+    the learner has learnt them. uniform vs easy-reference vs learnability (joint, f = 0.8).
 
-For each variant: final zero-shot and retrieval R@1, and the examples, FLOPs (scoring included) and wall-clock at
-the first evaluation reaching the same seed's uniform run's final zero-shot. Writes `OUT/ablations.json`, the plots
-`OUT/ablations.png` and `OUT/repeated.png` (copied next to bench/RESULTS.md), and the sections "Learning
-efficiency" and "The learner's state" of bench/RESULTS.md. Finished runs are kept, so a second call resumes;
-clear `--out` after the demo's reference changes, since finished runs are kept whatever they read.
+Each finished run leaves its raw curve, bench/curves/CORPUS/SETTING/VARIANT/seedK.json (committed: the tables and
+plots rebuild from them with `--rebuild`); a run whose curve is there with the same settings is not run again, so a
+part resumes where it stopped. For each variant: final zero-shot and retrieval R@1, and the examples trained on
+and drawn, FLOPs (scoring included) and wall-clock to reach the same seed's uniform run's final zero-shot
+(interpolated between evaluations), with paired bootstrap intervals over seeds. Writes the sections "Learning
+efficiency (CORPUS corpus)" and "The learner's state (CORPUS corpus)" of bench/RESULTS.md and their plots.
 """
 
 from __future__ import annotations
@@ -35,9 +42,11 @@ import time
 
 import numpy as np
 
+import protocol  # bench/protocol.py, beside this script
 import results  # bench/results.py, beside this script
 from curation import configs, report, schema, scored_shards
 from curation.train import train
+from demo import make_corpus
 from demo import run as demo
 
 log = logging.getLogger("bench.ablations")
@@ -58,28 +67,44 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "learnability_f0.9": ("jest", {"filter_ratio": 0.9}),
     "learnability_f0.8_flexi": ("jest_flexi", {}),
 }
-SETTINGS = {
-    "web": list(VARIANTS),
-    "repeated": ["uniform", "easy_reference_f0.8", "learnability_f0.8"],
-}
 REPEATED_DISTINCT = 48  # distinct examples copied in the "repeated" setting
 REPEATED_SHARE = 0.5  # share of the rows that are copies
+# The corpora the protocol runs on: the demo's, and a second one from the same generator with another seed and
+# noise mix, not used for choosing any setting.
+CORPORA = {
+    "demo": {"out": "runs/demo", "seed": 0, "noise": {}},
+    "second": {"out": "runs/demo_second", "seed": 1,
+               "noise": {"misaligned": 0.45, "boilerplate": 0.05, "near_duplicate": 0.20, "degraded": 0.05}},
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--demo", default="runs/demo", help="the demo's output: corpus, reference, scored shards")
-    parser.add_argument("--out", default="runs/bench_ablations")
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--corpus", default="demo", choices=sorted(CORPORA),
+                        help="demo: the demo's corpus; second: the held-out one (another seed and noise mix)")
+    parser.add_argument("--part", default="headline", choices=[*protocol.PARTS, "all"],
+                        help="which runs: " + "; ".join(f"{name}: {len(part.variants)} variants x {part.seeds} seeds"
+                                                        for name, part in protocol.PARTS.items()))
+    parser.add_argument("--demo", default="", help="the corpus's folder (default: runs/demo or runs/demo_second)")
+    parser.add_argument("--out", default="runs/bench_ablations", help="the runs' workdirs (kept: a second call resumes)")
+    parser.add_argument("--curves", default=protocol.CURVES_DIR, help="where each finished run's curve is written")
+    parser.add_argument("--seeds", type=int, default=0, help="seeds per variant (default: the part's own)")
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=64, help="the sub-batch b every variant trains on")
-    parser.add_argument("--repeated_steps", type=int, default=400,
+    parser.add_argument("--repeated_steps", type=int, default=600,
                         help="steps in the 'repeated' setting: long enough for the learner to learn the copies")
-    parser.add_argument("--evals", type=int, default=6, help="evaluations per run (the resolution of 'to reach')")
-    parser.add_argument("--settings", default="web,repeated")
-    parser.add_argument("--variants", default="", help="comma-separated subset of the variants (default: all)")
-    parser.add_argument("--no_write", action="store_true", help="do not update bench/RESULTS.md")
-    return parser.parse_args(argv)
+    parser.add_argument("--evals", type=int, default=20, help="evaluations per run (the resolution of 'to reach')")
+    parser.add_argument("--variants", default="", help="comma-separated subset of the part's variants")
+    parser.add_argument("--rebuild", action="store_true",
+                        help="train nothing: tables and plots from the curve files already under --curves")
+    parser.add_argument("--no_write", action="store_true", help="do not update bench/RESULTS.md or its plots")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(filter(None, args.variants.split(","))) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; known: {sorted(VARIANTS)}")
+    if args.evals < 2 or args.steps < args.evals:
+        parser.error(f"--evals {args.evals} with --steps {args.steps}: need 2 ≤ evals ≤ steps")
+    return args
 
 
 def variant_config(variant: str, seed: int, steps: int, batch_size: int, evals: int) -> configs.TrainConfig:
@@ -142,8 +167,9 @@ def summarize(run: report.RunCurves, uniform: dict[str, float]) -> dict:
     online + offline scoring FLOPs and wall-clock to reach uniform's final zero-shot (interpolated), and their ratios
     to uniform's whole run."""
     final, target = run.final, uniform["zeroshot"]
-    axes = {"examples": run.examples, "online_flops": run.online_flops, "total_flops": run.total_flops,
-            "wall_s": run.wall_s}
+    drawn = run.examples if run.examples_drawn is None else run.examples_drawn
+    axes = {"examples": run.examples, "examples_drawn": drawn, "online_flops": run.online_flops,
+            "total_flops": run.total_flops, "wall_s": run.wall_s}
     reach = {name: run.to_reach(target, axis) for name, axis in axes.items()}
 
     def ratio(name: str, key: str) -> float | None:
@@ -154,7 +180,9 @@ def summarize(run: report.RunCurves, uniform: dict[str, float]) -> dict:
         "total_flops": final["total_flops"], "wall_s": final["wall_s"], "target": target,
         "examples_to_reach": reach["examples"], "online_flops_to_reach": reach["online_flops"],
         "total_flops_to_reach": reach["total_flops"], "wall_to_reach": reach["wall_s"],
-        "examples_ratio": ratio("examples", "examples"), "online_flops_ratio": ratio("online_flops", "online_flops"),
+        "examples_ratio": ratio("examples", "examples"),
+        "examples_drawn_ratio": ratio("examples_drawn", "examples"),  # uniform draws what it trains on
+        "online_flops_ratio": ratio("online_flops", "online_flops"),
         "total_flops_ratio": ratio("total_flops", "total_flops"), "wall_ratio": ratio("wall_s", "wall_s"),
         "eval_spacing": run.eval_spacing,
         "selected_clean": (float(np.mean([r["selected_clean"] for r in run.train_rows]))
@@ -184,15 +212,17 @@ def fmt(values: list[float | None], scale: float = 1.0, digits: int = 3, suffix:
 
 
 def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
-    lines = ["| variant | final zero-shot | R@1 | examples to reach uniform's final (× uniform's) | "
+    lines = ["| variant | final zero-shot | R@1 | examples trained on to reach uniform's final (× uniform's) | "
+             "examples drawn to reach it (× uniform's) | "
              "online FLOPs to reach it (× uniform's) | online + offline scoring FLOPs to reach it (× uniform's) | "
              "wall-clock to reach it (× uniform's) | clean share selected |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for variant, runs in summaries.items():
         clean = [r["selected_clean"] for r in runs]
         lines.append(" | ".join([
             f"| {variant}", fmt([r["zeroshot"] for r in runs]), fmt([r["recall"] for r in runs]),
             fmt([r["examples_ratio"] for r in runs], digits=2),
+            fmt([r.get("examples_drawn_ratio") for r in runs], digits=2),
             fmt([r["online_flops_ratio"] for r in runs], digits=2),
             fmt([r["total_flops_ratio"] for r in runs], digits=2),
             fmt([r["wall_ratio"] for r in runs], digits=2),
@@ -200,7 +230,7 @@ def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
         ]) + " |")
     if reference:
         lines.append(f"| reference (curated split, one run) | {reference['zeroshot']:.3f} | {reference['recall']:.3f}"
-                     " | — | — | — | — | — |")
+                     " | — | — | — | — | — | — |")
     return "\n".join(lines)
 
 
@@ -209,53 +239,77 @@ def mean_of(summaries: dict[str, list[dict]], variant: str, key: str) -> float |
     return None if stats is None else stats[0]
 
 
+def interval_text(mean: float, low: float, high: float, digits: int = 2, suffix: str = "", sign: bool = False) -> str:
+    spec = f"{'+' if sign else ''}.{digits}f"
+    return f"{mean:{spec}}{suffix} (95% CI {low:{spec}} to {high:{spec}})"
+
+
+def ratio_verdict(runs: list[dict], key: str, goal: float) -> tuple[str, bool]:
+    """A ratio to uniform's whole run (one per seed) with its bootstrap interval, and whether the goal is met: every
+    seed reached uniform's final, and the mean is at most `goal`."""
+    values = [r[key] for r in runs]
+    present = [v for v in values if v is not None]
+    if not present:
+        return "none (not reached)", False
+    text = interval_text(*protocol.bootstrap_interval(present), suffix="x")
+    if len(present) < len(values):
+        text += f" ({len(present)}/{len(values)} seeds reached)"
+    return text, len(present) == len(values) and float(np.mean(present)) <= goal
+
+
+def paired_verdict(summaries: dict[str, list[dict]], first: str, second: str, key: str = "zeroshot"
+                   ) -> tuple[float, str]:
+    """(mean difference, text) of first − second in `key`, over the seeds both ran, with its bootstrap interval."""
+    pairs = list(zip(summaries[first], summaries[second]))
+    mean, low, high = protocol.paired_interval([a[key] for a, _ in pairs], [b[key] for _, b in pairs])
+    return mean, f"{interval_text(mean, low, high, digits=3, sign=True)} over {len(pairs)} seeds"
+
+
 def verdicts(summaries: dict[str, list[dict]], reference: dict) -> list[str]:
-    """The web setting against the targets, each line saying met or missed with the numbers (means over seeds)."""
+    """The setting against the targets, each line saying met or missed with the mean over seeds and its 95%
+    bootstrap interval (seeds resampled; comparisons taken seed by seed)."""
     def check(ok: bool) -> str:
         return "met" if ok else "missed"
-
-    def ratio(variant: str, key: str) -> str:
-        values = [r[key] for r in summaries[variant]]
-        stats = mean_std(values)
-        if stats is None:
-            return "none (not reached)"
-        return f"{stats[0]:.2f}x" + ("" if stats[2] == len(values) else f" ({stats[2]}/{len(values)} seeds reached)")
 
     lines = []
     jest, flexi = "learnability_f0.8", "learnability_f0.8_flexi"
     if jest in summaries:
-        examples = mean_of(summaries, jest, "examples_ratio")
-        flops, wall = mean_of(summaries, jest, "online_flops_ratio"), mean_of(summaries, jest, "wall_ratio")
-        lines.append(f"- JEST ({jest}) reaches uniform's final zero-shot with {ratio(jest, 'examples_ratio')} of "
-                     f"uniform's examples (goal ≤ 0.2x: {check(examples is not None and examples <= 0.2)}) and "
-                     f"{ratio(jest, 'online_flops_ratio')} of its online FLOPs (goal ≤ 0.5x: "
-                     f"{check(flops is not None and flops <= 0.5)}; {ratio(jest, 'total_flops_ratio')} with the "
-                     f"reference's scoring pass), in {ratio(jest, 'wall_ratio')} of its "
-                     f"wall-clock (goal < 1x: {check(wall is not None and wall < 1)}).")
-        final = mean_of(summaries, jest, "zeroshot")
-        lines.append(f"- JEST's learner ends at {final:.3f} against its reference's {reference['zeroshot']:.3f} "
-                     f"(goal: above it: {check(final > reference['zeroshot'])}).")
+        examples, examples_ok = ratio_verdict(summaries[jest], "examples_ratio", 0.2)
+        total, total_ok = ratio_verdict(summaries[jest], "total_flops_ratio", 0.5)
+        online, _ = ratio_verdict(summaries[jest], "online_flops_ratio", 0.5)
+        wall, wall_ok = ratio_verdict(summaries[jest], "wall_ratio", 1.0 - 1e-9)
+        lines.append(f"- JEST ({jest}) reaches uniform's final zero-shot with {examples} of uniform's examples "
+                     f"(goal ≤ 0.2x: {check(examples_ok)}) and {total} of its total FLOPs, the reference's "
+                     f"scoring pass included (goal ≤ 0.5x: {check(total_ok)}; {online} online only), in {wall} "
+                     f"of its wall-clock (goal < 1x: {check(wall_ok)}).")
+        finals = [r["zeroshot"] for r in summaries[jest]]
+        mean, low, high = protocol.bootstrap_interval(np.asarray(finals) - reference["zeroshot"])
+        lines.append(f"- JEST's learner ends {interval_text(mean, low, high, digits=3, sign=True)} from its "
+                     f"reference's {reference['zeroshot']:.3f} (goal: above it: {check(mean > 0)}).")
     if flexi in summaries:
-        flops = mean_of(summaries, flexi, "online_flops_ratio")
-        lines.append(f"- Flexi-JEST: {ratio(flexi, 'online_flops_ratio')} of uniform's online FLOPs to reach its "
-                     f"final (goal ≤ 0.33x: {check(flops is not None and flops <= 1 / 3)}; "
-                     f"{ratio(flexi, 'total_flops_ratio')} with the reference's scoring pass).")
+        total, total_ok = ratio_verdict(summaries[flexi], "total_flops_ratio", 1 / 3)
+        online, _ = ratio_verdict(summaries[flexi], "online_flops_ratio", 1 / 3)
+        lines.append(f"- Flexi-JEST: {total} of uniform's total FLOPs to reach its final (goal ≤ 0.33x: "
+                     f"{check(total_ok)}; {online} online only).")
     order = ["learnability_f0.8", "easy_reference_f0.8", "hard_learner_f0.8"]
-    if all(v in summaries for v in order):
-        finals = [mean_of(summaries, v, "zeroshot") for v in order]
-        lines.append(f"- Final zero-shot, learnability {finals[0]:.3f}, easy-reference {finals[1]:.3f}, "
-                     f"hard-learner {finals[2]:.3f} (goal: in this order: "
-                     f"{check(finals[0] >= finals[1] >= finals[2])}).")
+    present = [v for v in order if v in summaries]
+    if len(present) >= 2:
+        parts, ok = [], True
+        for first, second in zip(present, present[1:]):
+            mean, text = paired_verdict(summaries, first, second)
+            parts.append(f"{first} − {second} {text}")
+            ok = ok and mean >= 0
+        lines.append("- Final zero-shot, " + "; ".join(parts) + f" (goal: {' ≥ '.join(present)}: {check(ok)}).")
     gaps = []
     for f in ("0.5", "0.8", "0.9"):
         joint, independent = f"learnability_f{f}", f"independent_f{f}"
         if joint in summaries and independent in summaries:
-            gaps.append((f, mean_of(summaries, joint, "zeroshot") - mean_of(summaries, independent, "zeroshot")))
+            gaps.append((f, *paired_verdict(summaries, joint, independent)))
     if gaps:
-        growing = all(b >= a for (_, a), (_, b) in zip(gaps, gaps[1:]))
-        lines.append("- Joint minus independent final zero-shot: " + ", ".join(f"{gap:+.3f} at f = {f}"
-                                                                             for f, gap in gaps)
-                     + f" (goal: joint ahead at every f: {check(all(gap >= 0 for _, gap in gaps))}; the gap "
+        growing = all(b >= a for (_, a, _), (_, b, _) in zip(gaps, gaps[1:]))
+        lines.append("- Joint minus independent final zero-shot: " + "; ".join(f"{text} at f = {f}"
+                                                                             for f, _, text in gaps)
+                     + f" (goal: joint ahead at every f: {check(all(gap >= 0 for _, gap, _ in gaps))}; the gap "
                      f"growing with f: {check(growing)}).")
     return lines
 
@@ -349,81 +403,132 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
     plt.close(figure)
 
 
+def run_settings(args: argparse.Namespace, setting: str, reference: str) -> dict:
+    """What a curve records of how its run was made (a curve made otherwise is run again); `reference`: the
+    fingerprint of the reference whose scores the runs read."""
+    steps = args.repeated_steps if setting == "repeated" else args.steps
+    return {"steps": steps, "batch_size": args.batch_size, "evals": args.evals, "reference": reference}
+
+
+def curve_matches(path: str, wanted: dict) -> bool:
+    try:
+        with open(path) as f:
+            return json.load(f).get("config") == wanted
+    except (OSError, ValueError):
+        return False
+
+
+def train_part(args: argparse.Namespace, name: str, part: protocol.Part, corpus: str, sources: dict[str, str],
+               seeds: int) -> None:
+    """Trains what the part's curve files lack, one run at a time, writing each curve as its run finishes."""
+    variants = [v for v in part.variants if not args.variants or v in args.variants.split(",")]
+    wanted = run_settings(args, part.setting,
+                          scored_shards.open_scored(sources["web"]).manifests[-1].reference_fingerprint)
+    jobs = [(variant, seed) for seed in range(seeds) for variant in variants
+            if not curve_matches(protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves), wanted)]
+    started = time.perf_counter()
+    for index, (variant, seed) in enumerate(jobs, 1):
+        workdir = os.path.join(args.out, args.corpus, part.setting, variant, f"seed{seed}")
+        log.info("[%s %d/%d] %s / %s / seed %d (%.0f min so far)", name, index, len(jobs), part.setting, variant,
+                 seed, (time.perf_counter() - started) / 60)
+        if not run_finished(workdir, wanted["steps"]):
+            if os.path.isdir(workdir):
+                shutil.rmtree(workdir)  # unfinished, or made otherwise: start over
+            train(variant_config(variant, seed, wanted["steps"], args.batch_size, args.evals), corpus, workdir,
+                  scored_dir=sources[part.setting])
+        protocol.write_curve(protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves),
+                             protocol.curve_from_run(report.load_run(variant, workdir), wanted))
+
+
+def load_setting(args: argparse.Namespace, setting: str, variants: list[str]) -> tuple[dict, dict]:
+    """({variant: [summary per seed]}, the curves' settings) from the curve files: every seed whose uniform run
+    is there too, in seed order."""
+    def curves_of(variant: str) -> list[tuple[report.RunCurves, dict]]:
+        found, seed = [], 0
+        while os.path.exists(path := protocol.curve_path(args.corpus, setting, variant, seed, args.curves)):
+            with open(path) as f:
+                found.append((protocol.read_curve(path), json.load(f)["config"]))
+            seed += 1
+        return found
+
+    uniform = curves_of("uniform")
+    if not uniform:
+        raise SystemExit(f"no uniform curve under {args.curves}/{args.corpus}/{setting}: run its part first "
+                         "(uniform's final is the target of 'to reach')")
+    summaries, made = {}, {json.dumps(config, sort_keys=True) for _, config in uniform}
+    for variant in variants:
+        runs = curves_of(variant)[:len(uniform)]
+        if runs:
+            made |= {json.dumps(config, sort_keys=True) for _, config in runs}
+            summaries[variant] = [summarize(run, base.final) for (run, _), (base, _) in zip(runs, uniform)]
+    if len(made) > 1:
+        raise SystemExit(f"the curves of {args.corpus}/{setting} were made with different settings or references "
+                         f"({sorted(made)}): run the parts again with one set of --steps, --batch_size and --evals")
+    return summaries, json.loads(made.pop())
+
+
+def plateau_line(summaries: dict[str, list[dict]]) -> str:
+    gains = [protocol.plateau_gain(r["curve"]["zeroshot"]) for r in summaries["uniform"]]
+    mean, low, high = protocol.bootstrap_interval(gains)
+    judged = "plateaued" if high < protocol.PLATEAU_GAIN else "not plateaued"
+    return (f"Uniform {judged}: its last quarter of evaluations is {interval_text(mean, low, high, 3, sign=True)} "
+            f"zero-shot above the quarter before (judged plateaued when the interval's top is under "
+            f"{protocol.PLATEAU_GAIN}).")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
     for chatty in ("apache_beam", "absl", "jax", "orbax", "curation"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    import jax
+    parts = dict(protocol.PARTS) if args.part == "all" else {args.part: protocol.PARTS[args.part]}
+    reference_curve = os.path.join(args.curves, args.corpus, "reference.json")
+    if not args.rebuild:
+        import jax
 
-    jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        jax.config.update("jax_compilation_cache_dir", os.path.join(args.out, "jax_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        corpus_spec = CORPORA[args.corpus]
+        demo_args = demo.parse_args(["--out", args.demo or corpus_spec["out"], "--seed", str(corpus_spec["seed"])])
+        noise = make_corpus.NoiseRates(**corpus_spec["noise"]) if corpus_spec["noise"] else None
+        corpus, reference_workdir, scored = demo.prepare(demo_args, noise=noise)
+        protocol.write_curve(reference_curve, protocol.curve_from_run(
+            report.load_run("reference", reference_workdir), {"workdir": reference_workdir}))
+        sources = {"web": scored}
+        if any(part.setting == "repeated" for part in parts.values()):
+            sources["repeated"] = make_repeated(scored, os.path.join(args.out, args.corpus, "repeated_scored"))
+        for name, part in parts.items():
+            train_part(args, name, part, corpus, sources, args.seeds or part.seeds)
 
-    demo_args = demo.parse_args(["--out", args.demo])
-    corpus, reference_workdir, scored = demo.prepare(demo_args)
-    settings = {s: [v for v in SETTINGS[s] if not args.variants or v in args.variants.split(",")]
-                for s in args.settings.split(",")}
-    sources = {"web": scored}
-    if "repeated" in settings:
-        sources["repeated"] = make_repeated(scored, os.path.join(args.out, "repeated_scored"))
-    steps = {"web": args.steps, "repeated": args.repeated_steps}
-    jobs = [(s, v, seed) for s, variants in settings.items() for seed in range(args.seeds) for v in variants]
-    started = time.perf_counter()
-    for index, (setting, variant, seed) in enumerate(jobs, 1):
-        workdir = os.path.join(args.out, setting, variant, f"seed{seed}")
-        if run_finished(workdir, steps[setting]):
-            continue
-        log.info("[%d/%d] %s / %s / seed %d (%.0f min so far)", index, len(jobs), setting, variant, seed,
-                 (time.perf_counter() - started) / 60)
-        if os.path.isdir(workdir):
-            shutil.rmtree(workdir)  # a different or unfinished configuration: start over
-        train(variant_config(variant, seed, steps[setting], args.batch_size, args.evals), corpus, workdir,
-              scored_dir=sources[setting])
-
-    ref = report.load_run("reference", reference_workdir)
+    ref = protocol.read_curve(reference_curve)
     reference = {"zeroshot": ref.final["zeroshot"], "recall": ref.final["recall"]}
-    summaries: dict[str, dict[str, list[dict]]] = {}
-    for setting, variants in settings.items():
-        if "uniform" not in variants:
-            raise SystemExit("every setting needs its uniform runs (the target of 'to reach')")
-        runs = {variant: [report.load_run(variant, os.path.join(args.out, setting, variant, f"seed{seed}"))
-                          for seed in range(args.seeds)] for variant in variants}
-        summaries[setting] = {}
-        for variant in variants:
-            summaries[setting][variant] = []
-            for run, uniform in zip(runs[variant], runs["uniform"]):
-                summaries[setting][variant].append(summarize(run, uniform.final))
-    with open(os.path.join(args.out, "ablations.json"), "w") as f:
-        json.dump({"args": vars(args), "reference": reference, "summaries": summaries}, f, indent=1)
-
-    def settings_line(setting: str) -> str:
-        return (f"{args.seeds} seeds (model init, data order and selection noise; one reference model), "
-                f"{steps[setting]} steps of b = {args.batch_size} for every variant, {args.evals} evaluations per "
-                f"run on the demo's eval splits; the reference is the demo's ({reference_workdir}).")
-    if "web" in summaries:
-        path = os.path.join(args.out, "ablations.png")
-        plot(summaries["web"], path, "web split: selection methods (mean ± std over seeds)", reference)
-        targets = "\n".join(verdicts(summaries["web"], reference)
-                              + paired_if_run(summaries["web"], "learnability_f0.8", "easy_reference_f0.8"))
-        body = "\n\n".join([settings_line("web"), table(summaries["web"], reference),
-                              f"Against the targets (means over seeds):\n\n{targets}", "![ablations](ablations.png)"])
+    for setting in dict.fromkeys(part.setting for part in parts.values()):
+        variants = list(dict.fromkeys(v for part in protocol.PARTS.values() if part.setting == setting
+                                      for v in (*part.needs, *part.variants)))
+        summaries, made = load_setting(args, setting, variants)
+        seeds = {variant: len(runs) for variant, runs in summaries.items()}
+        settings_line = (f"Corpus: {args.corpus}. {made['steps']} steps of b = {made['batch_size']} for every "
+                         f"variant, {made['evals']} evaluations per run on the corpus's eval splits; seeds per "
+                         "variant: " + ", ".join(f"{v} {n}" for v, n in seeds.items()) + " (model init, data order "
+                         "and selection noise; one reference model). Intervals: 95% percentile bootstrap over seeds, "
+                         "comparisons taken seed by seed.")
+        if setting == "repeated":
+            settings_line += (f" Corpus rows: the scored web split plus copies of its {REPEATED_DISTINCT} clean "
+                              f"examples easiest for the reference, the copies making {REPEATED_SHARE:.0%} of them.")
+        title = "web split: selection methods" if setting == "web" else "repeated easy examples"
+        image = f"{'ablations' if setting == 'web' else 'repeated'}_{args.corpus}.png"
+        path = os.path.join(args.curves, args.corpus, image)
+        plot(summaries, path, f"{args.corpus} corpus, {title} (mean ± std over seeds)", reference,
+             clean_label="share of clean examples" if setting == "web" else
+             "share of fresh clean examples (not copies, not noise)")
+        targets = "\n".join(verdicts(summaries, reference)
+                              + paired_if_run(summaries, "learnability_f0.8", "easy_reference_f0.8"))
+        body = "\n\n".join([settings_line, plateau_line(summaries), table(summaries, reference),
+                              f"Against the targets:\n\n{targets}", f"![{title}]({image})"])
         if not args.no_write:
-            shutil.copy(path, os.path.join(BENCH_DIR, "ablations.png"))
-            results.write_section("Learning efficiency", body, COMMAND)
-        print(body)
-    if "repeated" in summaries:
-        path = os.path.join(args.out, "repeated.png")
-        plot(summaries["repeated"], path, "repeated easy examples: learnability vs easy-reference", reference,
-             clean_label="share of fresh clean examples (not copies, not noise)")
-        body = "\n\n".join([
-            settings_line("repeated") + f" Corpus: the scored web split plus copies of its {REPEATED_DISTINCT} clean "
-            f"examples easiest for the reference, the copies making {REPEATED_SHARE:.0%} of the rows.",
-            table(summaries["repeated"], reference).replace("clean share selected", "fresh clean share selected"),
-            *paired_if_run(summaries["repeated"], "learnability_f0.8", "easy_reference_f0.8"),
-            "![repeated](repeated.png)"])
-        if not args.no_write:
-            shutil.copy(path, os.path.join(BENCH_DIR, "repeated.png"))
-            results.write_section("The learner's state", body, COMMAND)
+            shutil.copy(path, os.path.join(BENCH_DIR, image))
+            section = "Learning efficiency" if setting == "web" else "The learner's state"
+            results.write_section(f"{section} ({args.corpus} corpus)", body, COMMAND)
         print(body)
 
 

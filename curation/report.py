@@ -36,6 +36,7 @@ class RunCurves:
     recall: np.ndarray  # mean of image→text and text→image R@1
     train_rows: list[dict]
     selecting: bool
+    examples_drawn: np.ndarray | None = None  # super-batch examples read at each evaluation (B per step)
 
     @property
     def total_flops(self) -> np.ndarray:
@@ -93,6 +94,7 @@ def load_run(name: str, workdir: str) -> RunCurves:
         recall=np.array([(row["i2t_r1"] + row["t2i_r1"]) / 2 for row in eval_rows]),
         train_rows=train_rows,
         selecting=selecting,
+        examples_drawn=at_eval([row.get("superbatch_examples_seen", row["examples_seen"]) for row in train_rows]),
     )
 
 

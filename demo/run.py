@@ -57,8 +57,10 @@ def config_for(name: str, steps: int, seed: int, smoke: bool = False) -> configs
                                eval_every=max(steps // 4, 1), checkpoint_every=max(steps // 4, 1), seed=seed)
 
 
-def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None) -> tuple[str, str, str]:
-    """Stages 1-3 (corpus, reference, scoring) under `args.out`; returns (corpus, reference workdir, scored)."""
+def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None,
+            noise: make_corpus.NoiseRates | None = None) -> tuple[str, str, str]:
+    """Stages 1-3 (corpus, reference, scoring) under `args.out`; returns (corpus, reference workdir, scored).
+    `noise`: the web split's noise mix (default the demo's own)."""
     timings = {} if timings is None else timings
     corpus, scored = os.path.join(args.out, "corpus"), os.path.join(args.out, "scored")
     reference_workdir = os.path.join(args.out, "reference")
@@ -67,6 +69,7 @@ def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None) -
     if not os.path.exists(os.path.join(corpus, "_SPLITS.json")):
         make_corpus.write_corpus(corpus, size=args.web_size, curated_size=args.curated_size,
                                  eval_size=args.eval_size, seed=args.seed, shard_size=1000,
+                                 noise=noise or make_corpus.NoiseRates(),
                                  workers=min(2, os.cpu_count() or 1), progress=True, overwrite=True)
     timings["corpus"] = time.perf_counter() - start
 

@@ -10,12 +10,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation import scored_input, scored_shards
+from curation import report, scored_input, scored_shards
 from curation.selection import Embeddings, select
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import ablations  # noqa: E402
 import loss_parameters  # noqa: E402
+import protocol  # noqa: E402
 import selection_memory  # noqa: E402
 
 
@@ -91,9 +92,9 @@ def summary(zeroshot, examples_ratio, flops_ratio=1.0, wall_ratio=1.0):
             "total_flops_ratio": total, "wall_ratio": wall_ratio}
 
 
-def test_verdicts_say_met_or_missed_from_the_seed_means():
+def test_verdicts_say_met_or_missed_with_bootstrap_intervals_over_seeds():
     summaries = {
-        "learnability_f0.8": [summary(0.7, 0.1, 0.4, 0.5), summary(0.6, 0.2, 0.5, 0.7)],
+        "learnability_f0.8": [summary(0.7, 0.1, 0.1, 0.5), summary(0.6, 0.2, 0.2, 0.7)],
         "easy_reference_f0.8": [summary(0.5, 0.5)] * 2,
         "hard_learner_f0.8": [summary(0.2, None)] * 2,
         "learnability_f0.8_flexi": [summary(0.6, 0.2, 0.5), summary(0.6, None, None)],
@@ -102,15 +103,49 @@ def test_verdicts_say_met_or_missed_from_the_seed_means():
         "independent_f0.5": [summary(0.45, 0.3)] * 2,
     }
     lines = ablations.verdicts(summaries, {"zeroshot": 0.64})
-    assert "0.15x of uniform's examples (goal ≤ 0.2x: met)" in lines[0]
-    assert "0.45x of its online FLOPs (goal ≤ 0.5x: met; 0.70x with the reference's scoring pass)" in lines[0]
-    assert "(goal < 1x: met)" in lines[0]
-    assert "ends at 0.650 against its reference's 0.640 (goal: above it: met)" in lines[1]
-    assert "0.50x (1/2 seeds reached) of uniform's online FLOPs" in lines[2] and "missed" in lines[2]
-    assert "in this order: met" in lines[3]
+    # Two seeds: the bootstrap means are a, (a + b) / 2 or b, so the 95% interval runs from one seed to the other.
+    assert "0.15x (95% CI 0.10 to 0.20) of uniform's examples (goal ≤ 0.2x: met)" in lines[0]
+    assert ("0.40x (95% CI 0.35 to 0.45) of its total FLOPs, the reference's scoring pass included (goal ≤ 0.5x: "
+            "met; 0.15x (95% CI 0.10 to 0.20) online only)") in lines[0]
+    assert "0.60x (95% CI 0.50 to 0.70) of its wall-clock (goal < 1x: met)" in lines[0]
+    assert "ends +0.010 (95% CI -0.040 to +0.060) from its reference's 0.640 (goal: above it: met)" in lines[1]
+    assert "0.75x (95% CI 0.75 to 0.75) (1/2 seeds reached) of uniform's total FLOPs" in lines[2]
+    assert "(goal ≤ 0.33x: missed" in lines[2]
+    assert "learnability_f0.8 − easy_reference_f0.8 +0.150 (95% CI +0.100 to +0.200) over 2 seeds" in lines[3]
+    assert "easy_reference_f0.8 − hard_learner_f0.8 +0.300 (95% CI +0.300 to +0.300) over 2 seeds" in lines[3]
+    assert lines[3].endswith("learnability_f0.8 ≥ easy_reference_f0.8 ≥ hard_learner_f0.8: met).")
     # Joint leads by 0.05 at f = 0.5 but trails by 0.01 at f = 0.8.
-    assert "+0.050 at f = 0.5, -0.010 at f = 0.8" in lines[4]
+    assert "+0.050 (95% CI +0.050 to +0.050) over 2 seeds at f = 0.5" in lines[4]
+    assert "-0.010 (95% CI -0.060 to +0.040) over 2 seeds at f = 0.8" in lines[4]
     assert "joint ahead at every f: missed; the gap growing with f: missed" in lines[4]
+
+
+def test_total_flops_goal_is_missed_when_the_scoring_pass_tips_it_over():
+    summaries = {"learnability_f0.8": [summary(0.7, 0.1, 0.3), summary(0.7, 0.1, 0.3)]}  # 0.55x with scoring
+    line = ablations.verdicts(summaries, {"zeroshot": 0.5})[0]
+    assert "0.55x (95% CI 0.55 to 0.55) of its total FLOPs" in line and "(goal ≤ 0.5x: missed;" in line
+
+
+def test_bootstrap_interval_resamples_seeds():
+    assert protocol.bootstrap_interval([0.3]) == (0.3, 0.3, 0.3)
+    values = [0.1, 0.4, 0.2, 0.5, 0.3]
+    mean, low, high = protocol.bootstrap_interval(values)
+    assert abs(mean - 0.3) < 1e-12 and 0.1 < low < mean < high < 0.5
+    assert protocol.bootstrap_interval(values) == (mean, low, high)  # seeded
+    # More seeds with the same spread: a narrower interval.
+    _, wide_low, wide_high = protocol.bootstrap_interval(values * 4)
+    assert wide_high - wide_low < high - low
+    mean, low, high = protocol.paired_interval([0.5, 0.6, 0.7], [0.4, 0.5, 0.6])
+    assert abs(mean - 0.1) < 1e-12 and abs(low - 0.1) < 1e-12 and abs(high - 0.1) < 1e-12
+    with pytest.raises(ValueError, match="one per seed"):
+        protocol.paired_interval([0.5, 0.6], [0.4])
+
+
+def test_plateau_gain_compares_the_last_quarter_with_the_one_before():
+    assert protocol.plateau_gain([0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5]) == 0.0
+    assert abs(protocol.plateau_gain(np.linspace(0, 1, 20)) - 5 / 19) < 1e-12
+    with pytest.raises(ValueError, match="too few"):
+        protocol.plateau_gain([0.3])
 
 
 def test_paired_differences_are_taken_seed_by_seed():
@@ -160,3 +195,61 @@ def test_loss_parameter_summary_reads_t_b_and_the_off_diagonal_share(tmp_path):
     summary = loss_parameters.summary(str(tmp_path))
     assert summary["t"] == (10.1, 11.0) and summary["b"] == (-9.9, -9.0) and summary["offdiag_share"] == (0.2, 0.3)
     assert summary["recall"] == pytest.approx(0.2) and summary["held_out_loss"] == 6.0
+
+
+def fake_run(name, seed, speed, selecting=True, evals=8):
+    """A run whose zero-shot climbs to 0.3 + speed-dependent level over `evals` evaluations of 100 examples."""
+    examples = np.arange(1, evals + 1) * 100.0
+    zeroshot = np.minimum(0.1 + speed * examples / 800 + 0.01 * seed, 0.3 + 0.1 * speed)
+    rows = [{"step": int(step), "loss": 1.0, **({"selected_clean": 0.6, "superbatch_clean": 0.4} if selecting else {})}
+            for step in range(10, 10 * evals + 1, 10)]
+    return report.RunCurves(name=name, examples=examples, examples_drawn=examples * (5 if selecting else 1),
+                            online_flops=examples * 1e9 * (2 if selecting else 1), offline_scoring_flops=5e10,
+                            wall_s=examples / 10, zeroshot=zeroshot, recall=zeroshot / 10, train_rows=rows,
+                            selecting=selecting)
+
+
+def test_curve_files_round_trip_and_keep_only_the_selection_diagnostics(tmp_path):
+    run = fake_run("learnability_f0.8", 0, 1.0)
+    run.train_rows[0]["grad_norm"] = 3.0  # not kept
+    path = protocol.curve_path("demo", "web", "learnability_f0.8", 0, str(tmp_path))
+    protocol.write_curve(path, protocol.curve_from_run(run, {"steps": 80}))
+    assert path.endswith("demo/web/learnability_f0.8/seed0.json") and os.path.getsize(path) < 4000
+    back = protocol.read_curve(path)
+    for field in ("examples", "examples_drawn", "online_flops", "wall_s", "zeroshot", "recall"):
+        np.testing.assert_array_equal(getattr(back, field), getattr(run, field))
+    assert back.offline_scoring_flops == run.offline_scoring_flops and back.selecting
+    assert back.train_rows[0] == {"step": 10, "selected_clean": 0.6, "superbatch_clean": 0.4}
+    assert back.to_reach(0.2, back.examples) == run.to_reach(0.2, run.examples)
+
+
+def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
+    curves = str(tmp_path / "curves")
+    settings = {"steps": 80, "batch_size": 64, "evals": 8, "reference": "f" * 64}
+    speeds = {"uniform": 0.5, "offline_top30": 0.8, "easy_reference_f0.8": 1.0, "independent_f0.8": 1.1,
+              "learnability_f0.8": 1.5, "learnability_f0.8_flexi": 1.4}
+    for variant, speed in speeds.items():
+        for seed in range(3):
+            run = fake_run(variant, seed, speed, selecting=variant not in ("uniform", "offline_top30"))
+            protocol.write_curve(protocol.curve_path("demo", "web", variant, seed, curves),
+                                 protocol.curve_from_run(run, settings))
+    reference = fake_run("reference", 0, 1.2, selecting=False)
+    protocol.write_curve(os.path.join(curves, "demo", "reference.json"), protocol.curve_from_run(reference, {}))
+
+    ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--no_write"])
+    out = capsys.readouterr().out
+    assert "80 steps of b = 64" in out and "uniform 3, offline_top30 3" in out
+    assert "Uniform plateaued" in out or "Uniform not plateaued" in out
+    # uniform ends at its cap, 0.35, after 800 examples; learnability crosses 0.35 between its evaluations at 100
+    # and 200 examples (where it is capped at 0.45): 138, 134 and 130 examples over the seeds, interpolated.
+    row = next(line for line in out.splitlines() if line.startswith("| learnability_f0.8 |"))
+    assert row.split(" | ")[3] == "0.17 ± 0.01"
+    assert row.split(" | ")[4] == "0.84 ± 0.03"  # drawn: 5x what it trains on
+    assert (tmp_path / "curves" / "demo" / "ablations_demo.png").read_bytes()[:4] == b"\x89PNG"
+
+    # A curve made with other settings is refused rather than mixed in.
+    other = protocol.curve_from_run(fake_run("uniform", 3, 0.5, selecting=False), {**settings, "steps": 40})
+    protocol.write_curve(protocol.curve_path("demo", "web", "uniform", 3, curves), other)
+    protocol.write_curve(protocol.curve_path("demo", "web", "learnability_f0.8", 3, curves), other)
+    with pytest.raises(SystemExit, match="different settings"):
+        ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--no_write"])
