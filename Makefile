@@ -18,7 +18,8 @@ $(STAMP): requirements.txt constraints.txt setup.py
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 -m "not gcs" tests
+	$(PY) -m pytest -q -m gcs tests
 
 # The end-to-end demo on the built-in demo corpus: runs/demo/report.md and its plots.
 demo: install
@@ -32,7 +33,8 @@ bench: install
 	$(PY) bench/selection_memory.py
 	$(PY) bench/input_pipeline.py
 	$(PY) bench/loss_parameters.py
-	$(PY) bench/ablations.py
+	for corpus in demo second; do for part in headline sweep state; do \
+	  $(PY) bench/ablations.py --corpus $$corpus --part $$part || exit 1; done; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

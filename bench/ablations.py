@@ -46,6 +46,7 @@ import protocol  # bench/protocol.py, beside this script
 import results  # bench/results.py, beside this script
 from curation import configs, report, schema, scored_shards
 from curation.train import train
+from curation.truth import NOISE_KINDS
 from demo import make_corpus
 from demo import run as demo
 
@@ -191,7 +192,41 @@ def summarize(run: report.RunCurves, uniform: dict[str, float]) -> dict:
                   "zeroshot": run.zeroshot.tolist(), "recall": run.recall.tolist()},
         "clean_curve": ([[r["step"], r["selected_clean"], r["superbatch_clean"]] for r in run.train_rows]
                         if run.selecting else None),
+        "composition": composition(run.train_rows) if run.selecting else None,
     }
+
+
+def composition(rows: list[dict]) -> dict[str, tuple[float, float]] | None:
+    """{truth kind: (mean share selected, mean share in the super-batch)} over the logged rows; None for a run
+    logged before the kinds were."""
+    if not rows or "selected/misaligned" not in rows[0]:
+        return None
+    shares = {"clean": (float(np.mean([r["selected_clean"] for r in rows])),
+                        float(np.mean([r["superbatch_clean"] for r in rows])))}
+    for kind in NOISE_KINDS:
+        picked = [r[f"selected/{kind}"] for r in rows]
+        drawn = [r[f"superbatch/{kind}"] for r in rows]
+        if max(picked + drawn) > 0:
+            shares[kind] = (float(np.mean(picked)), float(np.mean(drawn)))
+    return shares
+
+
+def composition_table(summaries: dict[str, list[dict]]) -> str:
+    """What each selecting variant chose, by hidden truth: the share selected (mean over seeds) and, beside, the
+    share in the super-batches it chose from."""
+    selecting = {v: runs for v, runs in summaries.items() if runs[0].get("composition")}
+    if not selecting:
+        return ""
+    kinds = list(dict.fromkeys(k for runs in selecting.values() for r in runs for k in r["composition"]))
+    lines = ["| variant | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for variant, runs in selecting.items():
+        cells = []
+        for kind in kinds:
+            pairs = [r["composition"].get(kind, (0.0, 0.0)) for r in runs]
+            cells.append(f"{np.mean([p for p, _ in pairs]):.2f} ({np.mean([d for _, d in pairs]):.2f})")
+        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+    return ("Share of each hidden-truth kind among the examples selected, mean over seeds and steps (in brackets: "
+            "its share of the super-batches drawn):\n\n" + "\n".join(lines))
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
@@ -478,9 +513,6 @@ def plateau_line(summaries: dict[str, list[dict]]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
-    for chatty in ("apache_beam", "absl", "jax", "orbax", "curation"):
-        logging.getLogger(chatty).setLevel(logging.WARNING)
     parts = dict(protocol.PARTS) if args.part == "all" else {args.part: protocol.PARTS[args.part]}
     reference_curve = os.path.join(args.curves, args.corpus, "reference.json")
     if not args.rebuild:
@@ -523,8 +555,9 @@ def main(argv=None) -> None:
              "share of fresh clean examples (not copies, not noise)")
         targets = "\n".join(verdicts(summaries, reference)
                               + paired_if_run(summaries, "learnability_f0.8", "easy_reference_f0.8"))
-        body = "\n\n".join([settings_line, plateau_line(summaries), table(summaries, reference),
-                              f"Against the targets:\n\n{targets}", f"![{title}]({image})"])
+        body = "\n\n".join(filter(None, [settings_line, plateau_line(summaries), table(summaries, reference),
+                                           composition_table(summaries), f"Against the targets:\n\n{targets}",
+                                           f"![{title}]({image})"]))
         if not args.no_write:
             shutil.copy(path, os.path.join(BENCH_DIR, image))
             section = "Learning efficiency" if setting == "web" else "The learner's state"
@@ -533,4 +566,7 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", force=True)
+    for chatty in ("apache_beam", "absl", "jax", "orbax", "curation"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     sys.exit(main())

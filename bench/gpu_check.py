@@ -188,14 +188,14 @@ def step_rows(form: dict, budget_s: float, repeats: int, deadline: float) -> lis
             tokens = jax.device_put(jax.random.randint(
                 jax.random.key(2), (B, model_cfg.text_length), 1, model_cfg.vocab_size), data)
             reference = unit_embeddings(B, model_cfg.embed_dim, jnp.float16, 3)
-            clean = jnp.ones([B], jnp.int32)
+            truth = jnp.zeros([B], jnp.int32)  # hidden-truth codes, for the diagnostics: all "clean"
             split = {"scoring": [], "selection": [], "update": []}
             for step in range(repeats + 2):  # the first two compile (the second sees the donated state)
                 rng = jax.random.fold_in(jax.random.key(4), step)
                 start = time.perf_counter()
                 learned = jax.block_until_ready(parts.embed(state["params"], images, tokens))
                 scored = time.perf_counter()
-                indices, _ = jax.block_until_ready(parts.choose(rng, learned, reference.zimg, reference.ztxt, clean))
+                indices, _ = jax.block_until_ready(parts.choose(rng, learned, reference.zimg, reference.ztxt, truth))
                 selected = time.perf_counter()
                 state, metrics = jax.block_until_ready(parts.update(state, images, tokens, indices, rng))
                 if step >= 2:

@@ -20,6 +20,8 @@ CURVE_VERSION = 1
 TRAIN_KEYS = ("step", "selected_clean", "superbatch_clean", "selected_learnability", "random_learnability",
               "offdiag_share")
 
+COMPOSITION = ("selected/", "superbatch/")  # and the share of each noise kind selected and in the super-batch
+
 HEADLINE = ["uniform", "offline_top30", "easy_reference_f0.8", "independent_f0.8", "learnability_f0.8",
             "learnability_f0.8_flexi"]
 SWEEP = ["independent_f0.5", "independent_f0.9", "learnability_f0.5", "learnability_f0.9", "hard_learner_f0.8"]
@@ -52,7 +54,8 @@ def curve_path(corpus: str, setting: str, variant: str, seed: int, root: str = C
 def curve_from_run(run: report.RunCurves, config: dict) -> dict:
     """What is kept of a finished run: its evaluation curve (examples trained on and drawn, FLOPs, wall-clock,
     zero-shot, R@1), the selection diagnostics of each logged row, and the run's settings."""
-    rows = [{key: row[key] for key in TRAIN_KEYS if key in row} for row in run.train_rows]
+    rows = [{key: value for key, value in row.items() if key in TRAIN_KEYS or key.startswith(COMPOSITION)}
+            for row in run.train_rows]
     return {"version": CURVE_VERSION, "name": run.name, "config": config,
             "examples": run.examples.tolist(), "examples_drawn": run.examples_drawn.tolist(),
             "online_flops": run.online_flops.tolist(), "offline_scoring_flops": run.offline_scoring_flops,

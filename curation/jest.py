@@ -3,7 +3,7 @@ jitted parts so each can be timed. The learner scores the super-batch (no gradie
 from learner and stored reference embeddings, and the update trains on it.
 
     embed(params, images, tokens)                     -> learner zimg [B, d], ztxt [B, d], (t, b)
-    choose(rng, learner..., ref_zimg, ref_ztxt, clean) -> indices [b], diagnostics
+    choose(rng, learner..., ref_zimg, ref_ztxt, truth) -> indices [b], diagnostics
     update(state, images, tokens, indices)            -> state, metrics
 
 The super-batch and its embeddings are sharded over the mesh's `data` axis; selection is global over the whole
@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from curation import selection
 from curation.configs import TrainConfig
 from curation.losses import contrastive_loss
+from curation.truth import CLEAN, NOISE_KINDS
 from models.flops import example_forward_flops, example_train_flops
 from models.two_towers import ModelConfig, TwoTower
 
@@ -123,7 +124,8 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
         return zimg, ztxt, jnp.stack([aux["t"], aux["b"]])
 
     @functools.partial(jax.jit, out_shardings=(replicated, replicated))
-    def choose(rng, learned, ref_zimg, ref_ztxt, clean):  # learned: (zimg, ztxt, [t, b]) of the learner, or None
+    def choose(rng, learned, ref_zimg, ref_ztxt, truth):  # learned: (zimg, ztxt, [t, b]) of the learner, or None
+        # truth: [B] hidden-truth codes (curation.truth), for the diagnostics only
         learner = None if learned is None else selection.Embeddings(learned[0], learned[1], *learned[2])
         reference = selection.Embeddings(ref_zimg, ref_ztxt, reference_t, reference_bias)
         options = dict(score=config.score, n_select=n_select, n_chunks=config.n_chunks, loss=loss,
@@ -140,8 +142,11 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
             random = jax.random.permutation(jax.random.fold_in(rng, 7919), ref_zimg.shape[0])[:n_select]
             diagnostics["selected_learnability"] = selection.subbatch_score(learner, reference, indices, loss=loss)
             diagnostics["random_learnability"] = selection.subbatch_score(learner, reference, random, loss=loss)
-        diagnostics["selected_clean"] = jnp.mean(clean[indices] == 1)
-        diagnostics["superbatch_clean"] = jnp.mean(clean == 1)
+        diagnostics["selected_clean"] = jnp.mean(truth[indices] == CLEAN)
+        diagnostics["superbatch_clean"] = jnp.mean(truth == CLEAN)
+        for code, kind in enumerate(NOISE_KINDS, 1):  # what the rest was, by kind
+            diagnostics[f"selected/{kind}"] = jnp.mean(truth[indices] == code)
+            diagnostics[f"superbatch/{kind}"] = jnp.mean(truth == code)
         return indices, diagnostics
 
     def subset_step(state, images, tokens, indices, rng):
@@ -193,7 +198,7 @@ def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTra
             learned = jax.block_until_ready(parts.embed(state["params"], inputs["image"], inputs["tokens"]))
         scored_at = time.perf_counter()
         indices, diagnostics = jax.block_until_ready(parts.choose(
-            rng, learned, inputs["ref_zimg"], inputs["ref_ztxt"], inputs["clean"]))
+            rng, learned, inputs["ref_zimg"], inputs["ref_ztxt"], inputs["truth"]))
         selected_at = time.perf_counter()
         state, metrics = parts.update(state, inputs["image"], inputs["tokens"], indices, jax.random.fold_in(rng, 1))
         metrics = jax.block_until_ready({**metrics, **diagnostics})

@@ -3,15 +3,14 @@
 The same deterministic, resumable stream as `input_pipeline.make_dataset` (seeded shard and record order, a data
 position on every batch), over the Parquet shards the manifests under a scored output list, or (sidecar layout)
 over the input shards of the corpus, each read together with its score sidecar. Besides the image and
-tokens each example brings `ref_zimg`, `ref_ztxt` (float32 of the stored float16) and `clean` (1/0 from the demo
-corpus's hidden truth, −1 when a corpus has none: analysis only, never an input to selection).
+tokens each example brings `ref_zimg`, `ref_ztxt` (float32 of the stored float16) and `truth` (the demo corpus's
+hidden truth as a `curation.truth` code, −1 when a corpus has none: analysis only, never an input to selection).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 
 import numpy as np
 import tensorflow as tf
@@ -21,6 +20,7 @@ from curation.corpus import CorpusRecord, FieldNames, read_shard
 from curation.input_pipeline import DataPosition, decoded_batches, record_stream
 from curation.preprocess import ValidationOptions
 from curation.selection import offline_filter
+from curation.truth import clean_flag, truth_code
 from models.preprocessing import ImagePreprocessing
 
 
@@ -32,18 +32,12 @@ class ScoredExample:
     ref_zimg: np.ndarray  # [d] float16
     ref_ztxt: np.ndarray  # [d] float16
     difficulty: float  # for the reference: its own-pair loss, or −cosine for a softmax reference (lower: easier)
-    clean: int  # 1 clean, 0 noisy, −1 unknown (from metadata "truth")
+    truth: int  # the metadata's hidden truth as a code (`curation.truth`), −1 when it has none
 
-
-def _clean_flag(metadata: str | dict) -> int:
-    """From an example's metadata (a dict, or its JSON as a scored shard stores it)."""
-    if isinstance(metadata, str):
-        try:
-            metadata = json.loads(metadata) if metadata else {}
-        except ValueError:
-            metadata = {}
-    truth = metadata.get("truth") if isinstance(metadata, dict) else None
-    return -1 if truth is None else int(truth == "clean")
+    @property
+    def clean(self) -> int:
+        """1 clean, 0 noisy, −1 unknown."""
+        return clean_flag(self.truth)
 
 
 def _difficulty(table, loss_family: str) -> np.ndarray:
@@ -64,7 +58,7 @@ def read_scored_examples(path: str, loss_family: str = "sigmoid") -> list[Scored
     keys, images, captions, metadata = (table.column(name).to_pylist() for name in names)
     difficulty = _difficulty(table, loss_family)
     return [ScoredExample(keys[i], images[i], captions[i], zimg[i], ztxt[i], float(difficulty[i]),
-                          _clean_flag(metadata[i])) for i in range(table.num_rows)]
+                          truth_code(metadata[i])) for i in range(table.num_rows)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +93,7 @@ def read_sidecar_examples(shard: SidecarShard, loss_family: str = "sigmoid") -> 
     captions = table.column(schema.CAPTION).to_pylist()
     difficulty = _difficulty(table, loss_family)
     return [ScoredExample(items[i].key, items[i].image, captions[i], zimg[i], ztxt[i], float(difficulty[i]),
-                          _clean_flag(items[i].metadata))
+                          truth_code(items[i].metadata))
             if present[i] and isinstance(items[i], CorpusRecord) else None for i in range(len(items))]
 
 
@@ -145,7 +139,7 @@ def make_scored_dataset(
     validation: ValidationOptions | None = None,
     processes: int = 0,
 ) -> tf.data.Dataset:
-    """Batches {"image", "tokens", "position", "ref_zimg": [B, d] f32, "ref_ztxt": [B, d] f32, "clean": [B] i32}.
+    """Batches {"image", "tokens", "position", "ref_zimg": [B, d] f32, "ref_ztxt": [B, d] f32, "truth": [B] i32}.
 
     Images are decoded by the scoring job's rules (`validation`: pass the batch's own, `scored_shards.Options.
     validation()`, so that nothing it scored is refused here) and resized as `preprocessing` declares. Examples
@@ -154,7 +148,7 @@ def make_scored_dataset(
     that many worker processes.
     """
     signature = {"ref_zimg": tf.TensorSpec([embed_dim], tf.float32), "ref_ztxt": tf.TensorSpec([embed_dim], tf.float32),
-                 "clean": tf.TensorSpec([], tf.int32)}
+                 "truth": tf.TensorSpec([], tf.int32)}
 
     def examples():
         reader = functools.partial(read_examples, loss_family=loss_family)
@@ -163,7 +157,7 @@ def make_scored_dataset(
                 yield None, None, position, {}
                 continue
             extras = {"ref_zimg": item.ref_zimg.astype(np.float32), "ref_ztxt": item.ref_ztxt.astype(np.float32),
-                      "clean": np.int32(item.clean)}
+                      "truth": np.int32(item.truth)}
             yield item.image, tokenizer.encode(item.caption, text_length), position, extras
 
     return decoded_batches(examples, signature, batch_size=batch_size, image_size=image_size, text_length=text_length,

@@ -12,6 +12,7 @@ import pytest
 
 from curation import report, scored_input, scored_shards
 from curation.selection import Embeddings, select
+from curation.truth import NOISE_KINDS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import ablations  # noqa: E402
@@ -201,8 +202,10 @@ def fake_run(name, seed, speed, selecting=True, evals=8):
     """A run whose zero-shot climbs to 0.3 + speed-dependent level over `evals` evaluations of 100 examples."""
     examples = np.arange(1, evals + 1) * 100.0
     zeroshot = np.minimum(0.1 + speed * examples / 800 + 0.01 * seed, 0.3 + 0.1 * speed)
-    rows = [{"step": int(step), "loss": 1.0, **({"selected_clean": 0.6, "superbatch_clean": 0.4} if selecting else {})}
-            for step in range(10, 10 * evals + 1, 10)]
+    shares = {"selected_clean": 0.6, "superbatch_clean": 0.4, **{f"{side}/{kind}": 0.0 for side in ("selected",
+              "superbatch") for kind in NOISE_KINDS}, "selected/misaligned": 0.1, "superbatch/misaligned": 0.3,
+              "selected/boilerplate": 0.3, "superbatch/boilerplate": 0.3}
+    rows = [{"step": int(step), "loss": 1.0, **(shares if selecting else {})} for step in range(10, 10 * evals + 1, 10)]
     return report.RunCurves(name=name, examples=examples, examples_drawn=examples * (5 if selecting else 1),
                             online_flops=examples * 1e9 * (2 if selecting else 1), offline_scoring_flops=5e10,
                             wall_s=examples / 10, zeroshot=zeroshot, recall=zeroshot / 10, train_rows=rows,
@@ -219,7 +222,9 @@ def test_curve_files_round_trip_and_keep_only_the_selection_diagnostics(tmp_path
     for field in ("examples", "examples_drawn", "online_flops", "wall_s", "zeroshot", "recall"):
         np.testing.assert_array_equal(getattr(back, field), getattr(run, field))
     assert back.offline_scoring_flops == run.offline_scoring_flops and back.selecting
-    assert back.train_rows[0] == {"step": 10, "selected_clean": 0.6, "superbatch_clean": 0.4}
+    assert back.train_rows[0] == {key: value for key, value in run.train_rows[0].items()
+                                  if key not in ("loss", "grad_norm")}
+    assert back.train_rows[0]["selected/misaligned"] == 0.1
     assert back.to_reach(0.2, back.examples) == run.to_reach(0.2, run.examples)
 
 
@@ -245,6 +250,9 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     row = next(line for line in out.splitlines() if line.startswith("| learnability_f0.8 |"))
     assert row.split(" | ")[3] == "0.17 ± 0.01"
     assert row.split(" | ")[4] == "0.84 ± 0.03"  # drawn: 5x what it trains on
+    # Composition by hidden truth: the kinds that occur, selected (super-batch).
+    assert "| variant | clean | misaligned | boilerplate |" in out
+    assert "| learnability_f0.8 | 0.60 (0.40) | 0.10 (0.30) | 0.30 (0.30) |" in out
     assert (tmp_path / "curves" / "demo" / "ablations_demo.png").read_bytes()[:4] == b"\x89PNG"
 
     # A curve made with other settings is refused rather than mixed in.

@@ -121,7 +121,7 @@ def test_a_jest_step_on_four_cpu_devices_selects_and_updates_as_on_one():
         ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
         batch = {"image": rng.uniform(-1, 1, size=(B, 32, 32, 3)).astype(np.float32),
                  "tokens": rng.integers(3, 259, size=(B, config.text_length)).astype(np.int32),
-                 "ref_zimg": ref[0], "ref_ztxt": ref[1], "clean": rng.integers(0, 2, size=B).astype(np.int32)}
+                 "ref_zimg": ref[0], "ref_ztxt": ref[1], "truth": rng.integers(0, 2, size=B).astype(np.int32)}
         results = {}
         for n in (1, 4):
             mesh = make_mesh(B, jax.devices()[:n])
@@ -133,7 +133,7 @@ def test_a_jest_step_on_four_cpu_devices_selects_and_updates_as_on_one():
             sharded = {k: jax.device_put(v, data) for k, v in batch.items()}
             learned = fns.embed(state["params"], sharded["image"], sharded["tokens"])
             indices, diagnostics = fns.choose(jax.random.key(3), learned, sharded["ref_zimg"], sharded["ref_ztxt"],
-                                              sharded["clean"])
+                                              sharded["truth"])
             state, metrics = fns.update(state, sharded["image"], sharded["tokens"], indices, jax.random.key(4))
             results[n] = {"indices": np.asarray(indices).tolist(), "loss": float(metrics["loss"]),
                           "selected": float(diagnostics["selected_learnability"])}

@@ -1,8 +1,10 @@
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation import scored_input, scored_shards
+from curation import scored_input, scored_shards, truth
 from curation.input_pipeline import DataPosition
 from models.tokenizer import ByteTokenizer
 
@@ -23,11 +25,19 @@ def test_batches_carry_the_stored_reference_embeddings_and_truth(scored_tiny_cor
                                                embed_dim=scored.embed_dim, seed=0)
     batch = next(dataset.as_numpy_iterator())
     assert batch["ref_zimg"].shape == (16, scored.embed_dim) and batch["image"].shape == (16, 32, 32, 3)
-    for zimg, ztxt, clean in zip(batch["ref_zimg"], batch["ref_ztxt"], batch["clean"]):
+    for zimg, ztxt, code in zip(batch["ref_zimg"], batch["ref_ztxt"], batch["truth"]):
         row = by_embedding[zimg.astype(np.float16).tobytes()]  # float32 of the stored float16, exactly
         np.testing.assert_array_equal(ztxt, np.asarray(row["ref_text_embedding"], np.float32))
-        assert clean == int('"truth": "clean"' in row["metadata"])
-    assert set(batch["clean"]) <= {0, 1}
+        assert truth.TRUTH_KINDS[code] == json.loads(row["metadata"])["truth"]
+    assert set(batch["truth"]) <= set(range(len(truth.TRUTH_KINDS)))
+
+
+def test_truth_codes_name_every_kind_and_mark_corpora_without_truth():
+    assert [truth.truth_code({"truth": kind}) for kind in truth.TRUTH_KINDS] == list(range(len(truth.TRUTH_KINDS)))
+    assert truth.truth_code('{"truth": "misaligned", "shape": "disc"}') == 1
+    assert truth.truth_code({"truth": "truncated_image"}) == truth.OTHER
+    assert truth.truth_code({}) == truth.truth_code("") == truth.truth_code("not json") == truth.UNKNOWN
+    assert [truth.clean_flag(code) for code in (truth.CLEAN, 1, truth.OTHER, truth.UNKNOWN)] == [1, 0, 0, -1]
 
 
 def test_offline_filter_keeps_the_easiest_fraction(scored_tiny_corpus):
