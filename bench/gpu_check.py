@@ -94,8 +94,14 @@ def unit_embeddings(n: int, d: int, dtype, seed: int) -> Embeddings:
     return Embeddings(unit(keys[0]), unit(keys[1]), jnp.float32(10.0), jnp.float32(-10.0))
 
 
-def compiled_bytes(compiled) -> int:
+def compiled_bytes(compiled) -> int | None:
+    """XLA's estimate of a compiled program's device memory (temp, arguments, output); None where the backend
+    gives none."""
     memory = compiled.memory_analysis()
+    if isinstance(memory, (list, tuple)):  # one per device on some versions
+        memory = memory[0] if memory else None
+    if memory is None:
+        return None
     return int(memory.temp_size_in_bytes + memory.argument_size_in_bytes + memory.output_size_in_bytes)
 
 
@@ -111,7 +117,7 @@ def selection_rows(form: dict, memory_limit: int | None, fraction: float, repeat
         reference = unit_embeddings(B, form["d"], jnp.float16, 2)
         compiled = jax.jit(fn).lower(key, learner, reference).compile()
         row = {"kind": kind, "B": B, "b": b, "d": form["d"], "compiled_bytes": compiled_bytes(compiled)}
-        if memory_limit is not None and row["compiled_bytes"] > fraction * memory_limit:
+        if None not in (memory_limit, row["compiled_bytes"]) and row["compiled_bytes"] > fraction * memory_limit:
             row["seconds"] = None
             return row
         row["seconds"] = timed(compiled, key, learner, reference, repeats=repeats)
@@ -119,16 +125,21 @@ def selection_rows(form: dict, memory_limit: int | None, fraction: float, repeat
         row["device_peak_bytes"] = peak_bytes()
         return row
 
-    rows.append(run("blocked", form["B"]))
-    print(f"joint selection B={form['B']} -> b={form['b']} d={form['d']}: {rows[-1]['seconds']:.3f} s", flush=True)
+    def attempt(kind: str, B: int) -> dict:
+        try:
+            return run(kind, B)
+        except Exception as error:  # XLA's RESOURCE_EXHAUSTED when the estimate was too kind
+            return {"kind": kind, "B": B, "b": B * form["b"] // form["B"], "d": form["d"], "seconds": None,
+                    "error": str(error).splitlines()[0][:200]}
+
+    rows.append(attempt("blocked", form["B"]))
+    seconds = rows[-1]["seconds"]
+    print(f"joint selection B={form['B']} -> b={form['b']} d={form['d']}: "
+          + (f"{seconds:.3f} s" if seconds is not None else f"failed ({rows[-1].get('error')})"), flush=True)
     B = form["B"] // 16
     smallest = run("blocked", B)
     while B <= form["B"]:
-        try:
-            row = run("dense", B)
-        except Exception as error:  # XLA's RESOURCE_EXHAUSTED when the estimate was too kind
-            row = {"kind": "dense", "B": B, "b": B * form["b"] // form["B"], "d": form["d"], "seconds": None,
-                   "error": str(error).splitlines()[0][:200]}
+        row = attempt("dense", B)
         rows.append(row)
         print(f"dense B={B}: " + (f"{row['seconds']:.3f} s" if row["seconds"] is not None else "does not fit"),
               flush=True)
@@ -228,7 +239,7 @@ def markdown(results: dict) -> str:
         seconds = f"{row['seconds']:.3f}" if row["seconds"] is not None else "does not fit"
         peak = row.get("device_peak_bytes")
         lines.append(f"| {row['kind']} | {row['B']:,} | {row['b']:,} | {row['d']} | {seconds} | "
-                     + (f"{row['compiled_bytes'] / GIB:.2f} GiB" if "compiled_bytes" in row else "–") + " | "
+                     + (f"{row['compiled_bytes'] / GIB:.2f} GiB" if row.get("compiled_bytes") else "–") + " | "
                      + (f"{peak / GIB:.2f} GiB" if peak else "–") + " |")
     lines += ["", f"Bare forward, {form['model']}-size towers, {form['image_size']} px / patch {form['patch']}:", "",
               "| dtype | batch | examples / s |", "|---|---|---|"]

@@ -15,7 +15,7 @@ import numpy as np
 from curation import report
 
 CURVES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curves")
-CURVE_VERSION = 1
+CURVE_VERSION = 2
 # What a logged training row keeps in a curve file: the selection diagnostics the tables and plots read.
 TRAIN_KEYS = ("step", "selected_clean", "superbatch_clean", "selected_learnability", "random_learnability",
               "offdiag_share")
@@ -54,13 +54,19 @@ def curve_path(corpus: str, setting: str, variant: str, seed: int, root: str = C
 def curve_from_run(run: report.RunCurves, config: dict) -> dict:
     """What is kept of a finished run: its evaluation curve (examples trained on and drawn, FLOPs, wall-clock,
     zero-shot, R@1), the selection diagnostics of each logged row, and the run's settings."""
-    rows = [{key: value for key, value in row.items() if key in TRAIN_KEYS or key.startswith(COMPOSITION)}
-            for row in run.train_rows]
+    keys = list(dict.fromkeys(key for row in run.train_rows for key in row
+                              if key in TRAIN_KEYS or key.startswith(COMPOSITION)))
+    columns = {key: [_short(row.get(key)) for row in run.train_rows] for key in keys}  # one list a key: a few KB
     return {"version": CURVE_VERSION, "name": run.name, "config": config,
             "examples": run.examples.tolist(), "examples_drawn": run.examples_drawn.tolist(),
             "online_flops": run.online_flops.tolist(), "offline_scoring_flops": run.offline_scoring_flops,
             "wall_s": run.wall_s.tolist(), "zeroshot": run.zeroshot.tolist(), "recall": run.recall.tolist(),
-            "train_rows": rows, "selecting": run.selecting}
+            "train_columns": columns, "selecting": run.selecting}
+
+
+def _short(value):
+    """A logged diagnostic to 4 significant digits (shares and scores: the curve files stay a few KB)."""
+    return float(f"{value:.4g}") if isinstance(value, float) else value
 
 
 def write_curve(path: str, curve: dict) -> None:
@@ -77,8 +83,11 @@ def read_curve(path: str) -> report.RunCurves:
         raise ValueError(f"{path}: curve version {curve.get('version')}, this script reads {CURVE_VERSION}")
     arrays = {key: np.asarray(curve[key], float) for key in ("examples", "online_flops", "wall_s", "zeroshot",
                                                                "recall", "examples_drawn")}
+    columns = curve["train_columns"]
+    length = max((len(values) for values in columns.values()), default=0)
+    rows = [{key: values[i] for key, values in columns.items() if values[i] is not None} for i in range(length)]
     return report.RunCurves(name=curve["name"], offline_scoring_flops=float(curve["offline_scoring_flops"]),
-                            train_rows=curve["train_rows"], selecting=bool(curve["selecting"]), **arrays)
+                            train_rows=rows, selecting=bool(curve["selecting"]), **arrays)
 
 
 def bootstrap_interval(values, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
