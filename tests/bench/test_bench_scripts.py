@@ -241,7 +241,9 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     reference = fake_run("reference", 0, 1.2, selecting=False)
     protocol.write_curve(os.path.join(curves, "demo", "reference.json"), protocol.curve_from_run(reference, {}))
 
-    ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--no_write"])
+    out_dir = str(tmp_path / "out")
+    ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir,
+                    "--no_write"])
     out = capsys.readouterr().out
     assert "80 steps of b = 64" in out and "uniform 3, offline_top30 3" in out
     assert "Uniform plateaued" in out or "Uniform not plateaued" in out
@@ -253,11 +255,12 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     # Composition by hidden truth: the kinds that occur, selected (super-batch).
     assert "| variant | clean | misaligned | boilerplate |" in out
     assert "| learnability_f0.8 | 0.60 (0.40) | 0.10 (0.30) | 0.30 (0.30) |" in out
-    assert (tmp_path / "curves" / "demo" / "ablations_demo.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "out" / "demo" / "ablations_demo.png").read_bytes()[:4] == b"\x89PNG"
 
     # A curve made with other settings is refused rather than mixed in.
     other = protocol.curve_from_run(fake_run("uniform", 3, 0.5, selecting=False), {**settings, "steps": 40})
     protocol.write_curve(protocol.curve_path("demo", "web", "uniform", 3, curves), other)
     protocol.write_curve(protocol.curve_path("demo", "web", "learnability_f0.8", 3, curves), other)
     with pytest.raises(SystemExit, match="different settings"):
-        ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--no_write"])
+        ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir,
+                        "--no_write"])
