@@ -87,7 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="which runs: " + "; ".join(f"{name}: {len(part.variants)} variants x {part.seeds} seeds"
                                                         for name, part in protocol.PARTS.items()))
     parser.add_argument("--demo", default="", help="the corpus's folder (default: runs/demo or runs/demo_second)")
-    parser.add_argument("--out", default="runs/bench_ablations", help="the runs' workdirs (kept: a second call resumes)")
+    parser.add_argument("--out", default="runs/bench_ablations",
+                        help="the runs' workdirs (kept: a second call resumes)")
     parser.add_argument("--curves", default=protocol.CURVES_DIR, help="where each finished run's curve is written")
     parser.add_argument("--seeds", type=int, default=0, help="seeds per variant (default: the part's own)")
     parser.add_argument("--steps", type=int, default=600)
@@ -267,11 +268,6 @@ def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
         lines.append(f"| reference (curated split, one run) | {reference['zeroshot']:.3f} | {reference['recall']:.3f}"
                      " | — | — | — | — | — | — |")
     return "\n".join(lines)
-
-
-def mean_of(summaries: dict[str, list[dict]], variant: str, key: str) -> float | None:
-    stats = mean_std([r[key] for r in summaries.get(variant, [])])
-    return None if stats is None else stats[0]
 
 
 def interval_text(mean: float, low: float, high: float, digits: int = 2, suffix: str = "", sign: bool = False) -> str:
@@ -483,7 +479,8 @@ def load_setting(args: argparse.Namespace, setting: str, variants: list[str]) ->
         found, seed = [], 0
         while os.path.exists(path := protocol.curve_path(args.corpus, setting, variant, seed, args.curves)):
             with open(path) as f:
-                found.append((protocol.read_curve(path), json.load(f)["config"]))
+                curve = json.load(f)
+            found.append((protocol.curve_to_run(curve, path), curve["config"]))
             seed += 1
         return found
 
@@ -533,6 +530,9 @@ def main(argv=None) -> None:
         for name, part in parts.items():
             train_part(args, name, part, corpus, sources, args.seeds or part.seeds)
 
+    if not os.path.exists(reference_curve):
+        raise SystemExit(f"no curves of the {args.corpus} corpus under {args.curves} ({reference_curve} is missing): "
+                         "give --curves the folder the parts wrote, or run a part without --rebuild")
     ref = protocol.read_curve(reference_curve)
     reference = {"zeroshot": ref.final["zeroshot"], "recall": ref.final["recall"]}
     for setting in dict.fromkeys(part.setting for part in parts.values()):

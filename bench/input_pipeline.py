@@ -7,7 +7,8 @@
    old pipeline (`prepare_image` per image on 1 or 2 threads, float32 per image) against the new one
    (`decode_pool.DecodePool`: 1 or 2 worker processes, uint8 back, a batch normalized at once). Worker start-up is
    left out (a pool is started, then timed).
-2. Steps (`--rounds` interleaved rounds, each round's ratio to its own memory run): for each config (uniform: B = b = 128; jest: B = 640 → b = 128) the trainer runs `--steps` steps through
+2. Steps (`--rounds` interleaved rounds, each round's ratio to its own memory run): for each config (uniform:
+   B = b = 128; jest: B = 640 → b = 128) the trainer runs `--steps` steps through
    the same train loop with its input read from the demo's copied-layout scored Parquet shards (decode, resize,
    tokenize, stored reference embeddings) on 2 threads and on `--input_processes` worker processes, and once
    replaying those very batches from a list in memory. Step times leave out the first logging interval
@@ -197,7 +198,8 @@ def main(argv=None) -> None:
               "threads, processes) runs one after another; times are medians over rounds, and the cost of reading is "
               "the median of each round's ratio to its own memory run (the machine's speed drifts between runs by "
               "more than the effect measured: one memory run took 396 ms a step and another, minutes later, 441 ms). "
-              "The same scored shards (copied layout, 64 px JPEGs). 'input wait' is the time the loop blocks on `next()`; tf.data prefetches 2 batches "
+              "The same scored shards (copied layout, 64 px JPEGs). 'input wait' is the time the loop blocks on "
+              "`next()`; tf.data prefetches 2 batches "
               "while the step runs. On 2 CPU cores decoding competes with the step's own compute, so some of its "
               "cost shows in the step rather than in the wait."])
     results.publish("Input pipeline", lines, COMMAND, write=not args.no_write)

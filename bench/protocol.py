@@ -78,7 +78,11 @@ def write_curve(path: str, curve: dict) -> None:
 
 def read_curve(path: str) -> report.RunCurves:
     with open(path) as f:
-        curve = json.load(f)
+        return curve_to_run(json.load(f), path)
+
+
+def curve_to_run(curve: dict, path: str) -> report.RunCurves:
+    """A curve file's contents (read from `path`, named in errors) as the RunCurves it was made from."""
     if curve.get("version") != CURVE_VERSION:
         raise ValueError(f"{path}: curve version {curve.get('version')}, this script reads {CURVE_VERSION}")
     arrays = {key: np.asarray(curve[key], float) for key in ("examples", "online_flops", "wall_s", "zeroshot",

@@ -142,10 +142,11 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
             random = jax.random.permutation(jax.random.fold_in(rng, 7919), ref_zimg.shape[0])[:n_select]
             diagnostics["selected_learnability"] = selection.subbatch_score(learner, reference, indices, loss=loss)
             diagnostics["random_learnability"] = selection.subbatch_score(learner, reference, random, loss=loss)
-        diagnostics["selected_clean"] = jnp.mean(truth[indices] == CLEAN)
+        picked = truth[indices]
+        diagnostics["selected_clean"] = jnp.mean(picked == CLEAN)
         diagnostics["superbatch_clean"] = jnp.mean(truth == CLEAN)
         for code, kind in enumerate(NOISE_KINDS, 1):  # what the rest was, by kind
-            diagnostics[f"selected/{kind}"] = jnp.mean(truth[indices] == code)
+            diagnostics[f"selected/{kind}"] = jnp.mean(picked == code)
             diagnostics[f"superbatch/{kind}"] = jnp.mean(truth == code)
         return indices, diagnostics
 
