@@ -275,75 +275,130 @@ def interval_text(mean: float, low: float, high: float, digits: int = 2, suffix:
     return f"{mean:{spec}}{suffix} (95% CI {low:{spec}} to {high:{spec}})"
 
 
-def ratio_verdict(runs: list[dict], key: str, goal: float) -> tuple[str, bool]:
-    """A ratio to uniform's whole run (one per seed) with its bootstrap interval, and whether the goal is met: every
-    seed reached uniform's final, and the mean is at most `goal`."""
+def ratio_verdict(runs: list[dict], key: str, goal: float) -> tuple[str, bool, bool]:
+    """A ratio to uniform's whole run (one per seed) with its bootstrap interval; whether the goal is met (every
+    seed reached uniform's final, and the mean is at most `goal`); and whether that is decided (the interval lies
+    on one side of the goal)."""
     values = [r[key] for r in runs]
     present = [v for v in values if v is not None]
     if not present:
-        return "none (not reached)", False
-    text = interval_text(*protocol.bootstrap_interval(present), suffix="x")
+        return "none (not reached)", False, True
+    mean, low, high = protocol.bootstrap_interval(present)
+    text = interval_text(mean, low, high, suffix="x")
     if len(present) < len(values):
         text += f" ({len(present)}/{len(values)} seeds reached)"
-    return text, len(present) == len(values) and float(np.mean(present)) <= goal
+    return text, len(present) == len(values) and mean <= goal, not low <= goal < high
+
+
+def status(ok: bool, decided: bool = True) -> str:
+    """"met" or "missed", marked undecided when the interval straddles the goal."""
+    return ("met" if ok else "missed") + ("" if decided else ", undecided")
 
 
 def paired_verdict(summaries: dict[str, list[dict]], first: str, second: str, key: str = "zeroshot"
-                   ) -> tuple[float, str]:
-    """(mean difference, text) of first − second in `key`, over the seeds both ran, with its bootstrap interval."""
+                   ) -> tuple[float, str, bool]:
+    """(mean difference, text, whether its sign is decided) of first − second in `key`, over the seeds both ran,
+    with its bootstrap interval."""
     pairs = list(zip(summaries[first], summaries[second]))
     mean, low, high = protocol.paired_interval([a[key] for a, _ in pairs], [b[key] for _, b in pairs])
-    return mean, f"{interval_text(mean, low, high, digits=3, sign=True)} over {len(pairs)} seeds"
+    return mean, f"{interval_text(mean, low, high, digits=3, sign=True)} over {len(pairs)} seeds", not low < 0 < high
 
 
-def verdicts(summaries: dict[str, list[dict]], reference: dict) -> list[str]:
-    """The setting against the targets, each line saying met or missed with the mean over seeds and its 95%
-    bootstrap interval (seeds resampled; comparisons taken seed by seed)."""
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One of the paper's claims judged on a setting's runs: `value` its figure with the interval, `status` "met"
+    or "missed", `line` the sentence the section prints."""
+
+    name: str
+    value: str
+    status: str
+    line: str
+
+
+def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
+    """The setting against the targets, each met or missed with the mean over seeds and its 95% bootstrap interval
+    (seeds resampled; comparisons taken seed by seed); a target whose variants did not run is left out."""
     def check(ok: bool) -> str:
         return "met" if ok else "missed"
 
-    lines = []
+    found = []
     jest, flexi = "learnability_f0.8", "learnability_f0.8_flexi"
     if jest in summaries:
-        examples, examples_ok = ratio_verdict(summaries[jest], "examples_ratio", 0.2)
-        total, total_ok = ratio_verdict(summaries[jest], "total_flops_ratio", 0.5)
-        online, _ = ratio_verdict(summaries[jest], "online_flops_ratio", 0.5)
-        wall, wall_ok = ratio_verdict(summaries[jest], "wall_ratio", 1.0 - 1e-9)
-        lines.append(f"- JEST ({jest}) reaches uniform's final zero-shot with {examples} of uniform's examples "
-                     f"(goal ≤ 0.2x: {check(examples_ok)}) and {total} of its total FLOPs, the reference's "
-                     f"scoring pass included (goal ≤ 0.5x: {check(total_ok)}; {online} online only), in {wall} "
-                     f"of its wall-clock (goal < 1x: {check(wall_ok)}).")
+        examples, examples_ok, examples_decided = ratio_verdict(summaries[jest], "examples_ratio", 0.2)
+        total, total_ok, total_decided = ratio_verdict(summaries[jest], "total_flops_ratio", 0.5)
+        online, _, _ = ratio_verdict(summaries[jest], "online_flops_ratio", 0.5)
+        wall, wall_ok, _ = ratio_verdict(summaries[jest], "wall_ratio", 1.0 - 1e-9)
+        line = (f"- JEST ({jest}) reaches uniform's final zero-shot with {examples} of uniform's examples "
+                f"(goal ≤ 0.2x: {check(examples_ok)}) and {total} of its total FLOPs, the reference's "
+                f"scoring pass included (goal ≤ 0.5x: {check(total_ok)}; {online} online only), in {wall} "
+                f"of its wall-clock (goal < 1x: {check(wall_ok)}).")
+        found.append(Target("JEST's examples to reach uniform's final ≤ 0.2x", examples,
+                            status(examples_ok, examples_decided), line))
+        found.append(Target("JEST's total FLOPs to reach it ≤ 0.5x", total, status(total_ok, total_decided), ""))
         finals = [r["zeroshot"] for r in summaries[jest]]
         mean, low, high = protocol.bootstrap_interval(np.asarray(finals) - reference["zeroshot"])
-        lines.append(f"- JEST's learner ends {interval_text(mean, low, high, digits=3, sign=True)} from its "
-                     f"reference's {reference['zeroshot']:.3f} (goal: above it: {check(mean > 0)}).")
+        value = interval_text(mean, low, high, digits=3, sign=True)
+        found.append(Target("JEST's learner ends above its reference", value, status(mean > 0, not low <= 0 < high),
+                            f"- JEST's learner ends {value} from its reference's {reference['zeroshot']:.3f} "
+                            f"(goal: above it: {check(mean > 0)})."))
     if flexi in summaries:
-        total, total_ok = ratio_verdict(summaries[flexi], "total_flops_ratio", 1 / 3)
-        online, _ = ratio_verdict(summaries[flexi], "online_flops_ratio", 1 / 3)
-        lines.append(f"- Flexi-JEST: {total} of uniform's total FLOPs to reach its final (goal ≤ 0.33x: "
-                     f"{check(total_ok)}; {online} online only).")
+        total, total_ok, total_decided = ratio_verdict(summaries[flexi], "total_flops_ratio", 1 / 3)
+        online, _, _ = ratio_verdict(summaries[flexi], "online_flops_ratio", 1 / 3)
+        found.append(Target("Flexi-JEST's total FLOPs to reach it ≤ 0.33x", total, status(total_ok, total_decided),
+                            f"- Flexi-JEST: {total} of uniform's total FLOPs to reach its final (goal ≤ 0.33x: "
+                            f"{check(total_ok)}; {online} online only)."))
     order = ["learnability_f0.8", "easy_reference_f0.8", "hard_learner_f0.8"]
     present = [v for v in order if v in summaries]
     if len(present) >= 2:
-        parts, ok = [], True
+        parts, ok, decided = [], True, True
         for first, second in zip(present, present[1:]):
-            mean, text = paired_verdict(summaries, first, second)
+            mean, text, sure = paired_verdict(summaries, first, second)
             parts.append(f"{first} − {second} {text}")
-            ok = ok and mean >= 0
-        lines.append("- Final zero-shot, " + "; ".join(parts) + f" (goal: {' ≥ '.join(present)}: {check(ok)}).")
+            ok, decided = ok and mean >= 0, decided and sure
+        goal = " ≥ ".join(v.removesuffix("_f0.8").replace("_", "-") for v in present)
+        found.append(Target(f"final zero-shot {goal}", "; ".join(parts), status(ok, decided),
+                            "- Final zero-shot, " + "; ".join(parts) + f" (goal: {' ≥ '.join(present)}: "
+                            f"{check(ok)})."))
     gaps = []
     for f in ("0.5", "0.8", "0.9"):
         joint, independent = f"learnability_f{f}", f"independent_f{f}"
         if joint in summaries and independent in summaries:
             gaps.append((f, *paired_verdict(summaries, joint, independent)))
     if gaps:
-        growing = all(b >= a for (_, a, _), (_, b, _) in zip(gaps, gaps[1:]))
+        growing = all(b >= a for (_, a, _, _), (_, b, _, _) in zip(gaps, gaps[1:]))
+        every = check(all(gap >= 0 for _, gap, _, _ in gaps))
         trend = (f"the gap growing with f: {check(growing)}" if len(gaps) > 1 else
                  "the gap growing with f: not measured here, one f (the sweep part runs the others)")
-        lines.append("- Joint minus independent final zero-shot: " + "; ".join(f"{text} at f = {f}"
-                                                                             for f, _, text in gaps)
-                     + f" (goal: joint ahead at every f: {check(all(gap >= 0 for _, gap, _ in gaps))}; {trend}).")
-    return lines
+        value = "; ".join(f"{text} at f = {f}" for f, _, text, _ in gaps)
+        found.append(Target("joint ≥ independent at every f", value,
+                            status(every == "met", all(sure for *_, sure in gaps)),
+                            f"- Joint minus independent final zero-shot: {value} (goal: joint ahead at every f: "
+                            f"{every}; {trend})."))
+        if len(gaps) > 1:
+            found.append(Target("joint − independent growing with f",
+                                ", ".join(f"{gap:+.3f} at f = {f}" for f, gap, _, _ in gaps), check(growing), ""))
+    return found
+
+
+def verdicts(summaries: dict[str, list[dict]], reference: dict) -> list[str]:
+    """The sentences of `targets`, one per claim."""
+    return [t.line for t in targets(summaries, reference) if t.line]
+
+
+def targets_table(judged: dict[str, dict[str, list[Target]]]) -> str:
+    """One row per claim and setting, one column per corpus: {corpus: {setting: [Target]}}."""
+    corpora = list(judged)
+    rows: dict[tuple[str, str], dict[str, Target]] = {}
+    for corpus, settings in judged.items():
+        for setting, found in settings.items():
+            for target in found:
+                rows.setdefault((setting, target.name), {})[corpus] = target
+    lines = ["| setting | claim | " + " | ".join(f"{c} corpus" for c in corpora) + " |",
+             "|---|---|" + "---|" * len(corpora)]
+    for (setting, name), by_corpus in rows.items():
+        cells = [f"**{t.status}**: {t.value}" if (t := by_corpus.get(c)) else "not run" for c in corpora]
+        lines.append(f"| {setting} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def paired(summaries: dict[str, list[dict]], first: str, second: str) -> str:
@@ -472,12 +527,15 @@ def train_part(args: argparse.Namespace, name: str, part: protocol.Part, corpus:
                              protocol.curve_from_run(report.load_run(variant, workdir), wanted))
 
 
-def load_setting(args: argparse.Namespace, setting: str, variants: list[str]) -> tuple[dict, dict]:
-    """({variant: [summary per seed]}, the curves' settings) from the curve files: every seed whose uniform run
-    is there too, in seed order."""
+def load_setting(args: argparse.Namespace, setting: str, variants: list[str], corpus: str = ""
+                 ) -> tuple[dict, dict]:
+    """({variant: [summary per seed]}, the curves' settings) from the curve files of `corpus` (default
+    --corpus): every seed whose uniform run is there too, in seed order."""
+    corpus = corpus or args.corpus
+
     def curves_of(variant: str) -> list[tuple[report.RunCurves, dict]]:
         found, seed = [], 0
-        while os.path.exists(path := protocol.curve_path(args.corpus, setting, variant, seed, args.curves)):
+        while os.path.exists(path := protocol.curve_path(corpus, setting, variant, seed, args.curves)):
             with open(path) as f:
                 curve = json.load(f)
             found.append((protocol.curve_to_run(curve, path), curve["config"]))
@@ -486,7 +544,7 @@ def load_setting(args: argparse.Namespace, setting: str, variants: list[str]) ->
 
     uniform = curves_of("uniform")
     if not uniform:
-        raise SystemExit(f"no uniform curve under {args.curves}/{args.corpus}/{setting}: run its part first "
+        raise SystemExit(f"no uniform curve under {args.curves}/{corpus}/{setting}: run its part first "
                          "(uniform's final is the target of 'to reach')")
     summaries, made = {}, {json.dumps(config, sort_keys=True) for _, config in uniform}
     for variant in variants:
@@ -495,9 +553,31 @@ def load_setting(args: argparse.Namespace, setting: str, variants: list[str]) ->
             made |= {json.dumps(config, sort_keys=True) for _, config in runs}
             summaries[variant] = [summarize(run, base.final) for (run, _), (base, _) in zip(runs, uniform)]
     if len(made) > 1:
-        raise SystemExit(f"the curves of {args.corpus}/{setting} were made with different settings or references "
+        raise SystemExit(f"the curves of {corpus}/{setting} were made with different settings or references "
                          f"({sorted(made)}): run the parts again with one set of --steps, --batch_size and --evals")
     return summaries, json.loads(made.pop())
+
+
+def setting_variants(setting: str) -> list[str]:
+    """Every variant a setting's parts run or read, in the parts' order."""
+    return list(dict.fromkeys(v for part in protocol.PARTS.values() if part.setting == setting
+                              for v in (*part.needs, *part.variants)))
+
+
+def judge_corpora(args: argparse.Namespace) -> dict[str, dict[str, list[Target]]]:
+    """{corpus: {setting: [Target]}} for every corpus and setting with curves under --curves."""
+    judged: dict[str, dict[str, list[Target]]] = {}
+    for corpus in CORPORA:
+        judged[corpus] = {}
+        reference_curve = os.path.join(args.curves, corpus, "reference.json")
+        if not os.path.exists(reference_curve):
+            continue
+        final = protocol.read_curve(reference_curve).final
+        for setting in dict.fromkeys(part.setting for part in protocol.PARTS.values()):
+            if os.path.exists(protocol.curve_path(corpus, setting, "uniform", 0, args.curves)):
+                summaries, _ = load_setting(args, setting, setting_variants(setting), corpus)
+                judged[corpus][setting] = targets(summaries, {"zeroshot": final["zeroshot"]})
+    return judged
 
 
 def plateau_line(summaries: dict[str, list[dict]]) -> str:
@@ -536,9 +616,7 @@ def main(argv=None) -> None:
     ref = protocol.read_curve(reference_curve)
     reference = {"zeroshot": ref.final["zeroshot"], "recall": ref.final["recall"]}
     for setting in dict.fromkeys(part.setting for part in parts.values()):
-        variants = list(dict.fromkeys(v for part in protocol.PARTS.values() if part.setting == setting
-                                      for v in (*part.needs, *part.variants)))
-        summaries, made = load_setting(args, setting, variants)
+        summaries, made = load_setting(args, setting, setting_variants(setting))
         seeds = {variant: len(runs) for variant, runs in summaries.items()}
         settings_line = (f"Corpus: {args.corpus}. {made['steps']} steps of b = {made['batch_size']} for every "
                          f"variant, {made['evals']} evaluations per run on the corpus's eval splits; seeds per "
@@ -565,6 +643,14 @@ def main(argv=None) -> None:
             section = "Learning efficiency" if setting == "web" else "The learner's state"
             results.write_section(f"{section} ({args.corpus} corpus)", body, COMMAND)
         print(body)
+    summary = (f"Every claim judged on the committed curves of each corpus and setting (`{COMMAND} --corpus C "
+               "--part all --rebuild` remakes this table with the sections; the figures are means over seeds with "
+               "their 95% bootstrap intervals, differences taken seed by seed; \"undecided\": the interval straddles "
+               "the goal; \"web\" is the noisy web split, "
+               "\"repeated\" the learner's-state setting):\n\n" + targets_table(judge_corpora(args)))
+    if not args.no_write:
+        results.write_section("The claims on both corpora", summary, COMMAND)
+    print(summary)
 
 
 if __name__ == "__main__":

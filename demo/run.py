@@ -34,13 +34,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--curated_size", type=int, default=8000)
     parser.add_argument("--eval_size", type=int, default=500, help="examples per eval split")
     parser.add_argument("--reference_steps", type=int, default=300)
-    parser.add_argument("--learner_steps", type=int, default=200)
+    parser.add_argument("--learner_steps", type=int, default=600,
+                        help="steps of each learner (the learning benchmark's headline part runs 600)")
+    parser.add_argument("--learner_batch_size", type=int, default=64, help="the sub-batch b each learner trains on")
+    parser.add_argument("--learner_evals", type=int, default=20, help="evaluations per learner run")
     parser.add_argument("--jest_config", default="jest", choices=["jest", "jest_flexi"],
                         help="the JEST learner's config (Flexi scores the super-batch at 4x fewer tokens)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a tiny version in about a minute (tests)")
     cli.add_verbose_flag(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.learner_batch_size < 1:
+        parser.error(f"--learner_batch_size {args.learner_batch_size}: need at least 1")
+    if not 1 <= args.learner_evals <= args.learner_steps:
+        parser.error(f"--learner_evals {args.learner_evals} with --learner_steps {args.learner_steps}: "
+                     "need 1 ≤ evals ≤ steps")
+    return args
 
 
 def stage(number: int, text: str) -> float:
@@ -48,13 +57,16 @@ def stage(number: int, text: str) -> float:
     return time.perf_counter()
 
 
-def config_for(name: str, steps: int, seed: int, smoke: bool = False) -> configs.TrainConfig:
-    """Config `name` shortened to `steps` (evaluated and checkpointed four times), or its smoke version."""
+def config_for(name: str, steps: int, seed: int, smoke: bool = False, batch_size: int = 0,
+               evals: int = 4) -> configs.TrainConfig:
+    """Config `name` shortened to `steps`, evaluated `evals` times and checkpointed four times, at sub-batch
+    `batch_size` (0: the config's own), or its smoke version."""
     base = configs.get_config(name, smoke=smoke)
     if smoke:
         return base
     return dataclasses.replace(base, total_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10),
-                               eval_every=max(steps // 4, 1), checkpoint_every=max(steps // 4, 1), seed=seed)
+                               batch_size=batch_size or base.batch_size, eval_every=max(steps // evals, 1),
+                               checkpoint_every=max(steps // 4, 1), seed=seed)
 
 
 def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None,
@@ -93,13 +105,16 @@ def run(argv: Sequence[str] | None = None) -> str:
 
     for number, name in ((4, "uniform"), (4, args.jest_config)):
         start = stage(number, f"{name} learner on the scored web split ({args.learner_steps} steps)")
-        train(config_for(name, args.learner_steps, args.seed, args.smoke), corpus, workdirs[name], scored_dir=scored)
+        config = config_for(name, args.learner_steps, args.seed, args.smoke, args.learner_batch_size,
+                            args.learner_evals)
+        train(config, corpus, workdirs[name], scored_dir=scored)
         timings[name] = time.perf_counter() - start
 
     stage(5, "report")
     scored_set = scored_shards.open_scored(scored)
     manifest = scored_set.manifests[-1]
-    jest_config = configs.get_config(args.jest_config)
+    jest_config = config_for(args.jest_config, args.learner_steps, args.seed, args.smoke, args.learner_batch_size,
+                             args.learner_evals)
     counts = manifest.counts
     notes = "\n".join([
         "## Settings",

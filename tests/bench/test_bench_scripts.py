@@ -121,6 +121,18 @@ def test_verdicts_say_met_or_missed_with_bootstrap_intervals_over_seeds():
     assert "joint ahead at every f: missed; the gap growing with f: missed" in lines[4]
 
 
+def test_a_target_whose_interval_straddles_the_goal_is_undecided():
+    summaries = {"learnability_f0.8": [summary(0.7, 0.15, 0.1), summary(0.5, 0.25, 0.1)],
+                 "easy_reference_f0.8": [summary(0.6, 0.3), summary(0.6, 0.3)]}
+    found = {t.name: t for t in ablations.targets(summaries, {"zeroshot": 0.55})}
+    assert found["JEST's examples to reach uniform's final ≤ 0.2x"].status == "met, undecided"  # 0.15 to 0.25
+    assert found["JEST's total FLOPs to reach it ≤ 0.5x"].status == "met"  # 0.35x in both seeds
+    assert found["JEST's learner ends above its reference"].status == "met, undecided"  # -0.05 to +0.15
+    assert found["final zero-shot learnability ≥ easy-reference"].status == "met, undecided"  # -0.1 to +0.1
+    table = ablations.targets_table({"demo": {"web": list(found.values())}, "second": {}})
+    assert "| web | JEST's total FLOPs to reach it ≤ 0.5x | **met**: 0.35x (95% CI 0.35 to 0.35) | not run |" in table
+
+
 def test_total_flops_goal_is_missed_when_the_scoring_pass_tips_it_over():
     summaries = {"learnability_f0.8": [summary(0.7, 0.1, 0.3), summary(0.7, 0.1, 0.3)]}  # 0.55x with scoring
     line = ablations.verdicts(summaries, {"zeroshot": 0.5})[0]
@@ -256,6 +268,12 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     assert "| variant | clean | misaligned | boilerplate |" in out
     assert "| learnability_f0.8 | 0.60 (0.40) | 0.10 (0.30) | 0.30 (0.30) |" in out
     assert (tmp_path / "out" / "demo" / "ablations_demo.png").read_bytes()[:4] == b"\x89PNG"
+    # The claims, one row each, a column per corpus; the second corpus has no curves here.
+    claims = out[out.index("| setting | claim | demo corpus | second corpus |"):].splitlines()
+    examples = next(line for line in claims if "JEST's examples to reach uniform's final ≤ 0.2x" in line)
+    assert examples.startswith("| web |") and "**met**: 0.17x (95% CI" in examples
+    assert examples.endswith("| not run |")
+    assert any(line.startswith("| web | final zero-shot learnability ≥ easy-reference |") for line in claims)
 
     # A curve made with other settings is refused rather than mixed in.
     other = protocol.curve_from_run(fake_run("uniform", 3, 0.5, selecting=False), {**settings, "steps": 40})

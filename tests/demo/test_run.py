@@ -16,3 +16,28 @@ def test_the_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     # A second run finds every stage done and only rewrites the report.
     assert demo.run(["--out", out, "--smoke", "--web_size", "160", "--curated_size", "64", "--eval_size", "48"]) == path
     assert len(os.listdir(os.path.join(out, "scored"))) == 1  # no second scoring batch
+
+
+def test_the_learners_run_at_the_benchmarks_settings():
+    args = demo.parse_args([])
+    config = demo.config_for("jest", args.learner_steps, 0, batch_size=args.learner_batch_size,
+                             evals=args.learner_evals)
+    # the learning benchmark's headline part: 600 steps of b = 64, 20 evaluations, B = 5b
+    assert (config.total_steps, config.batch_size, config.eval_every) == (600, 64, 30)
+    assert config.superbatch_size == 320
+    reference = demo.config_for("reference", args.reference_steps, 0)
+    assert (reference.total_steps, reference.batch_size) == (300, 128)
+
+
+def test_bad_learner_settings_stop_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "demo"
+    for flags, words in ((["--learner_evals", "0"], "need 1 ≤ evals ≤ steps"),
+                         (["--learner_batch_size", "0"], "need at least 1")):
+        try:
+            demo.run(["--out", str(out), *flags])
+        except SystemExit as error:
+            assert error.code == 2
+        else:
+            raise AssertionError(f"{flags} was accepted")
+        assert words in capsys.readouterr().err
+    assert not out.exists()
