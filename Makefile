@@ -25,8 +25,9 @@ test: install
 demo: install
 	$(PY) -m demo --out runs/demo
 
-# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 2 h 15 min on 2
-# CPU cores, most of it the ablation grid (bench/ablations.py, which needs the demo's outputs and makes them first).
+# Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 4-6 h on 2 CPU
+# cores, most of it the six parts of the learning benchmark (bench/ablations.py, 15-95 min each; it makes each
+# corpus's outputs first and skips every run whose curve is already committed under bench/curves).
 bench: install
 	$(PY) bench/score_throughput.py
 	$(PY) bench/selection.py

@@ -301,7 +301,8 @@ def paired_verdict(summaries: dict[str, list[dict]], first: str, second: str, ke
     with its bootstrap interval."""
     pairs = list(zip(summaries[first], summaries[second]))
     mean, low, high = protocol.paired_interval([a[key] for a, _ in pairs], [b[key] for _, b in pairs])
-    return mean, f"{interval_text(mean, low, high, digits=3, sign=True)} over {len(pairs)} seeds", not low < 0 < high
+    seeds = f"{len(pairs)} seed" + ("s" if len(pairs) != 1 else "")
+    return mean, f"{interval_text(mean, low, high, digits=3, sign=True)} over {seeds}", not low < 0 < high
 
 
 @dataclasses.dataclass(frozen=True)
