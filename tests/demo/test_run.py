@@ -18,12 +18,12 @@ def test_the_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     assert len(os.listdir(os.path.join(out, "scored"))) == 1  # no second scoring batch
 
 
-def test_the_learners_run_at_the_benchmarks_batch_sizes():
+def test_the_learners_run_at_the_benchmarks_settings():
     args = demo.parse_args([])
     config = demo.config_for("jest", args.learner_steps, 0, batch_size=args.learner_batch_size,
                              evals=args.learner_evals)
-    # the learning benchmark's b = 64 and B = 5b, 20 evaluations, over 400 of its 600 steps
-    assert (config.total_steps, config.batch_size, config.eval_every) == (400, 64, 20)
+    # the learning benchmark's headline part: 600 steps of b = 64, 20 evaluations, B = 5b
+    assert (config.total_steps, config.batch_size, config.eval_every) == (600, 64, 30)
     assert config.superbatch_size == 320
     reference = demo.config_for("reference", args.reference_steps, 0)
     assert (reference.total_steps, reference.batch_size) == (300, 128)
