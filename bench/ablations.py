@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -491,27 +492,47 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
     plt.close(figure)
 
 
-def run_settings(args: argparse.Namespace, setting: str, reference: str) -> dict:
+def reference_recipe(reference_workdir: str, corpus: str) -> str:
+    """What makes a corpus's reference, short of its bytes: its training config and the corpus generator's settings
+    (sha256). Retrained from the same recipe on another machine, a reference differs in the last bits of its params,
+    so its fingerprint differs; the demo's seed-0 runs made again that way repeat their committed evaluations to
+    within 0.001 (bench/RESULTS.md, protocol), so curves are matched by recipe, and the fingerprint is kept beside."""
+    with open(os.path.join(reference_workdir, "config.json")) as f:
+        config = json.load(f)
+    defaults = demo.parse_args([])
+    spec = {"corpus": CORPORA[corpus], "web_size": defaults.web_size, "curated_size": defaults.curated_size,
+            "eval_size": defaults.eval_size}
+    text = json.dumps({"reference": config, **spec}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def run_settings(args: argparse.Namespace, setting: str, reference: str, recipe: str) -> dict:
     """What a curve records of how its run was made (a curve made otherwise is run again); `reference`: the
-    fingerprint of the reference whose scores the runs read."""
+    fingerprint of the reference whose scores the runs read, `recipe` how that reference was made."""
     steps = args.repeated_steps if setting == "repeated" else args.steps
-    return {"steps": steps, "batch_size": args.batch_size, "evals": args.evals, "reference": reference}
+    return {"steps": steps, "batch_size": args.batch_size, "evals": args.evals, "reference": reference,
+            "reference_recipe": recipe}
+
+
+def comparable(settings: dict) -> dict:
+    """The settings two curves must share to be compared or reused: all but the reference's fingerprint."""
+    return {key: value for key, value in settings.items() if key != "reference"}
 
 
 def curve_matches(path: str, wanted: dict) -> bool:
     try:
         with open(path) as f:
-            return json.load(f).get("config") == wanted
+            return comparable(json.load(f).get("config", {})) == comparable(wanted)
     except (OSError, ValueError):
         return False
 
 
 def train_part(args: argparse.Namespace, name: str, part: protocol.Part, corpus: str, sources: dict[str, str],
-               seeds: int) -> None:
+               seeds: int, recipe: str) -> None:
     """Trains what the part's curve files lack, one run at a time, writing each curve as its run finishes."""
     variants = [v for v in part.variants if not args.variants or v in args.variants.split(",")]
     wanted = run_settings(args, part.setting,
-                          scored_shards.open_scored(sources["web"]).manifests[-1].reference_fingerprint)
+                          scored_shards.open_scored(sources["web"]).manifests[-1].reference_fingerprint, recipe)
     jobs = [(variant, seed) for seed in range(seeds) for variant in variants
             if not curve_matches(protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves), wanted)]
     started = time.perf_counter()
@@ -547,11 +568,11 @@ def load_setting(args: argparse.Namespace, setting: str, variants: list[str], co
     if not uniform:
         raise SystemExit(f"no uniform curve under {args.curves}/{corpus}/{setting}: run its part first "
                          "(uniform's final is the target of 'to reach')")
-    summaries, made = {}, {json.dumps(config, sort_keys=True) for _, config in uniform}
+    summaries, made = {}, {json.dumps(comparable(config), sort_keys=True) for _, config in uniform}
     for variant in variants:
         runs = curves_of(variant)[:len(uniform)]
         if runs:
-            made |= {json.dumps(config, sort_keys=True) for _, config in runs}
+            made |= {json.dumps(comparable(config), sort_keys=True) for _, config in runs}
             summaries[variant] = [summarize(run, base.final) for (run, _), (base, _) in zip(runs, uniform)]
     if len(made) > 1:
         raise SystemExit(f"the curves of {corpus}/{setting} were made with different settings or references "
@@ -609,7 +630,8 @@ def main(argv=None) -> None:
         if any(part.setting == "repeated" for part in parts.values()):
             sources["repeated"] = make_repeated(scored, os.path.join(args.out, args.corpus, "repeated_scored"))
         for name, part in parts.items():
-            train_part(args, name, part, corpus, sources, args.seeds or part.seeds)
+            train_part(args, name, part, corpus, sources, args.seeds or part.seeds,
+                       reference_recipe(reference_workdir, args.corpus))
 
     if not os.path.exists(reference_curve):
         raise SystemExit(f"no curves of the {args.corpus} corpus under {args.curves} ({reference_curve} is missing): "

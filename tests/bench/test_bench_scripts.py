@@ -282,3 +282,23 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     with pytest.raises(SystemExit, match="different settings"):
         ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir,
                         "--no_write"])
+
+
+def test_curves_are_matched_by_the_references_recipe_not_its_last_bits(tmp_path):
+    path = str(tmp_path / "seed0.json")
+    made = {"steps": 600, "batch_size": 64, "evals": 20, "reference": "a" * 64, "reference_recipe": "r" * 64}
+    protocol.write_curve(path, protocol.curve_from_run(fake_run("uniform", 0, 0.5, selecting=False), made))
+    # the same recipe retrained elsewhere: another fingerprint, the same runs
+    assert ablations.curve_matches(path, {**made, "reference": "b" * 64})
+    assert not ablations.curve_matches(path, {**made, "reference_recipe": "s" * 64})
+    assert not ablations.curve_matches(path, {**made, "steps": 300})
+
+
+def test_the_reference_recipe_is_its_training_config_and_the_corpus_settings(tmp_path):
+    workdir = tmp_path / "reference"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(json.dumps({"name": "reference", "total_steps": 300, "seed": 0}))
+    recipe = ablations.reference_recipe(str(workdir), "demo")
+    assert len(recipe) == 64 and recipe != ablations.reference_recipe(str(workdir), "second")
+    (workdir / "config.json").write_text(json.dumps({"name": "reference", "total_steps": 301, "seed": 0}))
+    assert ablations.reference_recipe(str(workdir), "demo") != recipe
