@@ -129,6 +129,11 @@ def test_a_target_whose_interval_straddles_the_goal_is_undecided():
     assert found["JEST's total FLOPs to reach it ≤ 0.5x"].status == "met"  # 0.35x in both seeds
     assert found["JEST's learner ends above its reference"].status == "met, undecided"  # -0.05 to +0.15
     assert found["final zero-shot learnability ≥ easy-reference"].status == "met, undecided"  # -0.1 to +0.1
+    # one step of the ordering surely fails: missed, whatever the other step's interval
+    summaries["hard_learner_f0.8"] = [summary(0.3, None), summary(0.9, None)]
+    summaries["easy_reference_f0.8"] = [summary(0.8, 0.3), summary(0.8, 0.3)]
+    chain = {t.name: t for t in ablations.targets(summaries, {"zeroshot": 0.55})}
+    assert chain["final zero-shot learnability ≥ easy-reference ≥ hard-learner"].status == "missed"
     table = ablations.targets_table({"demo": {"web": list(found.values())}, "second": {}})
     assert "| web | JEST's total FLOPs to reach it ≤ 0.5x | **met**: 0.35x (95% CI 0.35 to 0.35) | not run |" in table
 
