@@ -320,9 +320,6 @@ class Target:
 def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
     """The setting against the targets, each met or missed with the mean over seeds and its 95% bootstrap interval
     (seeds resampled; comparisons taken seed by seed); a target whose variants did not run is left out."""
-    def check(ok: bool) -> str:
-        return "met" if ok else "missed"
-
     found = []
     jest, flexi = "learnability_f0.8", "learnability_f0.8_flexi"
     if jest in summaries:
@@ -331,9 +328,9 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
         online, _, _ = ratio_verdict(summaries[jest], "online_flops_ratio", 0.5)
         wall, wall_ok, _ = ratio_verdict(summaries[jest], "wall_ratio", 1.0 - 1e-9)
         line = (f"- JEST ({jest}) reaches uniform's final zero-shot with {examples} of uniform's examples "
-                f"(goal ≤ 0.2x: {check(examples_ok)}) and {total} of its total FLOPs, the reference's "
-                f"scoring pass included (goal ≤ 0.5x: {check(total_ok)}; {online} online only), in {wall} "
-                f"of its wall-clock (goal < 1x: {check(wall_ok)}).")
+                f"(goal ≤ 0.2x: {status(examples_ok)}) and {total} of its total FLOPs, the reference's "
+                f"scoring pass included (goal ≤ 0.5x: {status(total_ok)}; {online} online only), in {wall} "
+                f"of its wall-clock (goal < 1x: {status(wall_ok)}).")
         found.append(Target("JEST's examples to reach uniform's final ≤ 0.2x", examples,
                             status(examples_ok, examples_decided), line))
         found.append(Target("JEST's total FLOPs to reach it ≤ 0.5x", total, status(total_ok, total_decided), ""))
@@ -342,13 +339,13 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
         value = interval_text(mean, low, high, digits=3, sign=True)
         found.append(Target("JEST's learner ends above its reference", value, status(mean > 0, not low <= 0 < high),
                             f"- JEST's learner ends {value} from its reference's {reference['zeroshot']:.3f} "
-                            f"(goal: above it: {check(mean > 0)})."))
+                            f"(goal: above it: {status(mean > 0)})."))
     if flexi in summaries:
         total, total_ok, total_decided = ratio_verdict(summaries[flexi], "total_flops_ratio", 1 / 3)
         online, _, _ = ratio_verdict(summaries[flexi], "online_flops_ratio", 1 / 3)
         found.append(Target("Flexi-JEST's total FLOPs to reach it ≤ 0.33x", total, status(total_ok, total_decided),
                             f"- Flexi-JEST: {total} of uniform's total FLOPs to reach its final (goal ≤ 0.33x: "
-                            f"{check(total_ok)}; {online} online only)."))
+                            f"{status(total_ok)}; {online} online only)."))
     order = ["learnability_f0.8", "easy_reference_f0.8", "hard_learner_f0.8"]
     present = [v for v in order if v in summaries]
     if len(present) >= 2:
@@ -363,7 +360,7 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
         goal = " ≥ ".join(v.removesuffix("_f0.8").replace("_", "-") for v in present)
         found.append(Target(f"final zero-shot {goal}", "; ".join(parts), status(ok, decided),
                             "- Final zero-shot, " + "; ".join(parts) + f" (goal: {' ≥ '.join(present)}: "
-                            f"{check(ok)})."))
+                            f"{status(ok)})."))
     gaps = []
     for f in ("0.5", "0.8", "0.9"):
         joint, independent = f"learnability_f{f}", f"independent_f{f}"
@@ -371,17 +368,17 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
             gaps.append((f, *paired_verdict(summaries, joint, independent)))
     if gaps:
         growing = all(b >= a for (_, a, _, _), (_, b, _, _) in zip(gaps, gaps[1:]))
-        every = check(all(gap >= 0 for _, gap, _, _ in gaps))
-        trend = (f"the gap growing with f: {check(growing)}" if len(gaps) > 1 else
+        ahead = all(gap >= 0 for _, gap, _, _ in gaps)
+        trend = (f"the gap growing with f: {status(growing)}" if len(gaps) > 1 else
                  "the gap growing with f: not measured here, one f (the sweep part runs the others)")
         value = "; ".join(f"{text} at f = {f}" for f, _, text, _ in gaps)
         found.append(Target("joint ≥ independent at every f", value,
-                            status(every == "met", all(sure for *_, sure in gaps)),
+                            status(ahead, all(sure for *_, sure in gaps)),
                             f"- Joint minus independent final zero-shot: {value} (goal: joint ahead at every f: "
-                            f"{every}; {trend})."))
+                            f"{status(ahead)}; {trend})."))
         if len(gaps) > 1:
             found.append(Target("joint − independent growing with f",
-                                ", ".join(f"{gap:+.3f} at f = {f}" for f, gap, _, _ in gaps), check(growing), ""))
+                                ", ".join(f"{gap:+.3f} at f = {f}" for f, gap, _, _ in gaps), status(growing), ""))
     return found
 
 

@@ -103,18 +103,17 @@ def run(argv: Sequence[str] | None = None) -> str:
     workdirs = {name: os.path.join(args.out, name) for name in ("uniform", args.jest_config)}
     workdirs["reference"] = reference_workdir
 
-    for number, name in ((4, "uniform"), (4, args.jest_config)):
-        start = stage(number, f"{name} learner on the scored web split ({args.learner_steps} steps)")
-        config = config_for(name, args.learner_steps, args.seed, args.smoke, args.learner_batch_size,
-                            args.learner_evals)
+    learners = {name: config_for(name, args.learner_steps, args.seed, args.smoke, args.learner_batch_size,
+                                 args.learner_evals) for name in ("uniform", args.jest_config)}
+    for name, config in learners.items():
+        start = stage(4, f"{name} learner on the scored web split ({args.learner_steps} steps)")
         train(config, corpus, workdirs[name], scored_dir=scored)
         timings[name] = time.perf_counter() - start
 
     stage(5, "report")
     scored_set = scored_shards.open_scored(scored)
     manifest = scored_set.manifests[-1]
-    jest_config = config_for(args.jest_config, args.learner_steps, args.seed, args.smoke, args.learner_batch_size,
-                             args.learner_evals)
+    jest_config = learners[args.jest_config]
     counts = manifest.counts
     notes = "\n".join([
         "## Settings",
