@@ -26,6 +26,71 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.gcs)
 
 
+def _serve_generations_as_gcs_does():
+    """Makes the emulator's object generations behave as on GCS, which orbax's OCDBT checkpoints rely on.
+
+    gcp-storage-emulator ignores `ifGenerationMatch` / `ifGenerationNotMatch` and sends no `x-goog-generation`
+    header with a media download. TensorStore revalidates a cached OCDBT manifest with `ifGenerationNotMatch`: GCS
+    answers 304, the emulator answered 200 with no generation, and the next request failed with "Malformed
+    StorageGeneration" (seen only when a loaded CPU let the cache go stale between a checkpoint's writes)."""
+    from http import HTTPStatus
+
+    from gcp_storage_emulator import server as emulator
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    if getattr(objects, "_generations_as_gcs", False):
+        return
+
+    def current(storage, bucket, name):
+        try:
+            return storage.get_file_obj(bucket, name)["generation"]
+        except NotFound:
+            return None
+
+    def holds(condition, generation):
+        """A `ifGenerationMatch` value against the object's generation (None: no object); "0" means no object."""
+        return generation is None if condition == "0" else generation == condition
+
+    def failed(response, status, message):
+        response.status = status
+        response.json({"error": {"code": int(status), "message": message}})
+
+    original_download, original_insert = objects.download, objects.insert
+
+    def download(request, response, storage, *args, **kwargs):
+        generation = current(storage, request.params["bucket_name"], request.params["object_id"])
+        if_match = request.query.get("ifGenerationMatch", [None])[0]
+        if_not_match = request.query.get("ifGenerationNotMatch", [None])[0]
+        if generation is not None and if_match is not None and not holds(if_match, generation):
+            return failed(response, HTTPStatus.PRECONDITION_FAILED, "ifGenerationMatch does not hold")
+        if generation is not None and if_not_match is not None and holds(if_not_match, generation):
+            response.status = HTTPStatus.NOT_MODIFIED
+            return None
+        original_download(request, response, storage, *args, **kwargs)
+        if generation is not None and response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
+            response["x-goog-generation"] = generation
+            response["x-goog-metageneration"] = storage.get_file_obj(
+                request.params["bucket_name"], request.params["object_id"])["metageneration"]
+        return None
+
+    def insert(request, response, storage, *args, **kwargs):
+        if_match = request.query.get("ifGenerationMatch", [None])[0]
+        name = request.query.get("name", [None])[0]
+        if if_match is not None and name is not None and not holds(
+                if_match, current(storage, request.params["bucket_name"], name)):
+            return failed(response, HTTPStatus.PRECONDITION_FAILED, "ifGenerationMatch does not hold")
+        return original_insert(request, response, storage, *args, **kwargs)
+
+    # `objects.get` (alt=media) calls the module's `download`; the routes hold the functions themselves. The server
+    # is a plain (one-thread) HTTPServer, so a check and the handler after it see the same object.
+    objects.download, objects.insert = download, insert
+    for _, handlers in emulator.HANDLERS:
+        for method, handler in list(handlers.items()):
+            handlers[method] = {original_download: download, original_insert: insert}.get(handler, handler)
+    objects._generations_as_gcs = True
+
+
 @pytest.fixture(scope="session")
 def gcs_bucket():
     """A `gs://` bucket served in-process by gcp-storage-emulator on a free loopback port, used anonymously."""
@@ -37,6 +102,7 @@ def gcs_bucket():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
+    _serve_generations_as_gcs_does()
     server = create_server("127.0.0.1", port, in_memory=True, default_bucket="corpus-test")
     server.start()
     with pytest.MonkeyPatch.context() as patch:

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 
 import numpy as np
 import pytest
@@ -20,6 +21,23 @@ SMOKE = dataclasses.replace(configs.get_config("uniform", smoke=True), eval_ever
 
 def _objects(prefix: str) -> list[str]:
     return sorted(metadata.path[len(prefix) + 1:] for metadata in FileSystems.match([prefix + "/**"])[0].metadata_list)
+
+
+def test_an_ocdbt_database_on_the_emulator_revalidates_its_manifest_as_on_gcs(gcs_bucket):
+    """Orbax's checkpoints are OCDBT databases; TensorStore revalidates the cached manifest with a generation
+    condition before each later write. On GCS the answer is 304 (or the object with its `x-goog-generation`); an
+    emulator that answers otherwise fails the next write ("Malformed StorageGeneration") and, under CPU load,
+    orbax's saves with it."""
+    import tensorstore as ts
+
+    bucket = gcs_bucket[len("gs://"):]
+    store = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "gcs", "bucket": bucket, "path": "ocdbt/"}}).result()
+    store.write("a", b"1").result()
+    assert store.read("a").result().value == b"1"
+    store.write("b", b"2").result()
+    assert store.read("b", staleness_bound=time.time() + 1).result().value == b"2"  # revalidated, not cached
+    store.write("c", b"3").result()
+    assert [store.read(key).result().value for key in ("a", "b", "c")] == [b"1", b"2", b"3"]
 
 
 def test_a_run_killed_and_resumed_on_gcs_ends_as_an_uninterrupted_local_run(gcs_bucket, tiny_corpus, tmp_path,
