@@ -306,6 +306,14 @@ def paired_verdict(summaries: dict[str, list[dict]], first: str, second: str, ke
     return mean, f"{interval_text(mean, low, high, digits=3, sign=True)} over {seeds}", not low < 0 < high
 
 
+def all_legs(legs: list[tuple[bool, bool]]) -> tuple[bool, bool]:
+    """(met, decided) of a claim that holds when each of its legs (holds, whether that is sure) does: met for sure
+    when every leg surely holds, missed for sure when one leg surely fails."""
+    met = all(holds for holds, _ in legs)
+    decided = all(sure for _, sure in legs) if met else any(sure for holds, sure in legs if not holds)
+    return met, decided
+
+
 @dataclasses.dataclass(frozen=True)
 class Target:
     """One of the paper's claims judged on a setting's runs: `value` its figure with the interval, `status` "met"
@@ -354,9 +362,7 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
             mean, text, sure = paired_verdict(summaries, first, second)
             parts.append(f"{first} − {second} {text}")
             legs.append((mean >= 0, sure))
-        ok = all(holds for holds, _ in legs)
-        # met for sure when every step is; missed for sure when one step surely fails
-        decided = all(sure for _, sure in legs) if ok else any(sure for holds, sure in legs if not holds)
+        ok, decided = all_legs(legs)
         goal = " ≥ ".join(v.removesuffix("_f0.8").replace("_", "-") for v in present)
         found.append(Target(f"final zero-shot {goal}", "; ".join(parts), status(ok, decided),
                             "- Final zero-shot, " + "; ".join(parts) + f" (goal: {' ≥ '.join(present)}: "
@@ -367,10 +373,7 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
         if joint in summaries and independent in summaries:
             gaps.append((f, *paired_verdict(summaries, joint, independent)))
     if gaps:
-        ahead = all(gap >= 0 for _, gap, _, _ in gaps)
-        # met for sure when joint is surely ahead at every f; missed for sure when it is surely behind at one
-        ahead_decided = (all(sure for *_, sure in gaps) if ahead else
-                         any(sure for _, gap, _, sure in gaps if gap < 0))
+        ahead, ahead_decided = all_legs([(gap >= 0, sure) for _, gap, _, sure in gaps])
         value = "; ".join(f"{text} at f = {f}" for f, _, text, _ in gaps)
         growth = gap_growth(summaries, [f for f, *_ in gaps]) if len(gaps) > 1 else None
         trend = (f"the gap growing with f: {growth.status}" if growth else

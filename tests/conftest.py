@@ -43,8 +43,9 @@ def _serve_generations_as_gcs_does():
         return
 
     def current(storage, bucket, name):
+        """The object's resource (its generation and metageneration), None when there is no object."""
         try:
-            return storage.get_file_obj(bucket, name)["generation"]
+            return storage.get_file_obj(bucket, name)
         except NotFound:
             return None
 
@@ -59,7 +60,8 @@ def _serve_generations_as_gcs_does():
     original_download, original_insert = objects.download, objects.insert
 
     def download(request, response, storage, *args, **kwargs):
-        generation = current(storage, request.params["bucket_name"], request.params["object_id"])
+        found = current(storage, request.params["bucket_name"], request.params["object_id"])
+        generation = found and found["generation"]
         if_match = request.query.get("ifGenerationMatch", [None])[0]
         if_not_match = request.query.get("ifGenerationNotMatch", [None])[0]
         if generation is not None and if_match is not None and not holds(if_match, generation):
@@ -70,16 +72,16 @@ def _serve_generations_as_gcs_does():
         original_download(request, response, storage, *args, **kwargs)
         if generation is not None and response.status in (HTTPStatus.OK, HTTPStatus.PARTIAL_CONTENT):
             response["x-goog-generation"] = generation
-            response["x-goog-metageneration"] = storage.get_file_obj(
-                request.params["bucket_name"], request.params["object_id"])["metageneration"]
+            response["x-goog-metageneration"] = found["metageneration"]
         return None
 
     def insert(request, response, storage, *args, **kwargs):
         if_match = request.query.get("ifGenerationMatch", [None])[0]
         name = request.query.get("name", [None])[0]
-        if if_match is not None and name is not None and not holds(
-                if_match, current(storage, request.params["bucket_name"], name)):
-            return failed(response, HTTPStatus.PRECONDITION_FAILED, "ifGenerationMatch does not hold")
+        if if_match is not None and name is not None:
+            found = current(storage, request.params["bucket_name"], name)
+            if not holds(if_match, found and found["generation"]):
+                return failed(response, HTTPStatus.PRECONDITION_FAILED, "ifGenerationMatch does not hold")
         return original_insert(request, response, storage, *args, **kwargs)
 
     # `objects.get` (alt=media) calls the module's `download`; the routes hold the functions themselves. The server
