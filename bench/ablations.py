@@ -45,9 +45,11 @@ import numpy as np
 
 import protocol  # bench/protocol.py, beside this script
 import results  # bench/results.py, beside this script
-from curation import configs, report, schema, scored_shards
-from curation.train import train
-from curation.truth import NOISE_KINDS
+from curation.shared import batches, schema, scored_set
+from curation.shared.manifest import Counts
+from curation.trainer import configs, report
+from curation.trainer.loop import train
+from curation.trainer.truth import NOISE_KINDS
 from demo import make_corpus
 from demo import run as demo
 
@@ -126,14 +128,14 @@ def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, shar
     metadata (so the clean share counts only fresh clean examples). Same reference, same schema."""
     import pyarrow as pa
 
-    scored_set = scored_shards.open_scored(scored)
+    scored_set = scored_set.open_scored(scored)
     manifest = scored_set.manifests[-1]
-    existing = scored_shards.read_manifests(out) if os.path.isdir(out) else []
+    existing = batches.read_manifests(out) if os.path.isdir(out) else []
     if existing:
         if existing[-1].reference_fingerprint == manifest.reference_fingerprint:
             return out
         shutil.rmtree(out)  # made from another reference's scores: make it again
-    table = pa.concat_tables([scored_shards.read_scored_parquet(path) for path in scored_set.shard_paths("parquet")])
+    table = pa.concat_tables([scored_set.read_scored_parquet(path) for path in scored_set.shard_paths("parquet")])
     truth = np.array([json.loads(m).get("truth") for m in table.column(schema.METADATA).to_pylist()])
     losses = table.column(schema.REF_LOSS).to_numpy()
     clean = np.nonzero(truth == "clean")[0]
@@ -149,8 +151,8 @@ def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, shar
         for name in schema.EMBEDDINGS:
             row[name] = np.asarray(row[name], np.float16)
     combined = schema.rows_to_table(rows, scored_set.embed_dim)
-    scored_shards.write_scored_batch(out, "batch-repeated", combined, dataclasses.replace(
-        manifest, counts=scored_shards.Counts(read=len(rows), scored=len(rows), dead_letter={}),
+    batches.write_scored_batch(out, "batch-repeated", combined, dataclasses.replace(
+        manifest, counts=Counts(read=len(rows), scored=len(rows), dead_letter={}),
         options=dataclasses.replace(manifest.options,
                                     note=f"{scored} plus {copies} copies of its {distinct} easiest clean rows")))
     return out
@@ -555,7 +557,7 @@ def train_part(args: argparse.Namespace, name: str, part: protocol.Part, corpus:
     """Trains what the part's curve files lack, one run at a time, writing each curve as its run finishes."""
     variants = [v for v in part.variants if not args.variants or v in args.variants.split(",")]
     wanted = run_settings(args, part.setting,
-                          scored_shards.open_scored(sources["web"]).manifests[-1].reference_fingerprint, recipe)
+                          scored_set.open_scored(sources["web"]).manifests[-1].reference_fingerprint, recipe)
     jobs = [(variant, seed) for seed in range(seeds) for variant in variants
             if not curve_matches(protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves), wanted)]
     started = time.perf_counter()

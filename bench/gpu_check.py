@@ -36,8 +36,8 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, not installed
 
-from curation import configs, jest  # noqa: E402
-from curation.selection import Embeddings, select  # noqa: E402
+from curation.trainer import configs, training_step
+from curation.trainer.selection import Embeddings, select  # noqa: E402
 from models.two_towers import ModelConfig, TwoTower, init_params  # noqa: E402
 from selection_memory import dense_select  # noqa: E402  (bench/, beside this script)
 
@@ -182,14 +182,14 @@ def step_rows(form: dict, budget_s: float, repeats: int, deadline: float) -> lis
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     data = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    update = functools.partial(jest.train_step, model=model, optimizer=optimizer, loss_name="sigmoid")
+    update = functools.partial(training_step.train_step, model=model, optimizer=optimizer, loss_name="sigmoid")
     rows, b = [], form["step_b"]
     while True:
         config = dataclasses.replace(configs.get_config("jest"), batch_size=b, image_size=model_cfg.image_size,
                                      patch_size=model_cfg.patch_size, learner_diagnostics=False)
         B = config.superbatch_size
         try:
-            parts = jest.make_jest_functions(config, model, update, mesh, 10.0, -10.0)
+            parts = training_step.make_jest_functions(config, model, update, mesh, 10.0, -10.0)
             params = init_params(model_cfg, jax.random.key(0))
             state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros([], jnp.int32)}
             # placed as the step's outputs are, so that the timed calls reuse the first call's compilation

@@ -34,14 +34,14 @@ import numpy as np
 from PIL import Image
 
 import results  # bench/results.py, beside this script
-from curation import configs, input_pipeline
-from curation.corpus import CorpusRecord, iter_corpus
-from curation.decode_pool import DecodePool
-from curation.preprocess import ValidationOptions, prepare_image
+from curation.trainer import configs, input_pipeline
+from curation.shared.corpus import CorpusRecord, iter_corpus
+from curation.trainer.decode_pool import DecodePool
+from curation.shared.validation import ValidationOptions, prepare_image
 from models.preprocessing import ImagePreprocessing
-from curation.metrics import read_metrics
-from curation.train import train
-from curation.training_data import TrainingData, build_tokenizer
+from curation.trainer.metrics import read_metrics
+from curation.trainer.loop import train
+from curation.trainer.training_data import TrainingData, build_tokenizer
 from demo import run as demo
 
 COMMAND = ".venv/bin/python bench/input_pipeline.py"

@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from curation import report
+from curation.trainer import report
 
 CURVES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curves")
 CURVE_VERSION = 2

@@ -30,9 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from curation.corpus import CorpusRecord, iter_corpus  # noqa: E402
-from curation.input_pipeline import split_shards  # noqa: E402
-from curation.preprocess import ValidationOptions, decode_and_validate  # noqa: E402
+from curation.shared.corpus import CorpusRecord, iter_corpus  # noqa: E402
+from curation.trainer.input_pipeline import split_shards  # noqa: E402
+from curation.shared.validation import ValidationOptions, decode_and_validate  # noqa: E402
 from demo.make_corpus import write_corpus  # noqa: E402
 from models import checkpoint  # noqa: E402
 from models.tokenizer import ByteTokenizer  # noqa: E402
@@ -159,7 +159,7 @@ PROFILE_PARTS = {
     "waiting for the next shard read": [("pipelines/corpus_io.py", "_emit")],
     "tokenize, score, rows": [("pipelines/stages.py", "score_or_dead_letter"),
                               ("pipelines/stages.py", "score_in_place"), ("models/tokenizer.py", "encode")],
-    "writing (Arrow, Parquet, sidecars)": [("curation/schema.py", "rows_to_table"),
+    "writing (Arrow, Parquet, sidecars)": [("curation/shared/schema.py", "rows_to_table"),
                                            ("pyarrow/parquet/core.py", "write_table"),
                                            ("pipelines/scored_sinks.py", "_write")],
 }

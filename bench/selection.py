@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curation.selection import Embeddings, select
+from curation.trainer.selection import Embeddings, select
 from models.flops import example_forward_flops
 from models.two_towers import ModelConfig, TwoTower, init_params
 

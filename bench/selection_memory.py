@@ -5,7 +5,7 @@
 For each super-batch size B (b = B/5, 16 chunks, d = 256), both selections are compiled and XLA's memory analysis
 gives the temp memory each program allocates. The dense one builds the whole B×B learnability matrix, as a
 straightforward implementation would, and is run and timed while its program fits `--memory_budget_gib`; the
-blocked one (`curation.selection.select`) only ever holds B×b/N blocks. At the smallest B the two must pick the same
+blocked one (`curation.trainer.selection.select`) only ever holds B×b/N blocks. At the smallest B the two must pick the same
 indices (same Gumbel keys), which checks that the dense comparator computes the same selection. Paper-scale rows
 (B = 163,840 → b = 32,768 at d = 768 and 1152) are compiled only. Writes the "Selection memory as B grows"
 section of bench/RESULTS.md and `bench/selection_memory.png`.
@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curation.selection import Embeddings, pair_scores, select
+from curation.trainer.selection import Embeddings, pair_scores, select
 
 import results  # bench/results.py, beside this script
 
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def dense_select(rng, learner: Embeddings, reference: Embeddings, *, n_select: int, n_chunks: int) -> jax.Array:
     """Joint learnability selection from the materialised B×B score matrix (the comparator, not used in training).
 
-    Same rule and keys as `curation.selection`: the first chunk by S_ii, then chunk by chunk from
+    Same rule and keys as `curation.trainer.selection`: the first chunk by S_ii, then chunk by chunk from
     S_ii + Σ_{k∈P}(S_ik + S_ki), sampled with Gumbel noise folded from `rng` by chunk number.
     """
     scores = pair_scores(learner, reference, "learnability")  # [B, B]

@@ -34,8 +34,8 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from tqdm import tqdm
 
-from curation.corpus import CorpusRecord, check_format
-from curation.corpus_writers import SHARD_SUFFIXES, open_shard_writer
+from curation.shared.corpus import CorpusRecord, check_format
+from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
 from demo import scenes
 
 SCHEMA_VERSION = 1

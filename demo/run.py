@@ -19,8 +19,9 @@ import os
 import time
 from typing import Sequence
 
-from curation import cli, configs, report, scored_shards
-from curation.train import train
+from curation.shared import cli, scored_set
+from curation.trainer import configs, report
+from curation.trainer.loop import train
 from demo import make_corpus
 from pipelines import score
 
@@ -111,7 +112,7 @@ def run(argv: Sequence[str] | None = None) -> str:
         timings[name] = time.perf_counter() - start
 
     stage(5, "report")
-    scored_set = scored_shards.open_scored(scored)
+    scored_set = scored_set.open_scored(scored)
     manifest = scored_set.manifests[-1]
     jest_config = learners[args.jest_config]
     counts = manifest.counts

@@ -39,7 +39,7 @@ class PreparedExample:
     pixels: np.ndarray  # [S, S, 3] uint8, resized as the reference's preprocessing declares
     tokens: np.ndarray  # [L] int32
     metadata: dict[str, Any]
-    index: int = -1  # its place in its shard and the shard's item count (see curation.corpus.CorpusRecord)
+    index: int = -1  # its place in its shard and the shard's item count (see curation.shared.corpus.CorpusRecord)
     shard_items: int = 0
 
 

@@ -14,14 +14,14 @@ The job, one named transform per stage:
 
 With `--output_layout sidecar` the corpus is not copied: each input shard gets one score sidecar, row i for its
 item i (scored, or dead-lettered with its reason), written as soon as the shard is done; a run that dies leaves
-its finished sidecars, which the same command run again adopts (see curation/scored_shards.py):
+its finished sidecars, which the same command run again adopts (see curation/shared/manifest.py):
 
     ReadCorpus → DecodeAndValidate → Preprocess → EmbedWithReference → Score → WriteSidecars → WriteManifest
 
 Every record read is either scored or dead-lettered with a reason (read errors, decode and caption rules, and
 embeddings that are not finite), so read = scored + dead-lettered, per reason in the manifest's counts.
 
-Each run writes one batch folder under --output (see curation/scored_shards.py) whose `_MANIFEST.json` is written
+Each run writes one batch folder under --output (see curation/shared/manifest.py) whose `_MANIFEST.json` is written
 last; a folder without one is unfinished and never read. `--incremental` scores only the input shards no earlier
 batch of the same reference has done (a shard a batch marked failed, unreadable, is not done). A run that dies (or is killed) is re-run as it was: its folder holds no
 manifest, so no reader sees its partial output and the re-run scores its input shards again.
@@ -53,9 +53,10 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions, _BeamArgumentParser
 
-from curation import cli, schema, scored_shards
-from curation.corpus import match_shards, valid_unicode
-from curation.preprocess import ValidationOptions
+from curation.shared import batches, cli, schema, sidecars
+from curation.shared.manifest import DONE, FAILED, InputShard, LAYOUTS, OUTPUT_FORMATS, Options
+from curation.shared.corpus import match_shards, valid_unicode
+from curation.shared.validation import ValidationOptions
 from pipelines import references
 from pipelines.corpus_io import ReadCorpus, add_reader_arguments, reader_options
 from pipelines.jax_inference import DualEncoderHandler
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "keras-hub preset folder (local or gs://)")
     parser.add_argument("--output_format", default="parquet",
                         help="comma-separated: parquet, tfrecord (default parquet)")
-    parser.add_argument("--output_layout", choices=scored_shards.LAYOUTS, default="copied",
+    parser.add_argument("--output_layout", choices=LAYOUTS, default="copied",
                         help="copied: scored shards holding the examples (images too, --store_image); sidecar: one "
                              "score file per input shard, row i for its record i, beside a corpus that is not "
                              "copied (a run that dies resumes from the sidecars it finished)")
@@ -242,7 +243,7 @@ def shard_identities(paths: list[str]) -> list[tuple[str, int, float]]:
     return identities
 
 
-def _already_scored(shard: tuple[str, int, float], recorded: dict[str, scored_shards.InputShard]) -> bool:
+def _already_scored(shard: tuple[str, int, float], recorded: dict[str, InputShard]) -> bool:
     """Whether an earlier batch holds this very shard: the same canonical path, and the same size and
     modification time where it recorded them (a shard that changed is scored again)."""
     earlier = recorded.get(shard[0])
@@ -253,7 +254,7 @@ def _already_scored(shard: tuple[str, int, float], recorded: dict[str, scored_sh
     return same_size and same_time
 
 
-def plan_batch(args: argparse.Namespace, fingerprint: str, options: scored_shards.Options | None = None
+def plan_batch(args: argparse.Namespace, fingerprint: str, options: Options | None = None
                ) -> tuple[list[tuple[str, int, float]], list[str], dict[str, Any]]:
     """(identities of the input shards to score now, paths skipped as already scored, input shard -> the finished
     sidecar of a run that died, to adopt). Refuses to mix references or to re-score into an output that already
@@ -268,7 +269,7 @@ def plan_batch(args: argparse.Namespace, fingerprint: str, options: scored_shard
     not_utf8 = [ascii(shard) for shard in shards if valid_unicode(shard) != shard]
     if not_utf8:  # a local file name; Beam carries paths as UTF-8 text and would fail on it mid-job
         raise SystemExit(f"input shard paths must be UTF-8; rename {', '.join(not_utf8[:5])}")
-    existing = scored_shards.read_manifests(args.output)
+    existing = batches.read_manifests(args.output)
     if existing and not args.incremental:
         raise SystemExit(f"{args.output} already holds {len(existing)} scored batch(es); pass --incremental to "
                          "score only new input shards, or choose another --output")
@@ -276,7 +277,7 @@ def plan_batch(args: argparse.Namespace, fingerprint: str, options: scored_shard
     if others and not args.force_new_reference:
         raise SystemExit(f"{args.output} holds batches scored by reference(s) {others}, not {fingerprint[:12]}; "
                          "pass --force_new_reference to add a batch of this reference beside them")
-    counted = (scored_shards.DONE, scored_shards.FAILED) if args.skip_failed_shards else (scored_shards.DONE,)
+    counted = (DONE, FAILED) if args.skip_failed_shards else (DONE,)
     recorded = {canonical_path(shard.path): shard for m in existing if m.reference_fingerprint == fingerprint
                 for shard in m.input_shards if shard.status in counted}
     identities = shard_identities(shards)
@@ -284,7 +285,7 @@ def plan_batch(args: argparse.Namespace, fingerprint: str, options: scored_shard
     skipped = [shard[0] for shard in identities if _already_scored(shard, recorded)]
     adopted: dict[str, Any] = {}
     if options is not None and options.output_layout == "sidecar":
-        finished = scored_shards.resumable_sidecars(args.output, fingerprint, options.scoring())
+        finished = sidecars.resumable_sidecars(args.output, fingerprint, options.scoring())
         for path, size, modified in todo:
             found = finished.get(path)
             if found is not None and (found[1].size_bytes, found[1].modified) == (size, modified):
@@ -294,9 +295,9 @@ def plan_batch(args: argparse.Namespace, fingerprint: str, options: scored_shard
 
 def parse_formats(text: str) -> list[str]:
     formats = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in formats if name not in scored_shards.OUTPUT_FORMATS]
+    unknown = [name for name in formats if name not in OUTPUT_FORMATS]
     if not formats or unknown:
-        raise SystemExit(f"--output_format {text!r}: choose from {scored_shards.OUTPUT_FORMATS}")
+        raise SystemExit(f"--output_format {text!r}: choose from {OUTPUT_FORMATS}")
     return formats
 
 
@@ -311,10 +312,10 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     reference = reference_model.info  # the workers load the weights
     formats = parse_formats(args.output_format)
     created = datetime.datetime.now(datetime.timezone.utc)
-    batch_dir = posixpath.join(args.output, scored_shards.new_batch_name(created.strftime("%Y%m%dT%H%M%SZ")))
+    batch_dir = posixpath.join(args.output, batches.new_batch_name(created.strftime("%Y%m%dT%H%M%SZ")))
     reader = reader_options(args)
     fields = reader["fields"]
-    options = scored_shards.Options(
+    options = Options(
         store_image=args.store_image if args.output_layout == "copied" else "none",
         stored_image_size=args.stored_image_size, input_format=args.input_format,
         max_caption_chars=args.max_caption_chars, min_image_size=args.min_image_size,
@@ -324,7 +325,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     todo, skipped, adopted = plan_batch(args, reference.fingerprint, options)
     if args.clean_unfinished:
         keep = [posixpath.join(args.output, relative) for relative, _ in adopted.values()]
-        for path in scored_shards.remove_unfinished(args.output, before=posixpath.basename(batch_dir), keep=keep):
+        for path in batches.remove_unfinished(args.output, before=posixpath.basename(batch_dir), keep=keep):
             log.info("removed unfinished or temporary %s", path)
     if skipped:
         log.info("skipping %d input shard(s) already scored by this reference", len(skipped))
@@ -448,7 +449,7 @@ def build_sidecar_job(pipeline, args, reference_model, handler, validation, batc
 
 def summarize(batch_dir: str, seconds: float) -> dict[str, Any]:
     """The run's counts from its manifest, logged as one summary line."""
-    manifest = next((m for m in scored_shards.read_manifests(posixpath.dirname(batch_dir))
+    manifest = next((m for m in batches.read_manifests(posixpath.dirname(batch_dir))
                      if m.batch_dir == batch_dir), None)
     if manifest is None:
         raise RuntimeError(f"the job finished but wrote no manifest in {batch_dir}")

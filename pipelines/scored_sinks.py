@@ -1,6 +1,6 @@
 """The scoring job's outputs: scored shards (Parquet and/or TFRecord), the dead letter, and the manifest step.
 
-Each transform writes into one batch folder (see curation/scored_shards.py) and returns the paths it wrote; the
+Each transform writes into one batch folder (see curation/shared/manifest.py) and returns the paths it wrote; the
 manifest step runs once every file is final and is the only thing that makes a batch visible to readers.
 """
 
@@ -15,8 +15,9 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsDict, AsList, AsSingleton
 
-from curation import schema, scored_shards, tfrecord
-from curation.errors import CorpusError
+from curation.shared import batches, schema, scored_set, sidecars, tfrecord
+from curation.shared.manifest import Counts, DEAD_LETTER_PREFIX, DONE, FAILED, InputShard, Manifest, PARQUET_COMPRESSION, ROW_GROUP_BYTES, SCORED_PREFIX, SIDECAR_DIR
+from curation.shared.errors import CorpusError
 from pipelines import stages
 
 
@@ -31,7 +32,7 @@ class WriteScoredShards(beam.PTransform):
 
     def __init__(self, batch_dir: str, formats: Sequence[str], embed_dim: int, num_shards: int = 0):
         super().__init__()
-        self._prefix = posixpath.join(batch_dir, scored_shards.SCORED_PREFIX)
+        self._prefix = posixpath.join(batch_dir, SCORED_PREFIX)
         self._formats, self._embed_dim, self._num_shards = tuple(formats), embed_dim, num_shards
 
     def expand(self, rows):
@@ -40,11 +41,11 @@ class WriteScoredShards(beam.PTransform):
             # A table per ~64 MB of rows: each becomes one row group (zstd), large enough for fast scans.
             tables = (rows
                       | "BatchRows" >> beam.BatchElements(
-                          min_batch_size=scored_shards.ROW_GROUP_BYTES, max_batch_size=scored_shards.ROW_GROUP_BYTES,
+                          min_batch_size=ROW_GROUP_BYTES, max_batch_size=ROW_GROUP_BYTES,
                           element_size_fn=functools.partial(row_bytes, embed_dim=self._embed_dim))
                       | "ToArrowTables" >> beam.Map(schema.rows_to_table, self._embed_dim))
             written.append(tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                self._prefix, schema.scored_schema(self._embed_dim), codec=scored_shards.PARQUET_COMPRESSION,
+                self._prefix, schema.scored_schema(self._embed_dim), codec=PARQUET_COMPRESSION,
                 file_name_suffix=".parquet", num_shards=self._num_shards))
             counts = tables | "CountRows" >> beam.Map(lambda table: table.num_rows)
         if "tfrecord" in self._formats:
@@ -109,10 +110,10 @@ class _WriteSidecarsFn(beam.DoFn):
         dead_letter: dict[str, int] = {}
         for error in errors:
             dead_letter[error.reason] = dead_letter.get(error.reason, 0) + 1
-        name = scored_shards.sidecar_name(source)
-        path = posixpath.join(self._batch_dir, scored_shards.SIDECAR_DIR, f"{name}.parquet")
+        name = sidecars.sidecar_name(source)
+        path = posixpath.join(self._batch_dir, SIDECAR_DIR, f"{name}.parquet")
         size, modified = self._identities.get(source, (-1, -1.0))
-        info = scored_shards.SidecarInfo(source, size, modified, self._fingerprint, self._scoring, len(ordered),
+        info = sidecars.SidecarInfo(source, size, modified, self._fingerprint, self._scoring, len(ordered),
                                          len(ordered) - len(errors), dict(sorted(dead_letter.items())),
                                          posixpath.basename(self._batch_dir))
         if "tfrecord" in self._formats:  # first: the Parquet sidecar is the one that makes the shard done
@@ -120,8 +121,8 @@ class _WriteSidecarsFn(beam.DoFn):
                 for row in ordered:
                     tfrecord.write_frame(f, schema.encode_sidecar_example(row))
 
-            scored_shards.write_atomically(posixpath.join(posixpath.dirname(path), f"{name}.tfrecord"), frames)
-        scored_shards.write_sidecar(path, schema.sidecar_table(ordered, self._embed_dim), info)
+            batches.write_atomically(posixpath.join(posixpath.dirname(path), f"{name}.tfrecord"), frames)
+        sidecars.write_sidecar(path, schema.sidecar_table(ordered, self._embed_dim), info)
         self._written.inc()
         output = posixpath.dirname(self._batch_dir.rstrip("/"))
         return SidecarWritten(source, path[len(output) + 1:], info.read, info.scored, info.dead_letter)
@@ -147,13 +148,13 @@ class WriteDeadLetter(beam.PTransform):
 
     def __init__(self, batch_dir: str):
         super().__init__()
-        self._prefix = posixpath.join(batch_dir, scored_shards.DEAD_LETTER_PREFIX)
+        self._prefix = posixpath.join(batch_dir, DEAD_LETTER_PREFIX)
 
     def expand(self, errors):
         return (errors
                 | "ToRows" >> beam.FlatMap(lambda error: schema.dead_letter_rows([error]))
                 | "WriteParquet" >> beam.io.WriteToParquet(
-                    self._prefix, schema.dead_letter_schema(), codec=scored_shards.PARQUET_COMPRESSION,
+                    self._prefix, schema.dead_letter_schema(), codec=PARQUET_COMPRESSION,
                     file_name_suffix=".parquet", num_shards=1))
 
 
@@ -175,15 +176,15 @@ class FailedShards(RuntimeError):
 
 
 def input_shard_records(input_shards: list[tuple[str, int, float]], scored_files: list[str],
-                        shard_failures: list[Any]) -> list[scored_shards.InputShard]:
+                        shard_failures: list[Any]) -> list[InputShard]:
     """Each input shard's identity, status and the scored files holding its records (read back from their source
     column)."""
     holders: dict[str, list[str]] = {}
     for path in sorted(scored_files):
-        for source in scored_shards.sources_of(path):
+        for source in scored_set.sources_of(path):
             holders.setdefault(source, []).append(posixpath.basename(path))
     failures = {error.source: f"{error.reason}: {error.message}" for error in shard_failures}
-    return [scored_shards.InputShard(path, scored_shards.FAILED if path in failures else scored_shards.DONE,
+    return [InputShard(path, FAILED if path in failures else DONE,
                                      failures.get(path, ""), size, holders.get(path, []), modified)
             for path, size, modified in input_shards]
 
@@ -198,22 +199,22 @@ def _refuse_failed_shards(shard_failures: list[Any], input_shards: list, batch_d
             "--incremental, or pass --allow_failed_shards to keep the rest and list them as failed")
 
 
-def _finish_manifest(batch_dir: str, template: dict[str, Any], shards: list[scored_shards.InputShard], read: int,
+def _finish_manifest(batch_dir: str, template: dict[str, Any], shards: list[InputShard], read: int,
                      scored: int, dead_letter: dict[str, int], max_bad_fraction: float, loss_parameters,
                      files: list[str], dead_letter_files: list[str]) -> str:
     check_bad_fraction(read, sum(dead_letter.values()), max_bad_fraction, batch_dir)
-    failed = sum(shard.status == scored_shards.FAILED for shard in shards)
+    failed = sum(shard.status == FAILED for shard in shards)
     reference = dataclasses.replace(template["reference"], temperature=loss_parameters.temperature,
                                     bias=loss_parameters.bias)
-    manifest = scored_shards.Manifest(
+    manifest = Manifest(
         **{**template, "reference": reference},
-        counts=scored_shards.Counts(read=read, scored=scored, dead_letter=dict(sorted(dead_letter.items())),
+        counts=Counts(read=read, scored=scored, dead_letter=dict(sorted(dead_letter.items())),
                                     shards=len(shards), shards_done=len(shards) - failed, shards_failed=failed),
         input_shards=shards,
         shards=sorted(posixpath.basename(path) for path in files),
         dead_letter_shards=sorted(posixpath.basename(path) for path in dead_letter_files),
     )
-    return scored_shards.write_manifest(batch_dir, manifest)
+    return batches.write_manifest(batch_dir, manifest)
 
 
 def _write_manifest(_, scored_files, dead_letter_files, shard_failures, read, scored, dead_letter, loss_parameters, *,
@@ -232,10 +233,10 @@ def _write_sidecar_manifest(_, written, shard_failures, loss_parameters, *, batc
     shards, read, scored, dead_letter = [], 0, 0, {}
     for path, size, modified in input_shards:
         if path in failures:
-            shards.append(scored_shards.InputShard(path, scored_shards.FAILED, failures[path], size, [], modified))
+            shards.append(InputShard(path, FAILED, failures[path], size, [], modified))
             continue
         summary = by_shard.get(path) or adopted.get(path)  # none: a shard without a single item
-        shards.append(scored_shards.InputShard(path, scored_shards.DONE, "", size, [], modified,
+        shards.append(InputShard(path, DONE, "", size, [], modified,
                                                summary.sidecar if summary else ""))
         if summary:
             read, scored = read + summary.read, scored + summary.scored

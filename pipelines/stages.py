@@ -4,8 +4,8 @@
 
 A fallible stage applies a plain function to each element: what it returns continues on the main output, and a
 `CorpusError` (stage, reason, message) goes to the tagged `dead_letter` output and counts under its reason in the
-"score" metrics namespace. The rules themselves are shared with the trainer (`curation/preprocess.py`,
-`curation/losses.py`); these transforms only wire them into Beam.
+"score" metrics namespace. The rules themselves are shared with the trainer (`curation/shared/validation.py`,
+`models/losses.py`); these transforms only wire them into Beam.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.pvalue import AsSingleton, TaggedOutput
 
-from curation import errors, schema
-from curation.errors import CorpusError
-from curation.corpus import CorpusRecord
-from curation.losses import own_pair_sigmoid
-from curation.preprocess import ValidationOptions, ValidExample, decode_and_validate, encode_jpeg
+from curation.shared import errors, schema
+from curation.shared.errors import CorpusError
+from curation.shared.corpus import CorpusRecord
+from models.losses import own_pair_sigmoid
+from curation.shared.validation import ValidationOptions, ValidExample, decode_and_validate, encode_jpeg
 from models.preprocessing import ImagePreprocessing
 from pipelines.corpus_io import in_global_window
 from pipelines.jax_inference import DualEncoderHandler, Embeddings, PreparedExample

@@ -74,7 +74,7 @@ def _worker(spec_path: str, out: str, address: str, processes: int, index: int) 
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
-    from curation import distributed
+    from curation.trainer import distributed
 
     if processes > 1:
         distributed.initialize(address, processes, index)
@@ -82,8 +82,8 @@ def _worker(spec_path: str, out: str, address: str, processes: int, index: int) 
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from curation import configs, jest, training_data
-    from curation.train import train
+    from curation.trainer import configs, training_step, training_data
+    from curation.trainer.loop import train
 
     config = configs.TrainConfig(**run["config"])
     record = {"local": [], "positions": [], "global": [], "indices": [], "shards": []}
@@ -99,7 +99,7 @@ def _worker(spec_path: str, out: str, address: str, processes: int, index: int) 
 
     training_data.TrainingData.batches = recording_batches
 
-    original_functions = jest.make_jest_functions
+    original_functions = training_step.make_jest_functions
 
     def recording_functions(*args, **kwargs):
         parts = original_functions(*args, **kwargs)
@@ -116,9 +116,9 @@ def _worker(spec_path: str, out: str, address: str, processes: int, index: int) 
             record["global"].append(np.asarray(checksum(images)))
             return parts.update(state, images, tokens, indices, rng)
 
-        return jest.JestFunctions(parts.embed, choose, update)
+        return training_step.JestFunctions(parts.embed, choose, update)
 
-    jest.make_jest_functions = recording_functions
+    training_step.make_jest_functions = recording_functions
 
     batches = None
     if run.get("batches_from"):

@@ -9,9 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from curation import errors, input_pipeline, schema, scored_input, scored_shards
-from curation.corpus import CorpusRecord
-from curation.corpus_writers import open_shard_writer
+from curation.shared import errors, schema, scored_set
+from curation.trainer import input_pipeline, scored_input
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_writers import open_shard_writer
 from models import checkpoint
 from models.two_towers import TwoTower
 from pipelines import score
@@ -54,7 +55,7 @@ def corpus_and_batch(tmp_path_factory, reference_checkpoint):
             writer.write(CorpusRecord(key, image, caption, shard))
     summary = score.run([f"--input={shard}", f"--output={root / 'scored'}",
                          f"--reference_checkpoint={reference_checkpoint}", "--min_image_size=8"])
-    return shard, scored_shards.open_scored(str(root / "scored")), summary
+    return shard, scored_set.open_scored(str(root / "scored")), summary
 
 
 def test_an_eps_file_is_one_pil_would_open():

@@ -11,7 +11,7 @@ import shutil
 
 import pytest
 
-from curation import configs
+from curation.trainer import configs
 from curation import train as train_cli
 from pipelines import score
 from tests.pipelines.test_flex_template import job_flags, sample
@@ -31,7 +31,7 @@ def refused(capsys, main, argv: list[str]) -> str:
     return lines[0]
 
 
-# curation.train
+# curation.trainer.loop
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_train_multi_process_flags(capsys, train_paths, flags, named):
 def test_train_fewer_shards_than_processes(capsys, tiny_corpus, tmp_path):
     """A corpus of 1 curated shard cannot give 2 hosts a shard each, nor 3 processes a third of a batch of 16:
     checked (and refused in one line by main) before anything is written."""
-    from curation import training_data
+    from curation.trainer import training_data
 
     data = training_data.TrainingData.open(configs.get_config("reference", smoke=True), tiny_corpus, None)
     with pytest.raises(ValueError, match="1 training shards for 2 processes"):

@@ -29,7 +29,7 @@ from typing import Protocol
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from curation.scored_shards import ReferenceInfo
+from curation.shared.manifest import ReferenceInfo
 
 KERAS_HUB_PREFIX = "keras_hub:"
 LOSS_FAMILIES = ("sigmoid", "softmax")

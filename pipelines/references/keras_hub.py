@@ -31,7 +31,7 @@ import uuid
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
-from curation.scored_shards import ReferenceInfo
+from curation.shared.manifest import ReferenceInfo
 from models.environment import keep_tensorflow_off_accelerators
 from models.flops import encoder_flops
 from models.preprocessing import INTERPOLATIONS, ImagePreprocessing

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from curation.scored_shards import ReferenceInfo, reference_from_model
+from curation.shared.manifest import ReferenceInfo, reference_from_model
 from models import checkpoint as model_checkpoint
 from models.tokenizer import tokenizer_from_dict
 from models.two_towers import ModelConfig, TwoTower

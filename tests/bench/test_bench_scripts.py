@@ -10,9 +10,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation import report, scored_input, scored_shards
-from curation.selection import Embeddings, select
-from curation.truth import NOISE_KINDS
+from curation.shared import scored_set
+from curation.trainer import report, scored_input
+from curation.trainer.selection import Embeddings, select
+from curation.trainer.truth import NOISE_KINDS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import ablations  # noqa: E402
@@ -22,14 +23,14 @@ import selection_memory  # noqa: E402
 
 
 def rows_of(output):
-    return pq.read_table(scored_shards.open_scored(output).shard_paths()).to_pylist()
+    return pq.read_table(scored_set.open_scored(output).shard_paths()).to_pylist()
 
 
 def test_repeated_setting_adds_copies_of_the_easiest_clean_rows(scored_tiny_corpus, tmp_path):
     out = ablations.make_repeated(scored_tiny_corpus, str(tmp_path / "repeated"), distinct=4, share=0.5)
     original, derived = rows_of(scored_tiny_corpus), rows_of(out)
-    source = scored_shards.open_scored(scored_tiny_corpus)
-    assert scored_shards.open_scored(out).manifests[0].reference_fingerprint == \
+    source = scored_set.open_scored(scored_tiny_corpus)
+    assert scored_set.open_scored(out).manifests[0].reference_fingerprint == \
         source.manifests[0].reference_fingerprint
 
     copies = [row for row in derived if "#copy" in row["key"]]
@@ -46,7 +47,7 @@ def test_repeated_setting_adds_copies_of_the_easiest_clean_rows(scored_tiny_corp
         assert row["image"] == twin["image"] and row["ref_image_embedding"] == twin["ref_image_embedding"]
         assert json.loads(row["metadata"])["truth"] == "repeat"
     # Copies do not count as clean in the selection diagnostics; the original rows still do.
-    flags = {e.key: e.clean for path in scored_shards.open_scored(out).shard_paths()
+    flags = {e.key: e.clean for path in scored_set.open_scored(out).shard_paths()
              for e in scored_input.read_scored_examples(path)}
     assert all(flags[row["key"]] == 0 for row in copies)
     assert all(flags[key] == 1 for key in easiest)
@@ -223,8 +224,8 @@ def test_repeated_setting_is_made_again_for_another_reference(scored_tiny_corpus
     manifest["reference"]["fingerprint"] = "0" * 64
     open(manifest_path, "w").write(json.dumps(manifest))
     ablations.make_repeated(scored_tiny_corpus, out, distinct=4, share=0.5)
-    source = scored_shards.open_scored(scored_tiny_corpus).manifests[0].reference_fingerprint
-    assert scored_shards.open_scored(out).manifests[0].reference_fingerprint == source
+    source = scored_set.open_scored(scored_tiny_corpus).manifests[0].reference_fingerprint
+    assert scored_set.open_scored(out).manifests[0].reference_fingerprint == source
 
 
 def test_loss_parameter_summary_reads_t_b_and_the_off_diagonal_share(tmp_path):

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from curation.corpus import CorpusRecord, iter_corpus
+from curation.shared.corpus import CorpusRecord, iter_corpus
 from demo import make_corpus, scenes
 from demo.make_corpus import NoiseRates, write_corpus
 

@@ -122,7 +122,7 @@ def test_bad_shapes_fail_with_the_numbers(params):
 
 
 def test_gradients_are_finite(params):
-    from curation.losses import sigmoid_loss
+    from models.losses import sigmoid_loss
 
     images, tokens = _batch(n=4)
     model = TwoTower(CONFIG)

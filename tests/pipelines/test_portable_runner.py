@@ -21,7 +21,8 @@ import time
 import pyarrow as pa
 import pytest
 
-from curation import scored_shards
+from curation.shared import scored_set
+from curation.shared.manifest import Manifest
 from tests.pipelines.test_score import batch_manifest, run_score
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -205,21 +206,21 @@ def in_process_run(web_corpora, reference_checkpoint, tmp_path_factory):
     return batch_manifest(run_score(web_corpora["wds"], "wds", output, reference_checkpoint))
 
 
-def scored_rows(manifest: scored_shards.Manifest) -> dict[str, dict]:
-    table = pa.concat_tables([scored_shards.read_scored_parquet(path) for path in manifest.shard_paths("parquet")])
+def scored_rows(manifest: Manifest) -> dict[str, dict]:
+    table = pa.concat_tables([scored_set.read_scored_parquet(path) for path in manifest.shard_paths("parquet")])
     rows = {row["key"]: row for row in table.to_pylist()}
     assert len(rows) == table.num_rows == manifest.counts.scored
     return rows
 
 
-def dead_letter_rows(manifest: scored_shards.Manifest) -> dict[str, dict]:
+def dead_letter_rows(manifest: Manifest) -> dict[str, dict]:
     """The dead letter by key; a message's object addresses (PIL's "<_io.BytesIO object at 0x7f...>") masked."""
     rows = [row for name in manifest.dead_letter_shards
-            for row in scored_shards.read_scored_parquet(os.path.join(manifest.batch_dir, name)).to_pylist()]
+            for row in scored_set.read_scored_parquet(os.path.join(manifest.batch_dir, name)).to_pylist()]
     return {row["key"]: {**row, "message": re.sub(r" at 0x[0-9a-f]+", " at 0x", row["message"])} for row in rows}
 
 
-def meaningful(manifest: scored_shards.Manifest) -> dict:
+def meaningful(manifest: Manifest) -> dict:
     """The manifest less what differs between two runs of the same job: its folder, creation time and the names
     of its files (the input shards' outputs are checked apart)."""
     values = dataclasses.asdict(manifest)
@@ -249,7 +250,7 @@ def test_the_portable_runner_scores_exactly_as_in_process(portable_services, in_
     assert meaningful(portable) == meaningful(local)
     holders = {}  # input shard -> the scored files holding its records
     for name in portable.shards:
-        for source in scored_shards.sources_of(os.path.join(portable.batch_dir, name)):
+        for source in scored_set.sources_of(os.path.join(portable.batch_dir, name)):
             holders.setdefault(source, set()).add(name)
     assert {shard.path: set(shard.outputs) for shard in portable.input_shards} == holders
 

@@ -24,9 +24,10 @@ import pytest
 from apache_beam.ml.inference.base import PredictionResult
 from PIL import Image
 
-from curation import scored_shards
-from curation.corpus import CorpusError, CorpusRecord, read_shard
-from curation.corpus_writers import open_shard_writer
+from curation.shared import batches, scored_set
+from curation.shared.manifest import DEAD_LETTER_PREFIX, MANIFEST_NAME, Manifest, ScoredShardsError
+from curation.shared.corpus import CorpusError, CorpusRecord, read_shard
+from curation.shared.corpus_writers import open_shard_writer
 from models import checkpoint
 from pipelines.references import LossParameters
 from pipelines import corpus_io, score, scored_sinks, stages
@@ -200,17 +201,17 @@ def poisoned_reference(source: str, path: str) -> str:
 # --- reading a run back ---------------------------------------------------------------------------------------------
 
 
-def manifest_of(summary: dict) -> scored_shards.Manifest:
-    return next(m for m in scored_shards.read_manifests(posixpath.dirname(summary["batch_dir"]))
+def manifest_of(summary: dict) -> Manifest:
+    return next(m for m in batches.read_manifests(posixpath.dirname(summary["batch_dir"]))
                 if m.batch_dir == summary["batch_dir"])
 
 
 def dead_letter(batch_dir: str) -> list[dict]:
-    paths = glob.glob(os.path.join(batch_dir, f"{scored_shards.DEAD_LETTER_PREFIX}-*.parquet"))
+    paths = glob.glob(os.path.join(batch_dir, f"{DEAD_LETTER_PREFIX}-*.parquet"))
     return [row for path in paths for row in pq.read_table(path).to_pylist()]
 
 
-def scored_rows(manifest: scored_shards.Manifest) -> dict[str, dict]:
+def scored_rows(manifest: Manifest) -> dict[str, dict]:
     """key -> scored row, embeddings as float16 arrays; asserts no key is scored twice."""
     rows = [row for path in manifest.shard_paths("parquet") for row in pq.read_table(path).to_pylist()]
     keyed = {row["key"]: row for row in rows}
@@ -227,7 +228,7 @@ def exact(rows: dict[str, dict]) -> dict[str, tuple]:
             for key, row in sorted(rows.items())}
 
 
-def check_outcomes(cases: list[Case], manifest: scored_shards.Manifest) -> None:
+def check_outcomes(cases: list[Case], manifest: Manifest) -> None:
     """Each case became exactly one of what it allows, and nothing else came out."""
     observed = collections.Counter([(key, SCORED) for key in scored_rows(manifest)]
                                    + [(row["key"], row["reason"]) for row in dead_letter(manifest.batch_dir)])
@@ -360,13 +361,13 @@ def test_max_bad_fraction_fails_after_writing_the_dead_letter_and_writes_no_mani
     assert dead / read > 0.5
     assert "no manifest was written" in str(failure.value)
     (batch_dir,) = glob.glob(os.path.join(output, "batch-*"))
-    assert not os.path.exists(os.path.join(batch_dir, scored_shards.MANIFEST_NAME))
+    assert not os.path.exists(os.path.join(batch_dir, MANIFEST_NAME))
     assert sorted((row["key"], row["reason"]) for row in dead_letter(batch_dir)) == sorted(
         (row["key"], row["reason"]) for row in dead_letter(finished.batch_dir))  # nothing lost
-    assert scored_shards.read_manifests(output) == []
-    assert scored_shards.unfinished_batches(output) == [batch_dir]
-    with pytest.raises(scored_shards.ScoredShardsError, match="no scored batch"):
-        scored_shards.open_scored(output)
+    assert batches.read_manifests(output) == []
+    assert batches.unfinished_batches(output) == [batch_dir]
+    with pytest.raises(ScoredShardsError, match="no scored batch"):
+        scored_set.open_scored(output)
 
 
 def test_check_bad_fraction_boundaries():
@@ -411,7 +412,7 @@ def clean_args(corpus: str, output, reference: str, *extra: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def baseline(clean_corpus, reference_checkpoint, tmp_path_factory) -> scored_shards.Manifest:
+def baseline(clean_corpus, reference_checkpoint, tmp_path_factory) -> Manifest:
     output = tmp_path_factory.mktemp("baseline") / "out"
     return manifest_of(score.run(clean_args(clean_corpus, output, reference_checkpoint, "--inference_batch_size=64")))
 
@@ -436,7 +437,7 @@ def killed_and_rerun(clean_corpus, reference_checkpoint, tmp_path_factory):
                                  "--output_format=parquet,tfrecord"))
     assert len(shards_started) == 3
     (killed,) = glob.glob(os.path.join(output, "batch-*"))
-    after_kill = scored_shards.read_manifests(output)
+    after_kill = batches.read_manifests(output)
     rerun = score.run(clean_args(clean_corpus, output, reference_checkpoint, "--inference_batch_size=64",
                                  "--num_output_shards=3", "--incremental"))
     return output, killed, after_kill, manifest_of(rerun)
@@ -445,12 +446,12 @@ def killed_and_rerun(clean_corpus, reference_checkpoint, tmp_path_factory):
 def test_a_killed_run_is_never_read_and_its_rerun_equals_an_uninterrupted_run(killed_and_rerun, baseline):
     output, killed, after_kill, rerun = killed_and_rerun
     assert after_kill == []
-    assert os.path.isdir(killed) and not os.path.exists(os.path.join(killed, scored_shards.MANIFEST_NAME))
+    assert os.path.isdir(killed) and not os.path.exists(os.path.join(killed, MANIFEST_NAME))
     debris = [path for path in glob.glob(os.path.join(killed, "beam-temp-*", "*")) if os.path.getsize(path)]
     assert debris, os.listdir(killed)  # partly written shards
-    assert scored_shards.unfinished_batches(output) == [killed]
+    assert batches.unfinished_batches(output) == [killed]
     assert len(rerun.input_shards) == 3  # --incremental did not take the killed run's shards as done
-    scored = scored_shards.open_scored(output)
+    scored = scored_set.open_scored(output)
     assert [m.batch_dir for m in scored.manifests] == [rerun.batch_dir]
     assert all(path.startswith(rerun.batch_dir + "/") for path in scored.shard_paths())
     assert len(rerun.shard_paths()) == 3 != len(baseline.shard_paths())
@@ -466,7 +467,7 @@ def test_clean_unfinished_removes_unfinished_batches_and_temporary_files_only(ki
     output = tmp_path / "out"
     shutil.copytree(original, output)
     finished = output / posixpath.basename(rerun.batch_dir)
-    (finished / f".{scored_shards.MANIFEST_NAME}.0123abcd.tmp").write_text("{}")
+    (finished / f".{MANIFEST_NAME}.0123abcd.tmp").write_text("{}")
     (finished / "beam-temp-scored-0123").mkdir()
     (finished / "beam-temp-scored-0123" / "part").write_bytes(b"partial")
     (finished / "notes.txt").write_text("not ours to delete")
@@ -476,13 +477,13 @@ def test_clean_unfinished_removes_unfinished_batches_and_temporary_files_only(ki
     assert summary["batch_dir"] is None and summary["skipped_shards"] == 3
     assert sorted(os.listdir(output)) == sorted([posixpath.basename(rerun.batch_dir), running.name])
     assert sorted(os.listdir(finished)) == sorted(rerun.shards + rerun.dead_letter_shards
-                                                  + [scored_shards.MANIFEST_NAME, "notes.txt"])
+                                                  + [MANIFEST_NAME, "notes.txt"])
     assert os.path.exists(killed)  # the copy was cleaned, not the original
-    assert scored_shards.open_scored(str(output)).scored == 27
+    assert scored_set.open_scored(str(output)).scored == 27
 
 
 @pytest.fixture(scope="module")
-def other_batch_sizes(clean_corpus, reference_checkpoint, tmp_path_factory) -> dict[int, scored_shards.Manifest]:
+def other_batch_sizes(clean_corpus, reference_checkpoint, tmp_path_factory) -> dict[int, Manifest]:
     root = tmp_path_factory.mktemp("batch_sizes")
     return {size: manifest_of(score.run(clean_args(clean_corpus, root / f"bs{size}", reference_checkpoint,
                                                    f"--inference_batch_size={size}", f"--num_output_shards={shards}")))
@@ -513,7 +514,7 @@ def test_another_inference_batch_size_scores_the_same_within_one_float16_step(ot
 def test_readers_read_only_what_the_manifest_lists(other_batch_sizes, baseline):
     manifest = other_batch_sizes[1]
     assert len(manifest.shard_paths()) == 1
-    listed = scored_shards.open_scored(posixpath.dirname(manifest.batch_dir)).shard_paths()
+    listed = scored_set.open_scored(posixpath.dirname(manifest.batch_dir)).shard_paths()
     stale = os.path.join(manifest.batch_dir, "scored-00000-of-00002.parquet")  # left by an older layout
     shutil.copy(baseline.shard_paths()[0], stale)
     temporary = os.path.join(manifest.batch_dir, "beam-temp-scored-1", "part.parquet")
@@ -521,11 +522,11 @@ def test_readers_read_only_what_the_manifest_lists(other_batch_sizes, baseline):
     shutil.copy(baseline.shard_paths()[0], temporary)
     unfinished = posixpath.join(posixpath.dirname(manifest.batch_dir), "batch-20000101T000000Z-000000")
     os.makedirs(unfinished)  # a manifest that was never renamed into place
-    shutil.copy(os.path.join(baseline.batch_dir, scored_shards.MANIFEST_NAME),
-                os.path.join(unfinished, f".{scored_shards.MANIFEST_NAME}.0123abcd.tmp"))
+    shutil.copy(os.path.join(baseline.batch_dir, MANIFEST_NAME),
+                os.path.join(unfinished, f".{MANIFEST_NAME}.0123abcd.tmp"))
     shutil.copy(baseline.shard_paths()[0], os.path.join(unfinished, "scored-00000-of-00001.parquet"))
     try:
-        reread = scored_shards.open_scored(posixpath.dirname(manifest.batch_dir))
+        reread = scored_set.open_scored(posixpath.dirname(manifest.batch_dir))
         assert [m.batch_dir for m in reread.manifests] == [manifest.batch_dir]
         assert reread.shard_paths() == listed == manifest.shard_paths()
         assert stale not in reread.shard_paths() and reread.scored == 27

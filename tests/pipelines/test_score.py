@@ -7,9 +7,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation import scored_shards
-from curation.corpus import CorpusRecord, iter_corpus
-from curation.preprocess import ValidationOptions, decode_image
+from curation.shared import batches, scored_set
+from curation.shared.manifest import DONE, FAILED, MANIFEST_NAME, Manifest, ScoredShardsError
+from curation.shared.corpus import CorpusRecord, iter_corpus
+from curation.shared.validation import ValidationOptions, decode_image
 from models import checkpoint
 from models.preprocessing import ImagePreprocessing
 from models.two_towers import TwoTower, init_params
@@ -35,8 +36,8 @@ def run_score(corpus: str, format: str, output: str, checkpoint_dir: str, *extra
                       f"--output={output}", f"--reference_checkpoint={checkpoint_dir}", "--min_image_size=4", *extra])
 
 
-def batch_manifest(summary: dict) -> scored_shards.Manifest:
-    return next(m for m in scored_shards.read_manifests(posixpath.dirname(summary["batch_dir"]))
+def batch_manifest(summary: dict) -> Manifest:
+    return next(m for m in batches.read_manifests(posixpath.dirname(summary["batch_dir"]))
                 if m.batch_dir == summary["batch_dir"])
 
 
@@ -47,7 +48,7 @@ def wds_run(web_corpora, reference_checkpoint, tmp_path_factory):
     return summary, batch_manifest(summary)
 
 
-def check_run_against_truth(corpus: str, format: str, manifest: scored_shards.Manifest) -> None:
+def check_run_against_truth(corpus: str, format: str, manifest: Manifest) -> None:
     records = [item for item in iter_corpus(f"{corpus}/web/*.{SUFFIX[format]}", format)]
     assert all(isinstance(item, CorpusRecord) for item in records)
     expected = {record.key: expected_reason(record) for record in records}
@@ -67,16 +68,16 @@ def check_run_against_truth(corpus: str, format: str, manifest: scored_shards.Ma
     assert counts.dead_letter == {reason: list(expected.values()).count(reason) for reason in injected}
     # The manifest lists exactly the shards present (besides itself).
     present = sorted(os.listdir(manifest.batch_dir))
-    assert present == sorted(manifest.shards + manifest.dead_letter_shards + [scored_shards.MANIFEST_NAME])
+    assert present == sorted(manifest.shards + manifest.dead_letter_shards + [MANIFEST_NAME])
     assert sorted(os.path.basename(shard.path) for shard in manifest.input_shards) == sorted(
         os.path.basename(p) for p in glob.glob(f"{corpus}/web/*.{SUFFIX[format]}"))
     # Each input shard is done, with its size, and names the scored files holding its records (and only those).
     holders = {}
     for name in manifest.shards:
-        for source in scored_shards.sources_of(os.path.join(manifest.batch_dir, name)):
+        for source in scored_set.sources_of(os.path.join(manifest.batch_dir, name)):
             holders.setdefault(source, set()).add(name)
     for shard in manifest.input_shards:
-        assert shard.status == scored_shards.DONE and shard.size_bytes == os.path.getsize(shard.path)
+        assert shard.status == DONE and shard.size_bytes == os.path.getsize(shard.path)
         assert set(shard.outputs) == holders[shard.path] and shard.outputs
     assert (counts.shards, counts.shards_done, counts.shards_failed) == (len(manifest.input_shards),) * 2 + (0,)
 
@@ -172,17 +173,17 @@ def test_an_unreadable_shard_fails_the_job_or_is_listed_failed_and_scored_again(
              f"--reference_checkpoint={reference_checkpoint}"]  # tar shards read as Parquet
     with pytest.raises(Exception, match="could not be read whole"):
         score.run(wrong)
-    assert scored_shards.read_manifests(output) == []
+    assert batches.read_manifests(output) == []
     allowed = score.run([*wrong, "--allow_failed_shards"])
     (shard,) = batch_manifest(allowed).input_shards
-    assert shard.status == scored_shards.FAILED and shard.reason.startswith("unreadable_shard")
+    assert shard.status == FAILED and shard.reason.startswith("unreadable_shard")
     assert shard.outputs == [] and batch_manifest(allowed).counts.shards_failed == 1
     assert allowed["read"] == allowed["scored"] == 0  # nothing of the shard was taken for records
     skipped = run_score(corpus, "wds", output, reference_checkpoint, "--incremental", "--skip_failed_shards",
                         shards="00000")
     assert skipped["batch_dir"] is None and skipped["skipped_shards"] == 1
     right = run_score(corpus, "wds", output, reference_checkpoint, "--incremental", shards="00000")
-    assert right["scored"] > 0 and [s.status for s in batch_manifest(right).input_shards] == [scored_shards.DONE]
+    assert right["scored"] > 0 and [s.status for s in batch_manifest(right).input_shards] == [DONE]
 
 
 def test_incremental_with_another_spelling_of_the_same_shards_scores_nothing(web_corpora, reference_checkpoint,
@@ -213,7 +214,7 @@ def test_incremental_run_scores_only_new_shards(web_corpora, reference_checkpoin
     nothing = run_score(corpus, "wds", output, reference_checkpoint, "--incremental")
     assert nothing["batch_dir"] is None and nothing["skipped_shards"] == 3
 
-    scored = scored_shards.open_scored(output)
+    scored = scored_set.open_scored(output)
     keys = [key for path in scored.shard_paths() for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()]
     assert len(keys) == len(set(keys)) == scored.scored == first["scored"] + second["scored"]
 
@@ -228,9 +229,9 @@ def test_another_reference_is_refused_unless_forced(web_corpora, reference_check
     with pytest.raises(SystemExit, match="--force_new_reference"):
         run_score(corpus, "wds", output, other, "--incremental", shards="00001")
     run_score(corpus, "wds", output, other, "--incremental", "--force_new_reference", shards="00000")
-    with pytest.raises(scored_shards.ScoredShardsError, match="different reference"):
-        scored_shards.open_scored(output)
-    only_new = scored_shards.open_scored(output, fingerprint=checkpoint.read_meta(other)["fingerprint"])
+    with pytest.raises(ScoredShardsError, match="different reference"):
+        scored_set.open_scored(output)
+    only_new = scored_set.open_scored(output, fingerprint=checkpoint.read_meta(other)["fingerprint"])
     assert len(only_new.manifests) == 1 and only_new.scored > 0
 
 
@@ -246,14 +247,14 @@ def test_gcs_input_to_gcs_output(gcs_bucket, web_corpora, reference_checkpoint):
                          "--min_image_size=4",
                          f"--reference_checkpoint={reference_checkpoint}", "--output_format=parquet,tfrecord"])
     assert summary["batch_dir"].startswith(f"{output}/batch-")
-    scored = scored_shards.open_scored(output)  # checks every listed file exists in the bucket
+    scored = scored_set.open_scored(output)  # checks every listed file exists in the bucket
     manifest = scored.manifests[0]
     assert all(shard.path.startswith("gs://") for shard in manifest.input_shards) and len(manifest.input_shards) == 2
     table = __import__("pyarrow").concat_tables(
-        [scored_shards.read_scored_parquet(path) for path in scored.shard_paths("parquet")])
-    tf_rows = [row for path in scored.shard_paths("tfrecord") for row in scored_shards.iter_scored_tfrecord(path)]
+        [scored_set.read_scored_parquet(path) for path in scored.shard_paths("parquet")])
+    tf_rows = [row for path in scored.shard_paths("tfrecord") for row in scored_set.iter_scored_tfrecord(path)]
     assert table.num_rows == len(tf_rows) == manifest.counts.scored > 0
-    dead = scored_shards.read_scored_parquet(posixpath.join(manifest.batch_dir, manifest.dead_letter_shards[0]))
+    dead = scored_set.read_scored_parquet(posixpath.join(manifest.batch_dir, manifest.dead_letter_shards[0]))
     assert manifest.counts.read == 80 == table.num_rows + dead.num_rows
 
 

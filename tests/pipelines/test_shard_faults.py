@@ -11,9 +11,10 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
-from curation import schema, scored_shards
-from curation.corpus import CorpusRecord
-from curation.corpus_writers import open_shard_writer
+from curation.shared import batches, schema, scored_set
+from curation.shared.manifest import DONE, FAILED
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_writers import open_shard_writer
 from pipelines import score
 
 SHARDS, PER_SHARD = 4, 6
@@ -44,16 +45,16 @@ def job(corpus, output, checkpoint, *extra):
 
 
 def readable_rows(output) -> list[dict]:
-    scored = scored_shards.open_scored(str(output))
+    scored = scored_set.open_scored(str(output))
     return [row for path in scored.shard_paths() for row in pq.read_table(path).to_pylist()]
 
 
 def check_counts(output) -> None:
-    for manifest in scored_shards.read_manifests(str(output)):
+    for manifest in batches.read_manifests(str(output)):
         counts = manifest.counts
         assert counts.read == counts.scored + counts.dead_lettered
         assert counts.shards == counts.shards_done + counts.shards_failed == len(manifest.input_shards)
-        done = {shard.path for shard in manifest.input_shards if shard.status == scored_shards.DONE}
+        done = {shard.path for shard in manifest.input_shards if shard.status == DONE}
         rows = [row for path in manifest.shard_paths() for row in pq.read_table(path).to_pylist()]
         assert {row[schema.SOURCE] for row in rows} <= done  # nothing of a shard it does not claim
         assert counts.scored == len(rows)
@@ -79,11 +80,11 @@ def test_a_shard_with_bad_data_is_never_half_scored(corpus, reference_checkpoint
     (corpus / FAULTY).write_bytes(DATA_FAULTS[fault](original))
     with pytest.raises(Exception, match=f"could not be read whole.*{FAULTY}"):
         job(corpus, output, reference_checkpoint)
-    assert scored_shards.read_manifests(str(output)) == []  # no manifest claims anything
+    assert batches.read_manifests(str(output)) == []  # no manifest claims anything
 
     allowed = job(corpus, output, reference_checkpoint, "--allow_failed_shards", "--clean_unfinished")
-    (manifest,) = scored_shards.read_manifests(str(output))
-    failed = [shard for shard in manifest.input_shards if shard.status == scored_shards.FAILED]
+    (manifest,) = batches.read_manifests(str(output))
+    failed = [shard for shard in manifest.input_shards if shard.status == FAILED]
     assert [os.path.basename(shard.path) for shard in failed] == [FAULTY] and failed[0].outputs == []
     assert allowed["read"] == allowed["scored"] == (SHARDS - 1) * PER_SHARD
     assert all(not row[schema.SOURCE].endswith(FAULTY) for row in readable_rows(output))
@@ -137,7 +138,7 @@ def test_an_unreadable_file_fails_the_job_naming_it_and_marks_nothing_done(corpu
         patch.setattr(FileSystems, "open", staticmethod(failing_open(FileSystems.open, fault)))
         with pytest.raises(Exception, match=f"cannot read input shard .*{FAULTY}"):
             job(corpus, output, reference_checkpoint)
-    assert scored_shards.read_manifests(str(output)) == []
+    assert batches.read_manifests(str(output)) == []
     again = job(corpus, output, reference_checkpoint, "--incremental", "--clean_unfinished")
     assert again["scored"] == SHARDS * PER_SHARD
     check_counts(output)

@@ -15,9 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 import tensorflow as tf
 
-from curation import configs, schema, scored_input, scored_shards
-from curation.corpus import CorpusRecord, read_shard
-from curation.training_data import TrainingData
+from curation.shared import batches, schema, sidecars
+from curation.shared.manifest import SIDECAR_DIR, ScoredShardsError
+from curation.trainer import configs, scored_input
+from curation.shared.corpus import CorpusRecord, read_shard
+from curation.trainer.training_data import TrainingData
 from pipelines import score
 
 from tests.pipelines.test_score import batch_manifest, run_score
@@ -83,7 +85,7 @@ def test_one_sidecar_per_input_shard_lines_up_with_it_item_for_item(corpus, side
     reasons_seen = set()
     for shard in sidecar_run.input_shards:
         sidecar = os.path.join(os.path.dirname(sidecar_run.batch_dir), shard.sidecar)
-        assert os.path.dirname(sidecar) == os.path.join(sidecar_run.batch_dir, scored_shards.SIDECAR_DIR)
+        assert os.path.dirname(sidecar) == os.path.join(sidecar_run.batch_dir, SIDECAR_DIR)
         rows = pq.read_table(sidecar).to_pylist()  # plain pyarrow
         items = list(read_shard(shard.path, "wds"))
         assert [row["key"] for row in rows] == [item.key for item in items]
@@ -111,7 +113,7 @@ def test_one_sidecar_per_input_shard_lines_up_with_it_item_for_item(corpus, side
     assert (counts.read, counts.scored, counts.dead_letter) == (expected.read, expected.scored, expected.dead_letter)
     assert counts.read == counts.scored + counts.dead_lettered
     assert sidecar_run.shards == [] and sidecar_run.dead_letter_shards == []  # nothing copied
-    info = scored_shards.read_sidecar_info(os.path.join(os.path.dirname(sidecar_run.batch_dir),
+    info = sidecars.read_sidecar_info(os.path.join(os.path.dirname(sidecar_run.batch_dir),
                                                         sidecar_run.input_shards[0].sidecar))
     assert (info.input_shard, info.size_bytes) == (sidecar_run.input_shards[0].path,
                                                    os.path.getsize(sidecar_run.input_shards[0].path))
@@ -133,22 +135,23 @@ def test_the_trainer_reads_corpus_and_sidecar_as_the_copied_shards(sidecar_run, 
     # A shard that no longer matches its sidecar is refused, naming both.
     shard = data.shards[0]
     changed = dict(vars(shard), corpus=data.shards[1].corpus)
-    with pytest.raises(scored_shards.ScoredShardsError, match="changed after it was scored"):
+    with pytest.raises(ScoredShardsError, match="changed after it was scored"):
         scored_input.read_sidecar_examples(scored_input.SidecarShard(**changed))
 
 
 _KILL_AFTER_ONE_SIDECAR = """
 import os, sys
-from curation import scored_shards
+from curation.shared import batches, sidecars
+from curation.shared.manifest import SIDECAR_DIR, ScoredShardsError
 from pipelines import score
 
-original = scored_shards.write_sidecar
+original = sidecars.write_sidecar
 
 def write_then_die(*args, **kwargs):
     path = original(*args, **kwargs)
     os._exit(9)  # killed: no cleanup, no manifest
 
-scored_shards.write_sidecar = write_then_die
+sidecars.write_sidecar = write_then_die
 score.main(sys.argv[1:])
 """
 
@@ -161,14 +164,14 @@ def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(corpus, refere
     killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_ONE_SIDECAR, *argv], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert killed.returncode == 9, killed.stderr[-2000:]
-    assert scored_shards.read_manifests(output) == []
-    [unfinished] = scored_shards.unfinished_batches(output)
-    [finished] = [path for path in os.listdir(os.path.join(unfinished, scored_shards.SIDECAR_DIR))
+    assert batches.read_manifests(output) == []
+    [unfinished] = batches.unfinished_batches(output)
+    [finished] = [path for path in os.listdir(os.path.join(unfinished, SIDECAR_DIR))
                   if path.endswith(".parquet") and not path.startswith(".")]
 
     summary = score.run(argv)  # the same command again
-    [resumed] = scored_shards.read_manifests(output)
-    written = sorted(name for name in os.listdir(os.path.join(summary["batch_dir"], scored_shards.SIDECAR_DIR))
+    [resumed] = batches.read_manifests(output)
+    written = sorted(name for name in os.listdir(os.path.join(summary["batch_dir"], SIDECAR_DIR))
                      if name.endswith(".parquet"))
     assert len(written) == 2 and finished not in written  # only the two shards the killed run had not finished
     adopted = [shard for shard in resumed.input_shards if shard.sidecar.endswith(finished)]
@@ -187,20 +190,20 @@ def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(corpus, refere
         assert table.equals(uninterrupted[path]), path
 
     # Cleaning unfinished batches keeps the sidecar the finished batch adopted, and nothing else of that folder.
-    half_written = os.path.join(unfinished, scored_shards.SIDECAR_DIR, f".{finished}.0123.tmp")
+    half_written = os.path.join(unfinished, SIDECAR_DIR, f".{finished}.0123.tmp")
     open(half_written, "wb").write(b"PAR1")  # as a kill mid-write leaves it
-    removed = scored_shards.remove_unfinished(output, before="batch-99991231T235959Z")
+    removed = batches.remove_unfinished(output, before="batch-99991231T235959Z")
     assert removed == [half_written]
-    assert sorted(os.listdir(os.path.join(unfinished, scored_shards.SIDECAR_DIR))) == [
+    assert sorted(os.listdir(os.path.join(unfinished, SIDECAR_DIR))) == [
         finished, finished.replace(".parquet", ".tfrecord")]  # with its TFRecord twin
     assert len(TrainingData.open(configs.get_config("jest", smoke=True), "", output).shards) == 3
 
 
 def test_jest_smoke_trains_from_corpus_and_sidecars(corpus, sidecar_run, tmp_path):
-    from curation import train
+    from curation.trainer import loop
 
     workdir = str(tmp_path / "run")
-    train.main(["--config", "jest", "--smoke", "--data", corpus, "--scored", os.path.dirname(sidecar_run.batch_dir),
+    loop.main(["--config", "jest", "--smoke", "--data", corpus, "--scored", os.path.dirname(sidecar_run.batch_dir),
                 "--workdir", workdir])
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [row["loss"] for row in rows if "loss" in row]

@@ -1,0 +1,1 @@
+"""The online JAX trainer: configs, input, the step, selection, loop, checkpoints, evaluation, report."""

@@ -1,0 +1,81 @@
+"""Run metrics: one JSON object a line in `DIR/metrics.jsonl`, TensorBoard event files, a progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from tqdm import tqdm
+
+from curation.trainer import run_files
+
+log = logging.getLogger(__name__)
+
+
+def _emulated_gcs(path: str) -> bool:
+    """A gs:// path while STORAGE_EMULATOR_HOST points Google's Python clients at an emulator: TensorFlow's own GCS
+    client has no endpoint setting, so it would try (and wait on) the real service."""
+    return path.startswith("gs://") and bool(os.environ.get("STORAGE_EMULATOR_HOST"))
+
+
+class MetricWriter:
+    """Rows `{"step": s, **metrics}` in `metrics.jsonl` and as TensorBoard scalars. On resume, rows past the restored
+    step are dropped (they will be redone). The file is rewritten whole at every write, never appended to, so it
+    works on object stores (gs://) as on a disk; a run logs a few thousand rows at most."""
+
+    def __init__(self, workdir: str, resume_step: int = 0, tensorboard: bool = True):
+        self.path = run_files.join(workdir, "metrics.jsonl")
+        self._rows: list[str] = []
+        if run_files.exists(self.path):
+            self._rows = [line for line in run_files.read_text(self.path).splitlines()
+                          if line.strip() and json.loads(line)["step"] <= resume_step]
+            self._rewrite()
+        self._summary = None
+        events = run_files.join(workdir, "tensorboard")
+        if tensorboard and _emulated_gcs(events):
+            log.warning("not writing TensorBoard events to %s: TensorFlow's GCS client cannot be pointed at the "
+                        "emulator at STORAGE_EMULATOR_HOST (metrics.jsonl is written)", events)
+        elif tensorboard:
+            import tensorflow as tf
+
+            self._summary = tf.summary.create_file_writer(events)
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        self._rows.append(json.dumps({"step": step, **metrics}))
+        self._rewrite()
+        if self._summary is not None:
+            import tensorflow as tf
+
+            with self._summary.as_default(step=step):
+                for name, value in metrics.items():
+                    tf.summary.scalar(name, value)
+            self._summary.flush()
+
+    def _rewrite(self) -> None:
+        run_files.write_text(self.path, "".join(row + "\n" for row in self._rows))
+
+    def close(self) -> None:
+        if self._summary is not None:
+            self._summary.close()
+
+
+class NoMetrics:
+    """What a process other than the primary writes: nothing."""
+
+    def write(self, step: int, metrics: dict[str, float]) -> None:
+        del step, metrics
+
+    def close(self) -> None:
+        pass
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    return [json.loads(line) for line in run_files.read_text(run_files.join(workdir, "metrics.jsonl")).splitlines()
+            if line.strip()]
+
+
+def progress_bar(total: int, initial: int, name: str, enabled: bool = True) -> tqdm:
+    """Steps with steps/s and ETA."""
+    return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0,
+                disable=not enabled)

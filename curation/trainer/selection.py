@@ -1,0 +1,345 @@
+"""JEST sub-batch selection from a super-batch of learner and reference embeddings, as pure jit-friendly functions.
+
+A super-batch holds B examples; example i's image and text are a positive pair with each other only. Per pair:
+  hard_learner    S_ij = ℓ^θ_ij            (hard for the learner)
+  easy_reference  S_ij = −ℓ^θ*_ij          (easy for the reference)
+  learnability    S_ij = ℓ^θ_ij − ℓ^θ*_ij  (both)
+with ℓ the sigmoid pair loss softplus(−z_ij·(t⟨x_i, y_j⟩ + b)) of `models.losses`.
+
+Joint selection picks n_select = n_chunks·chunk examples in n_chunks chunks. Given the picked set P, a candidate's
+conditional score is c_i = S_ii + Σ_{k∈P} (S_ik + S_ki); each chunk is drawn without replacement with probability
+∝ softmax(c) over the candidates not yet picked (Gumbel-top-k). After a chunk C only its rows and columns enter:
+c += S[:, C].sum(1) + S[C, :].sum(0), so each chunk needs the B×|C| blocks, computed from embeddings: memory
+O(B·n_select/n_chunks), compute O(B·n_select·d), and no B×B array exists at any point.
+
+The softmax (CLIP/InfoNCE) variant scores candidate i by its InfoNCE loss (mean of image→text and text→image) with
+negatives restricted to P ∪ {i}, learner minus reference for learnability; it keeps running logsumexps over P per
+candidate. With P empty every such score is 0, so its first chunk is always a uniform draw.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from models.losses import own_pair_sigmoid, pair_logits, sigmoid_pair_losses
+
+SCORES = ("learnability", "hard_learner", "easy_reference")
+METHODS = ("joint", "independent", "uniform")
+LOSSES = ("sigmoid", "softmax")
+FIRST_CHUNKS = ("score", "uniform")
+
+
+class Embeddings(NamedTuple):
+    """One model's L2-normalized embeddings of a super-batch and its sigmoid-loss temperature and bias."""
+
+    zimg: jax.Array  # [B, d]
+    ztxt: jax.Array  # [B, d]
+    t: jax.Array | float  # temperature, already exponentiated
+    b: jax.Array | float  # bias (unused by the softmax loss)
+
+
+def _as_float(e: Embeddings | None) -> Embeddings | None:
+    """Promote to at least float32 once (stored reference embeddings are float16)."""
+    if e is None:
+        return None
+    dtype = jnp.promote_types(jnp.result_type(e.zimg), jnp.float32)
+    return Embeddings(*(jnp.asarray(x, dtype) for x in e))
+
+
+def _models(learner: Embeddings | None, reference: Embeddings | None, score: str):
+    """(learner or None, reference or None): only the models `score` needs, checked and promoted."""
+    if score not in SCORES:
+        raise ValueError(f"unknown score {score!r}; known: {SCORES}")
+    needs_learner, needs_reference = score != "easy_reference", score != "hard_learner"
+    if needs_learner and learner is None:
+        raise ValueError(f"score {score!r} needs the learner's embeddings")
+    if needs_reference and reference is None:
+        raise ValueError(f"score {score!r} needs the reference's embeddings")
+    learner, reference = (learner if needs_learner else None), (reference if needs_reference else None)
+    shapes = {e.zimg.shape[0] for e in (learner, reference) if e is not None}
+    shapes |= {e.ztxt.shape[0] for e in (learner, reference) if e is not None}
+    if len(shapes) != 1:
+        raise ValueError(f"learner and reference embeddings must cover the same examples, got sizes {sorted(shapes)}")
+    return _as_float(learner), _as_float(reference)
+
+
+def _combine(score: str, learner_value, reference_value):
+    """The score from per-model values: learner − reference, learner, or −reference."""
+    if score == "hard_learner":
+        return learner_value
+    if score == "easy_reference":
+        return -reference_value
+    return learner_value - reference_value
+
+
+def _size(learner: Embeddings | None, reference: Embeddings | None) -> int:
+    if learner is None and reference is None:
+        raise ValueError("give the learner's or the reference's embeddings")
+    return (learner if learner is not None else reference).zimg.shape[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pair scores of any block, and the diagonal.
+
+
+def _pair_losses(e: Embeddings, rows: jax.Array | None, cols: jax.Array | None) -> jax.Array:
+    """[R, K] sigmoid pair losses of image rows `rows` vs text columns `cols` (None: all B); positives where i = j."""
+    if rows is None and cols is None:
+        return sigmoid_pair_losses(e.zimg, e.ztxt, e.t, e.b)
+    all_examples = jnp.arange(e.zimg.shape[0])
+    rows = all_examples if rows is None else rows
+    cols = all_examples if cols is None else cols
+    return sigmoid_pair_losses(e.zimg[rows], e.ztxt[cols], e.t, e.b, rows, cols)
+
+
+def pair_scores(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    score: str = "learnability",
+    rows: jax.Array | None = None,
+    cols: jax.Array | None = None,
+) -> jax.Array:
+    """[R, K] block S[rows][:, cols] of the pair-score matrix; S[:, C] is `cols=C`, S[C, :] is `rows=C`."""
+    learner, reference = _models(learner, reference, score)
+    values = [None if e is None else _pair_losses(e, rows, cols) for e in (learner, reference)]
+    return _combine(score, *values)
+
+
+def _own_logits(e: Embeddings) -> jax.Array:
+    """[B] softmax logit of each example with its own caption: t⟨x_i, y_i⟩ (no bias)."""
+    return e.t * jnp.sum(e.zimg * e.ztxt, axis=-1)
+
+
+def diagonal_scores(learner: Embeddings | None, reference: Embeddings | None, score: str = "learnability") -> jax.Array:
+    """[B] S_ii: the score of each example with its own caption (sigmoid loss), without building B×B."""
+    learner, reference = _models(learner, reference, score)
+    values = [None if e is None else own_pair_sigmoid(e.zimg, e.ztxt, e.t, e.b)[2] for e in (learner, reference)]
+    return _combine(score, *values)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Conditional scores of joint selection, as (init, scores, update) on a small per-candidate state.
+
+
+def _sigmoid_conditional(learner, reference, score):
+    """State c [B]: c_i = S_ii + Σ_{k∈P}(S_ik + S_ki), updated by one chunk's rows and columns."""
+
+    def update(c, chunk):  # chunk: [n] indices
+        return c + pair_scores(learner, reference, score, cols=chunk).sum(1) + pair_scores(
+            learner, reference, score, rows=chunk
+        ).sum(0)
+
+    return diagonal_scores(learner, reference, score), (lambda c: c), update
+
+
+def _softmax_conditional(learner, reference, score):
+    """State per model: running logsumexp over P of row logits (image i vs texts in P) and column logits."""
+    models = {name: e for name, e in (("learner", learner), ("reference", reference)) if e is not None}
+    empty = jnp.full([_size(learner, reference)], -jnp.inf, next(iter(models.values())).zimg.dtype)
+    init = {name: (empty, empty) for name in models}  # (row [B], col [B])
+
+    def scores(state):
+        values = {}
+        for name, e in models.items():
+            row, col = state[name]
+            own = _own_logits(e)  # [B]
+            i2t = jnp.logaddexp(row, own) - own
+            t2i = jnp.logaddexp(col, own) - own
+            values[name] = 0.5 * (i2t + t2i)
+        return _combine(score, values.get("learner"), values.get("reference"))
+
+    def update(state, chunk):  # chunk: [n] indices
+        new = {}
+        for name, e in models.items():
+            row, col = state[name]
+            row = jnp.logaddexp(row, jax.nn.logsumexp(pair_logits(e.zimg, e.ztxt[chunk], e.t), axis=1))  # [B]
+            col = jnp.logaddexp(col, jax.nn.logsumexp(pair_logits(e.zimg[chunk], e.ztxt, e.t), axis=0))  # [B]
+            new[name] = (row, col)
+        return new
+
+    return init, scores, update
+
+
+def _gumbel_top_k(key: jax.Array, logits: jax.Array, k: int, picked: jax.Array, noise: bool) -> jax.Array:
+    """[k] indices drawn without replacement ∝ softmax(logits) over the unpicked ones (greedy top-k without noise)."""
+    if noise:
+        logits = logits + jax.random.gumbel(key, logits.shape, logits.dtype)
+    return jax.lax.top_k(jnp.where(picked, -jnp.inf, logits), k)[1].astype(jnp.int32)
+
+
+def _check_sizes(n_examples: int, n_select: int, n_chunks: int) -> None:
+    if not 0 < n_select <= n_examples:
+        raise ValueError(f"cannot select {n_select} of a super-batch of {n_examples}")
+    if n_chunks < 1 or n_select % n_chunks:
+        raise ValueError(f"n_select {n_select} does not split into {n_chunks} equal chunks")
+
+
+def joint_selection_trace(
+    rng: jax.Array,
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    *,
+    score: str = "learnability",
+    n_select: int,
+    n_chunks: int = 16,
+    loss: str = "sigmoid",
+    first_chunk: str = "score",
+    noise: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Joint selection, also returning the conditional scores each chunk was drawn from.
+
+    Returns (indices [n_select] int32 in pick order, scores [n_chunks, B] with already-picked candidates at −inf).
+    A uniform first chunk (`first_chunk="uniform"`, and always with the softmax loss) is a random draw even when
+    `noise` is off, since there is no score to maximise.
+    """
+    learner, reference = _models(learner, reference, score)
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
+    if first_chunk not in FIRST_CHUNKS:
+        raise ValueError(f"unknown first_chunk {first_chunk!r}; known: {FIRST_CHUNKS}")
+    n_examples = _size(learner, reference)
+    _check_sizes(n_examples, n_select, n_chunks)
+    chunk_size = n_select // n_chunks
+    conditional = _sigmoid_conditional if loss == "sigmoid" else _softmax_conditional
+    state, scores_of, update = conditional(learner, reference, score)
+
+    nothing_picked = jnp.zeros([n_examples], bool)
+    first_scores = scores_of(state)
+    first_uniform = first_chunk == "uniform" or loss == "softmax"
+    if first_uniform:
+        first_scores = jnp.zeros_like(first_scores)
+    first = _gumbel_top_k(jax.random.fold_in(rng, 0), first_scores, chunk_size, nothing_picked, noise or first_uniform)
+
+    def step(carry, chunk_number):
+        state, picked, previous = carry
+        state = update(state, previous)
+        scores = scores_of(state)  # [B]
+        chunk = _gumbel_top_k(jax.random.fold_in(rng, chunk_number), scores, chunk_size, picked, noise)
+        return (state, picked.at[chunk].set(True), chunk), (chunk, jnp.where(picked, -jnp.inf, scores))
+
+    carry = (state, nothing_picked.at[first].set(True), first)
+    _, (chunks, traces) = jax.lax.scan(step, carry, jnp.arange(1, n_chunks))  # [N-1, n], [N-1, B]
+    indices = jnp.concatenate([first, chunks.reshape(-1)])
+    return indices, jnp.concatenate([first_scores[None], traces])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Per-example and per-sub-batch scores for the baselines and for reporting.
+
+
+def _infonce_against(e: Embeddings, examples: jax.Array, against: jax.Array, block_size: int) -> jax.Array:
+    """[n] InfoNCE of each of `examples` ((i2t + t2i) / 2) with the examples `against` (containing it) in the batch."""
+    zimg_against, ztxt_against = e.zimg[against], e.ztxt[against]  # [m, d]
+
+    def one(i):
+        own = e.t * jnp.dot(e.zimg[i], e.ztxt[i])
+        i2t = jax.nn.logsumexp(e.t * (ztxt_against @ e.zimg[i])) - own
+        t2i = jax.nn.logsumexp(e.t * (zimg_against @ e.ztxt[i])) - own
+        return 0.5 * (i2t + t2i)
+
+    return jax.lax.map(one, examples, batch_size=block_size)
+
+
+def example_scores(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    score: str = "learnability",
+    loss: str = "sigmoid",
+    block_size: int = 256,
+) -> jax.Array:
+    """[B] per-example scores of independent selection: S_ii (sigmoid), or the InfoNCE in the whole super-batch.
+
+    A lone example's InfoNCE is 0, so the softmax variant uses the whole super-batch as negatives (RHO-LOSS style),
+    computed `block_size` rows at a time.
+    """
+    if loss == "sigmoid":
+        return diagonal_scores(learner, reference, score)
+    if loss != "softmax":
+        raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
+    learner, reference = _models(learner, reference, score)
+    everyone = jnp.arange(_size(learner, reference))
+    values = [None if e is None else _infonce_against(e, everyone, everyone, block_size) for e in (learner, reference)]
+    return _combine(score, *values)
+
+
+def subbatch_score(
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    indices: jax.Array,
+    *,
+    score: str = "learnability",
+    loss: str = "sigmoid",
+    block_size: int = 256,
+) -> jax.Array:
+    """Scalar score of the sub-batch `indices` per example, computed `block_size` rows at a time.
+
+    Sigmoid: Σ_{i,j∈I} S_ij / |I| (for learnability, the learner's sub-batch loss minus the reference's).
+    Softmax: the mean over I of the learner-minus-reference InfoNCE with negatives in I.
+    """
+    learner, reference = _models(learner, reference, score)
+    if loss == "sigmoid":
+
+        def row_sum(i):
+            return pair_scores(learner, reference, score, rows=i[None], cols=indices).sum()
+
+        return jax.lax.map(row_sum, indices, batch_size=block_size).sum() / indices.shape[0]
+    if loss != "softmax":
+        raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
+    values = [None if e is None else _infonce_against(e, indices, indices, block_size) for e in (learner, reference)]
+    return _combine(score, *values).mean()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Entry point and offline filter.
+
+
+def select(
+    rng: jax.Array,
+    learner: Embeddings | None,
+    reference: Embeddings | None,
+    *,
+    method: str,
+    n_select: int,
+    score: str = "learnability",
+    n_chunks: int = 16,
+    loss: str = "sigmoid",
+    first_chunk: str = "score",
+    noise: bool = True,
+) -> jax.Array:
+    """[n_select] unique int32 indices into the super-batch, by `method` joint | independent | uniform.
+
+    `noise=False` makes joint selection a greedy chunk-wise argmax and independent selection a plain top-k; with
+    noise, both sample ∝ softmax(score) without replacement. Deterministic given `rng`, whatever the sharding.
+    """
+    if method == "joint":
+        return joint_selection_trace(
+            rng, learner, reference, score=score, n_select=n_select, n_chunks=n_chunks, loss=loss,
+            first_chunk=first_chunk, noise=noise,
+        )[0]
+    if method not in METHODS:
+        raise ValueError(f"unknown selection method {method!r}; known: {METHODS}")
+    n_examples = _size(learner, reference)
+    _check_sizes(n_examples, n_select, 1)
+    if method == "uniform":
+        return _gumbel_top_k(rng, jnp.zeros([n_examples]), n_select, jnp.zeros([n_examples], bool), noise=True)
+    scores = example_scores(learner, reference, score, loss, block_size=max(1, n_select // n_chunks))
+    return _gumbel_top_k(rng, scores, n_select, jnp.zeros([n_examples], bool), noise)
+
+
+def offline_filter(scores: np.ndarray, keep_fraction: float) -> np.ndarray:
+    """[n] bool mask keeping the round(q·n) highest stored easy-reference scores (DataComp's CLIP-score filter).
+
+    Higher means easier for the reference (e.g. cosine, or minus the own-pair loss). Halves round up; among equal
+    scores the earlier example is kept.
+    """
+    if not 0.0 <= keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in [0, 1], got {keep_fraction}")
+    scores = np.asarray(scores)
+    n_keep = int(np.floor(keep_fraction * len(scores) + 0.5))
+    keep = np.zeros(len(scores), bool)
+    keep[np.argsort(-scores, kind="stable")[:n_keep]] = True
+    return keep
