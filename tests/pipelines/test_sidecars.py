@@ -200,10 +200,10 @@ def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(corpus, refere
 
 
 def test_jest_smoke_trains_from_corpus_and_sidecars(corpus, sidecar_run, tmp_path):
-    from curation.trainer import loop
+    from curation import train
 
     workdir = str(tmp_path / "run")
-    loop.main(["--config", "jest", "--smoke", "--data", corpus, "--scored", os.path.dirname(sidecar_run.batch_dir),
+    train.main(["--config", "jest", "--smoke", "--data", corpus, "--scored", os.path.dirname(sidecar_run.batch_dir),
                 "--workdir", workdir])
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [row["loss"] for row in rows if "loss" in row]
