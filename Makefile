@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install lint test demo bench clean
 
 install: $(STAMP)
 
@@ -17,7 +17,12 @@ $(STAMP): requirements.txt constraints.txt setup.py
 	$(PY) -m pip check
 	touch $(STAMP)
 
-test: install
+# ruff (pinned in requirements.txt, configured in ruff.toml): lint and format, checked before the suite.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: install lint
 	$(PY) -m pytest -q -n 2 -m "not gcs" tests
 	$(PY) -m pytest -q -m gcs tests
 

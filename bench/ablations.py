@@ -128,14 +128,14 @@ def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, shar
     metadata (so the clean share counts only fresh clean examples). Same reference, same schema."""
     import pyarrow as pa
 
-    scored_set = scored_set.open_scored(scored)
-    manifest = scored_set.manifests[-1]
+    opened = scored_set.open_scored(scored)
+    manifest = opened.manifests[-1]
     existing = batches.read_manifests(out) if os.path.isdir(out) else []
     if existing:
         if existing[-1].reference_fingerprint == manifest.reference_fingerprint:
             return out
         shutil.rmtree(out)  # made from another reference's scores: make it again
-    table = pa.concat_tables([scored_set.read_scored_parquet(path) for path in scored_set.shard_paths("parquet")])
+    table = pa.concat_tables([scored_set.read_scored_parquet(path) for path in opened.shard_paths("parquet")])
     truth = np.array([json.loads(m).get("truth") for m in table.column(schema.METADATA).to_pylist()])
     losses = table.column(schema.REF_LOSS).to_numpy()
     clean = np.nonzero(truth == "clean")[0]
@@ -150,7 +150,7 @@ def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, shar
     for row in rows:  # the writer takes embeddings as arrays
         for name in schema.EMBEDDINGS:
             row[name] = np.asarray(row[name], np.float16)
-    combined = schema.rows_to_table(rows, scored_set.embed_dim)
+    combined = schema.rows_to_table(rows, opened.embed_dim)
     batches.write_scored_batch(out, "batch-repeated", combined, dataclasses.replace(
         manifest, counts=Counts(read=len(rows), scored=len(rows), dead_letter={}),
         options=dataclasses.replace(manifest.options,

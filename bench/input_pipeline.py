@@ -35,7 +35,8 @@ from PIL import Image
 
 import results  # bench/results.py, beside this script
 from curation.trainer import configs, input_pipeline
-from curation.shared.corpus import CorpusRecord, iter_corpus
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_readers import iter_corpus
 from curation.trainer.decode_pool import DecodePool
 from curation.shared.validation import ValidationOptions, prepare_image
 from models.preprocessing import ImagePreprocessing

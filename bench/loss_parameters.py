@@ -18,7 +18,6 @@ import dataclasses
 import os
 
 import results  # bench/results.py, beside this script
-from curation.trainer import configs
 from curation.trainer.metrics import read_metrics
 from curation.trainer.loop import train
 from demo import run as demo

@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from curation.shared.corpus import CorpusRecord, iter_corpus  # noqa: E402
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_readers import iter_corpus  # noqa: E402
 from curation.trainer.input_pipeline import split_shards  # noqa: E402
 from curation.shared.validation import ValidationOptions, decode_and_validate  # noqa: E402
 from demo.make_corpus import write_corpus  # noqa: E402

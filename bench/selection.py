@@ -15,7 +15,6 @@ import functools
 import os
 import resource
 import statistics
-import sys
 import time
 
 import jax

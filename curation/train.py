@@ -17,10 +17,11 @@ import jax
 
 from curation.shared import cli
 from curation.trainer import configs, distributed, training_step
-from curation.trainer.loop import Preempted, check_workdir, train
+from curation.trainer.loop import Preempted, train
 from curation.trainer.training_data import TrainingData
+from curation.trainer.workdir import check_workdir
 
-log = logging.getLogger("curation.train")
+log = logging.getLogger(__name__)
 
 
 def _config_field_flags(parser: argparse.ArgumentParser, defaults: configs.TrainConfig) -> None:
@@ -102,12 +103,13 @@ def main(argv: list[str] | None = None) -> None:
     try:  # the workdir, the data and the reference's loss family checked against the config before any work
         if not args.start_over:
             check_workdir(config, args.workdir, args.scored, start_over=False, num_processes=jax.process_count())
-        TrainingData.open(config, args.data, args.scored).check_processes(config, jax.process_count())
+        data = TrainingData.open(config, args.data, args.scored)
+        data.check_processes(config, jax.process_count())
     except (ValueError, OSError) as error:
         print(f"python -m curation.train: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
     try:
-        train(config, args.data, args.workdir, scored_dir=args.scored, start_over=args.start_over)
+        train(config, args.data, args.workdir, scored_dir=args.scored, start_over=args.start_over, data=data)
     except Preempted as stopped:
         log.warning("%s", stopped.args[0])
         sys.exit(stopped.exit_code)

@@ -49,7 +49,6 @@ SPLIT_DESCRIPTIONS = {
 KEY_PREFIXES = {"web": "web", "curated": "curated", "eval/zeroshot": "zeroshot", "eval/retrieval": "retrieval"}
 # Independent random streams per example, so that e.g. a misaligned caption is exactly its source's caption.
 SCENE, CAPTION, RENDER, NOISE, PLAN = range(5)
-BROKEN_KINDS = ("truncated_image", "non_image", "empty_caption", "long_caption", "bad_utf8")
 DEGRADATIONS = ("blur", "noise", "crop")
 NON_IMAGES = {
     "html": b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>Not Found</body></html>",

@@ -112,8 +112,8 @@ def run(argv: Sequence[str] | None = None) -> str:
         timings[name] = time.perf_counter() - start
 
     stage(5, "report")
-    scored_set = scored_set.open_scored(scored)
-    manifest = scored_set.manifests[-1]
+    opened = scored_set.open_scored(scored)
+    manifest = opened.manifests[-1]
     jest_config = learners[args.jest_config]
     counts = manifest.counts
     notes = "\n".join([
@@ -130,7 +130,7 @@ def run(argv: Sequence[str] | None = None) -> str:
            f"at patch {jest_config.patch_size} and the other half at {jest_config.coarse_patch_size}"
            if jest_config.flexi else ""),
         "- FLOPs: online is the learner's updates plus, for JEST, its scoring passes over the super-batches; offline "
-        f"scoring is the reference's forward once per example scored ({scored_set.scored:,} examples), spent "
+        f"scoring is the reference's forward once per example scored ({opened.scored:,} examples), spent "
         "once for every run on these scores; the reference's training is its own row",
         "- stage wall-clock: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()),
     ])

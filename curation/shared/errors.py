@@ -10,7 +10,6 @@ import dataclasses
 
 # Stages, in the order a record meets them.
 READ, CAPTION, DECODE, EMBED = "read", "caption", "decode", "embed"
-STAGES = (READ, CAPTION, DECODE, EMBED)
 
 # Reasons of the read stage: what cannot become a record.
 MISSING_IMAGE = "missing_image"  # a sample or row has a caption but no image bytes

@@ -196,22 +196,3 @@ def apply_overrides(config: TrainConfig, overrides: dict[str, str]) -> TrainConf
         else:
             values[name] = kind(text)
     return dataclasses.replace(config, **values)
-
-
-def parse_override_flags(argv: list[str]) -> dict[str, str]:
-    """['--batch_size=64', '--loss', 'softmax'] -> {'batch_size': '64', 'loss': 'softmax'}."""
-    overrides, index = {}, 0
-    while index < len(argv):
-        flag = argv[index]
-        if not flag.startswith("--"):
-            raise ValueError(f"unexpected argument {flag!r}; config overrides look like --field=value")
-        if "=" in flag:
-            name, value = flag[2:].split("=", 1)
-        elif index + 1 < len(argv):
-            name, value = flag[2:], argv[index + 1]
-            index += 1
-        else:
-            raise ValueError(f"flag {flag} has no value")
-        overrides[name] = value
-        index += 1
-    return overrides

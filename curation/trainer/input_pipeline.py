@@ -21,7 +21,8 @@ import numpy as np
 import tensorflow as tf
 from apache_beam.io.filesystems import FileSystems
 
-from curation.shared.corpus import CorpusRecord, match_shards, read_shard
+from curation.shared.corpus import CorpusRecord, match_shards
+from curation.shared.corpus_readers import read_shard
 from curation.trainer.decode_pool import DecodePool
 from curation.shared.validation import ValidationOptions, prepare_image, training_caption
 from models.environment import keep_tensorflow_off_accelerators

@@ -1,4 +1,5 @@
-"""Run metrics: one JSON object a line in `DIR/metrics.jsonl`, TensorBoard event files, a progress bar."""
+"""Run metrics: the rows (`train_row`, checked finite), one JSON object a line in `DIR/metrics.jsonl`, TensorBoard
+event files, a progress bar."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import logging
 import os
 
+import jax
+import numpy as np
 from tqdm import tqdm
 
 from curation.trainer import run_files
@@ -79,3 +82,31 @@ def progress_bar(total: int, initial: int, name: str, enabled: bool = True) -> t
     """Steps with steps/s and ETA."""
     return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0,
                 disable=not enabled)
+
+
+def train_row(step: int, values: dict[str, float], progress: dict, flops: dict[str, int],
+              timings: dict[str, float], steps_logged: int, raw_seen: int | None = None) -> dict[str, float]:
+    """One metrics row: the logged steps' mean metrics, the run's counters and FLOPs (online: the learner's
+    updates and scoring passes so far; offline: the reference's pass over the scored corpus), and the mean seconds
+    per step of each timed part. `raw_seen`: records read by every process (default: this one's position)."""
+    drawn = progress["superbatch_examples_seen"]
+    raw_seen = progress["position"]["raw_seen"] if raw_seen is None else raw_seen
+    train_flops, scoring_flops = step * flops["train"], step * flops["learner_scoring"]
+    return {
+        **values, "examples_seen": progress["examples_seen"], "superbatch_examples_seen": drawn,
+        "train_flops": train_flops, "learner_scoring_flops": scoring_flops, "online_flops": train_flops + scoring_flops,
+        "offline_scoring_flops": flops["offline_scoring"], "reference_flops_per_example": flops["reference_per_example"],
+        "wall_s": progress["wall_s"], "skipped": max(raw_seen - drawn, 0),
+        **{name: seconds / steps_logged for name, seconds in timings.items()},
+    }
+
+
+def check_finite(pending: list[tuple[int, dict]]) -> dict[str, float]:
+    """Mean of the steps' metrics; raises naming the step range if a loss is not finite."""
+    fetched = [(step, jax.device_get(metrics)) for step, metrics in pending]
+    for step, metrics in fetched:
+        if not np.isfinite(metrics["loss"]):
+            raise FloatingPointError(
+                f"non-finite loss {float(metrics['loss'])} at step {step} (steps {fetched[0][0]}-{fetched[-1][0]} "
+                f"checked; the last checkpoint before step {fetched[0][0]} is good)")
+    return {name: float(np.mean([m[name] for _, m in fetched])) for name in fetched[0][1]}

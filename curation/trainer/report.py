@@ -13,15 +13,11 @@ the baseline the others are measured against.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-from typing import Sequence
 
 import numpy as np
 
-from curation.shared import cli
 from curation.trainer.metrics import read_metrics
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import tensorflow as tf
 
 from curation.shared import schema, scored_set, sidecars
-from curation.shared.manifest import Options, ScoredShardsError
-from curation.shared.corpus import CorpusRecord, FieldNames, read_shard
+from curation.shared.manifest import ScoredShardsError
+from curation.shared.corpus import CorpusRecord, FieldNames
+from curation.shared.corpus_readers import read_shard
 from curation.trainer.input_pipeline import DataPosition, decoded_batches, record_stream
 from curation.shared.validation import ValidationOptions
 from curation.trainer.selection import offline_filter

@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 from PIL import Image
 
-from curation.shared.corpus import CorpusRecord, iter_corpus
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_readers import iter_corpus
 from demo import make_corpus, scenes
 from demo.make_corpus import NoiseRates, write_corpus
 

@@ -26,7 +26,9 @@ from PIL import Image
 
 from curation.shared import batches, scored_set
 from curation.shared.manifest import DEAD_LETTER_PREFIX, MANIFEST_NAME, Manifest, ScoredShardsError
-from curation.shared.corpus import CorpusError, CorpusRecord, read_shard
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_readers import read_shard
+from curation.shared.errors import CorpusError
 from curation.shared.corpus_writers import open_shard_writer
 from models import checkpoint
 from pipelines.references import LossParameters

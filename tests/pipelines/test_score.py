@@ -9,7 +9,8 @@ import pytest
 
 from curation.shared import batches, scored_set
 from curation.shared.manifest import DONE, FAILED, MANIFEST_NAME, Manifest, ScoredShardsError
-from curation.shared.corpus import CorpusRecord, iter_corpus
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_readers import iter_corpus
 from curation.shared.validation import ValidationOptions, decode_image
 from models import checkpoint
 from models.preprocessing import ImagePreprocessing

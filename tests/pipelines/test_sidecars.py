@@ -18,7 +18,8 @@ import tensorflow as tf
 from curation.shared import batches, schema, sidecars
 from curation.shared.manifest import SIDECAR_DIR, ScoredShardsError
 from curation.trainer import configs, scored_input
-from curation.shared.corpus import CorpusRecord, read_shard
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_readers import read_shard
 from curation.trainer.training_data import TrainingData
 from pipelines import score
 

@@ -9,7 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.shared import corpus, tfrecord
-from curation.shared.corpus import CorpusError, CorpusReadError, CorpusRecord, FieldNames, iter_corpus, read_shard
+from curation.shared.corpus import CorpusRecord, FieldNames
+from curation.shared.corpus_readers import iter_corpus, read_shard
+from curation.shared.errors import CorpusError, CorpusReadError
 from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
 
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg"

@@ -7,7 +7,8 @@ import pytest
 from PIL import Image
 
 from curation.shared import errors, validation
-from curation.shared.corpus import CorpusError, CorpusRecord
+from curation.shared.corpus import CorpusRecord
+from curation.shared.errors import CorpusError
 from curation.shared.validation import ValidationOptions, decode_and_validate
 from models.preprocessing import ImagePreprocessing
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from curation.shared.corpus import CorpusRecord, iter_corpus
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_readers import iter_corpus
 from curation.shared.corpus_writers import open_shard_writer
 from curation.trainer.input_pipeline import DataPosition, load_examples, make_dataset, record_caption, split_shards
 from curation.shared.validation import prepare_image

@@ -243,7 +243,7 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tiny_corpus, t
             if os.path.getsize(path) > 64:
                 with open(path, "r+b") as f:
                     f.truncate(16)
-    caplog.set_level("WARNING", logger="curation.train")
+    caplog.set_level("WARNING", logger="curation.trainer")
     resumed = train(config, tiny_corpus, workdir)
     [warning] = [r.getMessage() for r in caplog.records if "cannot be restored" in r.getMessage()]
     assert "step 4" in warning and "corrupt_step_4" in warning and "resuming from step 2" in warning

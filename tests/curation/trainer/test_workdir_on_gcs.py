@@ -53,7 +53,7 @@ def test_a_run_killed_and_resumed_on_gcs_ends_as_an_uninterrupted_local_run(gcs_
     assert not os.path.exists("gs:")  # nothing under a local folder named after the URL
     assert json.loads(run_files.read_text(f"{workdir}/config.json"))["tokenizer"] == "words"
 
-    with caplog.at_level(logging.INFO, logger="curation.train"):
+    with caplog.at_level(logging.INFO, logger="curation.trainer"):
         resumed = train(SMOKE, tiny_corpus, workdir)
     assert "resumed from step 4" in caplog.text
     assert _params_bytes(resumed) == _params_bytes(straight)

@@ -18,7 +18,7 @@ from PIL import Image
 from curation.shared import batches
 from curation.shared.manifest import Manifest
 from curation.trainer import scored_input
-from curation.shared.corpus import iter_corpus
+from curation.shared.corpus_readers import iter_corpus
 from curation.shared.validation import ValidationOptions, decode_image
 from models.preprocessing import ImagePreprocessing
 from pipelines import references, score
