@@ -44,15 +44,15 @@ class PreparedExample:
 
 
 @dataclasses.dataclass(frozen=True)
-class Embeddings:
-    """Per-example model output: L2-normalized float32 embeddings."""
+class ReferenceEmbeddings:
+    """The reference model's output for one example: its L2-normalized float32 image and text embeddings."""
 
     image: np.ndarray  # [d]
     text: np.ndarray  # [d]
 
 
 class DualEncoderHandler(ModelHandler[PreparedExample, PredictionResult, LoadedReference]):
-    """RunInference handler: PreparedExample -> PredictionResult(example, Embeddings)."""
+    """RunInference handler: PreparedExample -> PredictionResult(example, ReferenceEmbeddings)."""
 
     def __init__(self, reference: Reference, batch_size: int = 256, *, min_batch_size: int = 1,
                  large_model: bool = False, model_copies: int | None = None):
@@ -74,7 +74,7 @@ class DualEncoderHandler(ModelHandler[PreparedExample, PredictionResult, LoadedR
         if prepared:
             zimg, ztxt = model.embed(np.stack([example.pixels for example in prepared]),
                                      np.stack([example.tokens for example in prepared]))
-            embedded = (Embeddings(zimg[i], ztxt[i]) for i in range(len(prepared)))
+            embedded = (ReferenceEmbeddings(zimg[i], ztxt[i]) for i in range(len(prepared)))
         return [PredictionResult(example, next(embedded) if isinstance(example, PreparedExample) else None,
                                  self._reference.info.id) for example in batch]
 

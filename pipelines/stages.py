@@ -30,7 +30,7 @@ from models.losses import own_pair_sigmoid
 from curation.shared.validation import ValidationOptions, ValidExample, decode_and_validate, encode_jpeg
 from models.preprocessing import ImagePreprocessing
 from pipelines.corpus_io import in_global_window
-from pipelines.jax_inference import DualEncoderHandler, Embeddings, PreparedExample
+from pipelines.jax_inference import DualEncoderHandler, PreparedExample, ReferenceEmbeddings
 from pipelines.progress import worker_progress
 from pipelines.references import LossParameters, Reference
 
@@ -218,7 +218,7 @@ class ReadLossParameters(beam.PTransform):
 
 
 class EmbedWithReference(beam.PTransform):
-    """(key, PreparedExample) -> (key, PredictionResult(example, Embeddings)) through Beam's RunInference."""
+    """(key, PreparedExample) -> (key, PredictionResult(example, ReferenceEmbeddings)) through Beam's RunInference."""
 
     def __init__(self, handler: DualEncoderHandler):
         super().__init__()
@@ -228,7 +228,7 @@ class EmbedWithReference(beam.PTransform):
         return prepared | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
 
 
-def score_row(example: PreparedExample, embeddings: Embeddings, loss: str,
+def score_row(example: PreparedExample, embeddings: ReferenceEmbeddings, loss: str,
               parameters: LossParameters) -> dict[str, Any]:
     """A scored-shard row. Cosine, logit and loss are computed from the stored float16 embeddings, so a reader
     recomputing them from the shard gets the stored values. A softmax (CLIP) reference has no per-example own-pair

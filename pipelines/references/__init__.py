@@ -32,7 +32,6 @@ from apache_beam.io.filesystems import FileSystems
 from curation.shared.manifest import ReferenceInfo
 
 KERAS_HUB_PREFIX = "keras_hub:"
-LOSS_FAMILIES = ("sigmoid", "softmax")
 
 
 class ReferenceSpecError(ValueError):

@@ -33,7 +33,7 @@ from curation.shared.corpus_writers import open_shard_writer
 from models import checkpoint
 from pipelines.references import LossParameters
 from pipelines import corpus_io, score, scored_sinks, stages
-from pipelines.jax_inference import Embeddings, PreparedExample
+from pipelines.jax_inference import PreparedExample, ReferenceEmbeddings
 
 SCORED = "scored"
 SUFFIX = {"wds": "tar", "parquet": "parquet"}
@@ -301,7 +301,7 @@ def test_score_or_dead_letter_catches_nan_and_inf():
     unit = np.ones(8, np.float32) / np.sqrt(8)
 
     def score_of(image, text):
-        return stages.score_or_dead_letter(("k", PredictionResult(example, Embeddings(image, text))), "sigmoid",
+        return stages.score_or_dead_letter(("k", PredictionResult(example, ReferenceEmbeddings(image, text))), "sigmoid",
                                            LossParameters(10.0, -10.0))
 
     row = score_of(unit, unit)
