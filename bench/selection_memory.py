@@ -5,8 +5,8 @@
 For each super-batch size B (b = B/5, 16 chunks, d = 256), both selections are compiled and XLA's memory analysis
 gives the temp memory each program allocates. The dense one builds the whole B×B learnability matrix, as a
 straightforward implementation would, and is run and timed while its program fits `--memory_budget_gib`; the
-blocked one (`curation.trainer.selection.select`) only ever holds B×b/N blocks. At the smallest B the two must pick the same
-indices (same Gumbel keys), which checks that the dense comparator computes the same selection. Paper-scale rows
+blocked one (`curation.trainer.selection.select`) only ever holds B×b/N blocks. At the smallest B the two must pick
+the same indices (same Gumbel keys), which checks that the dense comparator computes the same selection. Paper-scale rows
 (B = 163,840 → b = 32,768 at d = 768 and 1152) are compiled only. Writes the "Selection memory as B grows"
 section of bench/RESULTS.md and `bench/selection_memory.png`.
 """

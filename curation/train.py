@@ -1,4 +1,6 @@
-"""Train a dual encoder: `python -m curation.train --config NAME --data CORPUS_DIR --workdir DIR [--smoke] [--field=value]`.
+"""Train a dual encoder:
+
+    python -m curation.train --config NAME --data CORPUS_DIR --workdir DIR [--scored DIR] [--smoke] [--field=value]
 
 The command line of the trainer (`curation.trainer.loop`): flags are a config's fields, checked before any work.
 A run killed at any step and started again with the same command resumes from its last checkpoint and ends with

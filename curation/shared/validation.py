@@ -1,8 +1,8 @@
 """The record rules both halves apply: decode an image and clean a caption, or say why not.
 
 The scoring job (`pipelines/score.py`) dead-letters a record that fails them, with the reason from
-`curation.shared.errors`; the trainer (`curation/trainer/input_pipeline.py`) skips the same records, so a learner never trains on
-an example its reference refused. Resizing and normalization are the model's own (`models.preprocessing`).
+`curation.shared.errors`; the trainer (`curation/trainer/input_pipeline.py`) skips the same records, so a learner
+never trains on an example its reference refused. Resizing and normalization are the model's own (`models.preprocessing`).
 Pure functions, no Beam.
 """
 

@@ -44,8 +44,8 @@ class TrainConfig:
     temperature_init: float = 10.0
     bias_init: float = -10.0
     temperature_bias_lr_multiplier: float = 100.0  # chosen by bench/loss_parameters.py (bench/RESULTS.md)
-    # JEST selection (curation/trainer/selection.py). batch_size is the sub-batch b trained on; with selection, each step
-    # draws a super-batch of B = b / (1 - filter_ratio) examples from the scored shards (--scored).
+    # JEST selection (curation/trainer/selection.py). batch_size is the sub-batch b trained on; with selection, each
+    # step draws a super-batch of B = b / (1 - filter_ratio) examples from the scored shards (--scored).
     selection: str = "none"  # none | joint | independent | uniform
     score: str = "learnability"  # learnability | hard_learner | easy_reference
     filter_ratio: float = 0.8

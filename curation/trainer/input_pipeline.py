@@ -4,9 +4,8 @@ Order: each epoch visits the shards in a seeded permutation, and the records of 
 so the stream is a pure function of (seed, position). Every batch carries the position just after its last example;
 a run restored from a checkpoint restarts the stream there and sees exactly the batches an uninterrupted run would.
 Decoding and resizing run on a thread pool or in worker processes (`decode_pool`), and tf.data prefetches the
-batches. A record is decoded, its caption
-cleaned and its image resized and normalized by the rules the scoring job applies (`curation.shared.validation`, with the
-model's `ImagePreprocessing`); what the scoring job would dead-letter, and read errors, are skipped and counted:
+batches. A record is decoded, its caption cleaned and its image resized and normalized by the rules the scoring job
+applies (`curation.shared.validation`, with the model's `ImagePreprocessing`); what the scoring job would dead-letter, and read errors, are skipped and counted:
 skipped = raw records consumed − examples delivered.
 """
 
