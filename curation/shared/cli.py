@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
-from typing import Iterable
+import sys
+from typing import Iterable, Sequence
 
 # Libraries whose INFO lines drown the project's own progress; `--verbose` lets them through again.
 # (Beam's "Converting string literal type hint to Any" comes from apache_beam.typehints.native_type_compatibility.)
@@ -57,10 +58,46 @@ def parser_flags(parser: argparse.ArgumentParser) -> list[str]:
     return [option for action in parser._actions for option in action.option_strings if option.startswith("--")]
 
 
+def flags_given(argv: Sequence[str]) -> list[str]:
+    """The `--flag`s of a command line as typed (`--batch_sise` of `--batch_sise=8`), up to a lone `--`."""
+    given = []
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg.startswith("--"):
+            given.append(option_name(arg))
+    return given
+
+
+def misspelt_required_flag(parser: argparse.ArgumentParser, argv: Sequence[str]) -> str:
+    """'unknown flag --refrence (did you mean --reference?)' when a required flag of `parser` is missing from `argv`
+    and an unknown flag given there is close to it (it was misspelt, hence missing); '' otherwise."""
+    given = set(flags_given(argv))
+    missing = [option for action in parser._actions if action.required and not given & set(action.option_strings)
+               for option in action.option_strings if option.startswith("--")]
+    known = set(parser_flags(parser))
+    for flag in flags_given(argv):
+        if flag not in known and suggestion(flag, missing):
+            return f"unknown flag {flag}{suggestion(flag, missing)}"
+    return ""
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line on stderr (`prog: error: message`, exit code 2), no usage block."""
+    """An ArgumentParser whose errors are one line on stderr (`prog: error: message`, exit code 2), no usage block.
+
+    A required flag that is missing because it was misspelt is reported as the unknown flag it is, with the closest
+    required one (`unknown flag --refrence (did you mean --reference?)`), not as "the following arguments are
+    required"."""
+
+    _argv: Sequence[str] = ()
+
+    def parse_known_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        self._argv = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self._argv, namespace)
 
     def error(self, message: str):
+        if message.startswith("the following arguments are required"):
+            message = misspelt_required_flag(self, self._argv) or message
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
 
     def fail_unknown(self, unknown: list[str], extra_known: Iterable[str] = ()) -> None:
