@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import posixpath
+import re
 import uuid
 from typing import Any, Callable, Iterable
 
@@ -13,8 +14,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.io.localfilesystem import LocalFileSystem
 
-from curation.shared.manifest import (_SUFFIX, BATCH_PREFIX, MANIFEST_NAME, SCORED_PREFIX, TEMPORARY_PREFIXES,
-                                      Manifest)
+from curation.shared.manifest import _SUFFIX, BATCH_PREFIX, MANIFEST_NAME, SCORED_PREFIX, TEMPORARY_PREFIXES, Manifest
 
 
 def new_batch_name(now: str) -> str:
@@ -22,16 +22,41 @@ def new_batch_name(now: str) -> str:
     return f"{BATCH_PREFIX}{now}-{uuid.uuid4().hex[:6]}"
 
 
+# The temporary name of a file being written by `write_atomically`: `.{name}.{32 hex digits}.tmp`, beside it.
+ATOMIC_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{32}\.tmp")
+
+
+class OutputWriteError(OSError):
+    """A file of the output could not be written (a full disk, a lost permission): its path and the cause, in one
+    line; nothing of it is left behind, not even its temporary file."""
+
+
 def write_atomically(path: str, write: Callable[[Any], None]) -> str:
     """`write(f)` into a temporary `.{name}.{random}.tmp` beside `path`, then renamed to `path` (one object appears
-    whole on GCS; a reader never sees it half-written); returns `path`."""
+    whole on GCS; a reader never sees it half-written); returns `path`. When the write fails, the temporary file is
+    removed and OutputWriteError names `path` and the cause."""
     temporary = posixpath.join(posixpath.dirname(path), f".{posixpath.basename(path)}.{uuid.uuid4().hex}.tmp")
-    with FileSystems.create(temporary) as f:
-        write(f)
+    try:
+        with FileSystems.create(temporary) as f:
+            write(f)
+    except BaseException as error:
+        _remove_quietly(temporary)
+        if isinstance(error, OSError):
+            raise OutputWriteError(f"cannot write {path}: {error}") from error
+        raise
     if FileSystems.exists(path):
         FileSystems.delete([path])
     FileSystems.rename([temporary], [path])
     return path
+
+
+def _remove_quietly(path: str) -> None:
+    """Delete `path` if it is there (a failed write may not have created it)."""
+    try:
+        if FileSystems.exists(path):
+            FileSystems.delete([path])
+    except Exception:  # the disk or the connection that failed the write: the clean-up of a later run removes it
+        pass
 
 
 def write_manifest(batch_dir: str, manifest: Manifest) -> str:
@@ -72,9 +97,10 @@ def unfinished_batches(output: str) -> list[str]:
 
 def remove_unfinished(output: str, before: str, keep: Iterable[str] = ()) -> list[str]:
     """Delete the unfinished batch folders named (by time) before the batch name `before`, and the temporary files
-    left in finished ones; returns what was deleted. Only safe when no run that started earlier is still writing
-    to `output`: its batch folder has no manifest yet either. Sidecars a manifest lists (a resumed run adopts the
-    finished sidecars of the run it resumes), and the paths in `keep`, stay: of such a folder only the rest goes."""
+    left in finished ones (Beam's, and `write_atomically`'s at any depth, `sidecars/` too); returns what was deleted.
+    Only safe when no run that started earlier is still writing to `output`: its batch folder has no manifest yet
+    either. Sidecars a manifest lists (a resumed run adopts the finished sidecars of the run it resumes), and the
+    paths in `keep`, stay: of such a folder only the rest goes."""
     cutoff = before[: len(BATCH_PREFIX) + len("YYYYmmddTHHMMSSZ")]
     kept = set(keep) | {path for manifest in read_manifests(output) for path in manifest.sidecars().values()}
     kept |= {path[: -len(_SUFFIX["parquet"])] + _SUFFIX["tfrecord"] for path in kept}  # a TFRecord twin too
@@ -89,8 +115,10 @@ def remove_unfinished(output: str, before: str, keep: Iterable[str] = ()) -> lis
             continue
         for path in paths:
             top = path[len(folder) + 1:].split("/", 1)[0]
-            if top.startswith(TEMPORARY_PREFIXES):
+            if top.startswith(TEMPORARY_PREFIXES):  # Beam's temporary folder goes as a whole
                 doomed.setdefault(posixpath.join(folder, top), []).append(path)
+            elif ATOMIC_TEMPORARY.fullmatch(posixpath.basename(path)):  # e.g. a sidecar's whose first try failed
+                doomed[path] = [path]
     local = isinstance(FileSystems.get_filesystem(output), LocalFileSystem)
     for path, files in doomed.items():
         # A local folder goes as a whole (empty subfolders too); an object store has only the files.
