@@ -120,6 +120,24 @@ def is_keras_hub_preset(spec: str) -> bool:
     return FileSystems.exists(posixpath.join(spec.rstrip("/"), "config.json"))
 
 
+# What a trainer's workdir holds beside its config.json (curation/trainer/workdir.py): the final model is in model/.
+WORKDIR_ENTRIES = ("model", "checkpoints", "metrics.jsonl")
+
+
+def is_training_workdir(spec: str) -> bool:
+    return any(_exists(posixpath.join(spec.rstrip("/"), entry)) for entry in WORKDIR_ENTRIES)
+
+
+def _workdir_error(spec: str) -> ReferenceSpecError:
+    """A training workdir given for its model (its config.json would make it look like a keras-hub preset)."""
+    model = posixpath.join(spec.rstrip("/"), "model")
+    if is_project_checkpoint(model):
+        return ReferenceSpecError(f"--reference {spec} is a training workdir (model/, checkpoints/, metrics.jsonl), "
+                                  f"not a model checkpoint; give its model folder: did you mean --reference {model}?")
+    return ReferenceSpecError(f"--reference {spec} is a training workdir with no finished model yet (the trainer "
+                              f"writes {model} when training ends); give --reference {model} once it is there")
+
+
 def resolve(spec: str) -> Reference:
     """The Reference named by a --reference value, read from metadata only; ReferenceSpecError (one line naming
     what to pass) when it names nothing usable."""
@@ -134,14 +152,12 @@ def resolve(spec: str) -> Reference:
         from pipelines.references import project
 
         return project.ProjectReference.from_spec(spec)
+    if is_training_workdir(spec):
+        raise _workdir_error(spec)
     if is_keras_hub_preset(spec):
         from pipelines.references import keras_hub
 
         return keras_hub.KerasHubReference.from_spec(spec)
-    inner = posixpath.join(spec.rstrip("/"), "model")
-    if is_project_checkpoint(inner):
-        raise ReferenceSpecError(f"--reference {spec} is a training workdir, not a model checkpoint; did you mean "
-                                 f"--reference {inner}")
     raise ReferenceSpecError(f"--reference {spec} is neither a model checkpoint (no meta item) nor a keras-hub preset "
                              "(no config.json); give the model/ folder of the reference's training workdir, a "
                              f"preset folder, or {KERAS_HUB_PREFIX}PRESET_NAME")
