@@ -4,16 +4,22 @@ leaves nothing written."""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import pathlib
 import shutil
 
+import pyarrow.parquet as pq
 import pytest
+from apache_beam.io.filesystems import FileSystems
 
-from curation.trainer import configs
+from curation import report as report_cli
 from curation import train as train_cli
-from pipelines import score
+from curation.shared import batches
+from curation.shared.manifest import SIDECAR_DIR
+from curation.trainer import configs
+from pipelines import options, preflight, score
 from tests.pipelines.test_flex_template import job_flags, sample
 
 METADATA = json.loads((pathlib.Path(__file__).resolve().parents[1] / "deploy" / "metadata.json").read_text())
@@ -63,6 +69,14 @@ def test_train_field_without_config_needing_scores(capsys, train_paths):
 def test_train_misspelt_field(capsys, train_paths):
     line = refused(capsys, train_cli.main, train_argv(train_paths, "--config", "reference", "--batch_sise=8"))
     assert "--batch_sise" in line and "did you mean --batch_size" in line
+    assert not train_paths[1].exists()
+
+
+@pytest.mark.parametrize("misspelt, named", [("--confg", "--config"), ("--dta", "--data"), ("--workdri", "--workdir")])
+def test_train_misspelt_required_flag(capsys, train_paths, misspelt, named):
+    argv = [misspelt if arg == named else arg for arg in train_argv(train_paths, "--config", "reference")]
+    line = refused(capsys, train_cli.main, argv)
+    assert f"unknown flag {misspelt} (did you mean {named}?)" in line
     assert not train_paths[1].exists()
 
 
@@ -144,11 +158,61 @@ def test_score_misspelt_flag(capsys, score_paths, flags, named):
     assert not os.path.exists(score_paths["output"])
 
 
-def test_score_reference_is_a_training_workdir(capsys, score_paths, reference_checkpoint, tmp_path):
+@pytest.mark.parametrize("required", ["--input", "--output", "--reference"])
+def test_score_misspelt_required_flag(capsys, score_paths, required):
+    misspelt = {"--input": "--inptu", "--output": "--ouput", "--reference": "--refrence"}[required]
+    argv = [arg.replace(f"{required}=", f"{misspelt}=") for arg in score_argv(score_paths)]
+    line = refused(capsys, score.main, argv)
+    assert f"unknown flag {misspelt} (did you mean {required}?)" in line
+    assert not os.path.exists(score_paths["output"])
+
+
+def training_workdir(tmp_path, reference_checkpoint, model: bool = True) -> pathlib.Path:
+    """A trainer's workdir as `python -m curation.train` leaves it: config.json (which a keras-hub preset has too),
+    metrics.jsonl, checkpoints/ and, once training has ended, model/."""
     workdir = tmp_path / "work"
-    shutil.copytree(reference_checkpoint, workdir / "model")
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps(configs.reference().to_dict()))
+    (workdir / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    if model:
+        shutil.copytree(reference_checkpoint, workdir / "model")
+    return workdir
+
+
+def test_score_reference_is_a_training_workdir(capsys, score_paths, reference_checkpoint, tmp_path):
+    workdir = training_workdir(tmp_path, reference_checkpoint)
     line = refused(capsys, score.main, score_argv(score_paths, reference=str(workdir)))
-    assert f"did you mean --reference {workdir}/model" in line
+    assert f"did you mean --reference {workdir}/model" in line and "training workdir" in line
+    assert "preset" not in line
+    assert not os.path.exists(score_paths["output"])
+
+
+def test_score_reference_is_a_training_workdir_without_its_model_yet(capsys, score_paths, reference_checkpoint,
+                                                                    tmp_path):
+    workdir = training_workdir(tmp_path, reference_checkpoint, model=False)
+    line = refused(capsys, score.main, score_argv(score_paths, reference=str(workdir)))
+    assert "training workdir" in line and f"--reference {workdir}/model" in line and "preset" not in line
+    assert not os.path.exists(score_paths["output"])
+
+
+def test_score_unquoted_input_glob(capsys, score_paths, tiny_corpus):
+    """`--input DIR/*.tar` unquoted: the shell passes the shards as separate arguments."""
+    shards = sorted(str(path) for path in pathlib.Path(tiny_corpus, "web").glob("*.tar"))
+    argv = ["--input", *shards, "--output", score_paths["output"], "--reference", score_paths["reference"]]
+    line = refused(capsys, score.main, argv)
+    assert "quote" in line and f"--input '{tiny_corpus}/web/*.tar'" in line and shards[1] in line
+    assert not os.path.exists(score_paths["output"])
+
+
+def test_score_stray_argument(capsys, score_paths):
+    line = refused(capsys, score.main, [*score_argv(score_paths), "stray"])
+    assert "unexpected argument(s): stray" in line
+    assert not os.path.exists(score_paths["output"])
+
+
+def test_score_bad_value_of_a_beam_flag(capsys, score_paths):
+    line = refused(capsys, score.main, [*score_argv(score_paths), "--num_workers=many"])
+    assert "--num_workers" in line and "many" in line
     assert not os.path.exists(score_paths["output"])
 
 
@@ -203,7 +267,7 @@ def test_score_gcs_without_credentials(capsys, score_paths, monkeypatch):
 
 
 def test_score_max_bad_fraction_help_says_its_default():
-    action = next(a for a in score.build_parser()._actions if "--max_bad_fraction" in a.option_strings)
+    action = next(a for a in options.build_parser()._actions if "--max_bad_fraction" in a.option_strings)
     assert action.default == 1.0 and "default 1.0" in action.help
 
 
@@ -217,6 +281,120 @@ def test_score_accepts_template_parameters_and_launcher_flags(score_paths):
     launcher = ["--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/t",
                 "--staging_location=gs://b/s", "--sdk_container_image=x", "--setup_file=/x/setup.py",
                 "--experiments=a", "--labels={}", "--service_account_email=a@b"]
-    args, beam_args = score.build_parser().parse_known_args([*ours, *launcher])
-    assert beam_args == launcher
-    score.check_arguments(args, beam_args)  # accepted: no SystemExit
+    args, pipeline_options = options.parse([*ours, *launcher])  # accepted: no SystemExit
+    assert {f"--{name}={value}" for name, value in pipeline_options.get_all_options(drop_default=True).items()
+            if name in ("runner", "project", "region", "temp_location", "sdk_container_image")} <= set(launcher)
+    preflight.check_arguments(args)
+
+
+class FullDisk:
+    """A file on a disk with `room` bytes left: the write that goes past it fails as a full disk does (ENOSPC),
+    having written what fitted."""
+
+    def __init__(self, f, room: int):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        if len(data) > self._room:
+            self._f.write(bytes(data[: self._room]))
+            self._room = 0
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self._room -= len(data)
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self._f.close()
+
+
+def test_score_disk_full_while_writing_sidecars(capsys, monkeypatch, score_paths, tmp_path):
+    """The disk fills up after the first sidecar: the job ends in one line naming the file and the error, leaves no
+    temporary file and keeps the finished sidecar, which the same command run again (with room) adopts; its result
+    equals an uninterrupted run's."""
+    argv = score_argv(score_paths, "--output_layout=sidecar", "--min_image_size=4")
+    create, sidecars_started = FileSystems.create, []
+
+    def create_on_a_full_disk(path, *args, **kwargs):
+        f = create(path, *args, **kwargs)
+        if f"/{SIDECAR_DIR}/" not in path:
+            return f
+        sidecars_started.append(path)
+        return f if len(sidecars_started) == 1 else FullDisk(f, room=100)
+
+    monkeypatch.setattr(FileSystems, "create", create_on_a_full_disk)
+    with pytest.raises(SystemExit) as exit_info:
+        score.main(argv)
+    assert exit_info.value.code not in (0, None)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert f"cannot write {score_paths['output']}/batch-" in last and "No space left on device" in last
+    assert "run the same command again" in last
+    [unfinished] = batches.unfinished_batches(score_paths["output"])
+    [kept] = os.listdir(os.path.join(unfinished, SIDECAR_DIR))  # the finished sidecar, and no temporary file
+    assert os.path.basename(sidecars_started[0]).startswith(f".{kept}.")
+    monkeypatch.undo()
+
+    resumed = score.run(argv)  # the same command, with room
+    uninterrupted = score.run(score_argv(score_paths, "--output_layout=sidecar", "--min_image_size=4",
+                                         output=str(tmp_path / "uninterrupted")))
+    manifests = [next(m for m in batches.read_manifests(os.path.dirname(summary["batch_dir"]))
+                      if m.batch_dir == summary["batch_dir"]) for summary in (resumed, uninterrupted)]
+    assert manifests[0].counts == manifests[1].counts
+    tables = [{shard.path: pq.read_table(os.path.join(os.path.dirname(m.batch_dir), shard.sidecar))
+               for shard in m.input_shards} for m in manifests]
+    assert sorted(tables[0]) == sorted(tables[1])
+    assert all(tables[0][path].equals(tables[1][path]) for path in tables[0])
+    assert sum(shard.sidecar.startswith(os.path.basename(unfinished)) for shard in manifests[0].input_shards) == 1
+
+    # Where a sidecar's write failed and the runner's retry succeeded, the finished batch holds the failed try's
+    # temporary file if its removal failed too: --clean_unfinished removes it, and nothing else there.
+    sidecar_dir = os.path.join(uninterrupted["batch_dir"], SIDECAR_DIR)
+    finished = sorted(os.listdir(sidecar_dir))
+    orphan = os.path.join(sidecar_dir, f".{finished[0]}.{'0123456789abcdef' * 2}.tmp")
+    open(orphan, "wb").write(b"PAR1")
+    score.run(score_argv(score_paths, "--output_layout=sidecar", "--min_image_size=4", "--incremental",
+                         "--clean_unfinished", output=str(tmp_path / "uninterrupted")))
+    assert sorted(os.listdir(sidecar_dir)) == finished
+
+
+def test_a_failed_atomic_write_leaves_nothing(tmp_path):
+    def fill_up(f):
+        f.write(b"x" * 10)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    path = tmp_path / "file.parquet"
+    with pytest.raises(batches.OutputWriteError, match=f"cannot write {path}: .*No space left on device"):
+        batches.write_atomically(str(path), fill_up)
+    assert os.listdir(tmp_path) == []
+
+
+# curation.report
+
+
+@pytest.mark.parametrize("runs, named", [
+    (["a={missing}"], "{missing}/metrics.jsonl"),
+    (["a={workdir}", "b={missing}"], "{missing}/metrics.jsonl"),
+    (["a"], "NAME=WORKDIR"),
+    (["a={workdir}", "a={workdir}"], "twice"),
+])
+def test_report_runs_without_metrics(capsys, tmp_path, runs, named):
+    workdir, missing, out = tmp_path / "work", tmp_path / "nothing", tmp_path / "report"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"step": 1}\n')
+    argv = [f"--run={run.format(workdir=workdir, missing=missing)}" for run in runs]
+    line = refused(capsys, report_cli.main, [*argv, "--out", str(out)])
+    assert named.format(missing=missing) in line
+    assert not out.exists()
+
+
+def test_report_reference_without_metrics(capsys, tmp_path):
+    line = refused(capsys, report_cli.main, ["--run", f"a={tmp_path}", "--reference", str(tmp_path / "ref"),
+                                             "--out", str(tmp_path / "report")])
+    assert "--run" in line or "--reference" in line
+    assert not (tmp_path / "report").exists()

@@ -1,8 +1,9 @@
 """deploy/ agrees with the job it launches (argument parsing and file checks only; no pipeline runs).
 
-A Flex Template passes each parameter of deploy/metadata.json to deploy/launch.py as `--name=value`, which
-`pipelines.score.build_parser()` must accept; Dataflow refuses to launch without every non-optional parameter, which
-must therefore be exactly the flags the parser requires; the image must pin the jax and Beam of requirements.txt.
+A Flex Template passes each parameter of deploy/metadata.json to deploy/launch.py as `--name=value`, which the job's
+flags (`pipelines.options.build_parser()`, from its PipelineOptions classes) must accept; Dataflow refuses to launch
+without every non-optional parameter, which must therefore be exactly the flags the job requires; the image must pin
+the jax and Beam of requirements.txt.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import re
 
 import pytest
 
-from pipelines.score import build_parser
+from pipelines.options import build_parser
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -79,7 +80,7 @@ def test_metadata_is_well_formed():
 @pytest.mark.parametrize("name", sorted(PARAMETERS))
 def test_every_parameter_is_a_job_flag(name):
     flags = job_flags()
-    assert name in flags, f"metadata.json parameter {name!r} is not a flag of pipelines.score.build_parser()"
+    assert name in flags, f"metadata.json parameter {name!r} is not a flag of pipelines.options.build_parser()"
     action = flags[name]
     text, expected = sample(name, action)
     for regex in PARAMETERS[name].get("regexes", []):

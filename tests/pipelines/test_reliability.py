@@ -25,15 +25,15 @@ from apache_beam.ml.inference.base import PredictionResult
 from PIL import Image
 
 from curation.shared import batches, scored_set
-from curation.shared.manifest import DEAD_LETTER_PREFIX, MANIFEST_NAME, Manifest, ScoredShardsError
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_readers import read_shard
-from curation.shared.errors import CorpusError
 from curation.shared.corpus_writers import open_shard_writer
+from curation.shared.errors import CorpusError
+from curation.shared.manifest import DEAD_LETTER_PREFIX, MANIFEST_NAME, Manifest, ScoredShardsError
 from models import checkpoint
-from pipelines.references import LossParameters
-from pipelines import corpus_io, score, scored_sinks, stages
+from pipelines import corpus_io, options, score, scored_sinks, stages
 from pipelines.jax_inference import PreparedExample, ReferenceEmbeddings
+from pipelines.references import LossParameters
 
 SCORED = "scored"
 SUFFIX = {"wds": "tar", "parquet": "parquet"}
@@ -301,8 +301,8 @@ def test_score_or_dead_letter_catches_nan_and_inf():
     unit = np.ones(8, np.float32) / np.sqrt(8)
 
     def score_of(image, text):
-        return stages.score_or_dead_letter(("k", PredictionResult(example, ReferenceEmbeddings(image, text))), "sigmoid",
-                                           LossParameters(10.0, -10.0))
+        embedded = ("k", PredictionResult(example, ReferenceEmbeddings(image, text)))
+        return stages.score_or_dead_letter(embedded, "sigmoid", LossParameters(10.0, -10.0))
 
     row = score_of(unit, unit)
     assert row["ref_cosine"] == pytest.approx(1.0, abs=1e-3)
@@ -379,8 +379,8 @@ def test_check_bad_fraction_boundaries():
     with pytest.raises(scored_sinks.TooManyBadRecords, match="6 of 10 records"):
         scored_sinks.check_bad_fraction(10, 6, 0.5)
     with pytest.raises(SystemExit):
-        score.build_parser().parse_args(["--input=x", "--output=y", "--reference_checkpoint=z",
-                                         "--max_bad_fraction=1.5"])
+        options.build_parser().parse_args(["--input=x", "--output=y", "--reference_checkpoint=z",
+                                           "--max_bad_fraction=1.5"])
 
 
 def test_a_reference_with_a_non_finite_temperature_is_refused(reference_checkpoint, tmp_path):
