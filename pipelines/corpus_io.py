@@ -2,8 +2,8 @@
 
     records, errors, failed_shards = pipeline | ReadCorpus("gs://bucket/web/*.tar", "wds")
 
-The parsing is `curation.shared.corpus_readers.read_shard`, the same code the trainer uses; this module only spreads the shards
-over workers (one shard file per element, reshuffled so a runner can balance them) and counts what it read.
+The parsing is `curation.shared.corpus_readers.read_shard`, the same code the trainer uses; this module only spreads
+the shards over workers (one shard file per element, reshuffled so a runner can balance them) and counts what it read.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import TaggedOutput
 from apache_beam.transforms.window import GlobalWindows
 
-from curation.shared.corpus import DEFAULT_FIELDS, FORMATS, CorpusRecord, FieldNames, check_format, is_shard_failure, match_shards
+from curation.shared.corpus import (
+    DEFAULT_FIELDS,
+    FORMATS,
+    CorpusRecord,
+    FieldNames,
+    check_format,
+    is_shard_failure,
+    match_shards,
+)
 from curation.shared.corpus_readers import read_whole_shard
 from curation.shared.errors import CorpusError
 from pipelines.progress import worker_progress

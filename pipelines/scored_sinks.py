@@ -16,8 +16,19 @@ from apache_beam.metrics import Metrics
 from apache_beam.pvalue import AsDict, AsList, AsSingleton
 
 from curation.shared import batches, schema, scored_set, sidecars, tfrecord
-from curation.shared.manifest import Counts, DEAD_LETTER_PREFIX, DONE, FAILED, InputShard, Manifest, PARQUET_COMPRESSION, ROW_GROUP_BYTES, SCORED_PREFIX, SIDECAR_DIR
 from curation.shared.errors import CorpusError
+from curation.shared.manifest import (
+    DEAD_LETTER_PREFIX,
+    DONE,
+    FAILED,
+    PARQUET_COMPRESSION,
+    ROW_GROUP_BYTES,
+    SCORED_PREFIX,
+    SIDECAR_DIR,
+    Counts,
+    InputShard,
+    Manifest,
+)
 from pipelines import stages
 
 
@@ -267,8 +278,9 @@ class WriteManifest(beam.PTransform):
                 | "Once" >> beam.Create([None])
                 | "Write" >> beam.Map(_write_manifest, AsList(scored_files), AsList(dead_letter_files),
                                       AsList(shard_failures), AsSingleton(read), AsSingleton(scored),
-                                      AsDict(dead_letter), AsSingleton(loss_parameters), batch_dir=self._batch_dir, template=self._template,
-                                      input_shards=self._input_shards, max_bad_fraction=self._max_bad_fraction,
+                                      AsDict(dead_letter), AsSingleton(loss_parameters), batch_dir=self._batch_dir,
+                                      template=self._template, input_shards=self._input_shards,
+                                      max_bad_fraction=self._max_bad_fraction,
                                       allow_failed_shards=self._allow_failed_shards))
 
 

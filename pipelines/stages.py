@@ -24,10 +24,10 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.pvalue import AsSingleton, TaggedOutput
 
 from curation.shared import errors, schema
-from curation.shared.errors import CorpusError
 from curation.shared.corpus import CorpusRecord
-from models.losses import own_pair_sigmoid
+from curation.shared.errors import CorpusError
 from curation.shared.validation import ValidationOptions, ValidExample, decode_and_validate, encode_jpeg
+from models.losses import own_pair_sigmoid
 from models.preprocessing import ImagePreprocessing
 from pipelines.corpus_io import in_global_window
 from pipelines.jax_inference import DualEncoderHandler, PreparedExample, ReferenceEmbeddings
@@ -248,7 +248,8 @@ def score_row(example: PreparedExample, embeddings: ReferenceEmbeddings, loss: s
     }
 
 
-def score_or_dead_letter(element: tuple[str, Any], loss: str, parameters: LossParameters) -> dict[str, Any] | CorpusError:
+def score_or_dead_letter(element: tuple[str, Any], loss: str,
+                         parameters: LossParameters) -> dict[str, Any] | CorpusError:
     """(key, PredictionResult) -> the scored row, or a CorpusError (stage embed) when an embedding or score is NaN
     or infinite: a row like that would poison every loss the trainer computes from it."""
     _, result = element

@@ -35,8 +35,7 @@ from curation.shared.manifest import ReferenceInfo
 from models.environment import keep_tensorflow_off_accelerators
 from models.flops import encoder_flops
 from models.preprocessing import INTERPOLATIONS, ImagePreprocessing
-from pipelines.references import (KERAS_HUB_PREFIX, LoadedReference, LossParameters, Reference,
-                                  ReferenceSpecError)
+from pipelines.references import KERAS_HUB_PREFIX, LoadedReference, LossParameters, Reference, ReferenceSpecError
 
 log = logging.getLogger(__name__)
 
@@ -311,4 +310,5 @@ def _describe(spec: str, documents: dict[str, bytes], identity: dict) -> Referen
                          image_preprocessing=preprocessing.to_dict(), text_length=int(pre["sequence_length"]),
                          tokenizer=tokenizer, forward_flops_per_example=_forward_flops(config, loss),
                          model={"keras_hub": backbone_class, "preprocessor": preprocessor.get("class_name"),
-                                **({"kaggle_handle": identity["kaggle_handle"]} if "kaggle_handle" in identity else {})})
+                                **({"kaggle_handle": identity["kaggle_handle"]}
+                                   if "kaggle_handle" in identity else {})})

@@ -9,8 +9,8 @@ from apache_beam.testing.util import assert_that, equal_to
 from curation.shared import corpus
 from curation.shared.corpus import CorpusRecord, FieldNames
 from curation.shared.corpus_readers import iter_corpus, read_shard
-from curation.shared.errors import CorpusError
 from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
+from curation.shared.errors import CorpusError
 from pipelines import corpus_io
 from pipelines.corpus_io import ReadCorpus
 

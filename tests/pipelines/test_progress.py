@@ -4,7 +4,6 @@ import logging
 import re
 
 from pipelines import progress
-
 from tests.pipelines.test_score import run_score
 
 

@@ -1,5 +1,4 @@
 import glob
-import json
 import os
 import posixpath
 
@@ -8,15 +7,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from curation.shared import batches, scored_set
-from curation.shared.manifest import DONE, FAILED, MANIFEST_NAME, Manifest, ScoredShardsError
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_readers import iter_corpus
+from curation.shared.manifest import DONE, FAILED, MANIFEST_NAME, Manifest, ScoredShardsError
 from curation.shared.validation import ValidationOptions, decode_image
 from models import checkpoint
 from models.preprocessing import ImagePreprocessing
 from models.two_towers import TwoTower, init_params
-from pipelines import references
-from pipelines import score
+from pipelines import references, score
 from pipelines.jax_inference import DualEncoderHandler, PreparedExample
 
 SUFFIX = {"wds": "tar", "parquet": "parquet", "tfrecord": "tfrecord"}
@@ -97,7 +95,7 @@ def test_parquet_and_tfrecord_inputs_end_to_end(web_corpora, reference_checkpoin
 
 def direct_embeddings(checkpoint_dir: str, image_bytes: list[bytes], captions: list[str]):
     restored = checkpoint.restore(checkpoint_dir)
-    size, length = restored.config.image_size, restored.config.text_length
+    length = restored.config.text_length
     preprocessing = restored.config.preprocessing()
     pixels = np.stack([preprocessing.resize_pixels(decode_image(data, ValidationOptions(min_image_size=1)))
                        for data in image_bytes])
@@ -216,7 +214,8 @@ def test_incremental_run_scores_only_new_shards(web_corpora, reference_checkpoin
     assert nothing["batch_dir"] is None and nothing["skipped_shards"] == 3
 
     scored = scored_set.open_scored(output)
-    keys = [key for path in scored.shard_paths() for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()]
+    keys = [key for path in scored.shard_paths()
+            for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()]
     assert len(keys) == len(set(keys)) == scored.scored == first["scored"] + second["scored"]
 
 

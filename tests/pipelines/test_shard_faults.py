@@ -12,9 +12,9 @@ from apache_beam.io.filesystems import FileSystems
 from PIL import Image
 
 from curation.shared import batches, schema, scored_set
-from curation.shared.manifest import DONE, FAILED
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_writers import open_shard_writer
+from curation.shared.manifest import DONE, FAILED
 from pipelines import score
 
 SHARDS, PER_SHARD = 4, 6

@@ -16,13 +16,12 @@ import pytest
 import tensorflow as tf
 
 from curation.shared import batches, schema, sidecars
-from curation.shared.manifest import SIDECAR_DIR, ScoredShardsError
-from curation.trainer import configs, scored_input
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_readers import read_shard
+from curation.shared.manifest import SIDECAR_DIR, ScoredShardsError
+from curation.trainer import configs, scored_input
 from curation.trainer.training_data import TrainingData
 from pipelines import score
-
 from tests.pipelines.test_score import batch_manifest, run_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

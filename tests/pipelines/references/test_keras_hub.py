@@ -17,10 +17,8 @@ from PIL import Image
 
 from curation.shared import batches
 from curation.shared.manifest import Manifest
-from curation.trainer import scored_input
-from curation.shared.corpus_readers import iter_corpus
 from curation.shared.validation import ValidationOptions, decode_image
-from models.preprocessing import ImagePreprocessing
+from curation.trainer import scored_input
 from pipelines import references, score
 from pipelines.jax_inference import DualEncoderHandler
 from tests.pipelines.references.conftest import PRESETS
@@ -132,7 +130,8 @@ def test_our_preprocessing_matches_keras_hub_preprocessor_on_the_same_bytes_and_
     for seed, (shape, format) in enumerate([((32, 32), "PNG"), ((30, 70), "PNG"), ((120, 90), "JPEG"),
                                             ((300, 200), "PNG"), ((48, 48), "JPEG")]):
         data = _image_bytes(shape, format, seed)
-        ours = preprocessing.normalize(preprocessing.resize_pixels(decode_image(data, ValidationOptions(min_image_size=1))))
+        pixels = preprocessing.resize_pixels(decode_image(data, ValidationOptions(min_image_size=1)))
+        ours = preprocessing.normalize(pixels)
         decoded = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), np.float32)[None]
         out = preprocessor({"images": decoded, "prompts": [CAPTIONS[seed % len(CAPTIONS)]]})
         theirs = np.clip(np.asarray(out["images"])[0], lowest, highest)
