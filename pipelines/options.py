@@ -2,11 +2,12 @@
 
     args, pipeline_options = parse(argv)      # the job's flags; Beam's options (holding the job's flags too)
 
-Beam gathers the flags of every direct subclass of `PipelineOptions` into one parser (for the options a runner
-records, Flex Templates and `PipelineOptions.view_as`), so two such classes may not declare the same flag, and a
+Beam gathers the flags of every direct subclass of `PipelineOptions` into one parser (`get_all_options`, which a
+runner uses to record and ship the job's options), so two such classes may not declare the same flag, and a
 subclass of a subclass is not gathered at all. Hence one class per set of flags, each subclassing PipelineOptions
-directly: `CorpusJobOptions` declares, once, what every Beam job of this project over a corpus shares (--input,
---output, the reader's flags, --verbose); `ScoreOptions` declares only what is the scoring job's own. A later job
+directly, read with `pipeline_options.view_as(ScoreOptions)`: `CorpusJobOptions` declares, once, what every Beam
+job of this project over a corpus shares (--input, --output, the reader's flags, --verbose); `ScoreOptions`
+declares only what is the scoring job's own. A later job
 (a dedup job, say) declares its own flags in a class of its own beside them and reads --input and --output from
 `CorpusJobOptions`, never declaring them again.
 
