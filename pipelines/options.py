@@ -7,9 +7,8 @@ runner uses to record and ship the job's options), so two such classes may not d
 subclass of a subclass is not gathered at all. Hence one class per set of flags, each subclassing PipelineOptions
 directly, read with `pipeline_options.view_as(ScoreOptions)`: `CorpusJobOptions` declares, once, what every Beam
 job of this project over a corpus shares (--input, --output, the reader's flags, --verbose); `ScoreOptions`
-declares only what is the scoring job's own. A later job
-(a dedup job, say) declares its own flags in a class of its own beside them and reads --input and --output from
-`CorpusJobOptions`, never declaring them again.
+declares only what is the scoring job's own. A later job (a dedup job, say) declares its own flags in a class of its
+own beside them and reads --input and --output from `CorpusJobOptions`, never declaring them again.
 
 No flag is declared `required=True` there: Beam parses every registered class whenever it reads any options, and
 would exit on a command line of another job. `build_parser()` marks the required ones for this job alone, and
