@@ -63,7 +63,7 @@ def _named_paths(text: str) -> set[str]:
 
 
 def _named_modules(text: str) -> set[str]:
-    """Dotted names of ours the text names in backticks or runs with `python -m`, e.g. `models.losses.own_pair_sigmoid`."""
+    """Dotted names of ours the text names in backticks or runs with `python -m` (`models.losses.own_pair_sigmoid`)."""
     found = set(MODULE_COMMAND.findall(text))
     for code in CODE.findall(text):
         if re.fullmatch(r"(models|curation|pipelines|demo)(\.\w+)+", code):
@@ -98,8 +98,8 @@ def test_the_checks_catch_a_stale_name():
     stale = "see `curation/scored_shards.py` and `curation.shared.scored_set.open_scoerd`; python -m curation.jest"
     assert _named_paths(stale) == {"curation/scored_shards.py"}
     assert not (ROOT / "curation/scored_shards.py").exists()
-    assert {name for name in _named_modules(stale) if not _resolves(name)} == {
-        "curation.shared.scored_set.open_scoerd", "curation.jest"}
+    unresolved = {name for name in _named_modules(stale) if not _resolves(name)}
+    assert unresolved == {"curation.shared.scored_set.open_scoerd", "curation.jest"}
 
 
 @pytest.fixture(scope="module")
@@ -108,8 +108,8 @@ def sidecar_tiny_corpus(tiny_corpus, reference_checkpoint, tmp_path_factory):
     from pipelines import score
 
     output = str(tmp_path_factory.mktemp("sidecars") / "scored")
-    score.run([f"--input={tiny_corpus}/web/*.tar", f"--output={output}", f"--reference={reference_checkpoint}",
-               "--min_image_size=4", "--output_layout=sidecar"])
+    flags = "--min_image_size=4 --output_layout=sidecar".split()
+    score.run([f"--input={tiny_corpus}/web/*.tar", f"--output={output}", f"--reference={reference_checkpoint}", *flags])
     return output
 
 
@@ -120,8 +120,8 @@ def test_own_training_loop_example_selects_learnable_subbatches(layout, tiny_cor
     scored = request.getfixturevalue("scored_tiny_corpus" if layout == "copied" else "sidecar_tiny_corpus")
     assert open_scored(scored).layout == layout
     b, superbatch = 16, 80  # f = 0.8
-    history = load_example().main(["--scored", scored, "--corpus", f"{tiny_corpus}/web/*.tar", "--steps", "2",
-                                   "--batch_size", str(b), "--filter_ratio", "0.8", "--n_chunks", "4"])
+    flags = f"--steps 2 --batch_size {b} --filter_ratio 0.8 --n_chunks 4".split()
+    history = load_example().main(["--scored", scored, "--corpus", f"{tiny_corpus}/web/*.tar", *flags])
     assert [row["step"] for row in history] == [0, 1]  # the tiny corpus's scored examples fill two super-batches
     for row in history:
         indices = row["indices"]

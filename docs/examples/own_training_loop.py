@@ -12,6 +12,7 @@ learnability selection (`curation.trainer.selection`) and takes an optax step on
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 from typing import Iterator, Sequence
 
@@ -54,8 +55,9 @@ def reference_embeddings(scored: ScoredSet) -> dict[str, Embedding]:
     return found
 
 
-def superbatches(corpus: str, options: Options, embeddings: dict[str, Embedding], size: int,
-                 config: ModelConfig) -> Iterator[tuple[np.ndarray, ...]]:
+def superbatches(
+    corpus: str, options: Options, embeddings: dict[str, Embedding], size: int, config: ModelConfig
+) -> Iterator[tuple[np.ndarray, ...]]:
     """Stands in for your loader: (images [B, S, S, 3], tokens [B, L], ref_zimg [B, d], ref_ztxt [B, d]) batches of
     the examples that have scores, read and decoded as the scoring job did (`options`: its flags, in the manifest)."""
     preprocessing, tokenizer, rules = ImagePreprocessing(config.image_size), ByteTokenizer(), options.validation()
@@ -91,8 +93,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
 
     # 2. Your learner and optimizer: here a tiny dual encoder with random weights (any model giving L2-normalized
     #    image and text embeddings, a temperature and a bias will do; its width need not be the reference's).
-    config = ModelConfig(image_variant="mu", text_variant="mu", image_size=32, patch_size=8, embed_dim=32,
-                         text_length=16, vocab_size=ByteTokenizer().vocab_size)
+    vocab_size = ByteTokenizer().vocab_size
+    config = ModelConfig("mu", "mu", image_size=32, patch_size=8, embed_dim=32, text_length=16, vocab_size=vocab_size)
     model, optimizer = TwoTower(config), optax.adamw(1e-3)
     params = init_params(config, jax.random.key(0))
     opt_state = optimizer.init(params)
@@ -103,11 +105,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         zimg, ztxt, aux = model.apply({"params": params}, images, tokens)  # [B, d] each
         learner = selection.Embeddings(zimg, ztxt, aux["t"], aux["b"])
         reference = selection.Embeddings(ref_zimg, ref_ztxt, reference_info.temperature, reference_info.bias)
-        indices = selection.select(rng, learner, reference, method="joint", score="learnability",
-                                   n_select=args.batch_size, n_chunks=args.n_chunks, loss=reference_info.loss)  # [b]
-        random = jax.random.permutation(jax.random.fold_in(rng, 1), images.shape[0])[:args.batch_size]
-        return indices, {name: selection.subbatch_score(learner, reference, subset, loss=reference_info.loss)
-                         for name, subset in (("selected_learnability", indices), ("random_learnability", random))}
+        options = dict(method="joint", score="learnability", n_select=args.batch_size, n_chunks=args.n_chunks)
+        indices = selection.select(rng, learner, reference, loss=reference_info.loss, **options)  # [b]
+        random = jax.random.permutation(jax.random.fold_in(rng, 1), len(images))[: args.batch_size]  # to compare
+        learnability = functools.partial(selection.subbatch_score, learner, reference, loss=reference_info.loss)
+        return indices, learnability(indices), learnability(random)
 
     # 4. The update: an ordinary step on the chosen sub-batch.
     @jax.jit
@@ -123,13 +125,16 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
     batches = superbatches(args.corpus, scored.manifests[-1].options, embeddings, superbatch_size, config)
     history = []
     for step, (images, tokens, ref_zimg, ref_ztxt) in enumerate(itertools.islice(batches, args.steps)):
-        indices, scores = choose(jax.random.key(step), params, images, tokens, ref_zimg, ref_ztxt)
+        indices, selected, random = choose(jax.random.key(step), params, images, tokens, ref_zimg, ref_ztxt)
         picked = np.asarray(indices)
         params, opt_state, loss = train_step(params, opt_state, images[picked], tokens[picked])
-        history.append({"step": step, "indices": picked, "loss": float(loss),
-                        **{name: float(value) for name, value in scores.items()}})
-        print(f"step {step}: {len(picked)} of {superbatch_size} selected, loss {float(loss):.3f}, learnability "
-              f"selected {history[-1]['selected_learnability']:.3f} vs random {history[-1]['random_learnability']:.3f}")
+        loss, selected, random = float(loss), float(selected), float(random)
+        scores = {"selected_learnability": selected, "random_learnability": random}
+        history.append({"step": step, "indices": picked, "loss": loss, **scores})
+        print(
+            f"step {step}: {len(picked)} of {superbatch_size} selected, loss {loss:.3f}, learnability of the "
+            f"selected sub-batch {selected:.3f} against a random one's {random:.3f}"
+        )
     return history
 
 
