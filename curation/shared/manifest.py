@@ -57,7 +57,7 @@ OUTPUT_FORMATS = ("parquet", "tfrecord")
 _SUFFIX = {"parquet": ".parquet", "tfrecord": ".tfrecord"}
 TEMPORARY_PREFIXES = ("beam-temp-", f".{MANIFEST_NAME}.")  # Beam's FileBasedSink, write_manifest
 DONE, FAILED = "done", "failed"  # status of an input shard
-# Parquet as the job writes it: zstd, and row groups large enough for scans (see README, "Output layouts").
+# Parquet as the job writes it: zstd, and row groups large enough for scans (docs/scored_output.md).
 PARQUET_COMPRESSION = "zstd"
 ROW_GROUP_BYTES = 64 << 20
 LAYOUTS = ("copied", "sidecar")  # --output_layout

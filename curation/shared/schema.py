@@ -1,8 +1,8 @@
 """The scored-shard schema, declared once: a table of columns from which everything else derives.
 
 Each `Column` has a name, a kind and a meaning. From the table come the Parquet (Arrow) schema, the tf.data
-feature spec of the TFRecord shards, the row encoders of both formats, the dead-letter schema and the README's
-schema table (`markdown_table()`, checked against README.md by a test). Every other module names a column through
+feature spec of the TFRecord shards, the row encoders of both formats, the dead-letter schema and the schema table
+of docs/scored_output.md (`markdown_table()`, checked against that page by a test). Every other module names a column through
 the constants below, never by spelling it: a column renamed here is renamed everywhere.
 
 Version 2 changed the manifest only (see `curation/shared/manifest.py`); the shard columns are those of version 1,
@@ -43,7 +43,7 @@ MESSAGE = "message"
 EMBEDDINGS = (REF_IMAGE_EMBEDDING, REF_TEXT_EMBEDDING)
 SCORES = (REF_COSINE, REF_LOGIT, REF_LOSS)
 
-# kind -> (Arrow type as the README names it, TFRecord feature as the README names it)
+# kind -> (Arrow type as the docs name it, TFRecord feature as the docs name it)
 _KINDS = {
     "string": ("string", "bytes"),
     "binary": ("binary", "bytes"),
@@ -253,7 +253,7 @@ def dead_letter_rows(errors: Iterable[Any]) -> list[dict[str, str]]:
 
 
 def markdown_table(columns: Sequence[Column] = SCORED_COLUMNS) -> str:
-    """The README's table of the scored columns (or of the sidecar's, `SIDECAR_COLUMNS`)."""
+    """The docs' table of the scored columns (or of the sidecar's, `SIDECAR_COLUMNS`)."""
     lines = ["| column | Parquet type | TFRecord feature | meaning |", "|---|---|---|---|"]
     for column in columns:
         arrow, feature = _KINDS[column.kind]

@@ -56,8 +56,8 @@ class TrainConfig:
     # loss; highest cosine for a softmax reference)
     flexi: bool = False  # score the super-batch at flexi_patch_size, train half the sub-batch at each patch size
     flexi_patch_size: int = 0  # 0: twice patch_size
-    # Input: 0 decodes images on 2 threads of the trainer's process; N > 0 in N worker processes (curation/
-    # decode_pool.py). The batches are the same either way.
+    # Input: 0 decodes images on 2 threads of the trainer's process; N > 0 in N worker processes
+    # (curation/trainer/decode_pool.py). The batches are the same either way.
     input_processes: int = 0
     learner_diagnostics: bool = False  # with a score that needs no learner pass: run it anyway to log learnability
     # Bookkeeping.

@@ -12,8 +12,9 @@ from curation.shared.errors import CorpusError
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SOURCE_FOLDERS = ("models", "curation", "pipelines", "demo", "bench")
 # Modules that read or write scored shards: each must name the columns through curation.shared.schema.
-SCORED_SHARD_MODULES = ("curation/shared/manifest.py", "curation/shared/scored_set.py", "curation/trainer/scored_input.py",
-                        "curation/trainer/training_data.py", "pipelines/stages.py", "pipelines/scored_sinks.py", "bench/ablations.py")
+SCORED_SHARD_MODULES = ("curation/shared/manifest.py", "curation/shared/scored_set.py",
+                        "curation/trainer/scored_input.py", "curation/trainer/training_data.py", "pipelines/stages.py",
+                        "pipelines/scored_sinks.py", "bench/ablations.py")
 ALL_NAMES = {column.name for column in schema.SCORED_COLUMNS + schema.DEAD_LETTER_COLUMNS}
 # Names no other data in the project uses: nothing but the schema module may spell them. (key, image, caption and
 # source are also the corpus readers' field names and the trainer's batch keys, which are not scored columns.)
