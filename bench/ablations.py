@@ -42,9 +42,9 @@ import sys
 import time
 
 import numpy as np
-
 import protocol  # bench/protocol.py, beside this script
 import results  # bench/results.py, beside this script
+
 from curation.shared import batches, schema, scored_set
 from curation.shared.manifest import Counts
 from curation.trainer import configs, report

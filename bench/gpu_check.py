@@ -36,10 +36,11 @@ import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository, not installed
 
+from selection_memory import dense_select  # noqa: E402  (bench/, beside this script)
+
 from curation.trainer import configs, training_step
 from curation.trainer.selection import Embeddings, select  # noqa: E402
 from models.two_towers import ModelConfig, TwoTower, init_params  # noqa: E402
-from selection_memory import dense_select  # noqa: E402  (bench/, beside this script)
 
 GIB = 2**30
 FORMS = {"gpu": dict(B=163840, b=32768, d=768, model="b", image_size=224, patch=16, forward_batch=512,

@@ -31,19 +31,19 @@ import tempfile
 import time
 
 import numpy as np
+import results  # bench/results.py, beside this script
 from PIL import Image
 
-import results  # bench/results.py, beside this script
-from curation.trainer import configs, input_pipeline
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_readers import iter_corpus
-from curation.trainer.decode_pool import DecodePool
 from curation.shared.validation import ValidationOptions, prepare_image
-from models.preprocessing import ImagePreprocessing
-from curation.trainer.metrics import read_metrics
+from curation.trainer import configs, input_pipeline
+from curation.trainer.decode_pool import DecodePool
 from curation.trainer.loop import train
+from curation.trainer.metrics import read_metrics
 from curation.trainer.training_data import TrainingData, build_tokenizer
 from demo import run as demo
+from models.preprocessing import ImagePreprocessing
 
 COMMAND = ".venv/bin/python bench/input_pipeline.py"
 

@@ -18,8 +18,9 @@ import dataclasses
 import os
 
 import results  # bench/results.py, beside this script
-from curation.trainer.metrics import read_metrics
+
 from curation.trainer.loop import train
+from curation.trainer.metrics import read_metrics
 from demo import run as demo
 
 COMMAND = ".venv/bin/python bench/loss_parameters.py"

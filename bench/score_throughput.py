@@ -29,18 +29,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+import results  # noqa: E402  (bench/results.py, beside this script)
 
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_readers import iter_corpus  # noqa: E402
-from curation.trainer.input_pipeline import split_shards  # noqa: E402
 from curation.shared.validation import ValidationOptions, decode_and_validate  # noqa: E402
+from curation.trainer.input_pipeline import split_shards  # noqa: E402
 from demo.make_corpus import write_corpus  # noqa: E402
 from models import checkpoint  # noqa: E402
 from models.tokenizer import ByteTokenizer  # noqa: E402
 from models.two_towers import ModelConfig, init_params  # noqa: E402
 from pipelines import references, score  # noqa: E402
-
-import results  # noqa: E402  (bench/results.py, beside this script)
 
 COMMAND = ".venv/bin/python bench/score_throughput.py"
 NOTE = ("Two runs of `python -m pipelines.score` per reference and output layout on the in-process runner (read, "

@@ -20,12 +20,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import results  # bench/results.py, beside this script
 
 from curation.trainer.selection import Embeddings, select
 from models.flops import example_forward_flops
 from models.two_towers import ModelConfig, TwoTower, init_params
-
-import results  # bench/results.py, beside this script
 
 COMMAND = ".venv/bin/python bench/selection.py"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")

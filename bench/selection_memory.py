@@ -5,10 +5,10 @@
 For each super-batch size B (b = B/5, 16 chunks, d = 256), both selections are compiled and XLA's memory analysis
 gives the temp memory each program allocates. The dense one builds the whole B×B learnability matrix, as a
 straightforward implementation would, and is run and timed while its program fits `--memory_budget_gib`; the
-blocked one (`curation.trainer.selection.select`) only ever holds B×b/N blocks. At the smallest B the two must pick
-the same indices (same Gumbel keys), which checks that the dense comparator computes the same selection. Paper-scale rows
-(B = 163,840 → b = 32,768 at d = 768 and 1152) are compiled only. Writes the "Selection memory as B grows"
-section of bench/RESULTS.md and `bench/selection_memory.png`.
+blocked one (`curation.trainer.selection.select`) only ever holds B×b/N blocks. At the smallest B the two must pick the
+same indices (same Gumbel keys), which checks that the dense comparator computes the same selection. Paper-scale rows (B
+= 163,840 → b = 32,768 at d = 768 and 1152) are compiled only. Writes the "Selection memory as B grows" section of
+bench/RESULTS.md and `bench/selection_memory.png`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import results  # bench/results.py, beside this script
 
 from curation.trainer.selection import Embeddings, pair_scores, select
-
-import results  # bench/results.py, beside this script
 
 COMMAND = ".venv/bin/python bench/selection_memory.py"
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))

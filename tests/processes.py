@@ -82,7 +82,7 @@ def _worker(spec_path: str, out: str, address: str, processes: int, index: int) 
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
-    from curation.trainer import configs, training_step, training_data
+    from curation.trainer import configs, training_data, training_step
     from curation.trainer.loop import train
 
     config = configs.TrainConfig(**run["config"])

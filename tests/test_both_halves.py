@@ -3,16 +3,15 @@ feeds a model online, and what one side refuses the other refuses too."""
 
 import io
 
-import jax
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
 from curation.shared import errors, schema, scored_set
-from curation.trainer import input_pipeline, scored_input
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_writers import open_shard_writer
+from curation.trainer import input_pipeline, scored_input
 from models import checkpoint
 from models.two_towers import TwoTower
 from pipelines import score

@@ -28,10 +28,28 @@ from apache_beam.io.filesystems import FileSystems
 from google.protobuf.message import DecodeError
 
 from curation.shared import tfrecord
-from curation.shared.corpus import (DEFAULT_FIELDS, CorpusItem, CorpusRecord, FieldNames, check_format, derived_key,
-                                    match_shards, shard_stem, text_or_bytes, valid_unicode)
-from curation.shared.errors import (CORRUPT_RECORD, DUPLICATE_KEY, MISSING_CAPTION, MISSING_IMAGE, TRUNCATED_SHARD,
-                                    UNREADABLE_SHARD, CorpusError, CorpusReadError)
+from curation.shared.corpus import (
+    DEFAULT_FIELDS,
+    CorpusItem,
+    CorpusRecord,
+    FieldNames,
+    check_format,
+    derived_key,
+    match_shards,
+    shard_stem,
+    text_or_bytes,
+    valid_unicode,
+)
+from curation.shared.errors import (
+    CORRUPT_RECORD,
+    DUPLICATE_KEY,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    TRUNCATED_SHARD,
+    UNREADABLE_SHARD,
+    CorpusError,
+    CorpusReadError,
+)
 from curation.shared.streams import StreamGuard, TailRecorder
 
 

@@ -25,7 +25,8 @@ Readers open only the shards a manifest lists and refuse batches of an unknown s
 reference fingerprint. A batch folder without a manifest is unfinished (its run died, failed its
 --max_bad_fraction check, or is still running): no reader opens it, `--incremental` does not count its input
 shards as done, and `remove_unfinished` deletes it. So are temporary files ignored: Beam's `beam-temp-*` folders and
-the manifest's own `._MANIFEST.json.*.tmp`. Files go through Beam's `FileSystems`, so `gs://` outputs read like
+the atomic writes' `.NAME.HEX.tmp` (the manifest's, and a sidecar's in `sidecars/`), which `remove_unfinished` also
+deletes. Files go through Beam's `FileSystems`, so `gs://` outputs read like
 local ones.
 
 The manifest is typed (`Manifest` and the records it holds). Version 2 added the reference's loss family,
@@ -47,7 +48,6 @@ from curation.shared.validation import ValidationOptions
 from models.flops import example_forward_flops
 from models.preprocessing import ImagePreprocessing, dataclass_from_dict
 from models.two_towers import ModelConfig
-
 
 MANIFEST_NAME = "_MANIFEST.json"
 BATCH_PREFIX = "batch-"

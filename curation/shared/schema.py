@@ -1,9 +1,9 @@
 """The scored-shard schema, declared once: a table of columns from which everything else derives.
 
-Each `Column` has a name, a kind and a meaning. From the table come the Parquet (Arrow) schema, the tf.data
-feature spec of the TFRecord shards, the row encoders of both formats, the dead-letter schema and the schema table
-of docs/scored_output.md (`markdown_table()`, checked against that page by a test). Every other module names a column through
-the constants below, never by spelling it: a column renamed here is renamed everywhere.
+Each `Column` has a name, a kind and a meaning. From the table come the Parquet (Arrow) schema, the tf.data feature spec
+of the TFRecord shards, the row encoders of both formats, the dead-letter schema and the schema table of
+docs/scored_output.md (`markdown_table()`, checked against that page by a test). Every other module names a column
+through the constants below, never by spelling it: a column renamed here is renamed everywhere.
 
 Version 2 changed the manifest only (see `curation/shared/manifest.py`); the shard columns are those of version 1,
 so shards of both versions read the same way. `ref_loss` is null (a missing feature in TFRecord) for a softmax

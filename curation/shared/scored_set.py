@@ -13,7 +13,15 @@ from apache_beam.io.filesystems import FileSystems
 
 from curation.shared import schema, tfrecord
 from curation.shared.batches import read_manifests
-from curation.shared.manifest import _SUFFIX, BATCH_PREFIX, MANIFEST_NAME, Manifest, Options, ReferenceInfo, ScoredShardsError
+from curation.shared.manifest import (
+    _SUFFIX,
+    BATCH_PREFIX,
+    MANIFEST_NAME,
+    Manifest,
+    Options,
+    ReferenceInfo,
+    ScoredShardsError,
+)
 
 
 @dataclasses.dataclass(frozen=True)

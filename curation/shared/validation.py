@@ -1,8 +1,8 @@
 """The record rules both halves apply: decode an image and clean a caption, or say why not.
 
 The scoring job (`pipelines/score.py`) dead-letters a record that fails them, with the reason from
-`curation.shared.errors`; the trainer (`curation/trainer/input_pipeline.py`) skips the same records, so a learner
-never trains on an example its reference refused. Resizing and normalization are the model's own (`models.preprocessing`).
+`curation.shared.errors`; the trainer (`curation/trainer/input_pipeline.py`) skips the same records, so a learner never
+trains on an example its reference refused. Resizing and normalization are the model's own (`models.preprocessing`).
 Pure functions, no Beam.
 """
 
@@ -18,8 +18,19 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from curation.shared.corpus import CorpusRecord
-from curation.shared.errors import (CAPTION, CAPTION_NOT_UTF8, CAPTION_TOO_LONG, CORRUPT_IMAGE, DECODE, DECOMPRESSION_BOMB,
-                             EMPTY_CAPTION, EMPTY_IMAGE, IMAGE_TOO_SMALL, NOT_AN_IMAGE, CorpusError)
+from curation.shared.errors import (
+    CAPTION,
+    CAPTION_NOT_UTF8,
+    CAPTION_TOO_LONG,
+    CORRUPT_IMAGE,
+    DECODE,
+    DECOMPRESSION_BOMB,
+    EMPTY_CAPTION,
+    EMPTY_IMAGE,
+    IMAGE_TOO_SMALL,
+    NOT_AN_IMAGE,
+    CorpusError,
+)
 from models.preprocessing import ImagePreprocessing
 
 # The only decoders PIL may use. PIL knows ~40 formats; some run external programs (EPS: Ghostscript) or are rarely

@@ -5,8 +5,8 @@ so the stream is a pure function of (seed, position). Every batch carries the po
 a run restored from a checkpoint restarts the stream there and sees exactly the batches an uninterrupted run would.
 Decoding and resizing run on a thread pool or in worker processes (`decode_pool`), and tf.data prefetches the
 batches. A record is decoded, its caption cleaned and its image resized and normalized by the rules the scoring job
-applies (`curation.shared.validation`, with the model's `ImagePreprocessing`); what the scoring job would dead-letter, and read errors, are skipped and counted:
-skipped = raw records consumed − examples delivered.
+applies (`curation.shared.validation`, with the model's `ImagePreprocessing`); what the scoring job would dead-letter,
+and read errors, are skipped and counted: skipped = raw records consumed − examples delivered.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from apache_beam.io.filesystems import FileSystems
 
 from curation.shared.corpus import CorpusRecord, match_shards
 from curation.shared.corpus_readers import read_shard
-from curation.trainer.decode_pool import DecodePool
 from curation.shared.validation import ValidationOptions, prepare_image, training_caption
+from curation.trainer.decode_pool import DecodePool
 from models.environment import keep_tensorflow_off_accelerators
 from models.preprocessing import ImagePreprocessing
 

@@ -16,11 +16,11 @@ import numpy as np
 import tensorflow as tf
 
 from curation.shared import schema, scored_set, sidecars
-from curation.shared.manifest import ScoredShardsError
 from curation.shared.corpus import CorpusRecord, FieldNames
 from curation.shared.corpus_readers import read_shard
-from curation.trainer.input_pipeline import DataPosition, decoded_batches, record_stream
+from curation.shared.manifest import ScoredShardsError
 from curation.shared.validation import ValidationOptions
+from curation.trainer.input_pipeline import DataPosition, decoded_batches, record_stream
 from curation.trainer.selection import offline_filter
 from curation.trainer.truth import clean_flag, truth_code
 from models.preprocessing import ImagePreprocessing

@@ -7,8 +7,8 @@ import dataclasses
 from typing import Callable, Iterator
 
 from curation.shared import schema, scored_set
-from curation.trainer import configs, distributed, input_pipeline, run_files, scored_input
 from curation.shared.validation import ValidationOptions
+from curation.trainer import configs, distributed, input_pipeline, run_files, scored_input
 from models.tokenizer import ByteTokenizer, WordTokenizer, tokenizer_from_dict
 
 

@@ -25,9 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from curation.trainer import selection
 from curation.trainer.configs import TrainConfig
-from models.losses import contrastive_loss
 from curation.trainer.truth import CLEAN, NOISE_KINDS
 from models.flops import example_forward_flops, example_train_flops
+from models.losses import contrastive_loss
 from models.two_towers import ModelConfig, TwoTower
 
 if TYPE_CHECKING:

@@ -11,8 +11,8 @@ import pytest
 from curation.shared import corpus, tfrecord
 from curation.shared.corpus import CorpusRecord, FieldNames
 from curation.shared.corpus_readers import iter_corpus, read_shard
-from curation.shared.errors import CorpusError, CorpusReadError
 from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
+from curation.shared.errors import CorpusError, CorpusReadError
 
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg"
 PNG = b"\x89PNG\r\n\x1a\nfake-png"

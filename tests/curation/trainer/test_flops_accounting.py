@@ -12,9 +12,9 @@ import pytest
 
 from curation.shared import scored_set
 from curation.trainer import configs, training_step
-from curation.trainer.training_step import train_step
 from curation.trainer.loop import make_mesh, make_optimizer, offline_flops
 from curation.trainer.metrics import train_row
+from curation.trainer.training_step import train_step
 from models.flops import example_forward_flops
 from models.two_towers import TwoTower, init_params
 

@@ -9,8 +9,8 @@ from PIL import Image
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_readers import iter_corpus
 from curation.shared.corpus_writers import open_shard_writer
-from curation.trainer.input_pipeline import DataPosition, load_examples, make_dataset, record_caption, split_shards
 from curation.shared.validation import prepare_image
+from curation.trainer.input_pipeline import DataPosition, load_examples, make_dataset, record_caption, split_shards
 from models.preprocessing import ImagePreprocessing
 from models.tokenizer import ByteTokenizer
 
@@ -156,9 +156,9 @@ def test_split_format_comes_from_the_splits_file(tiny_corpus):
 
 
 def test_a_stream_with_no_usable_example_raises_instead_of_looping(tmp_path):
-    from curation.trainer import input_pipeline
     from curation.shared.corpus import CorpusRecord
     from curation.shared.corpus_writers import open_shard_writer
+    from curation.trainer import input_pipeline
     from models.tokenizer import ByteTokenizer
 
     path = str(tmp_path / "00000.tar")

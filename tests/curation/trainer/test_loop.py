@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from curation.trainer import configs
-from curation.trainer.metrics import read_metrics
 from curation.trainer.loop import make_mesh, train
+from curation.trainer.metrics import read_metrics
 from models import checkpoint
 from tests.four_devices import run_on_four_cpu_devices
 

@@ -8,7 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models.losses import sigmoid_loss, softmax_loss
 from curation.trainer.selection import (
     SCORES,
     Embeddings,
@@ -20,6 +19,7 @@ from curation.trainer.selection import (
     select,
     subbatch_score,
 )
+from models.losses import sigmoid_loss, softmax_loss
 from tests.four_devices import run_on_four_cpu_devices
 
 
@@ -89,9 +89,9 @@ def _chunks(indices, n_chunks):
 
 @pytest.mark.parametrize(
     "method, score, loss, first_chunk, noise",
-    [("joint", s, l, f, n) for s in SCORES for l in ("sigmoid", "softmax") for f, n in
+    [("joint", s, loss_name, f, n) for s in SCORES for loss_name in ("sigmoid", "softmax") for f, n in
      [("score", True), ("score", False), ("uniform", True)]]
-    + [("independent", s, l, "score", True) for s in SCORES for l in ("sigmoid", "softmax")]
+    + [("independent", s, loss_name, "score", True) for s in SCORES for loss_name in ("sigmoid", "softmax")]
     + [("uniform", "learnability", "sigmoid", "score", True)],
 )
 def test_selects_exactly_n_unique_indices_in_range(method, score, loss, first_chunk, noise):

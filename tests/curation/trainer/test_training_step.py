@@ -9,10 +9,10 @@ import pytest
 
 from curation.shared import scored_set
 from curation.trainer import configs, training_step
-from models.losses import sigmoid_loss
+from curation.trainer.loop import make_optimizer, train
 from curation.trainer.metrics import read_metrics
 from curation.trainer.training_step import train_step
-from curation.trainer.loop import make_optimizer, train
+from models.losses import sigmoid_loss
 from models.two_towers import TwoTower, init_params
 from tests.four_devices import run_on_four_cpu_devices
 

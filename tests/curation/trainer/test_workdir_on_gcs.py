@@ -11,8 +11,8 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 
 from curation.trainer import configs, run_files
-from curation.trainer.metrics import read_metrics
 from curation.trainer.loop import train
+from curation.trainer.metrics import read_metrics
 from models import checkpoint
 from tests.curation.trainer.test_loop import _killed_at_step_5, _params_bytes
 
