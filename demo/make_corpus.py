@@ -37,6 +37,7 @@ from tqdm import tqdm
 from curation.shared.corpus import CorpusRecord, check_format
 from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
 from demo import scenes
+from demo.noise import NOISE_KINDS, NoiseRates
 
 SCHEMA_VERSION = 1
 SPLIT_IDS = {"web": 0, "curated": 1, "eval/zeroshot": 2, "eval/retrieval": 3}  # also the split's folder
@@ -58,34 +59,6 @@ ZEROSHOT_TEMPLATES = {
     "shape": ("a {}", "a photo of a {}", "a picture showing a {}", "a {} on a background"),
     "colour": ("something {}", "a photo of something {}", "a shape coloured {}", "an object painted {}"),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class NoiseRates:
-    """Share of the web split given to each noise kind (exact counts, see plan_noise); the rest is clean."""
-
-    misaligned: float = 0.30  # the caption of another image (of a different shape or colour)
-    boilerplate: float = 0.15  # "click here", "IMG_0042.JPG", ...: says nothing about the image
-    near_duplicate: float = 0.10  # a near copy of a clean example's image, with its own caption
-    degraded: float = 0.10  # heavy blur, heavy pixel noise or a tiny crop
-    truncated_image: float = 0.006  # broken records, for the scoring job's dead-letter path: ...
-    non_image: float = 0.006  # ... bytes that are not an image (an HTML page, random bytes, nothing)
-    empty_caption: float = 0.006
-    long_caption: float = 0.006  # ~12 KB of spam words after the caption
-    bad_utf8: float = 0.006  # caption bytes that are not valid UTF-8
-
-    def __post_init__(self) -> None:
-        for name, rate in self.as_dict().items():
-            if not 0.0 <= rate <= 1.0:
-                raise ValueError(f"noise rate {name}={rate} is outside [0, 1]")
-        if sum(self.as_dict().values()) > 1.0 + 1e-9:
-            raise ValueError(f"noise rates add up to {sum(self.as_dict().values()):.3f} > 1: {self.as_dict()}")
-
-    def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
-
-
-NOISE_KINDS = tuple(field.name for field in dataclasses.fields(NoiseRates))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,8 +37,8 @@ runs in process (FnApiRunner). A disk that fills up (or another failed write) en
 file; the same command run again goes on from the finished sidecars.
 
 The modules beside this one: `options` (the flags, read strictly), `preflight` (the checks before any work),
-`planning` (which shards this run scores), `corpus_io`, `stages`, `jax_inference` and `scored_sinks` (the job's
-transforms).
+`planning` (which shards this run scores), `corpus_io`, `stages`, `jax_inference`, `scored_sinks` and
+`manifest_sink` (the job's transforms).
 """
 
 from __future__ import annotations
@@ -62,14 +62,8 @@ from curation.shared.validation import ValidationOptions
 from pipelines import options, planning, preflight, references
 from pipelines.corpus_io import ReadCorpus, reader_options
 from pipelines.jax_inference import DualEncoderHandler
-from pipelines.scored_sinks import (
-    SidecarWritten,
-    WriteDeadLetter,
-    WriteManifest,
-    WriteScoredShards,
-    WriteSidecarManifest,
-    WriteSidecars,
-)
+from pipelines.manifest_sink import WriteManifest, WriteSidecarManifest
+from pipelines.scored_sinks import SidecarWritten, WriteDeadLetter, WriteScoredShards, WriteSidecars
 from pipelines.stages import DecodeAndValidate, EmbedWithReference, Preprocess, ReadLossParameters, Score
 
 log = logging.getLogger("pipelines.score")

@@ -12,7 +12,8 @@ from PIL import Image
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_readers import iter_corpus
 from demo import make_corpus, scenes
-from demo.make_corpus import NoiseRates, write_corpus
+from demo.make_corpus import write_corpus
+from demo.noise import NoiseRates
 
 SIZE = 60
 # Higher than the defaults so that a tiny corpus holds every noise kind (3 of each broken kind).

@@ -1,6 +1,7 @@
 import pytest
 
-from demo.make_corpus import NoiseRates, write_corpus
+from demo.make_corpus import write_corpus
+from demo.noise import NoiseRates
 
 # Every broken kind often enough to show up in a small corpus, and every other noise kind too.
 BROKEN_HEAVY = NoiseRates(misaligned=0.2, boilerplate=0.1, near_duplicate=0.05, degraded=0.1, truncated_image=0.05,

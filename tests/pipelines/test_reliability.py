@@ -31,7 +31,7 @@ from curation.shared.corpus_writers import open_shard_writer
 from curation.shared.errors import CorpusError
 from curation.shared.manifest import DEAD_LETTER_PREFIX, MANIFEST_NAME, Manifest, ScoredShardsError
 from models import checkpoint
-from pipelines import corpus_io, options, score, scored_sinks, stages
+from pipelines import corpus_io, manifest_sink, options, score, stages
 from pipelines.jax_inference import PreparedExample, ReferenceEmbeddings
 from pipelines.references import LossParameters
 
@@ -373,11 +373,11 @@ def test_max_bad_fraction_fails_after_writing_the_dead_letter_and_writes_no_mani
 
 
 def test_check_bad_fraction_boundaries():
-    scored_sinks.check_bad_fraction(10, 5, 0.5)  # at the limit: passes
-    scored_sinks.check_bad_fraction(0, 0, 0.0)  # nothing read
-    scored_sinks.check_bad_fraction(10, 10, 1.0)  # the default never fails
-    with pytest.raises(scored_sinks.TooManyBadRecords, match="6 of 10 records"):
-        scored_sinks.check_bad_fraction(10, 6, 0.5)
+    manifest_sink.check_bad_fraction(10, 5, 0.5)  # at the limit: passes
+    manifest_sink.check_bad_fraction(0, 0, 0.0)  # nothing read
+    manifest_sink.check_bad_fraction(10, 10, 1.0)  # the default never fails
+    with pytest.raises(manifest_sink.TooManyBadRecords, match="6 of 10 records"):
+        manifest_sink.check_bad_fraction(10, 6, 0.5)
     with pytest.raises(SystemExit):
         options.build_parser().parse_args(["--input=x", "--output=y", "--reference_checkpoint=z",
                                            "--max_bad_fraction=1.5"])
