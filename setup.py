@@ -7,8 +7,9 @@ setup(
     version="0.1.0",
     description="Offline scoring (Apache Beam) and online joint example selection (JAX) for image-text pre-training.",
     python_requires=">=3.11,<3.12",
-    packages=find_packages(include=["models", "models.*", "curation", "curation.*", "pipelines", "pipelines.*",
-                                    "demo", "demo.*"]),
+    packages=find_packages(
+        include=["models", "models.*", "curation", "curation.*", "pipelines", "pipelines.*", "demo", "demo.*"]
+    ),
     # Ranges for users who install the package into their own environment (Dataflow workers use --setup_file);
     # requirements.txt + constraints.txt pin the exact versions tested here.
     install_requires=[

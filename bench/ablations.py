@@ -77,31 +77,52 @@ REPEATED_SHARE = 0.5  # share of the rows that are copies
 # noise mix, not used for choosing any setting.
 CORPORA = {
     "demo": {"out": "runs/demo", "seed": 0, "noise": {}},
-    "second": {"out": "runs/demo_second", "seed": 1,
-               "noise": {"misaligned": 0.45, "boilerplate": 0.05, "near_duplicate": 0.20, "degraded": 0.05}},
+    "second": {
+        "out": "runs/demo_second",
+        "seed": 1,
+        "noise": {"misaligned": 0.45, "boilerplate": 0.05, "near_duplicate": 0.20, "degraded": 0.05},
+    },
 }
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--corpus", default="demo", choices=sorted(CORPORA),
-                        help="demo: the demo's corpus; second: the held-out one (another seed and noise mix)")
-    parser.add_argument("--part", default="headline", choices=[*protocol.PARTS, "all"],
-                        help="which runs: " + "; ".join(f"{name}: {len(part.variants)} variants x {part.seeds} seeds"
-                                                        for name, part in protocol.PARTS.items()))
+    parser.add_argument(
+        "--corpus",
+        default="demo",
+        choices=sorted(CORPORA),
+        help="demo: the demo's corpus; second: the held-out one (another seed and noise mix)",
+    )
+    parser.add_argument(
+        "--part",
+        default="headline",
+        choices=[*protocol.PARTS, "all"],
+        help="which runs: "
+        + "; ".join(
+            f"{name}: {len(part.variants)} variants x {part.seeds} seeds" for name, part in protocol.PARTS.items()
+        ),
+    )
     parser.add_argument("--demo", default="", help="the corpus's folder (default: runs/demo or runs/demo_second)")
-    parser.add_argument("--out", default="runs/bench_ablations",
-                        help="the runs' workdirs (kept: a second call resumes)")
+    parser.add_argument(
+        "--out", default="runs/bench_ablations", help="the runs' workdirs (kept: a second call resumes)"
+    )
     parser.add_argument("--curves", default=protocol.CURVES_DIR, help="where each finished run's curve is written")
     parser.add_argument("--seeds", type=int, default=0, help="seeds per variant (default: the part's own)")
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch_size", type=int, default=64, help="the sub-batch b every variant trains on")
-    parser.add_argument("--repeated_steps", type=int, default=600,
-                        help="steps in the 'repeated' setting: long enough for the learner to learn the copies")
+    parser.add_argument(
+        "--repeated_steps",
+        type=int,
+        default=600,
+        help="steps in the 'repeated' setting: long enough for the learner to learn the copies",
+    )
     parser.add_argument("--evals", type=int, default=20, help="evaluations per run (the resolution of 'to reach')")
     parser.add_argument("--variants", default="", help="comma-separated subset of the part's variants")
-    parser.add_argument("--rebuild", action="store_true",
-                        help="train nothing: tables and plots from the curve files already under --curves")
+    parser.add_argument(
+        "--rebuild",
+        action="store_true",
+        help="train nothing: tables and plots from the curve files already under --curves",
+    )
     parser.add_argument("--no_write", action="store_true", help="do not update bench/RESULTS.md or its plots")
     args = parser.parse_args(argv)
     unknown = sorted(set(filter(None, args.variants.split(","))) - set(VARIANTS))
@@ -116,13 +137,23 @@ def variant_config(variant: str, seed: int, steps: int, batch_size: int, evals: 
     name, overrides = VARIANTS[variant]
     base = configs.get_config(name)
     every = max(steps // evals, 1)
-    return dataclasses.replace(base, **overrides, name=variant, seed=seed, total_steps=steps, batch_size=batch_size,
-                               warmup_steps=min(base.warmup_steps, steps // 10), eval_every=every,
-                               checkpoint_every=steps, log_every=max(every // 5, 1))
+    return dataclasses.replace(
+        base,
+        **overrides,
+        name=variant,
+        seed=seed,
+        total_steps=steps,
+        batch_size=batch_size,
+        warmup_steps=min(base.warmup_steps, steps // 10),
+        eval_every=every,
+        checkpoint_every=steps,
+        log_every=max(every // 5, 1),
+    )
 
 
-def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, share: float = REPEATED_SHARE,
-                  seed: int = 0) -> str:
+def make_repeated(
+    scored: str, out: str, distinct: int = REPEATED_DISTINCT, share: float = REPEATED_SHARE, seed: int = 0
+) -> str:
     """A scored set with the scored rows of `scored` plus copies of its `distinct` clean rows of lowest stored
     reference loss, the copies being `share` of all rows, shuffled; copies are marked `truth: "repeat"` in their
     metadata (so the clean share counts only fresh clean examples). Same reference, same schema."""
@@ -143,18 +174,30 @@ def make_repeated(scored: str, out: str, distinct: int = REPEATED_DISTINCT, shar
     copies = int(round(table.num_rows * share / (1 - share)))
     picks = easiest[np.arange(copies) % distinct]
     rows = table.to_pylist() + [
-        {**row, schema.KEY: f"{row[schema.KEY]}#copy{i}",
-         schema.METADATA: json.dumps({**json.loads(row[schema.METADATA]), "truth": "repeat"}, sort_keys=True)}
-        for i, row in enumerate(table.take(pa.array(picks)).to_pylist())]
+        {
+            **row,
+            schema.KEY: f"{row[schema.KEY]}#copy{i}",
+            schema.METADATA: json.dumps({**json.loads(row[schema.METADATA]), "truth": "repeat"}, sort_keys=True),
+        }
+        for i, row in enumerate(table.take(pa.array(picks)).to_pylist())
+    ]
     rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
     for row in rows:  # the writer takes embeddings as arrays
         for name in schema.EMBEDDINGS:
             row[name] = np.asarray(row[name], np.float16)
     combined = schema.rows_to_table(rows, opened.embed_dim)
-    batches.write_scored_batch(out, "batch-repeated", combined, dataclasses.replace(
-        manifest, counts=Counts(read=len(rows), scored=len(rows), dead_letter={}),
-        options=dataclasses.replace(manifest.options,
-                                    note=f"{scored} plus {copies} copies of its {distinct} easiest clean rows")))
+    batches.write_scored_batch(
+        out,
+        "batch-repeated",
+        combined,
+        dataclasses.replace(
+            manifest,
+            counts=Counts(read=len(rows), scored=len(rows), dead_letter={}),
+            options=dataclasses.replace(
+                manifest.options, note=f"{scored} plus {copies} copies of its {distinct} easiest clean rows"
+            ),
+        ),
+    )
     return out
 
 
@@ -173,29 +216,45 @@ def summarize(run: report.RunCurves, uniform: dict[str, float]) -> dict:
     to uniform's whole run."""
     final, target = run.final, uniform["zeroshot"]
     drawn = run.examples if run.examples_drawn is None else run.examples_drawn
-    axes = {"examples": run.examples, "examples_drawn": drawn, "online_flops": run.online_flops,
-            "total_flops": run.total_flops, "wall_s": run.wall_s}
+    axes = {
+        "examples": run.examples,
+        "examples_drawn": drawn,
+        "online_flops": run.online_flops,
+        "total_flops": run.total_flops,
+        "wall_s": run.wall_s,
+    }
     reach = {name: run.to_reach(target, axis) for name, axis in axes.items()}
 
     def ratio(name: str, key: str) -> float | None:
         return None if reach[name] is None else reach[name] / uniform[key]
 
     return {
-        "zeroshot": final["zeroshot"], "recall": final["recall"], "online_flops": final["online_flops"],
-        "total_flops": final["total_flops"], "wall_s": final["wall_s"], "target": target,
-        "examples_to_reach": reach["examples"], "online_flops_to_reach": reach["online_flops"],
-        "total_flops_to_reach": reach["total_flops"], "wall_to_reach": reach["wall_s"],
+        "zeroshot": final["zeroshot"],
+        "recall": final["recall"],
+        "online_flops": final["online_flops"],
+        "total_flops": final["total_flops"],
+        "wall_s": final["wall_s"],
+        "target": target,
+        "examples_to_reach": reach["examples"],
+        "online_flops_to_reach": reach["online_flops"],
+        "total_flops_to_reach": reach["total_flops"],
+        "wall_to_reach": reach["wall_s"],
         "examples_ratio": ratio("examples", "examples"),
         "examples_drawn_ratio": ratio("examples_drawn", "examples"),  # uniform draws what it trains on
         "online_flops_ratio": ratio("online_flops", "online_flops"),
-        "total_flops_ratio": ratio("total_flops", "total_flops"), "wall_ratio": ratio("wall_s", "wall_s"),
+        "total_flops_ratio": ratio("total_flops", "total_flops"),
+        "wall_ratio": ratio("wall_s", "wall_s"),
         "eval_spacing": run.eval_spacing,
-        "selected_clean": (float(np.mean([r["selected_clean"] for r in run.train_rows]))
-                           if run.selecting else None),
-        "curve": {"examples": run.examples.tolist(), "online_flops": run.online_flops.tolist(),
-                  "zeroshot": run.zeroshot.tolist(), "recall": run.recall.tolist()},
-        "clean_curve": ([[r["step"], r["selected_clean"], r["superbatch_clean"]] for r in run.train_rows]
-                        if run.selecting else None),
+        "selected_clean": (float(np.mean([r["selected_clean"] for r in run.train_rows])) if run.selecting else None),
+        "curve": {
+            "examples": run.examples.tolist(),
+            "online_flops": run.online_flops.tolist(),
+            "zeroshot": run.zeroshot.tolist(),
+            "recall": run.recall.tolist(),
+        },
+        "clean_curve": (
+            [[r["step"], r["selected_clean"], r["superbatch_clean"]] for r in run.train_rows] if run.selecting else None
+        ),
         "composition": composition(run.train_rows) if run.selecting else None,
     }
 
@@ -205,8 +264,12 @@ def composition(rows: list[dict]) -> dict[str, tuple[float, float]] | None:
     logged before the kinds were."""
     if not rows or "selected/misaligned" not in rows[0]:
         return None
-    shares = {"clean": (float(np.mean([r["selected_clean"] for r in rows])),
-                        float(np.mean([r["superbatch_clean"] for r in rows])))}
+    shares = {
+        "clean": (
+            float(np.mean([r["selected_clean"] for r in rows])),
+            float(np.mean([r["superbatch_clean"] for r in rows])),
+        )
+    }
     for kind in NOISE_KINDS:
         picked = [r[f"selected/{kind}"] for r in rows]
         drawn = [r[f"superbatch/{kind}"] for r in rows]
@@ -229,8 +292,10 @@ def composition_table(summaries: dict[str, list[dict]]) -> str:
             pairs = [r["composition"].get(kind, (0.0, 0.0)) for r in runs]
             cells.append(f"{np.mean([p for p, _ in pairs]):.2f} ({np.mean([d for _, d in pairs]):.2f})")
         lines.append(f"| {variant} | " + " | ".join(cells) + " |")
-    return ("Share of each hidden-truth kind among the examples selected, mean over seeds and steps (in brackets: "
-            "its share of the super-batches drawn):\n\n" + "\n".join(lines))
+    return (
+        "Share of each hidden-truth kind among the examples selected, mean over seeds and steps (in brackets: "
+        "its share of the super-batches drawn):\n\n" + "\n".join(lines)
+    )
 
 
 def mean_std(values: list[float | None]) -> tuple[float, float, int] | None:
@@ -251,25 +316,36 @@ def fmt(values: list[float | None], scale: float = 1.0, digits: int = 3, suffix:
 
 
 def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
-    lines = ["| variant | final zero-shot | R@1 | examples trained on to reach uniform's final (× uniform's) | "
-             "examples drawn to reach it (× uniform's) | "
-             "online FLOPs to reach it (× uniform's) | online + offline scoring FLOPs to reach it (× uniform's) | "
-             "wall-clock to reach it (× uniform's) | clean share selected |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | final zero-shot | R@1 | examples trained on to reach uniform's final (× uniform's) | "
+        "examples drawn to reach it (× uniform's) | "
+        "online FLOPs to reach it (× uniform's) | online + offline scoring FLOPs to reach it (× uniform's) | "
+        "wall-clock to reach it (× uniform's) | clean share selected |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for variant, runs in summaries.items():
         clean = [r["selected_clean"] for r in runs]
-        lines.append(" | ".join([
-            f"| {variant}", fmt([r["zeroshot"] for r in runs]), fmt([r["recall"] for r in runs]),
-            fmt([r["examples_ratio"] for r in runs], digits=2),
-            fmt([r.get("examples_drawn_ratio") for r in runs], digits=2),
-            fmt([r["online_flops_ratio"] for r in runs], digits=2),
-            fmt([r["total_flops_ratio"] for r in runs], digits=2),
-            fmt([r["wall_ratio"] for r in runs], digits=2),
-            fmt(clean, digits=2) if any(c is not None for c in clean) else "—",
-        ]) + " |")
+        lines.append(
+            " | ".join(
+                [
+                    f"| {variant}",
+                    fmt([r["zeroshot"] for r in runs]),
+                    fmt([r["recall"] for r in runs]),
+                    fmt([r["examples_ratio"] for r in runs], digits=2),
+                    fmt([r.get("examples_drawn_ratio") for r in runs], digits=2),
+                    fmt([r["online_flops_ratio"] for r in runs], digits=2),
+                    fmt([r["total_flops_ratio"] for r in runs], digits=2),
+                    fmt([r["wall_ratio"] for r in runs], digits=2),
+                    fmt(clean, digits=2) if any(c is not None for c in clean) else "—",
+                ]
+            )
+            + " |"
+        )
     if reference:
-        lines.append(f"| reference (curated split, one run) | {reference['zeroshot']:.3f} | {reference['recall']:.3f}"
-                     " | — | — | — | — | — | — |")
+        lines.append(
+            f"| reference (curated split, one run) | {reference['zeroshot']:.3f} | {reference['recall']:.3f}"
+            " | — | — | — | — | — | — |"
+        )
     return "\n".join(lines)
 
 
@@ -294,12 +370,13 @@ def ratio_verdict(runs: list[dict], key: str, goal: float) -> tuple[str, bool, b
 
 
 def status(ok: bool, decided: bool = True) -> str:
-    """"met" or "missed", marked undecided when the interval straddles the goal."""
+    """ "met" or "missed", marked undecided when the interval straddles the goal."""
     return ("met" if ok else "missed") + ("" if decided else ", undecided")
 
 
-def paired_verdict(summaries: dict[str, list[dict]], first: str, second: str, key: str = "zeroshot"
-                   ) -> tuple[float, str, bool]:
+def paired_verdict(
+    summaries: dict[str, list[dict]], first: str, second: str, key: str = "zeroshot"
+) -> tuple[float, str, bool]:
     """(mean difference, text, whether its sign is decided) of first − second in `key`, over the seeds both ran,
     with its bootstrap interval."""
     pairs = list(zip(summaries[first], summaries[second]))
@@ -337,25 +414,42 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
         total, total_ok, total_decided = ratio_verdict(summaries[jest], "total_flops_ratio", 0.5)
         online, _, _ = ratio_verdict(summaries[jest], "online_flops_ratio", 0.5)
         wall, wall_ok, _ = ratio_verdict(summaries[jest], "wall_ratio", 1.0 - 1e-9)
-        line = (f"- JEST ({jest}) reaches uniform's final zero-shot with {examples} of uniform's examples "
-                f"(goal ≤ 0.2x: {status(examples_ok)}) and {total} of its total FLOPs, the reference's "
-                f"scoring pass included (goal ≤ 0.5x: {status(total_ok)}; {online} online only), in {wall} "
-                f"of its wall-clock (goal < 1x: {status(wall_ok)}).")
-        found.append(Target("JEST's examples to reach uniform's final ≤ 0.2x", examples,
-                            status(examples_ok, examples_decided), line))
+        line = (
+            f"- JEST ({jest}) reaches uniform's final zero-shot with {examples} of uniform's examples "
+            f"(goal ≤ 0.2x: {status(examples_ok)}) and {total} of its total FLOPs, the reference's "
+            f"scoring pass included (goal ≤ 0.5x: {status(total_ok)}; {online} online only), in {wall} "
+            f"of its wall-clock (goal < 1x: {status(wall_ok)})."
+        )
+        found.append(
+            Target(
+                "JEST's examples to reach uniform's final ≤ 0.2x", examples, status(examples_ok, examples_decided), line
+            )
+        )
         found.append(Target("JEST's total FLOPs to reach it ≤ 0.5x", total, status(total_ok, total_decided), ""))
         finals = [r["zeroshot"] for r in summaries[jest]]
         mean, low, high = protocol.bootstrap_interval(np.asarray(finals) - reference["zeroshot"])
         value = interval_text(mean, low, high, digits=3, sign=True)
-        found.append(Target("JEST's learner ends above its reference", value, status(mean > 0, not low <= 0 < high),
-                            f"- JEST's learner ends {value} from its reference's {reference['zeroshot']:.3f} "
-                            f"(goal: above it: {status(mean > 0)})."))
+        found.append(
+            Target(
+                "JEST's learner ends above its reference",
+                value,
+                status(mean > 0, not low <= 0 < high),
+                f"- JEST's learner ends {value} from its reference's {reference['zeroshot']:.3f} "
+                f"(goal: above it: {status(mean > 0)}).",
+            )
+        )
     if flexi in summaries:
         total, total_ok, total_decided = ratio_verdict(summaries[flexi], "total_flops_ratio", 1 / 3)
         online, _, _ = ratio_verdict(summaries[flexi], "online_flops_ratio", 1 / 3)
-        found.append(Target("Flexi-JEST's total FLOPs to reach it ≤ 0.33x", total, status(total_ok, total_decided),
-                            f"- Flexi-JEST: {total} of uniform's total FLOPs to reach its final (goal ≤ 0.33x: "
-                            f"{status(total_ok)}; {online} online only)."))
+        found.append(
+            Target(
+                "Flexi-JEST's total FLOPs to reach it ≤ 0.33x",
+                total,
+                status(total_ok, total_decided),
+                f"- Flexi-JEST: {total} of uniform's total FLOPs to reach its final (goal ≤ 0.33x: "
+                f"{status(total_ok)}; {online} online only).",
+            )
+        )
     order = ["learnability_f0.8", "easy_reference_f0.8", "hard_learner_f0.8"]
     present = [v for v in order if v in summaries]
     if len(present) >= 2:
@@ -366,9 +460,14 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
             legs.append((mean >= 0, sure))
         ok, decided = all_legs(legs)
         goal = " ≥ ".join(v.removesuffix("_f0.8").replace("_", "-") for v in present)
-        found.append(Target(f"final zero-shot {goal}", "; ".join(parts), status(ok, decided),
-                            "- Final zero-shot, " + "; ".join(parts) + f" (goal: {' ≥ '.join(present)}: "
-                            f"{status(ok)})."))
+        found.append(
+            Target(
+                f"final zero-shot {goal}",
+                "; ".join(parts),
+                status(ok, decided),
+                "- Final zero-shot, " + "; ".join(parts) + f" (goal: {' ≥ '.join(present)}: {status(ok)}).",
+            )
+        )
     gaps = []
     for f in ("0.5", "0.8", "0.9"):
         joint, independent = f"learnability_f{f}", f"independent_f{f}"
@@ -378,11 +477,20 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
         ahead, ahead_decided = all_legs([(gap >= 0, sure) for _, gap, _, sure in gaps])
         value = "; ".join(f"{text} at f = {f}" for f, _, text, _ in gaps)
         growth = gap_growth(summaries, [f for f, *_ in gaps]) if len(gaps) > 1 else None
-        trend = (f"the gap growing with f: {growth.status}" if growth else
-                 "the gap growing with f: not measured here, one f (the sweep part runs the others)")
-        found.append(Target("joint ≥ independent at every f", value, status(ahead, ahead_decided),
-                            f"- Joint minus independent final zero-shot: {value} (goal: joint ahead at every f: "
-                            f"{status(ahead)}; {trend})."))
+        trend = (
+            f"the gap growing with f: {growth.status}"
+            if growth
+            else "the gap growing with f: not measured here, one f (the sweep part runs the others)"
+        )
+        found.append(
+            Target(
+                "joint ≥ independent at every f",
+                value,
+                status(ahead, ahead_decided),
+                f"- Joint minus independent final zero-shot: {value} (goal: joint ahead at every f: "
+                f"{status(ahead)}; {trend}).",
+            )
+        )
         if growth:
             found.append(growth)
     return found
@@ -393,18 +501,27 @@ def gap_growth(summaries: dict[str, list[dict]], fs: list[str]) -> Target:
     the mean gap never falls from one f to the next, decided by the interval of the gap at the largest f minus the
     gap at the smallest (seed by seed)."""
     seeds = min(len(summaries[f"{kind}_f{f}"]) for f in fs for kind in ("learnability", "independent"))
-    gaps = {f: np.asarray([joint["zeroshot"] - independent["zeroshot"] for joint, independent in
-                           zip(summaries[f"learnability_f{f}"][:seeds], summaries[f"independent_f{f}"][:seeds])])
-            for f in fs}
+    gaps = {
+        f: np.asarray(
+            [
+                joint["zeroshot"] - independent["zeroshot"]
+                for joint, independent in zip(
+                    summaries[f"learnability_f{f}"][:seeds], summaries[f"independent_f{f}"][:seeds]
+                )
+            ]
+        )
+        for f in fs
+    }
     means = [float(gaps[f].mean()) for f in fs]
     growing = all(b >= a for a, b in zip(means, means[1:]))
     mean, low, high = protocol.bootstrap_interval(gaps[fs[-1]] - gaps[fs[0]])
     decided = not low < 0 < high
-    value = (", ".join(f"{m:+.3f} at f = {f}" for f, m in zip(fs, means)) + f" over {seeds} seeds; f = {fs[-1]} "
-             f"minus f = {fs[0]}: {interval_text(mean, low, high, digits=3, sign=True)}")
+    value = (
+        ", ".join(f"{m:+.3f} at f = {f}" for f, m in zip(fs, means)) + f" over {seeds} seeds; f = {fs[-1]} "
+        f"minus f = {fs[0]}: {interval_text(mean, low, high, digits=3, sign=True)}"
+    )
     # the trend is decided only when the end-to-end change is sure and agrees with the means' steps
-    return Target("joint − independent growing with f", value,
-                  status(growing, decided and (mean > 0) == growing), "")
+    return Target("joint − independent growing with f", value, status(growing, decided and (mean > 0) == growing), "")
 
 
 def verdicts(summaries: dict[str, list[dict]], reference: dict) -> list[str]:
@@ -420,8 +537,10 @@ def targets_table(judged: dict[str, dict[str, list[Target]]]) -> str:
         for setting, found in settings.items():
             for target in found:
                 rows.setdefault((setting, target.name), {})[corpus] = target
-    lines = ["| setting | claim | " + " | ".join(f"{c} corpus" for c in corpora) + " |",
-             "|---|---|" + "---|" * len(corpora)]
+    lines = [
+        "| setting | claim | " + " | ".join(f"{c} corpus" for c in corpora) + " |",
+        "|---|---|" + "---|" * len(corpora),
+    ]
     for (setting, name), by_corpus in rows.items():
         cells = [f"**{t.status}**: {t.value}" if (t := by_corpus.get(c)) else "not run" for c in corpora]
         lines.append(f"| {setting} | {name} | " + " | ".join(cells) + " |")
@@ -434,8 +553,9 @@ def paired(summaries: dict[str, list[dict]], first: str, second: str) -> str:
     for key, label in (("zeroshot", "zero-shot"), ("recall", "R@1")):
         diffs = [a[key] - b[key] for a, b in zip(summaries[first], summaries[second])]
         wins = sum(diff > 0 for diff in diffs)
-        parts.append(f"{label} {', '.join(f'{diff:+.3f}' for diff in diffs)} ({first} ahead in {wins} of "
-                     f"{len(diffs)} seeds)")
+        parts.append(
+            f"{label} {', '.join(f'{diff:+.3f}' for diff in diffs)} ({first} ahead in {wins} of {len(diffs)} seeds)"
+        )
     return f"- {first} − {second}, seed by seed: " + "; ".join(parts) + "."
 
 
@@ -451,8 +571,13 @@ def smooth(values: np.ndarray, window: int = 5) -> np.ndarray:
     return np.convolve(values, kernel, "same") / np.convolve(np.ones_like(values), kernel, "same")
 
 
-def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dict | None,
-         clean_label: str = "share of clean examples (mean over seeds)") -> None:
+def plot(
+    summaries: dict[str, list[dict]],
+    path: str,
+    title: str,
+    reference: dict | None,
+    clean_label: str = "share of clean examples (mean over seeds)",
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -466,13 +591,14 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
     figure.suptitle(title)
     curves = [v for v in summaries if "_f0.5" not in v and "_f0.9" not in v]  # the f sweep has its own panel
     colours = {variant: f"C{index % 10}" for index, variant in enumerate(curves)}
-    for axis, (key, label) in zip(axes[:2], [("examples", "examples trained on"),
-                                             ("online_flops", "online FLOPs (learner updates and scoring)")]):
+    for axis, (key, label) in zip(
+        axes[:2], [("examples", "examples trained on"), ("online_flops", "online FLOPs (learner updates and scoring)")]
+    ):
         for variant in curves:
             runs = summaries[variant]
             x = np.mean([r["curve"][key] for r in runs], axis=0)
             y = np.array([r["curve"]["zeroshot"] for r in runs])
-            line, = axis.plot(x, y.mean(0), marker="o", markersize=3, label=variant, color=colours[variant])
+            (line,) = axis.plot(x, y.mean(0), marker="o", markersize=3, label=variant, color=colours[variant])
             axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
         if reference:
             axis.axhline(reference["zeroshot"], color="grey", linestyle="--", label="reference")
@@ -493,8 +619,14 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
                 f = [p for p, _ in points]
                 y = [np.mean([r["zeroshot"] for r in summaries[v]]) for _, v in points]
                 e = [np.std([r["zeroshot"] for r in summaries[v]]) for _, v in points]
-                axes[3].errorbar(f, y, yerr=e, marker="o", capsize=3,
-                                 label="joint learnability" if method == "learnability" else "independent")
+                axes[3].errorbar(
+                    f,
+                    y,
+                    yerr=e,
+                    marker="o",
+                    capsize=3,
+                    label="joint learnability" if method == "learnability" else "independent",
+                )
         uniform = [r["zeroshot"] for r in summaries.get("uniform", [])]
         if uniform:
             axes[3].axhline(np.mean(uniform), color="black", linestyle=":", label="uniform")
@@ -506,10 +638,19 @@ def plot(summaries: dict[str, list[dict]], path: str, title: str, reference: dic
             if runs[0]["clean_curve"] is None:
                 continue
             curves = np.array([r["clean_curve"] for r in runs])  # [seeds, rows, (step, selected, super-batch)]
-            line, = axes[3].plot(curves[0, :, 0], smooth(curves[:, :, 1].mean(0)), label=f"{variant}: selected",
-                                 color=colours.get(variant))
-            axes[3].plot(curves[0, :, 0], smooth(curves[:, :, 2].mean(0)), color=line.get_color(), linestyle=":",
-                         label=f"{variant}: super-batch")
+            (line,) = axes[3].plot(
+                curves[0, :, 0],
+                smooth(curves[:, :, 1].mean(0)),
+                label=f"{variant}: selected",
+                color=colours.get(variant),
+            )
+            axes[3].plot(
+                curves[0, :, 0],
+                smooth(curves[:, :, 2].mean(0)),
+                color=line.get_color(),
+                linestyle=":",
+                label=f"{variant}: super-batch",
+            )
         axes[3].set(xlabel="step", ylabel=clean_label + ", moving average", ylim=(0, 1))
         axes[3].grid(alpha=0.3)
         axes[3].legend(fontsize=8)
@@ -525,8 +666,12 @@ def reference_recipe(reference_workdir: str, corpus: str) -> str:
     with open(os.path.join(reference_workdir, "config.json")) as f:
         config = json.load(f)
     defaults = demo.parse_args([])
-    spec = {"corpus": CORPORA[corpus], "web_size": defaults.web_size, "curated_size": defaults.curated_size,
-            "eval_size": defaults.eval_size}
+    spec = {
+        "corpus": CORPORA[corpus],
+        "web_size": defaults.web_size,
+        "curated_size": defaults.curated_size,
+        "eval_size": defaults.eval_size,
+    }
     text = json.dumps({"reference": config, **spec}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -535,8 +680,13 @@ def run_settings(args: argparse.Namespace, setting: str, reference: str, recipe:
     """What a curve records of how its run was made (a curve made otherwise is run again); `reference`: the
     fingerprint of the reference whose scores the runs read, `recipe` how that reference was made."""
     steps = args.repeated_steps if setting == "repeated" else args.steps
-    return {"steps": steps, "batch_size": args.batch_size, "evals": args.evals, "reference": reference,
-            "reference_recipe": recipe}
+    return {
+        "steps": steps,
+        "batch_size": args.batch_size,
+        "evals": args.evals,
+        "reference": reference,
+        "reference_recipe": recipe,
+    }
 
 
 def comparable(settings: dict) -> dict:
@@ -552,30 +702,55 @@ def curve_matches(path: str, wanted: dict) -> bool:
         return False
 
 
-def train_part(args: argparse.Namespace, name: str, part: protocol.Part, corpus: str, sources: dict[str, str],
-               seeds: int, recipe: str) -> None:
+def train_part(
+    args: argparse.Namespace,
+    name: str,
+    part: protocol.Part,
+    corpus: str,
+    sources: dict[str, str],
+    seeds: int,
+    recipe: str,
+) -> None:
     """Trains what the part's curve files lack, one run at a time, writing each curve as its run finishes."""
     variants = [v for v in part.variants if not args.variants or v in args.variants.split(",")]
-    wanted = run_settings(args, part.setting,
-                          scored_set.open_scored(sources["web"]).manifests[-1].reference_fingerprint, recipe)
-    jobs = [(variant, seed) for seed in range(seeds) for variant in variants
-            if not curve_matches(protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves), wanted)]
+    wanted = run_settings(
+        args, part.setting, scored_set.open_scored(sources["web"]).manifests[-1].reference_fingerprint, recipe
+    )
+    jobs = [
+        (variant, seed)
+        for seed in range(seeds)
+        for variant in variants
+        if not curve_matches(protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves), wanted)
+    ]
     started = time.perf_counter()
     for index, (variant, seed) in enumerate(jobs, 1):
         workdir = os.path.join(args.out, args.corpus, part.setting, variant, f"seed{seed}")
-        log.info("[%s %d/%d] %s / %s / seed %d (%.0f min so far)", name, index, len(jobs), part.setting, variant,
-                 seed, (time.perf_counter() - started) / 60)
+        log.info(
+            "[%s %d/%d] %s / %s / seed %d (%.0f min so far)",
+            name,
+            index,
+            len(jobs),
+            part.setting,
+            variant,
+            seed,
+            (time.perf_counter() - started) / 60,
+        )
         if not run_finished(workdir, wanted["steps"]):
             if os.path.isdir(workdir):
                 shutil.rmtree(workdir)  # unfinished, or made otherwise: start over
-            train(variant_config(variant, seed, wanted["steps"], args.batch_size, args.evals), corpus, workdir,
-                  scored_dir=sources[part.setting])
-        protocol.write_curve(protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves),
-                             protocol.curve_from_run(report.load_run(variant, workdir), wanted))
+            train(
+                variant_config(variant, seed, wanted["steps"], args.batch_size, args.evals),
+                corpus,
+                workdir,
+                scored_dir=sources[part.setting],
+            )
+        protocol.write_curve(
+            protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves),
+            protocol.curve_from_run(report.load_run(variant, workdir), wanted),
+        )
 
 
-def load_setting(args: argparse.Namespace, setting: str, variants: list[str], corpus: str = ""
-                 ) -> tuple[dict, dict]:
+def load_setting(args: argparse.Namespace, setting: str, variants: list[str], corpus: str = "") -> tuple[dict, dict]:
     """({variant: [summary per seed]}, the curves' settings) from the curve files of `corpus` (default
     --corpus): every seed whose uniform run is there too, in seed order."""
     corpus = corpus or args.corpus
@@ -591,24 +766,31 @@ def load_setting(args: argparse.Namespace, setting: str, variants: list[str], co
 
     uniform = curves_of("uniform")
     if not uniform:
-        raise SystemExit(f"no uniform curve under {args.curves}/{corpus}/{setting}: run its part first "
-                         "(uniform's final is the target of 'to reach')")
+        raise SystemExit(
+            f"no uniform curve under {args.curves}/{corpus}/{setting}: run its part first "
+            "(uniform's final is the target of 'to reach')"
+        )
     summaries, made = {}, {json.dumps(comparable(config), sort_keys=True) for _, config in uniform}
     for variant in variants:
-        runs = curves_of(variant)[:len(uniform)]
+        runs = curves_of(variant)[: len(uniform)]
         if runs:
             made |= {json.dumps(comparable(config), sort_keys=True) for _, config in runs}
             summaries[variant] = [summarize(run, base.final) for (run, _), (base, _) in zip(runs, uniform)]
     if len(made) > 1:
-        raise SystemExit(f"the curves of {corpus}/{setting} were made with different settings or references "
-                         f"({sorted(made)}): run the parts again with one set of --steps, --batch_size and --evals")
+        raise SystemExit(
+            f"the curves of {corpus}/{setting} were made with different settings or references "
+            f"({sorted(made)}): run the parts again with one set of --steps, --batch_size and --evals"
+        )
     return summaries, json.loads(made.pop())
 
 
 def setting_variants(setting: str) -> list[str]:
     """Every variant a setting's parts run or read, in the parts' order."""
-    return list(dict.fromkeys(v for part in protocol.PARTS.values() if part.setting == setting
-                              for v in (*part.needs, *part.variants)))
+    return list(
+        dict.fromkeys(
+            v for part in protocol.PARTS.values() if part.setting == setting for v in (*part.needs, *part.variants)
+        )
+    )
 
 
 def judge_corpora(args: argparse.Namespace) -> dict[str, dict[str, list[Target]]]:
@@ -631,9 +813,11 @@ def plateau_line(summaries: dict[str, list[dict]]) -> str:
     gains = [protocol.plateau_gain(r["curve"]["zeroshot"]) for r in summaries["uniform"]]
     mean, low, high = protocol.bootstrap_interval(gains)
     judged = "plateaued" if high < protocol.PLATEAU_GAIN else "not plateaued"
-    return (f"Uniform {judged}: its last quarter of evaluations is {interval_text(mean, low, high, 3, sign=True)} "
-            f"zero-shot above the quarter before (judged plateaued when the interval's top is under "
-            f"{protocol.PLATEAU_GAIN}).")
+    return (
+        f"Uniform {judged}: its last quarter of evaluations is {interval_text(mean, low, high, 3, sign=True)} "
+        f"zero-shot above the quarter before (judged plateaued when the interval's top is under "
+        f"{protocol.PLATEAU_GAIN})."
+    )
 
 
 def main(argv=None) -> None:
@@ -649,53 +833,87 @@ def main(argv=None) -> None:
         demo_args = demo.parse_args(["--out", args.demo or corpus_spec["out"], "--seed", str(corpus_spec["seed"])])
         noise = make_corpus.NoiseRates(**corpus_spec["noise"]) if corpus_spec["noise"] else None
         corpus, reference_workdir, scored = demo.prepare(demo_args, noise=noise)
-        protocol.write_curve(reference_curve, protocol.curve_from_run(
-            report.load_run("reference", reference_workdir), {"workdir": reference_workdir}))
+        protocol.write_curve(
+            reference_curve,
+            protocol.curve_from_run(report.load_run("reference", reference_workdir), {"workdir": reference_workdir}),
+        )
         sources = {"web": scored}
         if any(part.setting == "repeated" for part in parts.values()):
             sources["repeated"] = make_repeated(scored, os.path.join(args.out, args.corpus, "repeated_scored"))
         for name, part in parts.items():
-            train_part(args, name, part, corpus, sources, args.seeds or part.seeds,
-                       reference_recipe(reference_workdir, args.corpus))
+            train_part(
+                args,
+                name,
+                part,
+                corpus,
+                sources,
+                args.seeds or part.seeds,
+                reference_recipe(reference_workdir, args.corpus),
+            )
 
     if not os.path.exists(reference_curve):
-        raise SystemExit(f"no curves of the {args.corpus} corpus under {args.curves} ({reference_curve} is missing): "
-                         "give --curves the folder the parts wrote, or run a part without --rebuild")
+        raise SystemExit(
+            f"no curves of the {args.corpus} corpus under {args.curves} ({reference_curve} is missing): "
+            "give --curves the folder the parts wrote, or run a part without --rebuild"
+        )
     ref = protocol.read_curve(reference_curve)
     reference = {"zeroshot": ref.final["zeroshot"], "recall": ref.final["recall"]}
     for setting in dict.fromkeys(part.setting for part in parts.values()):
         summaries, made = load_setting(args, setting, setting_variants(setting))
         seeds = {variant: len(runs) for variant, runs in summaries.items()}
-        settings_line = (f"Corpus: {args.corpus}. {made['steps']} steps of b = {made['batch_size']} for every "
-                         f"variant, {made['evals']} evaluations per run on the corpus's eval splits; seeds per "
-                         "variant: " + ", ".join(f"{v} {n}" for v, n in seeds.items()) + " (model init, data order "
-                         "and selection noise; one reference model). Intervals: 95% percentile bootstrap over seeds, "
-                         "comparisons taken seed by seed.")
+        settings_line = (
+            f"Corpus: {args.corpus}. {made['steps']} steps of b = {made['batch_size']} for every "
+            f"variant, {made['evals']} evaluations per run on the corpus's eval splits; seeds per "
+            "variant: " + ", ".join(f"{v} {n}" for v, n in seeds.items()) + " (model init, data order "
+            "and selection noise; one reference model). Intervals: 95% percentile bootstrap over seeds, "
+            "comparisons taken seed by seed."
+        )
         if setting == "repeated":
-            settings_line += (f" Corpus rows: the scored web split plus copies of its {REPEATED_DISTINCT} clean "
-                              f"examples easiest for the reference, the copies making {REPEATED_SHARE:.0%} of them.")
+            settings_line += (
+                f" Corpus rows: the scored web split plus copies of its {REPEATED_DISTINCT} clean "
+                f"examples easiest for the reference, the copies making {REPEATED_SHARE:.0%} of them."
+            )
         title = "web split: selection methods" if setting == "web" else "repeated easy examples"
         image = f"{'ablations' if setting == 'web' else 'repeated'}_{args.corpus}.png"
         path = os.path.join(args.out, args.corpus, image)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        plot(summaries, path, f"{args.corpus} corpus, {title} (mean ± std over seeds)", reference,
-             clean_label="share of clean examples" if setting == "web" else
-             "share of fresh clean examples (not copies, not noise)")
-        targets = "\n".join(verdicts(summaries, reference)
-                              + paired_if_run(summaries, "learnability_f0.8", "easy_reference_f0.8"))
-        body = "\n\n".join(filter(None, [settings_line, plateau_line(summaries), table(summaries, reference),
-                                           composition_table(summaries), f"Against the targets:\n\n{targets}",
-                                           f"![{title}]({image})"]))
+        plot(
+            summaries,
+            path,
+            f"{args.corpus} corpus, {title} (mean ± std over seeds)",
+            reference,
+            clean_label="share of clean examples"
+            if setting == "web"
+            else "share of fresh clean examples (not copies, not noise)",
+        )
+        targets = "\n".join(
+            verdicts(summaries, reference) + paired_if_run(summaries, "learnability_f0.8", "easy_reference_f0.8")
+        )
+        body = "\n\n".join(
+            filter(
+                None,
+                [
+                    settings_line,
+                    plateau_line(summaries),
+                    table(summaries, reference),
+                    composition_table(summaries),
+                    f"Against the targets:\n\n{targets}",
+                    f"![{title}]({image})",
+                ],
+            )
+        )
         if not args.no_write:
             shutil.copy(path, os.path.join(BENCH_DIR, image))
             section = "Learning efficiency" if setting == "web" else "The learner's state"
             results.write_section(f"{section} ({args.corpus} corpus)", body, COMMAND)
         print(body)
-    summary = (f"Every claim judged on the committed curves of each corpus and setting (`{COMMAND} --corpus C "
-               "--part all --rebuild` remakes this table with the sections; the figures are means over seeds with "
-               "their 95% bootstrap intervals, differences taken seed by seed; \"undecided\": the interval straddles "
-               "the goal; \"web\" is the noisy web split, "
-               "\"repeated\" the learner's-state setting):\n\n" + targets_table(judge_corpora(args)))
+    summary = (
+        f"Every claim judged on the committed curves of each corpus and setting (`{COMMAND} --corpus C "
+        "--part all --rebuild` remakes this table with the sections; the figures are means over seeds with "
+        'their 95% bootstrap intervals, differences taken seed by seed; "undecided": the interval straddles '
+        'the goal; "web" is the noisy web split, '
+        '"repeated" the learner\'s-state setting):\n\n' + targets_table(judge_corpora(args))
+    )
     if not args.no_write:
         results.write_section("The claims on both corpora", summary, COMMAND)
     print(summary)

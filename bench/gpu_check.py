@@ -43,31 +43,61 @@ from curation.trainer.selection import Embeddings, select  # noqa: E402
 from models.two_towers import ModelConfig, TwoTower, init_params  # noqa: E402
 
 GIB = 2**30
-FORMS = {"gpu": dict(B=163840, b=32768, d=768, model="b", image_size=224, patch=16, forward_batch=512,
-                     step_b=128, max_step_b=2048, repeats=3),
-         "cpu": dict(B=2560, b=512, d=64, model="mu", image_size=32, patch=4, forward_batch=32, step_b=16,
-                     max_step_b=32, repeats=1)}
+FORMS = {
+    "gpu": dict(
+        B=163840,
+        b=32768,
+        d=768,
+        model="b",
+        image_size=224,
+        patch=16,
+        forward_batch=512,
+        step_b=128,
+        max_step_b=2048,
+        repeats=3,
+    ),
+    "cpu": dict(
+        B=2560, b=512, d=64, model="mu", image_size=32, patch=4, forward_batch=32, step_b=16, max_step_b=32, repeats=1
+    ),
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for gpu_check.json and gpu_check.md")
     parser.add_argument("--cpu", action="store_true", help="the reduced form, for CPU (what make test runs)")
-    parser.add_argument("--step_budget_s", type=float, default=None,
-                        help="stop growing the JEST step when one takes longer (default 2 s on GPU, 1 s on CPU)")
-    parser.add_argument("--time_limit_s", type=float, default=270.0,
-                        help="no larger JEST step is tried once the whole check has run this long")
-    parser.add_argument("--memory_fraction", type=float, default=0.8,
-                        help="the share of device memory a dense program may take (compiled estimate)")
+    parser.add_argument(
+        "--step_budget_s",
+        type=float,
+        default=None,
+        help="stop growing the JEST step when one takes longer (default 2 s on GPU, 1 s on CPU)",
+    )
+    parser.add_argument(
+        "--time_limit_s",
+        type=float,
+        default=270.0,
+        help="no larger JEST step is tried once the whole check has run this long",
+    )
+    parser.add_argument(
+        "--memory_fraction",
+        type=float,
+        default=0.8,
+        help="the share of device memory a dense program may take (compiled estimate)",
+    )
     return parser.parse_args(argv)
 
 
 def device_summary() -> dict:
     device = jax.devices()[0]
     stats = device.memory_stats() or {}
-    return {"platform": device.platform, "device": getattr(device, "device_kind", str(device)),
-            "devices": jax.device_count(), "jax": jax.__version__, "python": platform.python_version(),
-            "memory_bytes": stats.get("bytes_limit")}
+    return {
+        "platform": device.platform,
+        "device": getattr(device, "device_kind", str(device)),
+        "devices": jax.device_count(),
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "memory_bytes": stats.get("bytes_limit"),
+    }
 
 
 def peak_bytes() -> int | None:
@@ -112,8 +142,11 @@ def selection_rows(form: dict, memory_limit: int | None, fraction: float, repeat
 
     def run(kind: str, B: int) -> dict:
         b = B * form["b"] // form["B"]
-        fn = (functools.partial(select, method="joint", score="learnability", n_select=b, n_chunks=n_chunks)
-              if kind == "blocked" else functools.partial(dense_select, n_select=b, n_chunks=n_chunks))
+        fn = (
+            functools.partial(select, method="joint", score="learnability", n_select=b, n_chunks=n_chunks)
+            if kind == "blocked"
+            else functools.partial(dense_select, n_select=b, n_chunks=n_chunks)
+        )
         learner = unit_embeddings(B, form["d"], jnp.float32, 1)
         reference = unit_embeddings(B, form["d"], jnp.float16, 2)
         compiled = jax.jit(fn).lower(key, learner, reference).compile()
@@ -130,20 +163,30 @@ def selection_rows(form: dict, memory_limit: int | None, fraction: float, repeat
         try:
             return run(kind, B)
         except Exception as error:  # XLA's RESOURCE_EXHAUSTED when the estimate was too kind
-            return {"kind": kind, "B": B, "b": B * form["b"] // form["B"], "d": form["d"], "seconds": None,
-                    "error": str(error).splitlines()[0][:200]}
+            return {
+                "kind": kind,
+                "B": B,
+                "b": B * form["b"] // form["B"],
+                "d": form["d"],
+                "seconds": None,
+                "error": str(error).splitlines()[0][:200],
+            }
 
     rows.append(attempt("blocked", form["B"]))
     seconds = rows[-1]["seconds"]
-    print(f"joint selection B={form['B']} -> b={form['b']} d={form['d']}: "
-          + (f"{seconds:.3f} s" if seconds is not None else f"failed ({rows[-1].get('error')})"), flush=True)
+    print(
+        f"joint selection B={form['B']} -> b={form['b']} d={form['d']}: "
+        + (f"{seconds:.3f} s" if seconds is not None else f"failed ({rows[-1].get('error')})"),
+        flush=True,
+    )
     B = form["B"] // 16
     smallest = run("blocked", B)
     while B <= form["B"]:
         row = attempt("dense", B)
         rows.append(row)
-        print(f"dense B={B}: " + (f"{row['seconds']:.3f} s" if row["seconds"] is not None else "does not fit"),
-              flush=True)
+        print(
+            f"dense B={B}: " + (f"{row['seconds']:.3f} s" if row["seconds"] is not None else "does not fit"), flush=True
+        )
         if row["seconds"] is None:
             break
         if B == smallest["B"] and not np.array_equal(row["indices"], smallest["indices"]):
@@ -155,9 +198,15 @@ def selection_rows(form: dict, memory_limit: int | None, fraction: float, repeat
 
 
 def model_config(form: dict) -> ModelConfig:
-    return ModelConfig(image_variant=form["model"], text_variant=form["model"], image_size=form["image_size"],
-                       patch_size=form["patch"], embed_dim=768 if form["model"] == "b" else 64, text_length=64,
-                       vocab_size=32000)
+    return ModelConfig(
+        image_variant=form["model"],
+        text_variant=form["model"],
+        image_size=form["image_size"],
+        patch_size=form["patch"],
+        embed_dim=768 if form["model"] == "b" else 64,
+        text_length=64,
+        vocab_size=32000,
+    )
 
 
 def forward_rows(form: dict, repeats: int) -> list[dict]:
@@ -186,8 +235,13 @@ def step_rows(form: dict, budget_s: float, repeats: int, deadline: float) -> lis
     update = functools.partial(training_step.train_step, model=model, optimizer=optimizer, loss_name="sigmoid")
     rows, b = [], form["step_b"]
     while True:
-        config = dataclasses.replace(configs.get_config("jest"), batch_size=b, image_size=model_cfg.image_size,
-                                     patch_size=model_cfg.patch_size, learner_diagnostics=False)
+        config = dataclasses.replace(
+            configs.get_config("jest"),
+            batch_size=b,
+            image_size=model_cfg.image_size,
+            patch_size=model_cfg.patch_size,
+            learner_diagnostics=False,
+        )
         B = config.superbatch_size
         try:
             parts = training_step.make_jest_functions(config, model, update, mesh, 10.0, -10.0)
@@ -195,10 +249,12 @@ def step_rows(form: dict, budget_s: float, repeats: int, deadline: float) -> lis
             state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros([], jnp.int32)}
             # placed as the step's outputs are, so that the timed calls reuse the first call's compilation
             state = jax.device_put(state, replicated)
-            images = jax.device_put(jax.random.normal(
-                jax.random.key(1), (B, model_cfg.image_size, model_cfg.image_size, 3)), data)
-            tokens = jax.device_put(jax.random.randint(
-                jax.random.key(2), (B, model_cfg.text_length), 1, model_cfg.vocab_size), data)
+            images = jax.device_put(
+                jax.random.normal(jax.random.key(1), (B, model_cfg.image_size, model_cfg.image_size, 3)), data
+            )
+            tokens = jax.device_put(
+                jax.random.randint(jax.random.key(2), (B, model_cfg.text_length), 1, model_cfg.vocab_size), data
+            )
             reference = unit_embeddings(B, model_cfg.embed_dim, jnp.float16, 3)
             truth = jnp.zeros([B], jnp.int32)  # hidden-truth codes, for the diagnostics: all "clean"
             split = {"scoring": [], "selection": [], "update": []}
@@ -222,8 +278,11 @@ def step_rows(form: dict, budget_s: float, repeats: int, deadline: float) -> lis
         row = {"b": b, "B": B, **{part: statistics.median(values) for part, values in split.items()}}
         row["step"] = row["scoring"] + row["selection"] + row["update"]
         rows.append(row)
-        print(f"JEST step b={b} B={B}: {row['step']:.3f} s (scoring {row['scoring']:.3f}, selection "
-              f"{row['selection']:.3f}, update {row['update']:.3f})", flush=True)
+        print(
+            f"JEST step b={b} B={B}: {row['step']:.3f} s (scoring {row['scoring']:.3f}, selection "
+            f"{row['selection']:.3f}, update {row['update']:.3f})",
+            flush=True,
+        )
         if row["step"] > budget_s or 2 * b > form["max_step_b"] or time.perf_counter() > deadline:
             break
         b *= 2
@@ -232,23 +291,44 @@ def step_rows(form: dict, budget_s: float, repeats: int, deadline: float) -> lis
 
 def markdown(results: dict) -> str:
     device, form = results["device"], results["form"]
-    lines = [f"Device: {device['device']} ({device['platform']}, {device['devices']} device(s)), jax {device['jax']}, "
-             f"Python {device['python']}" + (f", {device['memory_bytes'] / GIB:.0f} GiB" if device["memory_bytes"]
-                                             else "") + f"; form: {results['name']}.", "",
-             "| selection | B | b | d | seconds | compiled memory | device peak |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {device['device']} ({device['platform']}, {device['devices']} device(s)), jax {device['jax']}, "
+        f"Python {device['python']}"
+        + (f", {device['memory_bytes'] / GIB:.0f} GiB" if device["memory_bytes"] else "")
+        + f"; form: {results['name']}.",
+        "",
+        "| selection | B | b | d | seconds | compiled memory | device peak |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in results["selection"]:
         seconds = f"{row['seconds']:.3f}" if row["seconds"] is not None else "does not fit"
         peak = row.get("device_peak_bytes")
-        lines.append(f"| {row['kind']} | {row['B']:,} | {row['b']:,} | {row['d']} | {seconds} | "
-                     + (f"{row['compiled_bytes'] / GIB:.2f} GiB" if row.get("compiled_bytes") else "–") + " | "
-                     + (f"{peak / GIB:.2f} GiB" if peak else "–") + " |")
-    lines += ["", f"Bare forward, {form['model']}-size towers, {form['image_size']} px / patch {form['patch']}:", "",
-              "| dtype | batch | examples / s |", "|---|---|---|"]
+        lines.append(
+            f"| {row['kind']} | {row['B']:,} | {row['b']:,} | {row['d']} | {seconds} | "
+            + (f"{row['compiled_bytes'] / GIB:.2f} GiB" if row.get("compiled_bytes") else "–")
+            + " | "
+            + (f"{peak / GIB:.2f} GiB" if peak else "–")
+            + " |"
+        )
+    lines += [
+        "",
+        f"Bare forward, {form['model']}-size towers, {form['image_size']} px / patch {form['patch']}:",
+        "",
+        "| dtype | batch | examples / s |",
+        "|---|---|---|",
+    ]
     lines += [f"| {row['dtype']} | {row['batch']} | {row['examples_per_s']:,.0f} |" for row in results["forward"]]
-    lines += ["", "JEST step (learnability, joint, B = 5b) on batches in memory, median seconds:", "",
-              "| b | B | scoring | selection | update | step |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['b']:,} | {r['B']:,} | {r['scoring']:.3f} | {r['selection']:.3f} | {r['update']:.3f} | "
-              f"{r['step']:.3f} |" for r in results["steps"]]
+    lines += [
+        "",
+        "JEST step (learnability, joint, B = 5b) on batches in memory, median seconds:",
+        "",
+        "| b | B | scoring | selection | update | step |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['b']:,} | {r['B']:,} | {r['scoring']:.3f} | {r['selection']:.3f} | {r['update']:.3f} | {r['step']:.3f} |"
+        for r in results["steps"]
+    ]
     return "\n".join(lines) + "\n"
 
 

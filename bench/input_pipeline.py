@@ -55,9 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--log_every", type=int, default=10)
     parser.add_argument("--input_processes", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="rounds of (memory, threads, processes) runs per config, interleaved: the machine's "
-                             "speed drifts between runs, so each round's ratio is taken against its own memory run")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="rounds of (memory, threads, processes) runs per config, interleaved: the machine's "
+        "speed drifts between runs, so each round's ratio is taken against its own memory run",
+    )
     parser.add_argument("--decode_examples", type=int, default=4000, help="demo images decoded per measurement")
     parser.add_argument("--web_examples", type=int, default=400, help="512 px images decoded per measurement")
     parser.add_argument("--no_write", action="store_true")
@@ -69,8 +73,10 @@ def timed_run(config: configs.TrainConfig, corpus: str, scored: str, workdir: st
     rows = [row for row in read_metrics(workdir) if "loss" in row]
     first, last = rows[0], rows[-1]  # the first interval holds the compilation
     steps = last["step"] - first["step"]
-    return {"step_s": (last["wall_s"] - first["wall_s"]) / steps,
-            "data_s": float(np.mean([row["time/data"] for row in rows[1:]]))}
+    return {
+        "step_s": (last["wall_s"] - first["wall_s"]) / steps,
+        "data_s": float(np.mean([row["time/data"] for row in rows[1:]])),
+    }
 
 
 def busy_cpu_seconds() -> float:
@@ -89,8 +95,14 @@ def web_jpegs(count: int, seed: int = 0) -> list[bytes]:
     images = []
     for _ in range(count):
         a, b, c = rng.uniform(0, 1, 3)
-        field = np.stack([128 + 100 * np.sin(x / (40 + 60 * a) + c), 128 + 100 * np.cos(y / (30 + 50 * b)),
-                          128 + 80 * np.sin((x + y) / (50 + 40 * c))], axis=-1)
+        field = np.stack(
+            [
+                128 + 100 * np.sin(x / (40 + 60 * a) + c),
+                128 + 100 * np.cos(y / (30 + 50 * b)),
+                128 + 80 * np.sin((x + y) / (50 + 40 * c)),
+            ],
+            axis=-1,
+        )
         cy, cx, r = rng.uniform(80, 300), rng.uniform(80, 430), rng.uniform(30, 90)
         field[(y - cy) ** 2 + (x - cx) ** 2 < r * r] = rng.uniform(0, 255, 3)
         pixels = np.clip(field + rng.normal(0, 12, field.shape), 0, 255).astype(np.uint8)
@@ -112,8 +124,9 @@ def demo_jpegs(corpus: str, count: int) -> list[bytes]:
     return images
 
 
-def time_decoding(images: list[bytes], preprocessing: ImagePreprocessing, mode: str, workers: int,
-                  batch: int = 256, repeats: int = 2) -> tuple[float, float]:
+def time_decoding(
+    images: list[bytes], preprocessing: ImagePreprocessing, mode: str, workers: int, batch: int = 256, repeats: int = 2
+) -> tuple[float, float]:
     """(CPU ms, wall ms) per example decoding `images` `repeats` times, a batch of `batch` at a time. `mode` old:
     prepare_image per image on `workers` threads; new: DecodePool with `workers` processes."""
     validation = ValidationOptions()
@@ -128,11 +141,12 @@ def time_decoding(images: list[bytes], preprocessing: ImagePreprocessing, mode: 
 
         def decode(group):
             return preprocessing.normalize(np.stack(pool.map(group)))
+
     try:
         cpu, wall = busy_cpu_seconds(), time.perf_counter()
         for _ in range(repeats):
             for start in range(0, len(images), batch):
-                decode(images[start:start + batch])
+                decode(images[start : start + batch])
         count = repeats * len(images)
         return (busy_cpu_seconds() - cpu) * 1e3 / count, (time.perf_counter() - wall) * 1e3 / count
     finally:
@@ -140,10 +154,14 @@ def time_decoding(images: list[bytes], preprocessing: ImagePreprocessing, mode: 
 
 
 def decoding_table(corpus: str, args: argparse.Namespace) -> list[str]:
-    sets = [("demo 64 px JPEG → 32 px", demo_jpegs(corpus, args.decode_examples), ImagePreprocessing(32)),
-            ("web 512 × 384 JPEG → 224 px", web_jpegs(args.web_examples), ImagePreprocessing(224))]
-    lines = ["| images | mean bytes | pipeline | workers | CPU ms / example | wall ms / example |",
-             "|---|---|---|---|---|---|"]
+    sets = [
+        ("demo 64 px JPEG → 32 px", demo_jpegs(corpus, args.decode_examples), ImagePreprocessing(32)),
+        ("web 512 × 384 JPEG → 224 px", web_jpegs(args.web_examples), ImagePreprocessing(224)),
+    ]
+    lines = [
+        "| images | mean bytes | pipeline | workers | CPU ms / example | wall ms / example |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, images, preprocessing in sets:
         size = int(np.mean([len(image) for image in images]))
         for mode, kind in (("old", "threads"), ("new", "processes")):
@@ -158,51 +176,79 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     corpus, _, scored = demo.prepare(demo.parse_args(["--out", args.demo]))
     decode_lines = decoding_table(corpus, args)
-    lines = ["| config | examples read per step | input | step from scored shards | step from memory | input wait "
-             "per step (shards) | input wait per step (memory) | cost of reading (median of rounds, range) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | examples read per step | input | step from scored shards | step from memory | input wait "
+        "per step (shards) | input wait per step (memory) | cost of reading (median of rounds, range) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name in args.configs.split(","):
-        config = dataclasses.replace(configs.get_config(name), total_steps=args.steps, log_every=args.log_every,
-                                     eval_every=10**9, checkpoint_every=args.steps)
+        config = dataclasses.replace(
+            configs.get_config(name),
+            total_steps=args.steps,
+            log_every=args.log_every,
+            eval_every=10**9,
+            checkpoint_every=args.steps,
+        )
         workdir = tempfile.mkdtemp(prefix=f"bench-input-{name}-")
         try:
             data = TrainingData.open(config, corpus, scored)
             tokenizer = build_tokenizer(config, data.captions, workdir)
-            in_memory = list(itertools.islice(data.batches(tokenizer, config, input_pipeline.DataPosition()),
-                                              args.steps))
+            in_memory = list(
+                itertools.islice(data.batches(tokenizer, config, input_pipeline.DataPosition()), args.steps)
+            )
             kinds = {0: "2 threads", args.input_processes: f"{args.input_processes} worker processes"}
             runs = {"memory": [], **{processes: [] for processes in kinds}}
             for round in range(args.rounds):
-                runs["memory"].append(timed_run(config, corpus, scored, os.path.join(workdir, f"memory-{round}"),
-                                                (dict(batch) for batch in in_memory)))
+                runs["memory"].append(
+                    timed_run(
+                        config,
+                        corpus,
+                        scored,
+                        os.path.join(workdir, f"memory-{round}"),
+                        (dict(batch) for batch in in_memory),
+                    )
+                )
                 for processes in kinds:
                     reading = dataclasses.replace(config, input_processes=processes)
                     live = data.batches(tokenizer, reading, input_pipeline.DataPosition())
-                    runs[processes].append(timed_run(reading, corpus, scored,
-                                                     os.path.join(workdir, f"shards-{processes}-{round}"), live))
+                    runs[processes].append(
+                        timed_run(reading, corpus, scored, os.path.join(workdir, f"shards-{processes}-{round}"), live)
+                    )
             memory_step = statistics.median(run["step_s"] for run in runs["memory"])
             memory_wait = statistics.median(run["data_s"] for run in runs["memory"])
             for processes, kind in kinds.items():
                 ratios = [run["step_s"] / base["step_s"] for run, base in zip(runs[processes], runs["memory"])]
                 step = statistics.median(run["step_s"] for run in runs[processes])
                 wait = statistics.median(run["data_s"] for run in runs[processes])
-                lines.append(f"| {name} | {config.superbatch_size} | {kind} | {step * 1e3:.0f} ms | "
-                             f"{memory_step * 1e3:.0f} ms | {wait * 1e3:.0f} ms | {memory_wait * 1e3:.1f} ms | "
-                             f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) |")
+                lines.append(
+                    f"| {name} | {config.superbatch_size} | {kind} | {step * 1e3:.0f} ms | "
+                    f"{memory_step * 1e3:.0f} ms | {wait * 1e3:.0f} ms | {memory_wait * 1e3:.1f} ms | "
+                    f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}–{max(ratios):.2f}) |"
+                )
                 print(lines[-1], flush=True)
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-    lines = (["### Decoding", "", *decode_lines, "",
-              "CPU ms counts every process of the machine (/proc/stat), so worker processes' time and the pickling "
-              "of bytes and pixels between them are in it.", "", "### Steps", "", *lines, "",
-              f"{args.steps} steps a run (the first {args.log_every} left out), {args.rounds} rounds of (memory, "
-              "threads, processes) runs one after another; times are medians over rounds, and the cost of reading is "
-              "the median of each round's ratio to its own memory run (the machine's speed drifts between runs by "
-              "more than the effect measured: one memory run took 396 ms a step and another, minutes later, 441 ms). "
-              "The same scored shards (copied layout, 64 px JPEGs). 'input wait' is the time the loop blocks on "
-              "`next()`; tf.data prefetches 2 batches "
-              "while the step runs. On 2 CPU cores decoding competes with the step's own compute, so some of its "
-              "cost shows in the step rather than in the wait."])
+    lines = [
+        "### Decoding",
+        "",
+        *decode_lines,
+        "",
+        "CPU ms counts every process of the machine (/proc/stat), so worker processes' time and the pickling "
+        "of bytes and pixels between them are in it.",
+        "",
+        "### Steps",
+        "",
+        *lines,
+        "",
+        f"{args.steps} steps a run (the first {args.log_every} left out), {args.rounds} rounds of (memory, "
+        "threads, processes) runs one after another; times are medians over rounds, and the cost of reading is "
+        "the median of each round's ratio to its own memory run (the machine's speed drifts between runs by "
+        "more than the effect measured: one memory run took 396 ms a step and another, minutes later, 441 ms). "
+        "The same scored shards (copied layout, 64 px JPEGs). 'input wait' is the time the loop blocks on "
+        "`next()`; tf.data prefetches 2 batches "
+        "while the step runs. On 2 CPU cores decoding competes with the step's own compute, so some of its "
+        "cost shows in the step rather than in the wait.",
+    ]
     results.publish("Input pipeline", lines, COMMAND, write=not args.no_write)
 
 

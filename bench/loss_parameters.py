@@ -43,34 +43,50 @@ def summary(workdir: str) -> dict:
     final = [row for row in rows if "zeroshot_top1" in row][-1]
     first, last = train_rows[0], train_rows[-1]
     share = [row["offdiag_share"] for row in train_rows if "offdiag_share" in row]
-    return {"t": (first["t"], last["t"]), "b": (first["b"], last["b"]), "zeroshot": final["zeroshot_top1"],
-            "recall": (final["i2t_r1"] + final["t2i_r1"]) / 2, "held_out_loss": final["held_out_loss"],
-            "offdiag_share": (share[0], share[-1]) if share else None}
+    return {
+        "t": (first["t"], last["t"]),
+        "b": (first["b"], last["b"]),
+        "zeroshot": final["zeroshot_top1"],
+        "recall": (final["i2t_r1"] + final["t2i_r1"]) / 2,
+        "held_out_loss": final["held_out_loss"],
+        "offdiag_share": (share[0], share[-1]) if share else None,
+    }
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     corpus, _, scored = demo.prepare(demo.parse_args(["--out", args.demo]))
-    lines = ["| run | multiplier | t: first → last logged | b: first → last logged | final zero-shot | R@1 | "
-             "held-out loss | off-diagonal share: first → last |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| run | multiplier | t: first → last logged | b: first → last logged | final zero-shot | R@1 | "
+        "held-out loss | off-diagonal share: first → last |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for multiplier in [float(m) for m in args.multipliers.split(",")]:
-        for name, steps, scored_dir in (("reference", args.reference_steps, None),
-                                        ("jest", args.learner_steps, scored)):
-            config = dataclasses.replace(demo.config_for(name, steps, seed=0),
-                                         temperature_bias_lr_multiplier=multiplier)
+        for name, steps, scored_dir in (
+            ("reference", args.reference_steps, None),
+            ("jest", args.learner_steps, scored),
+        ):
+            config = dataclasses.replace(
+                demo.config_for(name, steps, seed=0), temperature_bias_lr_multiplier=multiplier
+            )
             workdir = os.path.join(args.out, f"{name}_x{multiplier:g}")
             train(config, corpus, workdir, scored_dir=scored_dir)
             s = summary(workdir)
             share = "—" if s["offdiag_share"] is None else "{:.3f} → {:.3f}".format(*s["offdiag_share"])
-            lines.append(f"| {name} ({steps} steps) | {multiplier:g} | {s['t'][0]:.2f} → {s['t'][1]:.2f} | "
-                         f"{s['b'][0]:.2f} → {s['b'][1]:.2f} | {s['zeroshot']:.3f} | {s['recall']:.3f} | "
-                         f"{s['held_out_loss']:.3f} | {share} |")
+            lines.append(
+                f"| {name} ({steps} steps) | {multiplier:g} | {s['t'][0]:.2f} → {s['t'][1]:.2f} | "
+                f"{s['b'][0]:.2f} → {s['b'][1]:.2f} | {s['zeroshot']:.3f} | {s['recall']:.3f} | "
+                f"{s['held_out_loss']:.3f} | {share} |"
+            )
             print(lines[-1], flush=True)
-    lines += ["", f"Reference: the demo's reference config on the curated split, {args.reference_steps} steps of "
-              f"b = 128; jest: the demo's JEST config on its scored web split (scored by the demo's reference), "
-              f"{args.learner_steps} steps. Both start at t = 10, b = −10; the multiplier scales the learning rate "
-              "of t and b only. First → last: the first and the last logged training step (10 steps apart at the "
-              "start)."]
+    lines += [
+        "",
+        f"Reference: the demo's reference config on the curated split, {args.reference_steps} steps of "
+        f"b = 128; jest: the demo's JEST config on its scored web split (scored by the demo's reference), "
+        f"{args.learner_steps} steps. Both start at t = 10, b = −10; the multiplier scales the learning rate "
+        "of t and b only. First → last: the first and the last logged training step (10 steps apart at the "
+        "start).",
+    ]
     results.publish("Temperature and bias", lines, COMMAND, write=not args.no_write)
 
 

@@ -17,13 +17,25 @@ from curation.trainer import report
 CURVES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curves")
 CURVE_VERSION = 2
 # What a logged training row keeps in a curve file: the selection diagnostics the tables and plots read.
-TRAIN_KEYS = ("step", "selected_clean", "superbatch_clean", "selected_learnability", "random_learnability",
-              "offdiag_share")
+TRAIN_KEYS = (
+    "step",
+    "selected_clean",
+    "superbatch_clean",
+    "selected_learnability",
+    "random_learnability",
+    "offdiag_share",
+)
 
 COMPOSITION = ("selected/", "superbatch/")  # and the share of each noise kind selected and in the super-batch
 
-HEADLINE = ["uniform", "offline_top30", "easy_reference_f0.8", "independent_f0.8", "learnability_f0.8",
-            "learnability_f0.8_flexi"]
+HEADLINE = [
+    "uniform",
+    "offline_top30",
+    "easy_reference_f0.8",
+    "independent_f0.8",
+    "learnability_f0.8",
+    "learnability_f0.8_flexi",
+]
 SWEEP = ["independent_f0.5", "independent_f0.9", "learnability_f0.5", "learnability_f0.9", "hard_learner_f0.8"]
 STATE = ["uniform", "easy_reference_f0.8", "learnability_f0.8"]
 
@@ -54,14 +66,24 @@ def curve_path(corpus: str, setting: str, variant: str, seed: int, root: str = C
 def curve_from_run(run: report.RunCurves, config: dict) -> dict:
     """What is kept of a finished run: its evaluation curve (examples trained on and drawn, FLOPs, wall-clock,
     zero-shot, R@1), the selection diagnostics of each logged row, and the run's settings."""
-    keys = list(dict.fromkeys(key for row in run.train_rows for key in row
-                              if key in TRAIN_KEYS or key.startswith(COMPOSITION)))
+    keys = list(
+        dict.fromkeys(key for row in run.train_rows for key in row if key in TRAIN_KEYS or key.startswith(COMPOSITION))
+    )
     columns = {key: [_short(row.get(key)) for row in run.train_rows] for key in keys}  # one list a key: a few KB
-    return {"version": CURVE_VERSION, "name": run.name, "config": config,
-            "examples": run.examples.tolist(), "examples_drawn": run.examples_drawn.tolist(),
-            "online_flops": run.online_flops.tolist(), "offline_scoring_flops": run.offline_scoring_flops,
-            "wall_s": run.wall_s.tolist(), "zeroshot": run.zeroshot.tolist(), "recall": run.recall.tolist(),
-            "train_columns": columns, "selecting": run.selecting}
+    return {
+        "version": CURVE_VERSION,
+        "name": run.name,
+        "config": config,
+        "examples": run.examples.tolist(),
+        "examples_drawn": run.examples_drawn.tolist(),
+        "online_flops": run.online_flops.tolist(),
+        "offline_scoring_flops": run.offline_scoring_flops,
+        "wall_s": run.wall_s.tolist(),
+        "zeroshot": run.zeroshot.tolist(),
+        "recall": run.recall.tolist(),
+        "train_columns": columns,
+        "selecting": run.selecting,
+    }
 
 
 def _short(value):
@@ -85,17 +107,25 @@ def curve_to_run(curve: dict, path: str) -> report.RunCurves:
     """A curve file's contents (read from `path`, named in errors) as the RunCurves it was made from."""
     if curve.get("version") != CURVE_VERSION:
         raise ValueError(f"{path}: curve version {curve.get('version')}, this script reads {CURVE_VERSION}")
-    arrays = {key: np.asarray(curve[key], float) for key in ("examples", "online_flops", "wall_s", "zeroshot",
-                                                               "recall", "examples_drawn")}
+    arrays = {
+        key: np.asarray(curve[key], float)
+        for key in ("examples", "online_flops", "wall_s", "zeroshot", "recall", "examples_drawn")
+    }
     columns = curve["train_columns"]
     length = max((len(values) for values in columns.values()), default=0)
     rows = [{key: values[i] for key, values in columns.items() if values[i] is not None} for i in range(length)]
-    return report.RunCurves(name=curve["name"], offline_scoring_flops=float(curve["offline_scoring_flops"]),
-                            train_rows=rows, selecting=bool(curve["selecting"]), **arrays)
+    return report.RunCurves(
+        name=curve["name"],
+        offline_scoring_flops=float(curve["offline_scoring_flops"]),
+        train_rows=rows,
+        selecting=bool(curve["selecting"]),
+        **arrays,
+    )
 
 
-def bootstrap_interval(values, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
-                       ) -> tuple[float, float, float]:
+def bootstrap_interval(
+    values, *, level: float = 0.95, resamples: int = 10_000, seed: int = 0
+) -> tuple[float, float, float]:
     """(mean, low, high): the mean of `values` (one per seed; for a comparison, the seed-by-seed differences) and
     its percentile bootstrap interval, resampling seeds with replacement. One value: an interval of zero width."""
     values = np.asarray(values, float)
@@ -125,4 +155,4 @@ def plateau_gain(zeroshot) -> float:
     quarter = max(1, len(zeroshot) // 4)
     if len(zeroshot) < 2 * quarter:
         raise ValueError(f"{len(zeroshot)} evaluations are too few to judge a plateau")
-    return float(zeroshot[-quarter:].mean() - zeroshot[-2 * quarter:-quarter].mean())
+    return float(zeroshot[-quarter:].mean() - zeroshot[-2 * quarter : -quarter].mean())

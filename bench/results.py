@@ -18,15 +18,18 @@ def machine() -> str:
 def write_section(title: str, body: str, command: str) -> None:
     """Add or replace the `## {title}` section with the command that made it, the machine and `body`."""
     arguments = " ".join(sys.argv[1:])
-    section = (f"## {title}\n\nCommand: `{command}`" + (f" (arguments: `{arguments}`)" if arguments else "")
-               + f"\n\nMachine: {machine()}.\n\n{body.strip()}\n")
+    section = (
+        f"## {title}\n\nCommand: `{command}`"
+        + (f" (arguments: `{arguments}`)" if arguments else "")
+        + f"\n\nMachine: {machine()}.\n\n{body.strip()}\n"
+    )
     existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmarks\n"
     start = existing.find(f"## {title}\n")
     if start < 0:
         updated = existing.rstrip("\n") + "\n\n" + section
     else:
         end = existing.find("\n## ", start + 1)
-        updated = existing[:start] + section + ("\n" + existing[end + 1:] if end >= 0 else "")
+        updated = existing[:start] + section + ("\n" + existing[end + 1 :] if end >= 0 else "")
     with open(RESULTS, "w") as out:
         out.write(updated)
 

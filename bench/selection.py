@@ -75,8 +75,9 @@ def bench_selection(args) -> dict:
     B, d = args.superbatch_size, args.embed_dim
     learner = random_embeddings(rng, B, d, jnp.float32, 10.0, -10.0)
     reference = random_embeddings(rng, B, d, jnp.float16, 10.0, -10.0)
-    fn = jax.jit(functools.partial(select, method="joint", score="learnability", n_select=args.n_select,
-                                   n_chunks=args.n_chunks))
+    fn = jax.jit(
+        functools.partial(select, method="joint", score="learnability", n_select=args.n_select, n_chunks=args.n_chunks)
+    )
     key = jax.random.key(0)
     start = time.perf_counter()
     compiled = fn.lower(key, learner, reference).compile()
@@ -100,8 +101,14 @@ def bench_selection(args) -> dict:
 
 def bench_forward(args, name: str, image_size: int, patch_size: int, text_length: int, whole: bool) -> dict:
     """Seconds for the learner's forward on the whole super-batch: measured, or per-example on a sample × B."""
-    config = ModelConfig(image_variant=name, text_variant=name, image_size=image_size, patch_size=patch_size,
-                         text_length=text_length, embed_dim=args.embed_dim)
+    config = ModelConfig(
+        image_variant=name,
+        text_variant=name,
+        image_size=image_size,
+        patch_size=patch_size,
+        text_length=text_length,
+        embed_dim=args.embed_dim,
+    )
     params = init_params(config, jax.random.key(1))
     forward = jax.jit(lambda params, images, tokens: TwoTower(config).apply({"params": params}, images, tokens)[:2])
     rng = np.random.default_rng(1)
@@ -120,9 +127,15 @@ def bench_forward(args, name: str, image_size: int, patch_size: int, text_length
         per_example = timed(lambda: forward(params, images, tokens), max(1, args.repeats - 1)) / n
         seconds, how = per_example * args.superbatch_size, f"extrapolated from {n} examples"
     coarse = 2 * patch_size
-    return dict(name=name, resolution=f"{image_size} px / patch {patch_size}", seconds=seconds, how=how,
-                flops=example_forward_flops(config) * args.superbatch_size,
-                coarse_flops=example_forward_flops(config, coarse) * args.superbatch_size, coarse=coarse)
+    return dict(
+        name=name,
+        resolution=f"{image_size} px / patch {patch_size}",
+        seconds=seconds,
+        how=how,
+        flops=example_forward_flops(config) * args.superbatch_size,
+        coarse_flops=example_forward_flops(config, coarse) * args.superbatch_size,
+        coarse=coarse,
+    )
 
 
 def report(args, selection: dict, forwards: list[dict]) -> str:
@@ -171,8 +184,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     print(f"devices: {jax.devices()}", flush=True)
     selection = bench_selection(args)
-    print(f"selection compiled in {selection['compile_s']:.1f} s; temp {selection['temp_bytes']:,} bytes "
-          f"vs B×B float32 {selection['square_bytes']:,} bytes; median {selection['seconds']:.2f} s", flush=True)
+    print(
+        f"selection compiled in {selection['compile_s']:.1f} s; temp {selection['temp_bytes']:,} bytes "
+        f"vs B×B float32 {selection['square_bytes']:,} bytes; median {selection['seconds']:.2f} s",
+        flush=True,
+    )
     forwards = []
     for name, image_size, patch_size, text_length, whole in MODELS:
         if name in args.models.split(","):

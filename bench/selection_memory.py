@@ -36,8 +36,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sizes", default="1280,2560,5120,10240,20480,40960,81920,163840")
     parser.add_argument("--embed_dim", type=int, default=256)
     parser.add_argument("--n_chunks", type=int, default=16)
-    parser.add_argument("--memory_budget_gib", type=float, default=10.0,
-                        help="run (and time) a program only when its compiled temp memory is under this")
+    parser.add_argument(
+        "--memory_budget_gib",
+        type=float,
+        default=10.0,
+        help="run (and time) a program only when its compiled temp memory is under this",
+    )
     parser.add_argument("--time_up_to", type=int, default=40960, help="largest B whose blocked selection is timed")
     parser.add_argument("--paper_dims", default="768,1152", help="d of the compile-only rows at B=163840")
     parser.add_argument("--no_write", action="store_true")
@@ -88,19 +92,36 @@ def measure(kind: str, B: int, d: int, n_chunks: int, budget: float, time_it: bo
     """Compile the `kind` selection for B (b = B/5) and, when its program fits `budget` bytes and `time_it`, run it
     (median of 3 after one warm-up)."""
     b = B // 5
-    fn = (functools.partial(select, method="joint", score="learnability", n_select=b, n_chunks=n_chunks)
-          if kind == "blocked" else functools.partial(dense_select, n_select=b, n_chunks=n_chunks))
+    fn = (
+        functools.partial(select, method="joint", score="learnability", n_select=b, n_chunks=n_chunks)
+        if kind == "blocked"
+        else functools.partial(dense_select, n_select=b, n_chunks=n_chunks)
+    )
     key = jax.random.key(0)
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(key, embeddings(B, d, jnp.float32, 1, abstract=True),
-                                 embeddings(B, d, jnp.float16, 2, abstract=True)).compile()
+    compiled = (
+        jax.jit(fn)
+        .lower(key, embeddings(B, d, jnp.float32, 1, abstract=True), embeddings(B, d, jnp.float16, 2, abstract=True))
+        .compile()
+    )
     memory = compiled.memory_analysis()
-    row = {"kind": kind, "B": B, "b": b, "d": d, "compile_s": time.perf_counter() - start,
-           "temp_bytes": memory.temp_size_in_bytes, "argument_bytes": memory.argument_size_in_bytes,
-           "fits": memory.temp_size_in_bytes + memory.argument_size_in_bytes < budget, "seconds": None, "indices": None}
+    row = {
+        "kind": kind,
+        "B": B,
+        "b": b,
+        "d": d,
+        "compile_s": time.perf_counter() - start,
+        "temp_bytes": memory.temp_size_in_bytes,
+        "argument_bytes": memory.argument_size_in_bytes,
+        "fits": memory.temp_size_in_bytes + memory.argument_size_in_bytes < budget,
+        "seconds": None,
+        "indices": None,
+    }
     if row["fits"] and time_it:
-        learner, reference = embeddings(B, d, jnp.float32, 1, abstract=False), embeddings(B, d, jnp.float16, 2,
-                                                                                          abstract=False)
+        learner, reference = (
+            embeddings(B, d, jnp.float32, 1, abstract=False),
+            embeddings(B, d, jnp.float16, 2, abstract=False),
+        )
         indices = jax.block_until_ready(compiled(key, learner, reference))
         times = []
         for _ in range(3):
@@ -135,14 +156,19 @@ def main(argv=None) -> None:
     rows = []
     for B in [int(s) for s in args.sizes.split(",")]:
         for kind in ("blocked", "dense"):
-            row = measure(kind, B, args.embed_dim, args.n_chunks, budget,
-                          time_it=kind == "dense" or B <= args.time_up_to)
+            row = measure(
+                kind, B, args.embed_dim, args.n_chunks, budget, time_it=kind == "dense" or B <= args.time_up_to
+            )
             rows.append(row)
-            print(f"B={B:>7} {kind:>7}: temp {row['temp_bytes'] / GIB:8.3f} GiB"
-                  + (f", {row['seconds']:.2f} s" if row["seconds"] is not None else ", not run"), flush=True)
+            print(
+                f"B={B:>7} {kind:>7}: temp {row['temp_bytes'] / GIB:8.3f} GiB"
+                + (f", {row['seconds']:.2f} s" if row["seconds"] is not None else ", not run"),
+                flush=True,
+            )
     smallest = [r for r in rows if r["B"] == rows[0]["B"]]
-    same = all(r["indices"] is not None for r in smallest) and np.array_equal(smallest[0]["indices"],
-                                                                             smallest[1]["indices"])
+    same = all(r["indices"] is not None for r in smallest) and np.array_equal(
+        smallest[0]["indices"], smallest[1]["indices"]
+    )
     if not same:
         raise SystemExit(f"dense and blocked selections differ at B={rows[0]['B']}: the comparator is wrong")
     for d in [int(s) for s in args.paper_dims.split(",") if s]:
@@ -156,30 +182,44 @@ def main(argv=None) -> None:
             return f"{row['seconds']:.2f} s"
         return "not run (over the budget)" if not row["fits"] else "not timed"
 
-    lines = [f"Joint learnability selection, b = B/5 in {args.n_chunks} chunks, learner float32 and reference float16 "
-             "embeddings. Temp memory is XLA's compiled memory analysis of each program (CPU backend); programs are "
-             f"run only when temp + arguments fit {args.memory_budget_gib:g} GiB on this 24 GiB machine. At "
-             f"B = {rows[0]['B']:,} the dense and blocked selections picked the same {rows[0]['b']:,} indices in the "
-             "same order.", "",
-             "| B | b | d | blocked temp | dense temp | dense / blocked | blocked time | dense time |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Joint learnability selection, b = B/5 in {args.n_chunks} chunks, learner float32 and reference float16 "
+        "embeddings. Temp memory is XLA's compiled memory analysis of each program (CPU backend); programs are "
+        f"run only when temp + arguments fit {args.memory_budget_gib:g} GiB on this 24 GiB machine. At "
+        f"B = {rows[0]['B']:,} the dense and blocked selections picked the same {rows[0]['b']:,} indices in the "
+        "same order.",
+        "",
+        "| B | b | d | blocked temp | dense temp | dense / blocked | blocked time | dense time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     pairs = {}
     for row in rows:
         pairs.setdefault((row["B"], row["d"]), {})[row["kind"]] = row
     for (B, d), pair in pairs.items():
         blocked, dense = pair["blocked"], pair["dense"]
-        lines.append(f"| {B:,} | {B // 5:,} | {d} | {blocked['temp_bytes'] / GIB:.3f} GiB | "
-                     f"{dense['temp_bytes'] / GIB:.3f} GiB | {dense['temp_bytes'] / blocked['temp_bytes']:.0f}x | "
-                     f"{cell(blocked)} | {cell(dense)} |")
+        lines.append(
+            f"| {B:,} | {B // 5:,} | {d} | {blocked['temp_bytes'] / GIB:.3f} GiB | "
+            f"{dense['temp_bytes'] / GIB:.3f} GiB | {dense['temp_bytes'] / blocked['temp_bytes']:.0f}x | "
+            f"{cell(blocked)} | {cell(dense)} |"
+        )
     d0 = rows[0]["d"]
     dense_over = [r["B"] for r in rows if r["kind"] == "dense" and r["d"] == d0 and r["temp_bytes"] > 80 * GIB]
     blocked_max = max(r["temp_bytes"] for r in rows if r["kind"] == "blocked") / GIB
-    lines += ["", "The dense program's temp memory grows as B² (B×B score matrices for the learner, the reference "
-              "and their difference); the blocked one's as B·d plus a chunk's B×b/N blocks. "
-              + (f"With 80 GiB of accelerator memory (an H100) the dense selection no longer fits from "
-                 f"B = {min(dense_over):,} at d = {d0}, " if dense_over else "")
-              + f"while the blocked one needs at most {blocked_max:.1f} GiB of temp memory in any row here, paper "
-              "scale included.", "", "![selection memory](selection_memory.png)"]
+    lines += [
+        "",
+        "The dense program's temp memory grows as B² (B×B score matrices for the learner, the reference "
+        "and their difference); the blocked one's as B·d plus a chunk's B×b/N blocks. "
+        + (
+            f"With 80 GiB of accelerator memory (an H100) the dense selection no longer fits from "
+            f"B = {min(dense_over):,} at d = {d0}, "
+            if dense_over
+            else ""
+        )
+        + f"while the blocked one needs at most {blocked_max:.1f} GiB of temp memory in any row here, paper "
+        "scale included.",
+        "",
+        "![selection memory](selection_memory.png)",
+    ]
     text = "\n".join(lines)
     print("\n" + text)
     if not args.no_write:

@@ -44,12 +44,16 @@ def parse_runs(parser: argparse.ArgumentParser, items: list[str], reference: str
         if name in runs:
             parser.error(f"--run {name} is given twice; give each run its own name")
         runs[name] = workdir
-    for flag, workdir in [*((f"--run {name}=", workdir) for name, workdir in runs.items()),
-                          *((("--reference ", reference),) if reference else ())]:
+    for flag, workdir in [
+        *((f"--run {name}=", workdir) for name, workdir in runs.items()),
+        *((("--reference ", reference),) if reference else ()),
+    ]:
         metrics = run_files.join(workdir, "metrics.jsonl")
         if not run_files.exists(metrics):
-            parser.error(f"{flag}{workdir}: {metrics} does not exist; give the workdir of a training run "
-                         "(python -m curation.train --workdir)")
+            parser.error(
+                f"{flag}{workdir}: {metrics} does not exist; give the workdir of a training run "
+                "(python -m curation.train --workdir)"
+            )
     return runs
 
 

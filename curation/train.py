@@ -28,38 +28,73 @@ log = logging.getLogger(__name__)
 
 def _config_field_flags(parser: argparse.ArgumentParser, defaults: configs.TrainConfig) -> None:
     """Every TrainConfig field as `--field` (the field's type); the help shows the value of the chosen --config."""
-    group = parser.add_argument_group("config fields", f"override fields of --config (defaults shown: {defaults.name}"
-                                      f"{', --smoke' if defaults != configs.CONFIGS[defaults.name]() else ''})")
+    group = parser.add_argument_group(
+        "config fields",
+        f"override fields of --config (defaults shown: {defaults.name}"
+        f"{', --smoke' if defaults != configs.CONFIGS[defaults.name]() else ''})",
+    )
     for field in dataclasses.fields(defaults):
         value = getattr(defaults, field.name)
         kind = type(value)
         if kind is bool:
-            group.add_argument(f"--{field.name}", type=cli.parse_bool, nargs="?", const=True, default=argparse.SUPPRESS,
-                               metavar="BOOL", help=f"default: {str(value).lower()}")
+            group.add_argument(
+                f"--{field.name}",
+                type=cli.parse_bool,
+                nargs="?",
+                const=True,
+                default=argparse.SUPPRESS,
+                metavar="BOOL",
+                help=f"default: {str(value).lower()}",
+            )
         else:
-            group.add_argument(f"--{field.name}", type=kind, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
-                               help=f"default: {value}")
+            group.add_argument(
+                f"--{field.name}",
+                type=kind,
+                default=argparse.SUPPRESS,
+                metavar=kind.__name__.upper(),
+                help=f"default: {value}",
+            )
 
 
 def build_parser(defaults: configs.TrainConfig) -> cli.OneLineErrorParser:
-    parser = cli.OneLineErrorParser(prog="python -m curation.train", description=__doc__, allow_abbrev=False,
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.OneLineErrorParser(
+        prog="python -m curation.train",
+        description=__doc__,
+        allow_abbrev=False,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", required=True, choices=sorted(configs.CONFIGS))
     parser.add_argument("--data", required=True, help="corpus directory (made by demo.make_corpus)")
-    parser.add_argument("--scored", default=None,
-                        help="scored output of python -m pipelines.score to train on (needed by selection configs)")
+    parser.add_argument(
+        "--scored",
+        default=None,
+        help="scored output of python -m pipelines.score to train on (needed by selection configs)",
+    )
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, model/")
     parser.add_argument("--smoke", action="store_true", help="shrink the run to seconds (tests)")
-    parser.add_argument("--start_over", action="store_true",
-                        help="discard the run already in --workdir (its config, checkpoints, metrics) and start anew")
-    group = parser.add_argument_group("multi-process runs", "one process per host, each started with the same flags "
-                                      "and its own --process_id (or --distributed where the platform sets them)")
-    group.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
-                       help="address of process 0, which every process connects to")
+    parser.add_argument(
+        "--start_over",
+        action="store_true",
+        help="discard the run already in --workdir (its config, checkpoints, metrics) and start anew",
+    )
+    group = parser.add_argument_group(
+        "multi-process runs",
+        "one process per host, each started with the same flags "
+        "and its own --process_id (or --distributed where the platform sets them)",
+    )
+    group.add_argument(
+        "--coordinator_address",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0, which every process connects to",
+    )
     group.add_argument("--num_processes", type=int, default=None, help="how many processes take part")
     group.add_argument("--process_id", type=int, default=None, help="this process's index, 0 to num_processes - 1")
-    group.add_argument("--distributed", action="store_true",
-                       help="take the processes from the platform (Cloud TPU pod, SLURM, Open MPI, Kubernetes)")
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="take the processes from the platform (Cloud TPU pod, SLURM, Open MPI, Kubernetes)",
+    )
     cli.add_verbose_flag(parser)
     _config_field_flags(parser, defaults)
     return parser
@@ -83,14 +118,17 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.Trai
         config = dataclasses.replace(base, **{name: value for name, value in vars(args).items() if name in fields})
         config.superbatch_size  # validates filter_ratio
         if config.selection_loss not in training_step.SELECTION_LOSSES:
-            raise ValueError(f"--selection_loss {config.selection_loss!r}: choose from {list(training_step.SELECTION_LOSSES)}")
+            raise ValueError(
+                f"--selection_loss {config.selection_loss!r}: choose from {list(training_step.SELECTION_LOSSES)}"
+            )
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     if config.needs_scores and not args.scored:
-        parser.error(f"--config {args.config} selects or filters by score: pass --scored DIR (the output of "
-                     "python -m pipelines.score)")
-    problem = distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id,
-                                      args.distributed)
+        parser.error(
+            f"--config {args.config} selects or filters by score: pass --scored DIR (the output of "
+            "python -m pipelines.score)"
+        )
+    problem = distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id, args.distributed)
     if problem:
         parser.error(problem)
     if os.path.exists(args.workdir) and not os.path.isdir(args.workdir):

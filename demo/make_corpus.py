@@ -128,8 +128,9 @@ def plan_noise(settings: CorpusSettings, size: int, rates: NoiseRates) -> list[t
     return plan
 
 
-def _pick(rng: np.random.Generator, candidates: Sequence[int], accept: Callable[[int], bool],
-          tries: int = 100) -> int | None:
+def _pick(
+    rng: np.random.Generator, candidates: Sequence[int], accept: Callable[[int], bool], tries: int = 100
+) -> int | None:
     """A random candidate that `accept`s, or None when `tries` draws found none."""
     for _ in range(tries if len(candidates) else 0):
         choice = int(candidates[rng.integers(len(candidates))])
@@ -138,15 +139,17 @@ def _pick(rng: np.random.Generator, candidates: Sequence[int], accept: Callable[
     return None
 
 
-def make_example(settings: CorpusSettings, split: str, index: int, kind: str = "clean",
-                 related: int | None = None) -> CorpusRecord:
+def make_example(
+    settings: CorpusSettings, split: str, index: int, kind: str = "clean", related: int | None = None
+) -> CorpusRecord:
     """Example `index` of `split`, with the noise of `kind` applied (see NoiseRates), as a CorpusRecord."""
     noise_rng = _rng(settings, split, index, NOISE) if kind != "clean" else None
     image_index = related if kind == "near_duplicate" and related is not None else index
     scene = scene_of(settings, split, image_index)
     image = scenes.render_scene(scene, settings.image_size, _rng(settings, split, image_index, RENDER))
-    caption: str | bytes = scenes.describe(scene, _rng(settings, split, index, CAPTION),
-                                           detailed=split == "eval/retrieval")
+    caption: str | bytes = scenes.describe(
+        scene, _rng(settings, split, index, CAPTION), detailed=split == "eval/retrieval"
+    )
     detail = ""
     if kind == "near_duplicate":
         image = scenes.near_duplicate(image, noise_rng)
@@ -174,9 +177,14 @@ def make_example(settings: CorpusSettings, split: str, index: int, kind: str = "
         detail = ("html", "random", "empty")[noise_rng.integers(3)]
         image_bytes = noise_rng.bytes(int(noise_rng.integers(64, 2048))) if detail == "random" else NON_IMAGES[detail]
     metadata = {
-        "truth": kind, "shape": scene.shape, "colour": scene.colour, "size": scene.size,
-        "background": scene.background, "position": scene.position,
-        "related_key": example_key(split, related) if related is not None else "", "detail": detail,
+        "truth": kind,
+        "shape": scene.shape,
+        "colour": scene.colour,
+        "size": scene.size,
+        "background": scene.background,
+        "position": scene.position,
+        "related_key": example_key(split, related) if related is not None else "",
+        "detail": detail,
     }
     return CorpusRecord(example_key(split, index), image_bytes, caption, "", metadata)
 
@@ -255,8 +263,11 @@ def write_corpus(
             records = pool.imap(make, tasks, chunksize=32) if pool else map(make, tasks)
             shards, truth = _write_split(out, split, suffix, format, shard_size, records, bar)
             splits[split] = {
-                "description": SPLIT_DESCRIPTIONS[split], "pattern": f"{split}/*{suffix}", "count": count,
-                "shards": shards, "truth": dict(sorted(truth.items())),
+                "description": SPLIT_DESCRIPTIONS[split],
+                "pattern": f"{split}/*{suffix}",
+                "count": count,
+                "shards": shards,
+                "truth": dict(sorted(truth.items())),
             }
     finally:
         bar.close()
@@ -275,16 +286,21 @@ def write_corpus(
         "format": format,
         **dataclasses.asdict(settings),
         "noise_rates": noise.as_dict(),
-        "vocabulary": {"shapes": list(scenes.SHAPES), "colours": colours, "sizes": list(scenes.SIZES),
-                       "backgrounds": list(scenes.BACKGROUNDS)},
+        "vocabulary": {
+            "shapes": list(scenes.SHAPES),
+            "colours": colours,
+            "sizes": list(scenes.SIZES),
+            "backgrounds": list(scenes.BACKGROUNDS),
+        },
         "splits": splits,
     }
     _write_json(posixpath.join(out, "_SPLITS.json"), summary)  # last: its presence means the corpus is complete
     return summary
 
 
-def _write_split(out: str, split: str, suffix: str, format: str, shard_size: int, records: Iterator[CorpusRecord],
-                 bar: tqdm) -> tuple[list[str], Counter]:
+def _write_split(
+    out: str, split: str, suffix: str, format: str, shard_size: int, records: Iterator[CorpusRecord], bar: tqdm
+) -> tuple[list[str], Counter]:
     """Write a split's records in shards of `shard_size`; return the shard paths (relative to `out`) and counts of
     ground-truth kinds."""
     shards: list[str] = []
@@ -322,8 +338,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
     defaults = NoiseRates()
     for kind in NOISE_KINDS:
-        parser.add_argument(f"--{kind}_rate", type=float, default=getattr(defaults, kind),
-                            help=f"share of web examples with noise '{kind}' (default %(default)s)")
+        parser.add_argument(
+            f"--{kind}_rate",
+            type=float,
+            default=getattr(defaults, kind),
+            help=f"share of web examples with noise '{kind}' (default %(default)s)",
+        )
     return parser.parse_args(argv)
 
 
@@ -332,9 +352,18 @@ def run(argv: Sequence[str] | None = None) -> dict:
     noise = NoiseRates(**{kind: getattr(args, f"{kind}_rate") for kind in NOISE_KINDS})
     start = time.perf_counter()
     summary = write_corpus(
-        args.out, args.size, args.format, args.seed, noise=noise, curated_size=args.curated_size,
-        eval_size=args.eval_size, shard_size=args.shard_size, image_size=args.image_size,
-        image_format=args.image_format, workers=args.workers, overwrite=args.overwrite,
+        args.out,
+        args.size,
+        args.format,
+        args.seed,
+        noise=noise,
+        curated_size=args.curated_size,
+        eval_size=args.eval_size,
+        shard_size=args.shard_size,
+        image_size=args.image_size,
+        image_format=args.image_format,
+        workers=args.workers,
+        overwrite=args.overwrite,
         progress=not args.no_progress,
     )
     counts = ", ".join(f"{split} {info['count']}" for split, info in summary["splits"].items())

@@ -35,12 +35,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--curated_size", type=int, default=8000)
     parser.add_argument("--eval_size", type=int, default=500, help="examples per eval split")
     parser.add_argument("--reference_steps", type=int, default=300)
-    parser.add_argument("--learner_steps", type=int, default=600,
-                        help="steps of each learner (the learning benchmark's headline part runs the same)")
+    parser.add_argument(
+        "--learner_steps",
+        type=int,
+        default=600,
+        help="steps of each learner (the learning benchmark's headline part runs the same)",
+    )
     parser.add_argument("--learner_batch_size", type=int, default=64, help="the sub-batch b each learner trains on")
     parser.add_argument("--learner_evals", type=int, default=20, help="evaluations per learner run")
-    parser.add_argument("--jest_config", default="jest", choices=["jest", "jest_flexi"],
-                        help="the JEST learner's config (Flexi scores the super-batch at 4x fewer tokens)")
+    parser.add_argument(
+        "--jest_config",
+        default="jest",
+        choices=["jest", "jest_flexi"],
+        help="the JEST learner's config (Flexi scores the super-batch at 4x fewer tokens)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--smoke", action="store_true", help="a tiny version in about a minute (tests)")
     cli.add_verbose_flag(parser)
@@ -48,8 +56,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.learner_batch_size < 1:
         parser.error(f"--learner_batch_size {args.learner_batch_size}: need at least 1")
     if not 1 <= args.learner_evals <= args.learner_steps:
-        parser.error(f"--learner_evals {args.learner_evals} with --learner_steps {args.learner_steps}: "
-                     "need 1 ≤ evals ≤ steps")
+        parser.error(
+            f"--learner_evals {args.learner_evals} with --learner_steps {args.learner_steps}: need 1 ≤ evals ≤ steps"
+        )
     return args
 
 
@@ -58,20 +67,28 @@ def stage(number: int, text: str) -> float:
     return time.perf_counter()
 
 
-def config_for(name: str, steps: int, seed: int, smoke: bool = False, batch_size: int = 0,
-               evals: int = 4) -> configs.TrainConfig:
+def config_for(
+    name: str, steps: int, seed: int, smoke: bool = False, batch_size: int = 0, evals: int = 4
+) -> configs.TrainConfig:
     """Config `name` shortened to `steps`, evaluated `evals` times and checkpointed four times, at sub-batch
     `batch_size` (0: the config's own), or its smoke version."""
     base = configs.get_config(name, smoke=smoke)
     if smoke:
         return base
-    return dataclasses.replace(base, total_steps=steps, warmup_steps=min(base.warmup_steps, steps // 10),
-                               batch_size=batch_size or base.batch_size, eval_every=max(steps // evals, 1),
-                               checkpoint_every=max(steps // 4, 1), seed=seed)
+    return dataclasses.replace(
+        base,
+        total_steps=steps,
+        warmup_steps=min(base.warmup_steps, steps // 10),
+        batch_size=batch_size or base.batch_size,
+        eval_every=max(steps // evals, 1),
+        checkpoint_every=max(steps // 4, 1),
+        seed=seed,
+    )
 
 
-def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None,
-            noise: make_corpus.NoiseRates | None = None) -> tuple[str, str, str]:
+def prepare(
+    args: argparse.Namespace, timings: dict[str, float] | None = None, noise: make_corpus.NoiseRates | None = None
+) -> tuple[str, str, str]:
     """Stages 1-3 (corpus, reference, scoring) under `args.out`; returns (corpus, reference workdir, scored).
     `noise`: the web split's noise mix (default the demo's own)."""
     timings = {} if timings is None else timings
@@ -80,10 +97,18 @@ def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None,
 
     start = stage(1, f"demo corpus: {args.web_size} web, {args.curated_size} curated examples -> {corpus}")
     if not os.path.exists(os.path.join(corpus, "_SPLITS.json")):
-        make_corpus.write_corpus(corpus, size=args.web_size, curated_size=args.curated_size,
-                                 eval_size=args.eval_size, seed=args.seed, shard_size=1000,
-                                 noise=noise or make_corpus.NoiseRates(),
-                                 workers=min(2, os.cpu_count() or 1), progress=True, overwrite=True)
+        make_corpus.write_corpus(
+            corpus,
+            size=args.web_size,
+            curated_size=args.curated_size,
+            eval_size=args.eval_size,
+            seed=args.seed,
+            shard_size=1000,
+            noise=noise or make_corpus.NoiseRates(),
+            workers=min(2, os.cpu_count() or 1),
+            progress=True,
+            overwrite=True,
+        )
     timings["corpus"] = time.perf_counter() - start
 
     start = stage(2, f"reference model on the curated split ({args.reference_steps} steps)")
@@ -91,8 +116,14 @@ def prepare(args: argparse.Namespace, timings: dict[str, float] | None = None,
     timings["reference"] = time.perf_counter() - start
 
     start = stage(3, "score the web split with the Beam job")
-    score.run([f"--input={corpus}/web/*.tar", f"--output={scored}",
-               f"--reference={os.path.join(reference_workdir, 'model')}", "--incremental"])
+    score.run(
+        [
+            f"--input={corpus}/web/*.tar",
+            f"--output={scored}",
+            f"--reference={os.path.join(reference_workdir, 'model')}",
+            "--incremental",
+        ]
+    )
     timings["scoring"] = time.perf_counter() - start
     return corpus, reference_workdir, scored
 
@@ -104,8 +135,10 @@ def run(argv: Sequence[str] | None = None) -> str:
     workdirs = {name: os.path.join(args.out, name) for name in ("uniform", args.jest_config)}
     workdirs["reference"] = reference_workdir
 
-    learners = {name: config_for(name, args.learner_steps, args.seed, args.smoke, args.learner_batch_size,
-                                 args.learner_evals) for name in ("uniform", args.jest_config)}
+    learners = {
+        name: config_for(name, args.learner_steps, args.seed, args.smoke, args.learner_batch_size, args.learner_evals)
+        for name in ("uniform", args.jest_config)
+    }
     for name, config in learners.items():
         start = stage(4, f"{name} learner on the scored web split ({args.learner_steps} steps)")
         train(config, corpus, workdirs[name], scored_dir=scored)
@@ -116,27 +149,36 @@ def run(argv: Sequence[str] | None = None) -> str:
     manifest = opened.manifests[-1]
     jest_config = learners[args.jest_config]
     counts = manifest.counts
-    notes = "\n".join([
-        "## Settings",
-        "",
-        f"- corpus: {args.web_size} web examples (hidden noise: misaligned captions, boilerplate, near-duplicates, "
-        f"degraded and broken images), {args.curated_size} curated, {args.eval_size} per eval split; seed {args.seed}",
-        f"- scoring job: read {counts.read}, scored {counts.scored}, dead-lettered {counts.dead_lettered} "
-        f"({', '.join(f'{k} {v}' for k, v in counts.dead_letter.items())})",
-        f"- learners: {args.learner_steps} steps of b = {jest_config.batch_size}; {args.jest_config} draws "
-        f"super-batches of B = {jest_config.superbatch_size} (f = {jest_config.filter_ratio}) and selects jointly by "
-        f"learnability in {jest_config.n_chunks} chunks"
-        + (f", scoring them at patch {jest_config.coarse_patch_size} and training a random half of each sub-batch "
-           f"at patch {jest_config.patch_size} and the other half at {jest_config.coarse_patch_size}"
-           if jest_config.flexi else ""),
-        "- FLOPs: online is the learner's updates plus, for JEST, its scoring passes over the super-batches; offline "
-        f"scoring is the reference's forward once per example scored ({opened.scored:,} examples), spent "
-        "once for every run on these scores; the reference's training is its own row",
-        "- stage wall-clock: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()),
-    ])
-    path = report.write_report({"uniform": workdirs["uniform"], args.jest_config: workdirs[args.jest_config]}, args.out,
-                               workdirs["reference"], title="JEST demo: uniform vs JEST on the noisy web split",
-                               notes=notes)
+    notes = "\n".join(
+        [
+            "## Settings",
+            "",
+            f"- corpus: {args.web_size} web examples (hidden noise: misaligned captions, boilerplate, near-duplicates, "
+            f"degraded and broken images), {args.curated_size} curated, {args.eval_size} per eval split; seed {args.seed}",
+            f"- scoring job: read {counts.read}, scored {counts.scored}, dead-lettered {counts.dead_lettered} "
+            f"({', '.join(f'{k} {v}' for k, v in counts.dead_letter.items())})",
+            f"- learners: {args.learner_steps} steps of b = {jest_config.batch_size}; {args.jest_config} draws "
+            f"super-batches of B = {jest_config.superbatch_size} (f = {jest_config.filter_ratio}) and selects jointly by "
+            f"learnability in {jest_config.n_chunks} chunks"
+            + (
+                f", scoring them at patch {jest_config.coarse_patch_size} and training a random half of each sub-batch "
+                f"at patch {jest_config.patch_size} and the other half at {jest_config.coarse_patch_size}"
+                if jest_config.flexi
+                else ""
+            ),
+            "- FLOPs: online is the learner's updates plus, for JEST, its scoring passes over the super-batches; offline "
+            f"scoring is the reference's forward once per example scored ({opened.scored:,} examples), spent "
+            "once for every run on these scores; the reference's training is its own row",
+            "- stage wall-clock: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()),
+        ]
+    )
+    path = report.write_report(
+        {"uniform": workdirs["uniform"], args.jest_config: workdirs[args.jest_config]},
+        args.out,
+        workdirs["reference"],
+        title="JEST demo: uniform vs JEST on the noisy web split",
+        notes=notes,
+    )
     log.info("report: %s", path)
     return path
 

@@ -135,8 +135,20 @@ def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
         ]
     elif shape == "cross":
         a, b = 0.3, 0.95
-        points = [(-a, -b), (a, -b), (a, -a), (b, -a), (b, a), (a, a), (a, b), (-a, b), (-a, a), (-b, a), (-b, -a),
-                  (-a, -a)]
+        points = [
+            (-a, -b),
+            (a, -b),
+            (a, -a),
+            (b, -a),
+            (b, a),
+            (a, a),
+            (a, b),
+            (-a, b),
+            (-a, a),
+            (-b, a),
+            (-b, -a),
+            (-a, -a),
+        ]
     elif shape == "diamond":
         points = [(0, -1), (0.6, 0), (0, 1), (-0.6, 0)]
     else:
@@ -145,8 +157,9 @@ def _outline(shape: str, cx: float, cy: float, r: float, angle: float) -> list[t
     return [(cx + r * (u * cos - v * sin), cy + r * (u * sin + v * cos)) for u, v in points]
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, colour: int | tuple[int, ...], cx: float, cy: float,
-                r: float, angle: float) -> None:
+def _draw_shape(
+    draw: ImageDraw.ImageDraw, shape: str, colour: int | tuple[int, ...], cx: float, cy: float, r: float, angle: float
+) -> None:
     outline = _outline(shape, cx, cy, r, angle)
     if outline is None:
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
@@ -164,8 +177,9 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
     jitter = rng.integers(-12, 13, size=3)
     colour = np.clip(np.array(COLOURS[scene.colour]) + jitter, 0, 255)
     side = image_size * SUPERSAMPLE
-    layers = [(scene.shape, colour, side * (0.5 + scene.dx), side * (0.5 + scene.dy), side * SIZES[scene.size],
-               scene.angle)]
+    layers = [
+        (scene.shape, colour, side * (0.5 + scene.dx), side * (0.5 + scene.dy), side * SIZES[scene.size], scene.angle)
+    ]
     if scene.accent is not None:
         # A small second shape in the corner farthest from the main one.
         ax, ay = side * (0.13 if scene.dx > 0 else 0.87), side * (0.13 if scene.dy > 0 else 0.87)
@@ -237,9 +251,22 @@ PARTIAL_TEMPLATES = (  # mention only part of the scene, as web alt-text often d
 )
 DETAILED_TEMPLATE = "{a_size} {colour} {shape} {where} on {a_background} background"
 BOILERPLATE = (
-    "image", "click here", "photo", "untitled", "thumbnail", "view full size", "download", "no description available",
-    "IMG_{n:04d}.JPG", "DSC{n:05d}.jpg", "image{n}.png", "stock photo {n}", "Copyright 20{yy:02d} all rights reserved",
-    "untitled-{n}", "click to enlarge", "photo by user{n}",
+    "image",
+    "click here",
+    "photo",
+    "untitled",
+    "thumbnail",
+    "view full size",
+    "download",
+    "no description available",
+    "IMG_{n:04d}.JPG",
+    "DSC{n:05d}.jpg",
+    "image{n}.png",
+    "stock photo {n}",
+    "Copyright 20{yy:02d} all rights reserved",
+    "untitled-{n}",
+    "click to enlarge",
+    "photo by user{n}",
 )
 FILLER_WORDS = ("best", "cheap", "free", "shipping", "sale", "buy", "now", "online", "shop", "new", "deal", "top")
 
@@ -259,9 +286,15 @@ def describe(scene: Scene, rng: np.random.Generator, *, partial_rate: float = 0.
         template = FULL_TEMPLATES[rng.integers(len(FULL_TEMPLATES))]
     background = scene.background
     caption = template.format(
-        shape=scene.shape, colour=scene.colour, Colour=scene.colour.capitalize(), size=scene.size,
-        background=background, where=scene.where, a_colour=_article(scene.colour),
-        a_size=_article(scene.size), a_background=_article(background),
+        shape=scene.shape,
+        colour=scene.colour,
+        Colour=scene.colour.capitalize(),
+        size=scene.size,
+        background=background,
+        where=scene.where,
+        a_colour=_article(scene.colour),
+        a_size=_article(scene.size),
+        a_background=_article(background),
     )
     if scene.accent is not None and (detailed or rng.random() < 0.5):
         body, end = (caption[:-1], caption[-1]) if caption[-1] in ".!" else (caption, "")

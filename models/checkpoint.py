@@ -120,11 +120,14 @@ def loss_parameters(params) -> dict[str, float]:
 def read_meta(directory: str) -> dict:
     """The JSON item of a checkpoint (config, tokenizer, fingerprint, temperature, bias) without the params (a
     version-1 checkpoint, whose meta lacks temperature and bias, is restored once to read them)."""
-    meta = _checkpointer().restore(absolute_path(directory),
-                                   args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    meta = _checkpointer().restore(absolute_path(directory), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))[
+        "meta"
+    ]
     if meta.get("meta_version") not in READABLE_META_VERSIONS:
-        raise ValueError(f"checkpoint {directory}: meta_version {meta.get('meta_version')!r}, this code reads "
-                         f"{list(READABLE_META_VERSIONS)}")
+        raise ValueError(
+            f"checkpoint {directory}: meta_version {meta.get('meta_version')!r}, this code reads "
+            f"{list(READABLE_META_VERSIONS)}"
+        )
     if "temperature" not in meta:
         meta = {**meta, **loss_parameters(restore(directory, meta=meta).params)}
     return meta
@@ -141,14 +144,15 @@ def restore(directory: str, meta: dict | None = None, sharding: jax.sharding.Sha
     config = ModelConfig.from_dict(meta["model"])
     tokenizer = tokenizer_from_dict(meta["tokenizer"])
     target = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    expected_tree = jax.tree_util.tree_map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target),
-                                           abstract_params(config))
+    expected_tree = jax.tree_util.tree_map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=target), abstract_params(config)
+    )
     checkpointer, path = _checkpointer(), absolute_path(directory)
     stored_tree = checkpointer.metadata(path).item_metadata["params"]
     _check_params_match(_leaves_by_name(stored_tree), _leaves_by_name(expected_tree), directory)
-    params = checkpointer.restore(
-        path, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected_tree))
-    )["params"]
+    params = checkpointer.restore(path, args=ocp.args.Composite(params=ocp.args.StandardRestore(expected_tree)))[
+        "params"
+    ]
     digest = fingerprint(params, config, tokenizer)
     if digest != meta["fingerprint"]:
         raise ValueError(

@@ -81,7 +81,9 @@ class ImagePreprocessing:
         if self.resize == "crop_then_resize":
             side = min(height, width)
             top, left = (height - side) // 2, (width - side) // 2
-            return self._resize(np.ascontiguousarray(pixels[top:top + side, left:left + side]), self.size, self.size)
+            return self._resize(
+                np.ascontiguousarray(pixels[top : top + side, left : left + side]), self.size, self.size
+            )
         # crop: the shorter side becomes `size`, the longer keeps the aspect ratio (truncated, as torchvision does).
         short, long = min(height, width), max(height, width)
         long = int(self.size * long / short)
@@ -89,13 +91,12 @@ class ImagePreprocessing:
         if (new_height, new_width) != (height, width):
             pixels = self._resize(pixels, new_width, new_height)
         top, left = round((new_height - self.size) / 2), round((new_width - self.size) / 2)
-        return np.ascontiguousarray(pixels[top:top + self.size, left:left + self.size])
+        return np.ascontiguousarray(pixels[top : top + self.size, left : left + self.size])
 
     def normalize(self, pixels, xp=np):
         """uint8 [..., 3] -> float32 (pixels - mean) / std. `xp` is numpy, or jax.numpy (works inside jit)."""
         mean, std = xp.asarray(self.mean, xp.float32), xp.asarray(self.std, xp.float32)
         return (xp.asarray(pixels).astype(xp.float32) - mean) / std
-
 
     def _resize(self, pixels: np.ndarray, width: int, height: int) -> np.ndarray:
         if self.antialias:

@@ -234,9 +234,7 @@ class TwoTower(nn.Module):
             text_length=cfg.text_length,
             embed_dim=cfg.embed_dim,
         )
-        self.log_temperature = self.param(
-            "log_temperature", nn.initializers.constant(cfg.log_temperature_init), (1,)
-        )
+        self.log_temperature = self.param("log_temperature", nn.initializers.constant(cfg.log_temperature_init), (1,))
         self.bias = self.param("bias", nn.initializers.constant(cfg.bias_init), (1,))
 
     def __call__(self, images, tokens, patch_size: int | None = None):

@@ -1,2 +1,1 @@
 import models.environment  # noqa: F401  (keras on JAX, quiet tensorflow imports: before anything else)
-

@@ -56,8 +56,15 @@ class _ReadShardFn(beam.DoFn):
     A shard's items are held until its end has been read, so that no record of a partly read shard goes on; the
     next shard of the bundle is read meanwhile: two shards per worker thread are in memory at a time."""
 
-    def __init__(self, format: str, fields: FieldNames | None, batch_rows: int, errors_inline: bool = False,
-                 total_shards: int = 0, shard_sizes: bool = False):
+    def __init__(
+        self,
+        format: str,
+        fields: FieldNames | None,
+        batch_rows: int,
+        errors_inline: bool = False,
+        total_shards: int = 0,
+        shard_sizes: bool = False,
+    ):
         self._format, self._fields, self._batch_rows = format, fields, batch_rows
         self._errors_inline, self._total_shards, self._shard_sizes = errors_inline, total_shards, shard_sizes
         self._shards = Metrics.counter(METRICS_NAMESPACE, "shards_read")
@@ -78,8 +85,9 @@ class _ReadShardFn(beam.DoFn):
     def process(self, path: str) -> Iterator[CorpusRecord | TaggedOutput]:
         # The next shard is read on a thread while this one's records go through the stages downstream, whose
         # model forward releases the Python lock: reading overlaps the forward.
-        self._pending.append((path, self._pool.submit(read_whole_shard, path, self._format, self._fields,
-                                                      batch_rows=self._batch_rows)))
+        self._pending.append(
+            (path, self._pool.submit(read_whole_shard, path, self._format, self._fields, batch_rows=self._batch_rows))
+        )
         if len(self._pending) > 1:
             yield from self._emit(*self._pending.popleft())
 
@@ -155,16 +163,24 @@ class ReadCorpus(beam.PTransform):
             | "MatchShards" >> beam.FlatMap(match_shards)
             | "SpreadShards" >> beam.Reshuffle()
             | "ParseShards"
-            >> beam.ParDo(_ReadShardFn(self._format, self._fields, self._batch_rows, self._errors_inline,
-                                     self._total_shards, self._shard_sizes)).with_outputs(
-                self.ERRORS, self.FAILED_SHARDS, *((self.SHARD_SIZES,) if self._shard_sizes else ()),
-                main=self.RECORDS
+            >> beam.ParDo(
+                _ReadShardFn(
+                    self._format,
+                    self._fields,
+                    self._batch_rows,
+                    self._errors_inline,
+                    self._total_shards,
+                    self._shard_sizes,
+                )
+            ).with_outputs(
+                self.ERRORS, self.FAILED_SHARDS, *((self.SHARD_SIZES,) if self._shard_sizes else ()), main=self.RECORDS
             )
         )
 
 
-def field_names(format: str, key: str | None = None, image: str | None = None,
-                caption: str | None = None) -> FieldNames:
+def field_names(
+    format: str, key: str | None = None, image: str | None = None, caption: str | None = None
+) -> FieldNames:
     """The layout's default field names with overrides; `image` and `caption` take comma-separated candidates."""
     default = DEFAULT_FIELDS[check_format(format)]
 
@@ -176,16 +192,22 @@ def field_names(format: str, key: str | None = None, image: str | None = None,
             raise ValueError(f"empty {what} field list {names!r}")
         return parsed
 
-    return FieldNames(key=default.key if key is None else key, image=candidates(image, default.image, "image"),
-                      caption=candidates(caption, default.caption, "caption"))
+    return FieldNames(
+        key=default.key if key is None else key,
+        image=candidates(image, default.image, "image"),
+        caption=candidates(caption, default.caption, "caption"),
+    )
 
 
 def add_reader_arguments(parser: argparse.ArgumentParser) -> None:
     """The corpus reader flags every entry point shares; `reader_options(args)` turns them into read_shard kwargs."""
     parser.add_argument("--input_format", choices=FORMATS, default="wds", help="layout of the input shards")
     parser.add_argument("--key_field", default=None, help="Parquet column / TFRecord feature of the key")
-    parser.add_argument("--image_field", default=None,
-                        help="image column / feature / tar extension(s), comma-separated, first present wins")
+    parser.add_argument(
+        "--image_field",
+        default=None,
+        help="image column / feature / tar extension(s), comma-separated, first present wins",
+    )
     parser.add_argument("--caption_field", default=None, help="caption column / feature / tar extension(s)")
     parser.add_argument("--parquet_batch_rows", type=int, default=1024, help="Parquet rows read at a time")
 

@@ -54,33 +54,52 @@ class ReferenceEmbeddings:
 class DualEncoderHandler(ModelHandler[PreparedExample, PredictionResult, LoadedReference]):
     """RunInference handler: PreparedExample -> PredictionResult(example, ReferenceEmbeddings)."""
 
-    def __init__(self, reference: Reference, batch_size: int = 256, *, min_batch_size: int = 1,
-                 large_model: bool = False, model_copies: int | None = None):
-        super().__init__(min_batch_size=min_batch_size, max_batch_size=batch_size, large_model=large_model,
-                         model_copies=model_copies)
+    def __init__(
+        self,
+        reference: Reference,
+        batch_size: int = 256,
+        *,
+        min_batch_size: int = 1,
+        large_model: bool = False,
+        model_copies: int | None = None,
+    ):
+        super().__init__(
+            min_batch_size=min_batch_size, max_batch_size=batch_size, large_model=large_model, model_copies=model_copies
+        )
         self._reference, self._batch_size = reference, batch_size
 
     def load_model(self) -> LoadedReference:
         model = self._reference.load(self._batch_size)
-        log.info("loaded reference %s (%s) on %s", self._reference.info.id, self._reference.info.fingerprint[:12],
-                 jax.devices())
+        log.info(
+            "loaded reference %s (%s) on %s",
+            self._reference.info.id,
+            self._reference.info.fingerprint[:12],
+            jax.devices(),
+        )
         return model
 
-    def run_inference(self, batch: Sequence[PreparedExample], model: LoadedReference,
-                      inference_args: dict[str, Any] | None = None) -> Iterable[PredictionResult]:
+    def run_inference(
+        self, batch: Sequence[PreparedExample], model: LoadedReference, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[PredictionResult]:
         # A CorpusError in the batch (errors kept inline, for score sidecars) passes with no inference.
         prepared = [example for example in batch if isinstance(example, PreparedExample)]
         embedded = iter(())
         if prepared:
-            zimg, ztxt = model.embed(np.stack([example.pixels for example in prepared]),
-                                     np.stack([example.tokens for example in prepared]))
+            zimg, ztxt = model.embed(
+                np.stack([example.pixels for example in prepared]), np.stack([example.tokens for example in prepared])
+            )
             embedded = (ReferenceEmbeddings(zimg[i], ztxt[i]) for i in range(len(prepared)))
-        return [PredictionResult(example, next(embedded) if isinstance(example, PreparedExample) else None,
-                                 self._reference.info.id) for example in batch]
+        return [
+            PredictionResult(
+                example, next(embedded) if isinstance(example, PreparedExample) else None, self._reference.info.id
+            )
+            for example in batch
+        ]
 
     def get_num_bytes(self, batch: Sequence[PreparedExample]) -> int:
-        return sum(example.pixels.nbytes + example.tokens.nbytes for example in batch
-                   if isinstance(example, PreparedExample))
+        return sum(
+            example.pixels.nbytes + example.tokens.nbytes for example in batch if isinstance(example, PreparedExample)
+        )
 
     def get_metrics_namespace(self) -> str:
         return "reference_model"

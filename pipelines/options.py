@@ -56,8 +56,11 @@ class CorpusJobOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--input", action="append",
-                            help="glob(s) of input shards (local or gs://), comma-separated or repeated; quote it")
+        parser.add_argument(
+            "--input",
+            action="append",
+            help="glob(s) of input shards (local or gs://), comma-separated or repeated; quote it",
+        )
         add_reader_arguments(parser)
         parser.add_argument("--output", help="output directory; each run adds a batch folder to it")
         cli.add_verbose_flag(parser)
@@ -68,53 +71,100 @@ class ScoreOptions(PipelineOptions):
 
     @classmethod
     def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--reference", "--reference_checkpoint", dest="reference",
-                            help="the reference model: a checkpoint folder of this project, keras_hub:PRESET, or a "
-                                 "keras-hub preset folder (local or gs://)")
-        parser.add_argument("--output_format", default="parquet",
-                            help="comma-separated: parquet, tfrecord (default parquet)")
-        parser.add_argument("--output_layout", choices=LAYOUTS, default="copied",
-                            help="copied: scored shards holding the examples (images too, --store_image); sidecar: "
-                                 "one score file per input shard, row i for its record i, beside a corpus that is "
-                                 "not copied (a run that dies resumes from the sidecars it finished)")
-        parser.add_argument("--store_image", choices=STORE_IMAGE, default="as_stored",
-                            help="image bytes in the scored shards: as stored, re-encoded JPEG, or none")
+        parser.add_argument(
+            "--reference",
+            "--reference_checkpoint",
+            dest="reference",
+            help="the reference model: a checkpoint folder of this project, keras_hub:PRESET, or a "
+            "keras-hub preset folder (local or gs://)",
+        )
+        parser.add_argument(
+            "--output_format", default="parquet", help="comma-separated: parquet, tfrecord (default parquet)"
+        )
+        parser.add_argument(
+            "--output_layout",
+            choices=LAYOUTS,
+            default="copied",
+            help="copied: scored shards holding the examples (images too, --store_image); sidecar: "
+            "one score file per input shard, row i for its record i, beside a corpus that is "
+            "not copied (a run that dies resumes from the sidecars it finished)",
+        )
+        parser.add_argument(
+            "--store_image",
+            choices=STORE_IMAGE,
+            default="as_stored",
+            help="image bytes in the scored shards: as stored, re-encoded JPEG, or none",
+        )
         parser.add_argument("--stored_image_size", type=int, default=64, help="side of re-encoded images (resized)")
-        parser.add_argument("--incremental", **_flag,
-                            help="score only input shards no batch of the same reference under --output has done")
-        parser.add_argument("--force_new_reference", **_flag,
-                            help="allow a batch scored by another reference than the batches already under --output")
-        parser.add_argument("--inference_batch_size", type=int, default=256,
-                            help="rows per forward; every batch is padded to it (one XLA compile)")
-        parser.add_argument("--num_output_shards", type=int, default=0,
-                            help="scored shards per format (0: runner picks)")
+        parser.add_argument(
+            "--incremental",
+            **_flag,
+            help="score only input shards no batch of the same reference under --output has done",
+        )
+        parser.add_argument(
+            "--force_new_reference",
+            **_flag,
+            help="allow a batch scored by another reference than the batches already under --output",
+        )
+        parser.add_argument(
+            "--inference_batch_size",
+            type=int,
+            default=256,
+            help="rows per forward; every batch is padded to it (one XLA compile)",
+        )
+        parser.add_argument(
+            "--num_output_shards", type=int, default=0, help="scored shards per format (0: runner picks)"
+        )
         parser.add_argument("--max_image_pixels", type=int, default=ValidationOptions.max_image_pixels)
         parser.add_argument("--min_image_size", type=int, default=ValidationOptions.min_image_size)
         parser.add_argument("--max_caption_chars", type=int, default=ValidationOptions.max_caption_chars)
-        parser.add_argument("--large_model", **_flag,
-                            help="one model copy per worker VM shared by its processes (accelerator workers)")
-        parser.add_argument("--model_copies", type=int, default=0,
-                            help="with an accelerator worker: that many model copies per VM shared by its "
-                                 "processes, e.g. one per GPU (implies sharing; 0: Beam's default)")
-        parser.add_argument("--max_bad_fraction", type=_fraction, default=1.0,
-                            help="fail, without a manifest, when more than this fraction of the records read is "
-                                 "dead-lettered (default 1.0: never fail; e.g. 0.05 fails above 5%%)")
-        parser.add_argument("--allow_failed_shards", **_flag,
-                            help="write the manifest even when input shards could not be read whole (they are "
-                                 "listed as failed, none of their records is kept, and --incremental scores them "
-                                 "again); default: fail the job without a manifest")
-        parser.add_argument("--skip_failed_shards", **_flag,
-                            help="with --incremental: do not retry shards an earlier batch listed as failed")
-        parser.add_argument("--clean_unfinished", **_flag,
-                            help="first delete the unfinished batch folders of earlier runs under --output (only "
-                                 "when no other run is writing to it)")
+        parser.add_argument(
+            "--large_model", **_flag, help="one model copy per worker VM shared by its processes (accelerator workers)"
+        )
+        parser.add_argument(
+            "--model_copies",
+            type=int,
+            default=0,
+            help="with an accelerator worker: that many model copies per VM shared by its "
+            "processes, e.g. one per GPU (implies sharing; 0: Beam's default)",
+        )
+        parser.add_argument(
+            "--max_bad_fraction",
+            type=_fraction,
+            default=1.0,
+            help="fail, without a manifest, when more than this fraction of the records read is "
+            "dead-lettered (default 1.0: never fail; e.g. 0.05 fails above 5%%)",
+        )
+        parser.add_argument(
+            "--allow_failed_shards",
+            **_flag,
+            help="write the manifest even when input shards could not be read whole (they are "
+            "listed as failed, none of their records is kept, and --incremental scores them "
+            "again); default: fail the job without a manifest",
+        )
+        parser.add_argument(
+            "--skip_failed_shards",
+            **_flag,
+            help="with --incremental: do not retry shards an earlier batch listed as failed",
+        )
+        parser.add_argument(
+            "--clean_unfinished",
+            **_flag,
+            help="first delete the unfinished batch folders of earlier runs under --output (only "
+            "when no other run is writing to it)",
+        )
 
 
 def build_parser() -> cli.OneLineErrorParser:
     """The job's flags (those of CorpusJobOptions and ScoreOptions), its required ones marked required: what `--help`
     shows and `parse` checks."""
-    parser = cli.OneLineErrorParser(prog=PROG, description=DESCRIPTION, epilog=BEAM_FLAGS, allow_abbrev=False,
-                                    formatter_class=argparse.RawTextHelpFormatter)
+    parser = cli.OneLineErrorParser(
+        prog=PROG,
+        description=DESCRIPTION,
+        epilog=BEAM_FLAGS,
+        allow_abbrev=False,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     for options in (CorpusJobOptions, ScoreOptions):
         options._add_argparse_args(parser)
     for action in parser._actions:
@@ -146,16 +196,18 @@ def shell_expanded_glob(argv: Sequence[str]) -> str:
             continue
         value = argv[i + 1]
         stray = []
-        for following in argv[i + 2:]:
+        for following in argv[i + 2 :]:
             if following.startswith("-"):
                 break
             stray.append(following)
         if stray:
             folder, name = posixpath.split(value)
             extension = posixpath.splitext(name)[1]
-            return (f"--input {value} is followed by {len(stray)} more path(s) ({', '.join(stray[:2])}"
-                    f"{', ...' if len(stray) > 2 else ''}): the shell expanded an unquoted glob; quote it, e.g. "
-                    f"--input '{folder or '.'}/*{extension}'")
+            return (
+                f"--input {value} is followed by {len(stray)} more path(s) ({', '.join(stray[:2])}"
+                f"{', ...' if len(stray) > 2 else ''}): the shell expanded an unquoted glob; quote it, e.g. "
+                f"--input '{folder or '.'}/*{extension}'"
+            )
     return ""
 
 

@@ -82,8 +82,9 @@ def _match_input(args: argparse.Namespace) -> list[str]:
     try:
         shards = match_shards(input_patterns(args))
     except FileNotFoundError as error:
-        raise SystemExit(f"--input: {error}; check the path and the glob (quote it, so the shell leaves it alone)"
-                         ) from None
+        raise SystemExit(
+            f"--input: {error}; check the path and the glob (quote it, so the shell leaves it alone)"
+        ) from None
     not_utf8 = [ascii(shard) for shard in shards if valid_unicode(shard) != shard]
     if not_utf8:  # a local file name; Beam carries paths as UTF-8 text and would fail on it mid-job
         raise SystemExit(f"input shard paths must be UTF-8; rename {', '.join(not_utf8[:5])}")
@@ -98,15 +99,24 @@ def plan_batch(args: argparse.Namespace, fingerprint: str, options: Options | No
     shards = _match_input(args)
     existing = batches.read_manifests(args.output)
     if existing and not args.incremental:
-        raise SystemExit(f"{args.output} already holds {len(existing)} scored batch(es); pass --incremental to "
-                         "score only new input shards, or choose another --output")
+        raise SystemExit(
+            f"{args.output} already holds {len(existing)} scored batch(es); pass --incremental to "
+            "score only new input shards, or choose another --output"
+        )
     others = sorted({m.reference_fingerprint[:12] for m in existing if m.reference_fingerprint != fingerprint})
     if others and not args.force_new_reference:
-        raise SystemExit(f"{args.output} holds batches scored by reference(s) {others}, not {fingerprint[:12]}; "
-                         "pass --force_new_reference to add a batch of this reference beside them")
+        raise SystemExit(
+            f"{args.output} holds batches scored by reference(s) {others}, not {fingerprint[:12]}; "
+            "pass --force_new_reference to add a batch of this reference beside them"
+        )
     counted = (DONE, FAILED) if args.skip_failed_shards else (DONE,)
-    recorded = {canonical_path(shard.path): shard for m in existing if m.reference_fingerprint == fingerprint
-                for shard in m.input_shards if shard.status in counted}
+    recorded = {
+        canonical_path(shard.path): shard
+        for m in existing
+        if m.reference_fingerprint == fingerprint
+        for shard in m.input_shards
+        if shard.status in counted
+    }
     identities = shard_identities(shards)
     todo = [shard for shard in identities if not _already_scored(shard, recorded)]
     skipped = [shard[0] for shard in identities if _already_scored(shard, recorded)]

@@ -36,8 +36,11 @@ def check_gcs_credentials(paths: list[str], timeout_s: float = 10.0) -> None:
     thread.start()
     thread.join(timeout_s)
     if "credentials" not in result:
-        why = f"no Google credentials ({' '.join(str(result['error']).split())[:120]})" if "error" in result \
+        why = (
+            f"no Google credentials ({' '.join(str(result['error']).split())[:120]})"
+            if "error" in result
             else f"no Google credentials found within {timeout_s:.0f} s"
+        )
         raise SystemExit(f"{gcs[0]}: {why}; {GCLOUD_HINT}")
 
 
@@ -51,8 +54,10 @@ def check_reference(spec: str) -> references.Reference:
         raise SystemExit(str(error)) from None
     except Exception as error:
         detail = " ".join(str(error).split())[:160]
-        raise SystemExit(f"--reference {spec} is damaged or unreadable ({type(error).__name__}: {detail}); save it "
-                         "again or point at another reference") from None
+        raise SystemExit(
+            f"--reference {spec} is damaged or unreadable ({type(error).__name__}: {detail}); save it "
+            "again or point at another reference"
+        ) from None
 
 
 def check_paths(args: argparse.Namespace) -> None:
@@ -62,16 +67,20 @@ def check_paths(args: argparse.Namespace) -> None:
             continue
         directories = [path for path in sorted(glob.glob(pattern)) if os.path.isdir(path)]
         if directories:
-            raise SystemExit(f"--input {pattern} matches the directory {directories[0]}, not shard files; give a "
-                             f"glob of its shards, e.g. --input '{directories[0].rstrip('/')}/*'")
+            raise SystemExit(
+                f"--input {pattern} matches the directory {directories[0]}, not shard files; give a "
+                f"glob of its shards, e.g. --input '{directories[0].rstrip('/')}/*'"
+            )
     if os.path.isfile(args.output):
         raise SystemExit(f"--output {args.output} is a file; give a directory")
 
 
 def check_flag_combinations(args: argparse.Namespace) -> None:
     if args.output_layout == "sidecar" and (args.store_image != "as_stored" or args.num_output_shards):
-        raise SystemExit("--store_image and --num_output_shards shape the copied layout; --output_layout sidecar "
-                         "writes one sidecar per input shard and no image: drop them")
+        raise SystemExit(
+            "--store_image and --num_output_shards shape the copied layout; --output_layout sidecar "
+            "writes one sidecar per input shard and no image: drop them"
+        )
     if args.model_copies < 0:
         raise SystemExit(f"--model_copies {args.model_copies}: give a positive count (or 0 for Beam's default)")
 

@@ -51,8 +51,10 @@ class Progress:
         shards = f"{counts['shards']} of {self._total_shards}" if self._total_shards else f"{counts['shards']}"
         recent = (counts["scored"] - self._last_scored) / max(now - self._last_time, 1e-9)
         overall = counts["scored"] / max(now - self._start, 1e-9)
-        return (f"progress: {shards} shards read, {counts['records']:,} records read, {counts['scored']:,} scored "
-                f"({recent:,.0f}/s over the last {now - self._last_time:.1f} s, {overall:,.0f}/s overall)")
+        return (
+            f"progress: {shards} shards read, {counts['records']:,} records read, {counts['scored']:,} scored "
+            f"({recent:,.0f}/s over the last {now - self._last_time:.1f} s, {overall:,.0f}/s overall)"
+        )
 
 
 _PROCESS = Progress()

@@ -123,25 +123,45 @@ def job_settings(args, reference: references.Reference) -> JobSettings:
     fields = reader["fields"]
     manifest_options = Options(
         store_image=args.store_image if args.output_layout == "copied" else "none",
-        stored_image_size=args.stored_image_size, input_format=args.input_format,
-        max_caption_chars=args.max_caption_chars, min_image_size=args.min_image_size,
-        max_image_pixels=args.max_image_pixels, inference_batch_size=args.inference_batch_size,
-        output_layout=args.output_layout, key_field=fields.key, image_field=list(fields.image),
-        caption_field=list(fields.caption))
-    template = {"schema_version": schema.SCHEMA_VERSION, "created": created.isoformat(), "reference": reference.info,
-                "output_formats": parse_formats(args.output_format), "options": manifest_options}
+        stored_image_size=args.stored_image_size,
+        input_format=args.input_format,
+        max_caption_chars=args.max_caption_chars,
+        min_image_size=args.min_image_size,
+        max_image_pixels=args.max_image_pixels,
+        inference_batch_size=args.inference_batch_size,
+        output_layout=args.output_layout,
+        key_field=fields.key,
+        image_field=list(fields.image),
+        caption_field=list(fields.caption),
+    )
+    template = {
+        "schema_version": schema.SCHEMA_VERSION,
+        "created": created.isoformat(),
+        "reference": reference.info,
+        "output_formats": parse_formats(args.output_format),
+        "options": manifest_options,
+    }
     return JobSettings(
-        batch_dir=batch_dir, reference=reference,
-        handler=DualEncoderHandler(reference, args.inference_batch_size, large_model=args.large_model,
-                                   model_copies=args.model_copies or None),
-        reader=reader, validation=ValidationOptions(args.max_image_pixels, args.min_image_size, args.max_caption_chars),
-        decoding=decoding(args, reference.info), template=template, store_image=args.store_image,
-        stored_image_size=args.stored_image_size, num_output_shards=args.num_output_shards,
-        max_bad_fraction=args.max_bad_fraction, allow_failed_shards=args.allow_failed_shards)
+        batch_dir=batch_dir,
+        reference=reference,
+        handler=DualEncoderHandler(
+            reference, args.inference_batch_size, large_model=args.large_model, model_copies=args.model_copies or None
+        ),
+        reader=reader,
+        validation=ValidationOptions(args.max_image_pixels, args.min_image_size, args.max_caption_chars),
+        decoding=decoding(args, reference.info),
+        template=template,
+        store_image=args.store_image,
+        stored_image_size=args.stored_image_size,
+        num_output_shards=args.num_output_shards,
+        max_bad_fraction=args.max_bad_fraction,
+        allow_failed_shards=args.allow_failed_shards,
+    )
 
 
-def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None,
-        wait: bool = True) -> dict[str, Any]:
+def run(
+    argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None, wait: bool = True
+) -> dict[str, Any]:
     """Build and run the job; returns the run summary (the manifest's counts, batch folder, examples/s).
 
     With wait=False (a Flex Template launcher) it returns once the job is submitted, with only the batch folder.
@@ -182,8 +202,13 @@ def log_plan(plan: planning.Plan, output: str) -> None:
         log.info("skipping %d input shard(s) already scored by this reference", len(plan.skipped))
     if plan.adopted:
         batches_left = ", ".join(sorted({info.batch for _, info in plan.adopted.values()}))
-        log.info("resuming: %d input shard(s) have finished sidecars from a run that did not finish (%s); scoring "
-                 "the other %d", len(plan.adopted), batches_left, len(plan.todo))
+        log.info(
+            "resuming: %d input shard(s) have finished sidecars from a run that did not finish (%s); scoring "
+            "the other %d",
+            len(plan.adopted),
+            batches_left,
+            len(plan.todo),
+        )
     if plan.nothing_to_score:
         log.info("nothing to score: every input shard is in a batch under %s", output)
 
@@ -191,50 +216,66 @@ def log_plan(plan: planning.Plan, output: str) -> None:
 def build_copied_job(pipeline: beam.Pipeline, job: JobSettings, plan: planning.Plan) -> None:
     """The copied layout: scored shards holding the examples, a dead letter, the manifest."""
     records, read_errors, failed_shards, shard_sizes = pipeline | "ReadCorpus" >> ReadCorpus(
-        plan.paths, **job.reader, shard_sizes=True)
+        plan.paths, **job.reader, shard_sizes=True
+    )
     valid, invalid = records | "DecodeAndValidate" >> DecodeAndValidate(job.validation, **job.decoding)
     loss_parameters = pipeline | "ReadLossParameters" >> ReadLossParameters(job.reference)
-    rows, non_finite = (valid
-                        | "Preprocess" >> Preprocess(job.reference, job.store_image, job.stored_image_size)
-                        | "EmbedWithReference" >> EmbedWithReference(job.handler)
-                        | "Score" >> Score(job.info.loss, loss_parameters))
+    rows, non_finite = (
+        valid
+        | "Preprocess" >> Preprocess(job.reference, job.store_image, job.stored_image_size)
+        | "EmbedWithReference" >> EmbedWithReference(job.handler)
+        | "Score" >> Score(job.info.loss, loss_parameters)
+    )
     scored_files, scored_rows = rows | "WriteScoredShards" >> WriteScoredShards(
-        job.batch_dir, job.formats, job.info.width, job.num_output_shards)
+        job.batch_dir, job.formats, job.info.width, job.num_output_shards
+    )
     errors = (read_errors, invalid, non_finite) | "AllErrors" >> beam.Flatten()
     dead_letter_files = errors | "WriteDeadLetter" >> WriteDeadLetter(job.batch_dir)
     # Counted a shard (read) or a written batch (scored) at a time, not per record.
     read = shard_sizes | "SumRead" >> beam.CombineGlobally(sum)
     scored = scored_rows | "SumScored" >> beam.CombineGlobally(sum)
-    per_reason = (errors | "Reasons" >> beam.Map(lambda error: error.reason)
-                  | "PerReason" >> beam.combiners.Count.PerElement())
-    ((scored_files, dead_letter_files, failed_shards, read, scored, per_reason, loss_parameters)
-     | "WriteManifest" >> WriteManifest(job.batch_dir, job.template, plan.todo, job.max_bad_fraction,
-                                        job.allow_failed_shards))
+    per_reason = (
+        errors | "Reasons" >> beam.Map(lambda error: error.reason) | "PerReason" >> beam.combiners.Count.PerElement()
+    )
+    (
+        (scored_files, dead_letter_files, failed_shards, read, scored, per_reason, loss_parameters)
+        | "WriteManifest"
+        >> WriteManifest(job.batch_dir, job.template, plan.todo, job.max_bad_fraction, job.allow_failed_shards)
+    )
 
 
 def build_sidecar_job(pipeline: beam.Pipeline, job: JobSettings, plan: planning.Plan) -> None:
     """The sidecar layout: every stage keeps its errors inline, in their place, so that one fused stage runs from a
     shard's read to its sidecar, written as soon as the shard is done."""
-    adopted = {path: SidecarWritten(path, relative, info.read, info.scored, info.dead_letter)
-               for path, (relative, info) in plan.adopted.items()}
+    adopted = {
+        path: SidecarWritten(path, relative, info.read, info.scored, info.dead_letter)
+        for path, (relative, info) in plan.adopted.items()
+    }
     loss_parameters = pipeline | "ReadLossParameters" >> ReadLossParameters(job.reference)
     if plan.todo:
-        records, _, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(plan.paths, **job.reader,
-                                                                          errors_inline=True)
-        valid, _ = records | "DecodeAndValidate" >> DecodeAndValidate(job.validation, errors_inline=True,
-                                                                      **job.decoding)
-        items, _ = (valid
-                    | "Preprocess" >> Preprocess(job.reference, "none", job.stored_image_size)
-                    | "EmbedWithReference" >> EmbedWithReference(job.handler)
-                    | "Score" >> Score(job.info.loss, loss_parameters, errors_inline=True))
-        written = items | "WriteSidecars" >> WriteSidecars(job.batch_dir, job.info.width, job.formats,
-                                                           job.info.fingerprint, job.options.scoring(), plan.todo)
+        records, _, failed_shards = pipeline | "ReadCorpus" >> ReadCorpus(plan.paths, **job.reader, errors_inline=True)
+        valid, _ = records | "DecodeAndValidate" >> DecodeAndValidate(
+            job.validation, errors_inline=True, **job.decoding
+        )
+        items, _ = (
+            valid
+            | "Preprocess" >> Preprocess(job.reference, "none", job.stored_image_size)
+            | "EmbedWithReference" >> EmbedWithReference(job.handler)
+            | "Score" >> Score(job.info.loss, loss_parameters, errors_inline=True)
+        )
+        written = items | "WriteSidecars" >> WriteSidecars(
+            job.batch_dir, job.info.width, job.formats, job.info.fingerprint, job.options.scoring(), plan.todo
+        )
     else:
         written = pipeline | "NothingToScore" >> beam.Create([])
         failed_shards = pipeline | "NoFailedShards" >> beam.Create([])
-    ((written, failed_shards, loss_parameters)
-     | "WriteManifest" >> WriteSidecarManifest(job.batch_dir, job.template, plan.identities, adopted,
-                                               job.max_bad_fraction, job.allow_failed_shards))
+    (
+        (written, failed_shards, loss_parameters)
+        | "WriteManifest"
+        >> WriteSidecarManifest(
+            job.batch_dir, job.template, plan.identities, adopted, job.max_bad_fraction, job.allow_failed_shards
+        )
+    )
 
 
 def run_job(pipeline: beam.Pipeline, job: JobSettings, wait: bool) -> dict[str, Any]:
@@ -271,10 +312,14 @@ def write_failure(error: BaseException, job: JobSettings) -> str | None:
         return None
     what = str(named) if named is not None else f"cannot write under {posixpath.dirname(job.batch_dir)}: {full}"
     if job.options.output_layout == "sidecar":
-        return (f"{what}; the job stopped, keeping its finished sidecars: make room, then run the same command "
-                "again (it adopts them)")
-    return (f"{what}; the job stopped without a manifest: make room, then run the same command again "
-            "(--clean_unfinished removes what this run left)")
+        return (
+            f"{what}; the job stopped, keeping its finished sidecars: make room, then run the same command "
+            "again (it adopts them)"
+        )
+    return (
+        f"{what}; the job stopped without a manifest: make room, then run the same command again "
+        "(--clean_unfinished removes what this run left)"
+    )
 
 
 def log_counters(result) -> dict[str, int]:
@@ -298,19 +343,33 @@ def log_counters(result) -> dict[str, int]:
 
 def summarize(batch_dir: str, seconds: float) -> dict[str, Any]:
     """The run's counts from its manifest, logged as one summary line."""
-    manifest = next((m for m in batches.read_manifests(posixpath.dirname(batch_dir))
-                     if m.batch_dir == batch_dir), None)
+    manifest = next((m for m in batches.read_manifests(posixpath.dirname(batch_dir)) if m.batch_dir == batch_dir), None)
     if manifest is None:
         raise RuntimeError(f"the job finished but wrote no manifest in {batch_dir}")
     counts = manifest.counts
-    summary = {"batch_dir": batch_dir, "read": counts.read, "scored": counts.scored,
-               "dead_letter": counts.dead_letter, "seconds": round(seconds, 2),
-               "examples_per_second": round(counts.read / max(seconds, 1e-9), 1),
-               "shards": len(manifest.shards), "input_shards": counts.shards, "failed_shards": counts.shards_failed,
-               "sidecars": len(manifest.sidecars())}
+    summary = {
+        "batch_dir": batch_dir,
+        "read": counts.read,
+        "scored": counts.scored,
+        "dead_letter": counts.dead_letter,
+        "seconds": round(seconds, 2),
+        "examples_per_second": round(counts.read / max(seconds, 1e-9), 1),
+        "shards": len(manifest.shards),
+        "input_shards": counts.shards,
+        "failed_shards": counts.shards_failed,
+        "sidecars": len(manifest.sidecars()),
+    }
     reasons = ", ".join(f"{reason} {n}" for reason, n in counts.dead_letter.items()) or "none"
-    log.info("read %d, scored %d, dead-lettered %d (%s) in %.1f s: %.0f examples/s -> %s", counts.read,
-             counts.scored, counts.dead_lettered, reasons, seconds, summary["examples_per_second"], batch_dir)
+    log.info(
+        "read %d, scored %d, dead-lettered %d (%s) in %.1f s: %.0f examples/s -> %s",
+        counts.read,
+        counts.scored,
+        counts.dead_lettered,
+        reasons,
+        seconds,
+        summary["examples_per_second"],
+        batch_dir,
+    )
     return summary
 
 

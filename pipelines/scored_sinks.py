@@ -44,21 +44,35 @@ class WriteScoredShards(beam.PTransform):
         written = []
         if "parquet" in self._formats:
             # A table per ~64 MB of rows: each becomes one row group (zstd), large enough for fast scans.
-            tables = (rows
-                      | "BatchRows" >> beam.BatchElements(
-                          min_batch_size=ROW_GROUP_BYTES, max_batch_size=ROW_GROUP_BYTES,
-                          element_size_fn=functools.partial(row_bytes, embed_dim=self._embed_dim))
-                      | "ToArrowTables" >> beam.Map(schema.rows_to_table, self._embed_dim))
-            written.append(tables | "WriteParquet" >> beam.io.WriteToParquetBatched(
-                self._prefix, schema.scored_schema(self._embed_dim), codec=PARQUET_COMPRESSION,
-                file_name_suffix=".parquet", num_shards=self._num_shards))
+            tables = (
+                rows
+                | "BatchRows"
+                >> beam.BatchElements(
+                    min_batch_size=ROW_GROUP_BYTES,
+                    max_batch_size=ROW_GROUP_BYTES,
+                    element_size_fn=functools.partial(row_bytes, embed_dim=self._embed_dim),
+                )
+                | "ToArrowTables" >> beam.Map(schema.rows_to_table, self._embed_dim)
+            )
+            written.append(
+                tables
+                | "WriteParquet"
+                >> beam.io.WriteToParquetBatched(
+                    self._prefix,
+                    schema.scored_schema(self._embed_dim),
+                    codec=PARQUET_COMPRESSION,
+                    file_name_suffix=".parquet",
+                    num_shards=self._num_shards,
+                )
+            )
             counts = tables | "CountRows" >> beam.Map(lambda table: table.num_rows)
         if "tfrecord" in self._formats:
             written.append(
                 rows
                 | "ToTFExamples" >> beam.Map(schema.encode_tfrecord_example)
-                | "WriteTFRecord" >> beam.io.WriteToTFRecord(
-                    self._prefix, file_name_suffix=".tfrecord", num_shards=self._num_shards))
+                | "WriteTFRecord"
+                >> beam.io.WriteToTFRecord(self._prefix, file_name_suffix=".tfrecord", num_shards=self._num_shards)
+            )
             if "parquet" not in self._formats:
                 counts = rows | "CountRows" >> beam.combiners.Count.Globally()
         return written | "AllScoredFiles" >> beam.Flatten(), counts
@@ -87,8 +101,15 @@ class _WriteSidecarsFn(beam.DoFn):
     item knows how many its shard has), sorted by place. All items of a shard are in one bundle: the shard is one
     element of ReadCorpus, and everything from it to here runs fused in that bundle (no Flatten, no shuffle)."""
 
-    def __init__(self, batch_dir: str, embed_dim: int, formats: Sequence[str], fingerprint: str,
-                 scoring: dict[str, Any], identities: dict[str, tuple[int, float]]):
+    def __init__(
+        self,
+        batch_dir: str,
+        embed_dim: int,
+        formats: Sequence[str],
+        fingerprint: str,
+        scoring: dict[str, Any],
+        identities: dict[str, tuple[int, float]],
+    ):
         self._batch_dir, self._embed_dim, self._formats = batch_dir, embed_dim, tuple(formats)
         self._fingerprint, self._scoring, self._identities = fingerprint, scoring, identities
         self._written = Metrics.counter(stages.NAMESPACE, "sidecars_written")
@@ -106,8 +127,10 @@ class _WriteSidecarsFn(beam.DoFn):
     def finish_bundle(self) -> None:
         if self._pending:
             partial = ", ".join(f"{source} ({len(rows)} items)" for source, rows in list(self._pending.items())[:3])
-            raise RuntimeError(f"the runner split an input shard's items across bundles ({partial}): the sidecar "
-                               "layout needs the stages from ReadCorpus on fused; use --output_layout copied")
+            raise RuntimeError(
+                f"the runner split an input shard's items across bundles ({partial}): the sidecar "
+                "layout needs the stages from ReadCorpus on fused; use --output_layout copied"
+            )
 
     def _write(self, source: str, rows: dict[int, Any]) -> SidecarWritten:
         ordered = [sidecar_row(rows[index]) for index in range(len(rows))]
@@ -118,10 +141,19 @@ class _WriteSidecarsFn(beam.DoFn):
         name = sidecars.sidecar_name(source)
         path = posixpath.join(self._batch_dir, SIDECAR_DIR, f"{name}.parquet")
         size, modified = self._identities.get(source, (-1, -1.0))
-        info = sidecars.SidecarInfo(source, size, modified, self._fingerprint, self._scoring, len(ordered),
-                                         len(ordered) - len(errors), dict(sorted(dead_letter.items())),
-                                         posixpath.basename(self._batch_dir))
+        info = sidecars.SidecarInfo(
+            source,
+            size,
+            modified,
+            self._fingerprint,
+            self._scoring,
+            len(ordered),
+            len(ordered) - len(errors),
+            dict(sorted(dead_letter.items())),
+            posixpath.basename(self._batch_dir),
+        )
         if "tfrecord" in self._formats:  # first: the Parquet sidecar is the one that makes the shard done
+
             def frames(f):
                 for row in ordered:
                     tfrecord.write_frame(f, schema.encode_sidecar_example(row))
@@ -130,7 +162,7 @@ class _WriteSidecarsFn(beam.DoFn):
         sidecars.write_sidecar(path, schema.sidecar_table(ordered, self._embed_dim), info)
         self._written.inc()
         output = posixpath.dirname(self._batch_dir.rstrip("/"))
-        return SidecarWritten(source, path[len(output) + 1:], info.read, info.scored, info.dead_letter)
+        return SidecarWritten(source, path[len(output) + 1 :], info.read, info.scored, info.dead_letter)
 
 
 class WriteSidecars(beam.PTransform):
@@ -138,8 +170,15 @@ class WriteSidecars(beam.PTransform):
     `batch_dir/sidecars/` (Parquet; TFRecord beside it when asked), each written atomically as soon as its shard
     is complete; returns a `SidecarWritten` per shard."""
 
-    def __init__(self, batch_dir: str, embed_dim: int, formats: Sequence[str], fingerprint: str,
-                 scoring: dict[str, Any], input_shards: list[tuple[str, int, float]]):
+    def __init__(
+        self,
+        batch_dir: str,
+        embed_dim: int,
+        formats: Sequence[str],
+        fingerprint: str,
+        scoring: dict[str, Any],
+        input_shards: list[tuple[str, int, float]],
+    ):
         super().__init__()
         identities = {path: (size, modified) for path, size, modified in input_shards}
         self._fn = _WriteSidecarsFn(batch_dir, embed_dim, formats, fingerprint, scoring, identities)
@@ -156,8 +195,15 @@ class WriteDeadLetter(beam.PTransform):
         self._prefix = posixpath.join(batch_dir, DEAD_LETTER_PREFIX)
 
     def expand(self, errors):
-        return (errors
-                | "ToRows" >> beam.FlatMap(lambda error: schema.dead_letter_rows([error]))
-                | "WriteParquet" >> beam.io.WriteToParquet(
-                    self._prefix, schema.dead_letter_schema(), codec=PARQUET_COMPRESSION,
-                    file_name_suffix=".parquet", num_shards=1))
+        return (
+            errors
+            | "ToRows" >> beam.FlatMap(lambda error: schema.dead_letter_rows([error]))
+            | "WriteParquet"
+            >> beam.io.WriteToParquet(
+                self._prefix,
+                schema.dead_letter_schema(),
+                codec=PARQUET_COMPRESSION,
+                file_name_suffix=".parquet",
+                num_shards=1,
+            )
+        )

@@ -82,19 +82,22 @@ class _Fallible(beam.PTransform):
     Beam Flatten of two outputs would end the fused stage, so that no sidecar could be written before every
     record of the job is scored."""
 
-    def __init__(self, step: str, fn: Callable[..., Any], errors_inline: bool = False, progress: str = "",
-                 **side_inputs):
+    def __init__(
+        self, step: str, fn: Callable[..., Any], errors_inline: bool = False, progress: str = "", **side_inputs
+    ):
         super().__init__()
         self._step, self._fn, self._inline, self._side_inputs = step, fn, errors_inline, side_inputs
         self._progress = progress  # the progress tally (pipelines/progress.py) its results count under
 
     def expand(self, elements):
-        return elements | self._step >> beam.ParDo(_OrDeadLetter(self._fn, self._inline, self._progress),
-                                                   **self._side_inputs).with_outputs(DEAD_LETTER, main="main")
+        return elements | self._step >> beam.ParDo(
+            _OrDeadLetter(self._fn, self._inline, self._progress), **self._side_inputs
+        ).with_outputs(DEAD_LETTER, main="main")
 
 
-def decode_for_model(record: CorpusRecord, options: ValidationOptions, preprocessing: ImagePreprocessing | None,
-                     size: int) -> ValidExample | CorpusError:
+def decode_for_model(
+    record: CorpusRecord, options: ValidationOptions, preprocessing: ImagePreprocessing | None, size: int
+) -> ValidExample | CorpusError:
     """`decode_and_validate` (JPEGs decoded at `size`, see `decode_image`), and the pixels resized as
     `preprocessing` declares (ValidExample.model_pixels) when it is given."""
     example = decode_and_validate(record, options, size)
@@ -145,15 +148,27 @@ class DecodeAndValidate(_Fallible):
     Decoding runs on `workers` threads, up to `depth` records ahead (`_DecodeAheadFn`), JPEGs at `size` (0: as
     stored); with `preprocessing` (the reference's), the pixels are resized for the model there too."""
 
-    def __init__(self, options: ValidationOptions, errors_inline: bool = False, *, size: int = 0,
-                 preprocessing: ImagePreprocessing | None = None, workers: int = 2, depth: int = 512):
-        super().__init__("Validate", functools.partial(decode_for_model, options=options,
-                                                       preprocessing=preprocessing, size=size), errors_inline)
+    def __init__(
+        self,
+        options: ValidationOptions,
+        errors_inline: bool = False,
+        *,
+        size: int = 0,
+        preprocessing: ImagePreprocessing | None = None,
+        workers: int = 2,
+        depth: int = 512,
+    ):
+        super().__init__(
+            "Validate",
+            functools.partial(decode_for_model, options=options, preprocessing=preprocessing, size=size),
+            errors_inline,
+        )
         self._workers, self._depth = workers, depth
 
     def expand(self, elements):
-        return elements | self._step >> beam.ParDo(_DecodeAheadFn(self._fn, self._inline, self._workers,
-                                                                  self._depth)).with_outputs(DEAD_LETTER, main="main")
+        return elements | self._step >> beam.ParDo(
+            _DecodeAheadFn(self._fn, self._inline, self._workers, self._depth)
+        ).with_outputs(DEAD_LETTER, main="main")
 
 
 class _PreprocessFn(beam.DoFn):
@@ -175,9 +190,20 @@ class _PreprocessFn(beam.DoFn):
         else:
             image = b""
         pixels = example.model_pixels if example.model_pixels is not None else self._image.resize_pixels(example.pixels)
-        yield example.key, PreparedExample(
-            example.key, example.source, example.caption, image, pixels,
-            self._text.encode(example.caption), example.metadata, example.index, example.shard_items)
+        yield (
+            example.key,
+            PreparedExample(
+                example.key,
+                example.source,
+                example.caption,
+                image,
+                pixels,
+                self._text.encode(example.caption),
+                example.metadata,
+                example.index,
+                example.shard_items,
+            ),
+        )
 
 
 class Preprocess(beam.PTransform):
@@ -213,8 +239,9 @@ class ReadLossParameters(beam.PTransform):
         info = self._reference.info
         if np.isfinite(info.temperature) and np.isfinite(info.bias):
             return pipeline | "FromMetadata" >> beam.Create([LossParameters(info.temperature, info.bias)])
-        return pipeline | "Once" >> beam.Create([None]) | "FromWeights" >> beam.ParDo(_ReadLossParameters(
-            self._reference))
+        return (
+            pipeline | "Once" >> beam.Create([None]) | "FromWeights" >> beam.ParDo(_ReadLossParameters(self._reference))
+        )
 
 
 class EmbedWithReference(beam.PTransform):
@@ -228,8 +255,9 @@ class EmbedWithReference(beam.PTransform):
         return prepared | "RunInference" >> RunInference(KeyedModelHandler(self._handler))
 
 
-def score_row(example: PreparedExample, embeddings: ReferenceEmbeddings, loss: str,
-              parameters: LossParameters) -> dict[str, Any]:
+def score_row(
+    example: PreparedExample, embeddings: ReferenceEmbeddings, loss: str, parameters: LossParameters
+) -> dict[str, Any]:
     """A scored-shard row. Cosine, logit and loss are computed from the stored float16 embeddings, so a reader
     recomputing them from the shard gets the stored values. A softmax (CLIP) reference has no per-example own-pair
     loss: its logit is t·cosine and its `ref_loss` is null."""
@@ -237,30 +265,51 @@ def score_row(example: PreparedExample, embeddings: ReferenceEmbeddings, loss: s
         zimg = embeddings.image.astype(np.float16)
         ztxt = embeddings.text.astype(np.float16)
         bias = parameters.bias if loss == "sigmoid" else 0.0
-        cosine, logit, own_loss = own_pair_sigmoid(zimg.astype(np.float32), ztxt.astype(np.float32),
-                                                   np.float32(parameters.temperature), np.float32(bias), xp=np)
+        cosine, logit, own_loss = own_pair_sigmoid(
+            zimg.astype(np.float32),
+            ztxt.astype(np.float32),
+            np.float32(parameters.temperature),
+            np.float32(bias),
+            xp=np,
+        )
     return {
-        schema.KEY: example.key, schema.CAPTION: example.caption, schema.IMAGE: example.image,
-        schema.SOURCE: example.source, schema.METADATA: json.dumps(example.metadata, sort_keys=True, default=str),
-        schema.REF_IMAGE_EMBEDDING: zimg, schema.REF_TEXT_EMBEDDING: ztxt,
-        schema.REF_COSINE: float(cosine), schema.REF_LOGIT: float(logit),
+        schema.KEY: example.key,
+        schema.CAPTION: example.caption,
+        schema.IMAGE: example.image,
+        schema.SOURCE: example.source,
+        schema.METADATA: json.dumps(example.metadata, sort_keys=True, default=str),
+        schema.REF_IMAGE_EMBEDDING: zimg,
+        schema.REF_TEXT_EMBEDDING: ztxt,
+        schema.REF_COSINE: float(cosine),
+        schema.REF_LOGIT: float(logit),
         schema.REF_LOSS: float(own_loss) if loss == "sigmoid" else None,
     }
 
 
-def score_or_dead_letter(element: tuple[str, Any], loss: str,
-                         parameters: LossParameters) -> dict[str, Any] | CorpusError:
+def score_or_dead_letter(
+    element: tuple[str, Any], loss: str, parameters: LossParameters
+) -> dict[str, Any] | CorpusError:
     """(key, PredictionResult) -> the scored row, or a CorpusError (stage embed) when an embedding or score is NaN
     or infinite: a row like that would poison every loss the trainer computes from it."""
     _, result = element
     example = result.example
     row = score_row(example, result.inference, loss, parameters)
-    bad = [name for name in (*schema.EMBEDDINGS, *schema.SCORES)
-           if row[name] is not None and not np.isfinite(row[name]).all()]
+    bad = [
+        name
+        for name in (*schema.EMBEDDINGS, *schema.SCORES)
+        if row[name] is not None and not np.isfinite(row[name]).all()
+    ]
     if not bad:
         return row
-    return CorpusError(key=example.key, source=example.source, reason=errors.NON_FINITE_EMBEDDING, stage=errors.EMBED,
-                       message=f"not finite: {', '.join(bad)}", index=example.index, shard_items=example.shard_items)
+    return CorpusError(
+        key=example.key,
+        source=example.source,
+        reason=errors.NON_FINITE_EMBEDDING,
+        stage=errors.EMBED,
+        message=f"not finite: {', '.join(bad)}",
+        index=example.index,
+        shard_items=example.shard_items,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,5 +347,10 @@ class Score(_Fallible):
 
     def __init__(self, loss: str, parameters, errors_inline: bool = False):
         fn = score_in_place if errors_inline else score_or_dead_letter
-        super().__init__("EasyReferenceScore", functools.partial(fn, loss=loss), errors_inline, progress="scored",
-                         parameters=AsSingleton(parameters))
+        super().__init__(
+            "EasyReferenceScore",
+            functools.partial(fn, loss=loss),
+            errors_inline,
+            progress="scored",
+            parameters=AsSingleton(parameters),
+        )

@@ -121,8 +121,15 @@ def gcs_bucket():
 def reference_checkpoint(tmp_path_factory) -> str:
     """A 1-layer reference model (random weights, byte tokenizer) saved as the scoring job loads it."""
     path = str(tmp_path_factory.mktemp("reference") / "model")
-    config = ModelConfig(image_variant="mu", text_variant="mu", image_size=32, patch_size=8, embed_dim=32,
-                         text_length=32, vocab_size=ByteTokenizer().vocab_size)
+    config = ModelConfig(
+        image_variant="mu",
+        text_variant="mu",
+        image_size=32,
+        patch_size=8,
+        embed_dim=32,
+        text_length=32,
+        vocab_size=ByteTokenizer().vocab_size,
+    )
     checkpoint.save(path, init_params(config, jax.random.key(0)), config, ByteTokenizer())
     return path
 
@@ -141,6 +148,12 @@ def scored_tiny_corpus(tiny_corpus, reference_checkpoint, tmp_path_factory):
     from pipelines import score
 
     output = str(tmp_path_factory.mktemp("scored") / "scored")
-    score.run([f"--input={tiny_corpus}/web/*.tar", f"--output={output}", f"--reference_checkpoint={reference_checkpoint}",
-               "--min_image_size=4"])
+    score.run(
+        [
+            f"--input={tiny_corpus}/web/*.tar",
+            f"--output={output}",
+            f"--reference_checkpoint={reference_checkpoint}",
+            "--min_image_size=4",
+        ]
+    )
     return output

@@ -40,8 +40,12 @@ def run_training(processes: int, devices: int, out: str, **run) -> list[dict]:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
     address = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "tests.processes", spec, out, address, str(processes)]
-    workers = [subprocess.Popen([*command, str(index)], env=env, cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True) for index in range(processes)]
+    workers = [
+        subprocess.Popen(
+            [*command, str(index)], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for index in range(processes)
+    ]
     logs = []
     try:
         for worker in workers:
@@ -104,8 +108,10 @@ def _worker(spec_path: str, out: str, address: str, processes: int, index: int) 
     def recording_functions(*args, **kwargs):
         parts = original_functions(*args, **kwargs)
         mesh = args[3]
-        checksum = jax.jit(lambda images: images.reshape(images.shape[0], -1)[:, ::SAMPLE_STRIDE],
-                           out_shardings=NamedSharding(mesh, PartitionSpec()))
+        checksum = jax.jit(
+            lambda images: images.reshape(images.shape[0], -1)[:, ::SAMPLE_STRIDE],
+            out_shardings=NamedSharding(mesh, PartitionSpec()),
+        )
 
         def choose(*choose_args):
             indices, diagnostics = parts.choose(*choose_args)
@@ -149,19 +155,27 @@ def _worker(spec_path: str, out: str, address: str, processes: int, index: int) 
 
     killed = False
     try:
-        params = train(config, run["data"], run["workdir"], scored_dir=run.get("scored"), batches=batches,
-                       step_callback=kill)
+        params = train(
+            config, run["data"], run["workdir"], scored_dir=run.get("scored"), batches=batches, step_callback=kill
+        )
     except KeyboardInterrupt:
         killed, params = True, None
     digest = hashlib.sha256()
     if params is not None:
         for leaf in jax.tree_util.tree_leaves(params):
             digest.update(np.asarray(jax.device_get(leaf)).tobytes())
-    np.savez(os.path.join(out, f"process_{index}.npz"), local=np.array(record["local"]),
-             global_rows=np.array(record["global"]), positions=np.array(record["positions"]),
-             indices=np.array(record["indices"]),
-             shards=np.array(record["shards"]), killed=np.array(killed), params=np.array(digest.hexdigest()),
-             process_count=np.array(jax.process_count()), device_count=np.array(jax.device_count()))
+    np.savez(
+        os.path.join(out, f"process_{index}.npz"),
+        local=np.array(record["local"]),
+        global_rows=np.array(record["global"]),
+        positions=np.array(record["positions"]),
+        indices=np.array(record["indices"]),
+        shards=np.array(record["shards"]),
+        killed=np.array(killed),
+        params=np.array(digest.hexdigest()),
+        process_count=np.array(jax.process_count()),
+        device_count=np.array(jax.device_count()),
+    )
     sys.stdout.flush()
     if killed:  # a killed process leaves without jax.distributed's shutdown handshake
         os._exit(0)

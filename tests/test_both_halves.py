@@ -16,8 +16,7 @@ from models import checkpoint
 from models.two_towers import TwoTower
 from pipelines import score
 
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n"
-       b"newpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n")
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nnewpath 0 0 moveto 16 16 lineto stroke showpage\n%%EOF\n"
 
 
 def jpeg(width: int, height: int, orientation: int | None = None) -> bytes:
@@ -52,8 +51,14 @@ def corpus_and_batch(tmp_path_factory, reference_checkpoint):
     with open_shard_writer(shard, "wds") as writer:
         for key, (image, caption, *_) in {**GOOD, **REFUSED}.items():
             writer.write(CorpusRecord(key, image, caption, shard))
-    summary = score.run([f"--input={shard}", f"--output={root / 'scored'}",
-                         f"--reference_checkpoint={reference_checkpoint}", "--min_image_size=8"])
+    summary = score.run(
+        [
+            f"--input={shard}",
+            f"--output={root / 'scored'}",
+            f"--reference_checkpoint={reference_checkpoint}",
+            "--min_image_size=8",
+        ]
+    )
     return shard, scored_set.open_scored(str(root / "scored")), summary
 
 
@@ -74,8 +79,15 @@ def test_stored_bytes_through_the_trainer_give_back_the_stored_embeddings(corpus
     reference = checkpoint.restore(reference_checkpoint)
     config = reference.config
     dataset = scored_input.make_scored_dataset(
-        scored.shard_paths(), reference.tokenizer, batch_size=len(GOOD), image_size=config.image_size,
-        text_length=config.text_length, embed_dim=scored.embed_dim, seed=0, preprocessing=config.preprocessing())
+        scored.shard_paths(),
+        reference.tokenizer,
+        batch_size=len(GOOD),
+        image_size=config.image_size,
+        text_length=config.text_length,
+        embed_dim=scored.embed_dim,
+        seed=0,
+        preprocessing=config.preprocessing(),
+    )
     batch = next(dataset.as_numpy_iterator())
     zimg, ztxt, _ = TwoTower(config).apply({"params": reference.params}, batch["image"], batch["tokens"])
     # float16 keeps 11 significant bits: |x − fp16(x)| ≤ 2^-11 |x|, and every |x| ≤ 1 here.
@@ -84,8 +96,11 @@ def test_stored_bytes_through_the_trainer_give_back_the_stored_embeddings(corpus
 
     # Without EXIF orientation the rotated photo would have been another image to the model.
     rows = {row[schema.KEY]: row for path in scored.shard_paths() for row in pq.read_table(path).to_pylist()}
-    sideways = Image.open(io.BytesIO(rows["rotated"][schema.IMAGE])).convert("RGB").resize(
-        (config.image_size, config.image_size), Image.Resampling.BILINEAR)
+    sideways = (
+        Image.open(io.BytesIO(rows["rotated"][schema.IMAGE]))
+        .convert("RGB")
+        .resize((config.image_size, config.image_size), Image.Resampling.BILINEAR)
+    )
     unrotated = config.preprocessing().normalize(np.asarray(sideways))[None]
     wrong, _, _ = TwoTower(config).apply({"params": reference.params}, unrotated, None)
     stored = np.asarray(rows["rotated"][schema.REF_IMAGE_EMBEDDING], np.float32)
@@ -98,13 +113,17 @@ def test_the_trainer_refuses_on_the_raw_corpus_what_the_scoring_job_refused(corp
     tokenizer = checkpoint.restore(reference_checkpoint).tokenizer
     common = dict(batch_size=len(GOOD), image_size=config.image_size, text_length=config.text_length, seed=0)
     raw = next(input_pipeline.make_dataset([shard], "wds", tokenizer, **common).as_numpy_iterator())
-    from_scored = next(scored_input.make_scored_dataset(scored.shard_paths(), tokenizer, embed_dim=scored.embed_dim,
-                                                        **common).as_numpy_iterator())
+    from_scored = next(
+        scored_input.make_scored_dataset(
+            scored.shard_paths(), tokenizer, embed_dim=scored.embed_dim, **common
+        ).as_numpy_iterator()
+    )
     # The first batch, all from the first pass over the shard, holds exactly the records the job scored ...
     assert all(position[0] == 0 for position in raw["position"])
     by_pixels = lambda batch: sorted(image.tobytes() for image in batch["image"])  # noqa: E731
     assert by_pixels(raw) == by_pixels(from_scored)
     # ... and it tokenized their cleaned captions, as the job stored them.
     assert sorted(map(tuple, raw["tokens"])) == sorted(map(tuple, from_scored["tokens"]))
-    assert "a square one with odd spacing" in {row[schema.CAPTION] for path in scored.shard_paths()
-                                               for row in pq.read_table(path).to_pylist()}
+    assert "a square one with odd spacing" in {
+        row[schema.CAPTION] for path in scored.shard_paths() for row in pq.read_table(path).to_pylist()
+    }

@@ -1,9 +1,9 @@
 """The layout's rules, checked so the picture cannot rot: imports point one way only, and no source file is long.
 
-    models/            imports nothing of ours
-    curation/shared/   what both halves share: models/ only
-    pipelines/         the Beam jobs: curation/shared/ and models/, never the trainer
-    curation/trainer/  the trainer: curation/shared/ and models/, never pipelines/
+models/            imports nothing of ours
+curation/shared/   what both halves share: models/ only
+pipelines/         the Beam jobs: curation/shared/ and models/, never the trainer
+curation/trainer/  the trainer: curation/shared/ and models/, never pipelines/
 """
 
 from __future__ import annotations
@@ -96,15 +96,26 @@ def test_imports_point_one_way():
 def test_a_wrong_way_import_is_caught():
     problems = wrong_way_imports(WRONG_WAY)
     caught = {problem.split(":")[0] for problem in problems}
-    assert caught == {"models/uses_ours.py", "curation/shared/uses_trainer.py", "pipelines/uses_trainer.py",
-                      "curation/trainer/uses_pipelines.py"}, problems
+    assert caught == {
+        "models/uses_ours.py",
+        "curation/shared/uses_trainer.py",
+        "pipelines/uses_trainer.py",
+        "curation/trainer/uses_pipelines.py",
+    }, problems
     # The function-level import is found, and an allowed import in the same file is not reported.
     assert any("curation.trainer.loop" in problem for problem in problems)
     assert not any("curation.shared.schema" in problem for problem in problems)
 
 
-@pytest.mark.parametrize("module, allowed", [("curation.shared.schema", True), ("curation.trainer.loop", False),
-                                             ("pipelines.stages", False), ("models.losses", True)])
+@pytest.mark.parametrize(
+    "module, allowed",
+    [
+        ("curation.shared.schema", True),
+        ("curation.trainer.loop", False),
+        ("pipelines.stages", False),
+        ("models.losses", True),
+    ],
+)
 def test_what_the_shared_half_may_import(module, allowed):
     assert within(module, rule_for("curation.shared.manifest")) is allowed
 

@@ -51,11 +51,13 @@ def train_argv(paths, *flags: str) -> list[str]:
 
 
 def test_train_score_is_the_field_not_an_abbreviation_of_scored(train_paths):
-    args, config = train_cli.parse_args(train_argv(train_paths, "--config", "jest", "--score=hard_learner",
-                                                   "--scored", "x"))
+    args, config = train_cli.parse_args(
+        train_argv(train_paths, "--config", "jest", "--score=hard_learner", "--scored", "x")
+    )
     assert config.score == "hard_learner" and args.scored == "x"
-    _, config = train_cli.parse_args(train_argv(train_paths, "--config", "reference", "--batch_size", "8",
-                                                "--selection_noise=no", "--smoke"))
+    _, config = train_cli.parse_args(
+        train_argv(train_paths, "--config", "reference", "--batch_size", "8", "--selection_noise=no", "--smoke")
+    )
     assert (config.batch_size, config.selection_noise, config.total_steps) == (8, False, configs.SMOKE["total_steps"])
     assert config.loss == configs.reference().loss  # fields not given keep the config's value
 
@@ -89,18 +91,22 @@ def test_train_bad_field_value(capsys, train_paths):
 def test_train_workdir_is_a_file(capsys, tmp_path):
     workdir = tmp_path / "work"
     workdir.write_text("")
-    line = refused(capsys, train_cli.main, ["--config", "reference", "--data", str(tmp_path), "--workdir",
-                                            str(workdir)])
+    line = refused(
+        capsys, train_cli.main, ["--config", "reference", "--data", str(tmp_path), "--workdir", str(workdir)]
+    )
     assert str(workdir) in line and "--workdir" in line
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
-    (["--coordinator_address=10.0.0.2:1234", "--num_processes=2"], "--process_id"),
-    (["--coordinator_address=10.0.0.2:1234", "--num_processes=2", "--process_id=2"], "--process_id 2"),
-    (["--coordinator_address=10.0.0.2", "--num_processes=2", "--process_id=0"], "HOST:PORT"),
-    (["--distributed", "--num_processes=2"], "drop --num_processes"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--num_processes=2", "--process_id=0"], "--coordinator_address"),
+        (["--coordinator_address=10.0.0.2:1234", "--num_processes=2"], "--process_id"),
+        (["--coordinator_address=10.0.0.2:1234", "--num_processes=2", "--process_id=2"], "--process_id 2"),
+        (["--coordinator_address=10.0.0.2", "--num_processes=2", "--process_id=0"], "HOST:PORT"),
+        (["--distributed", "--num_processes=2"], "drop --num_processes"),
+    ],
+)
 def test_train_multi_process_flags(capsys, train_paths, flags, named):
     line = refused(capsys, train_cli.main, train_argv(train_paths, "--config", "reference", *flags))
     assert named in line
@@ -143,15 +149,17 @@ def score_paths(tmp_path, reference_checkpoint, tiny_corpus):
 
 def score_argv(paths, *flags: str, **replace: str) -> list[str]:
     paths = {**paths, **replace}
-    return [f"--input={paths['input']}", f"--output={paths['output']}",
-            f"--reference={paths['reference']}", *flags]
+    return [f"--input={paths['input']}", f"--output={paths['output']}", f"--reference={paths['reference']}", *flags]
 
 
-@pytest.mark.parametrize("flags, named", [
-    (["--max_bad_fractoin=0.01"], "--max_bad_fraction"),
-    (["--output_fromat", "tfrecord"], "--output_format"),
-    (["--runer=DirectRunner"], "--runner"),
-])
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--max_bad_fractoin=0.01"], "--max_bad_fraction"),
+        (["--output_fromat", "tfrecord"], "--output_format"),
+        (["--runer=DirectRunner"], "--runner"),
+    ],
+)
 def test_score_misspelt_flag(capsys, score_paths, flags, named):
     line = refused(capsys, score.main, score_argv(score_paths, *flags))
     assert flags[0].split("=")[0] in line and f"did you mean {named}?" in line
@@ -187,8 +195,9 @@ def test_score_reference_is_a_training_workdir(capsys, score_paths, reference_ch
     assert not os.path.exists(score_paths["output"])
 
 
-def test_score_reference_is_a_training_workdir_without_its_model_yet(capsys, score_paths, reference_checkpoint,
-                                                                    tmp_path):
+def test_score_reference_is_a_training_workdir_without_its_model_yet(
+    capsys, score_paths, reference_checkpoint, tmp_path
+):
     workdir = training_workdir(tmp_path, reference_checkpoint, model=False)
     line = refused(capsys, score.main, score_argv(score_paths, reference=str(workdir)))
     assert "training workdir" in line and f"--reference {workdir}/model" in line and "preset" not in line
@@ -274,16 +283,29 @@ def test_score_max_bad_fraction_help_says_its_default():
 def test_score_accepts_template_parameters_and_launcher_flags(score_paths):
     """What a Flex Template launcher passes: every metadata.json parameter and Dataflow's own flags."""
     flags = job_flags()
-    local = {"input": score_paths["input"], "output": score_paths["output"],
-             "reference": score_paths["reference"]}
-    ours = [f"--{name}={local.get(name, sample(name, flags[name])[0])}"
-            for name in (parameter["name"] for parameter in METADATA["parameters"])]
-    launcher = ["--runner=DataflowRunner", "--project=p", "--region=r", "--temp_location=gs://b/t",
-                "--staging_location=gs://b/s", "--sdk_container_image=x", "--setup_file=/x/setup.py",
-                "--experiments=a", "--labels={}", "--service_account_email=a@b"]
+    local = {"input": score_paths["input"], "output": score_paths["output"], "reference": score_paths["reference"]}
+    ours = [
+        f"--{name}={local.get(name, sample(name, flags[name])[0])}"
+        for name in (parameter["name"] for parameter in METADATA["parameters"])
+    ]
+    launcher = [
+        "--runner=DataflowRunner",
+        "--project=p",
+        "--region=r",
+        "--temp_location=gs://b/t",
+        "--staging_location=gs://b/s",
+        "--sdk_container_image=x",
+        "--setup_file=/x/setup.py",
+        "--experiments=a",
+        "--labels={}",
+        "--service_account_email=a@b",
+    ]
     args, pipeline_options = options.parse([*ours, *launcher])  # accepted: no SystemExit
-    assert {f"--{name}={value}" for name, value in pipeline_options.get_all_options(drop_default=True).items()
-            if name in ("runner", "project", "region", "temp_location", "sdk_container_image")} <= set(launcher)
+    assert {
+        f"--{name}={value}"
+        for name, value in pipeline_options.get_all_options(drop_default=True).items()
+        if name in ("runner", "project", "region", "temp_location", "sdk_container_image")
+    } <= set(launcher)
     preflight.check_arguments(args)
 
 
@@ -341,13 +363,25 @@ def test_score_disk_full_while_writing_sidecars(capsys, monkeypatch, score_paths
     monkeypatch.undo()
 
     resumed = score.run(argv)  # the same command, with room
-    uninterrupted = score.run(score_argv(score_paths, "--output_layout=sidecar", "--min_image_size=4",
-                                         output=str(tmp_path / "uninterrupted")))
-    manifests = [next(m for m in batches.read_manifests(os.path.dirname(summary["batch_dir"]))
-                      if m.batch_dir == summary["batch_dir"]) for summary in (resumed, uninterrupted)]
+    uninterrupted = score.run(
+        score_argv(score_paths, "--output_layout=sidecar", "--min_image_size=4", output=str(tmp_path / "uninterrupted"))
+    )
+    manifests = [
+        next(
+            m
+            for m in batches.read_manifests(os.path.dirname(summary["batch_dir"]))
+            if m.batch_dir == summary["batch_dir"]
+        )
+        for summary in (resumed, uninterrupted)
+    ]
     assert manifests[0].counts == manifests[1].counts
-    tables = [{shard.path: pq.read_table(os.path.join(os.path.dirname(m.batch_dir), shard.sidecar))
-               for shard in m.input_shards} for m in manifests]
+    tables = [
+        {
+            shard.path: pq.read_table(os.path.join(os.path.dirname(m.batch_dir), shard.sidecar))
+            for shard in m.input_shards
+        }
+        for m in manifests
+    ]
     assert sorted(tables[0]) == sorted(tables[1])
     assert all(tables[0][path].equals(tables[1][path]) for path in tables[0])
     assert sum(shard.sidecar.startswith(os.path.basename(unfinished)) for shard in manifests[0].input_shards) == 1
@@ -358,8 +392,16 @@ def test_score_disk_full_while_writing_sidecars(capsys, monkeypatch, score_paths
     finished = sorted(os.listdir(sidecar_dir))
     orphan = os.path.join(sidecar_dir, f".{finished[0]}.{'0123456789abcdef' * 2}.tmp")
     open(orphan, "wb").write(b"PAR1")
-    score.run(score_argv(score_paths, "--output_layout=sidecar", "--min_image_size=4", "--incremental",
-                         "--clean_unfinished", output=str(tmp_path / "uninterrupted")))
+    score.run(
+        score_argv(
+            score_paths,
+            "--output_layout=sidecar",
+            "--min_image_size=4",
+            "--incremental",
+            "--clean_unfinished",
+            output=str(tmp_path / "uninterrupted"),
+        )
+    )
     assert sorted(os.listdir(sidecar_dir)) == finished
 
 
@@ -377,12 +419,15 @@ def test_a_failed_atomic_write_leaves_nothing(tmp_path):
 # curation.report
 
 
-@pytest.mark.parametrize("runs, named", [
-    (["a={missing}"], "{missing}/metrics.jsonl"),
-    (["a={workdir}", "b={missing}"], "{missing}/metrics.jsonl"),
-    (["a"], "NAME=WORKDIR"),
-    (["a={workdir}", "a={workdir}"], "twice"),
-])
+@pytest.mark.parametrize(
+    "runs, named",
+    [
+        (["a={missing}"], "{missing}/metrics.jsonl"),
+        (["a={workdir}", "b={missing}"], "{missing}/metrics.jsonl"),
+        (["a"], "NAME=WORKDIR"),
+        (["a={workdir}", "a={workdir}"], "twice"),
+    ],
+)
 def test_report_runs_without_metrics(capsys, tmp_path, runs, named):
     workdir, missing, out = tmp_path / "work", tmp_path / "nothing", tmp_path / "report"
     workdir.mkdir()
@@ -394,7 +439,10 @@ def test_report_runs_without_metrics(capsys, tmp_path, runs, named):
 
 
 def test_report_reference_without_metrics(capsys, tmp_path):
-    line = refused(capsys, report_cli.main, ["--run", f"a={tmp_path}", "--reference", str(tmp_path / "ref"),
-                                             "--out", str(tmp_path / "report")])
+    line = refused(
+        capsys,
+        report_cli.main,
+        ["--run", f"a={tmp_path}", "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "report")],
+    )
     assert "--run" in line or "--reference" in line
     assert not (tmp_path / "report").exists()

@@ -61,8 +61,9 @@ def _remove_quietly(path: str) -> None:
 
 def write_manifest(batch_dir: str, manifest: Manifest) -> str:
     """Write `_MANIFEST.json` atomically (`write_atomically`)."""
-    return write_atomically(posixpath.join(batch_dir, MANIFEST_NAME),
-                            lambda f: f.write(manifest.to_json().encode("utf-8")))
+    return write_atomically(
+        posixpath.join(batch_dir, MANIFEST_NAME), lambda f: f.write(manifest.to_json().encode("utf-8"))
+    )
 
 
 def read_manifests(output: str) -> list[Manifest]:
@@ -81,18 +82,24 @@ def _batch_folders(output: str) -> dict[str, list[str]]:
     folders: dict[str, list[str]] = {}
     filesystem = FileSystems.get_filesystem(output)
     if isinstance(filesystem, LocalFileSystem) and os.path.isdir(output):  # a local disk keeps empty folders too
-        folders.update({posixpath.join(output, name): [] for name in os.listdir(output)
-                        if name.startswith(BATCH_PREFIX) and os.path.isdir(os.path.join(output, name))})
+        folders.update(
+            {
+                posixpath.join(output, name): []
+                for name in os.listdir(output)
+                if name.startswith(BATCH_PREFIX) and os.path.isdir(os.path.join(output, name))
+            }
+        )
     for metadata in FileSystems.match([posixpath.join(output, f"{BATCH_PREFIX}*", "**")])[0].metadata_list:
-        name = metadata.path[len(output) + 1:].split("/", 1)[0]
+        name = metadata.path[len(output) + 1 :].split("/", 1)[0]
         folders.setdefault(posixpath.join(output, name), []).append(metadata.path)
     return folders
 
 
 def unfinished_batches(output: str) -> list[str]:
     """Batch folders under `output` that hold no manifest: never read, never counted as done."""
-    return sorted(folder for folder, paths in _batch_folders(output).items()
-                  if posixpath.join(folder, MANIFEST_NAME) not in paths)
+    return sorted(
+        folder for folder, paths in _batch_folders(output).items() if posixpath.join(folder, MANIFEST_NAME) not in paths
+    )
 
 
 def remove_unfinished(output: str, before: str, keep: Iterable[str] = ()) -> list[str]:
@@ -114,7 +121,7 @@ def remove_unfinished(output: str, before: str, keep: Iterable[str] = ()) -> lis
                     doomed[folder] = paths
             continue
         for path in paths:
-            top = path[len(folder) + 1:].split("/", 1)[0]
+            top = path[len(folder) + 1 :].split("/", 1)[0]
             if top.startswith(TEMPORARY_PREFIXES):  # Beam's temporary folder goes as a whole
                 doomed.setdefault(posixpath.join(folder, top), []).append(path)
             elif ATOMIC_TEMPORARY.fullmatch(posixpath.basename(path)):  # e.g. a sidecar's whose first try failed
@@ -133,6 +140,8 @@ def write_scored_batch(output: str, name: str, table: pa.Table, manifest: Manife
     shard = f"{SCORED_PREFIX}-00000-of-00001{_SUFFIX['parquet']}"
     with FileSystems.create(posixpath.join(batch_dir, shard)) as f:
         pq.write_table(table, f)
-    write_manifest(batch_dir, dataclasses.replace(manifest, shards=[shard], dead_letter_shards=[],
-                                                  output_formats=["parquet"], batch_dir=""))
+    write_manifest(
+        batch_dir,
+        dataclasses.replace(manifest, shards=[shard], dead_letter_shards=[], output_formats=["parquet"], batch_dir=""),
+    )
     return batch_dir

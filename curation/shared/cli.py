@@ -10,8 +10,21 @@ from typing import Iterable, Sequence
 
 # Libraries whose INFO lines drown the project's own progress; `--verbose` lets them through again.
 # (Beam's "Converting string literal type hint to Any" comes from apache_beam.typehints.native_type_compatibility.)
-THIRD_PARTY_LOGGERS = ("absl", "orbax", "jax", "jaxlib", "apache_beam", "tensorflow", "h5py", "matplotlib", "PIL",
-                       "urllib3", "google", "fsspec", "gcsfs")
+THIRD_PARTY_LOGGERS = (
+    "absl",
+    "orbax",
+    "jax",
+    "jaxlib",
+    "apache_beam",
+    "tensorflow",
+    "h5py",
+    "matplotlib",
+    "PIL",
+    "urllib3",
+    "google",
+    "fsspec",
+    "gcsfs",
+)
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -73,8 +86,13 @@ def misspelt_required_flag(parser: argparse.ArgumentParser, argv: Sequence[str])
     """'unknown flag --refrence (did you mean --reference?)' when a required flag of `parser` is missing from `argv`
     and an unknown flag given there is close to it (it was misspelt, hence missing); '' otherwise."""
     given = set(flags_given(argv))
-    missing = [option for action in parser._actions if action.required and not given & set(action.option_strings)
-               for option in action.option_strings if option.startswith("--")]
+    missing = [
+        option
+        for action in parser._actions
+        if action.required and not given & set(action.option_strings)
+        for option in action.option_strings
+        if option.startswith("--")
+    ]
     known = set(parser_flags(parser))
     for flag in flags_given(argv):
         if flag not in known and suggestion(flag, missing):

@@ -91,7 +91,6 @@ def valid_unicode(text: str) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-
 SHARD_FAILURES = (TRUNCATED_SHARD, UNREADABLE_SHARD)  # the shard was not read whole
 
 
@@ -106,7 +105,6 @@ def check_format(format: str) -> str:
     return format
 
 
-
 def match_shards(patterns: str | Iterable[str]) -> list[str]:
     """Sorted, de-duplicated paths matching the glob(s). Raises FileNotFoundError naming a pattern matching none."""
     patterns = [patterns] if isinstance(patterns, str) else list(patterns)
@@ -116,5 +114,3 @@ def match_shards(patterns: str | Iterable[str]) -> list[str]:
             raise FileNotFoundError(f"no corpus shard matches {pattern!r}")
         paths.update(metadata.path for metadata in result.metadata_list)
     return sorted(paths)
-
-

@@ -109,8 +109,12 @@ def parse_wds(path: str, fields: FieldNames, **_: Any) -> Iterator[CorpusItem]:
 
     def sample(key: str, members: dict[str, bytes]) -> CorpusItem:
         if key in seen:
-            return _parse_error(path, key, DUPLICATE_KEY,
-                                "key seen before in this shard: a second sample of it, or its members not adjacent")
+            return _parse_error(
+                path,
+                key,
+                DUPLICATE_KEY,
+                "key seen before in this shard: a second sample of it, or its members not adjacent",
+            )
         seen.add(key)
         return _wds_sample(path, key, members, fields)
 
@@ -148,7 +152,9 @@ def parse_wds(path: str, fields: FieldNames, **_: Any) -> Iterator[CorpusItem]:
         return
     pending = f"; sample {key!r} (members read: {sorted(members)}) is not emitted" if key else ""
     yield _parse_error(
-        path, key or shard_stem(path), TRUNCATED_SHARD,
+        path,
+        key or shard_stem(path),
+        TRUNCATED_SHARD,
         f"tar shard is truncated or damaged after {len(seen)} samples: {problem}{pending}",
     )
 
@@ -206,7 +212,12 @@ def parse_parquet(path: str, fields: FieldNames, *, batch_rows: int = 1024, **_:
 
 
 def _parquet_row(
-    path: str, row: int, values: dict[str, Any], key_column: str, image_column: str, caption_column: str,
+    path: str,
+    row: int,
+    values: dict[str, Any],
+    key_column: str,
+    image_column: str,
+    caption_column: str,
     skip: set[str],
 ) -> CorpusItem:
     key = values.get(key_column)
@@ -240,8 +251,11 @@ def parse_tfrecord(path: str, fields: FieldNames, **_: Any) -> Iterator[CorpusIt
         for index, frame in enumerate(tfrecord.iter_frames(f)):
             if isinstance(frame, tfrecord.FrameError):
                 # A fatal frame ends the file: the shard was not read whole (truncated, or its framing is lost).
-                reason = (TRUNCATED_SHARD if frame.kind == "truncated" else UNREADABLE_SHARD) if frame.fatal else \
-                    CORRUPT_RECORD
+                reason = (
+                    (TRUNCATED_SHARD if frame.kind == "truncated" else UNREADABLE_SHARD)
+                    if frame.fatal
+                    else CORRUPT_RECORD
+                )
                 yield _parse_error(path, derived_key(path, index), reason, f"{frame.message} at byte {frame.offset}")
                 continue
             try:
@@ -263,8 +277,12 @@ def _tfrecord_example(path: str, index: int, features: dict[str, list[Any]], fie
         return _parse_error(path, key, reason, f"example has features {sorted(features)}")
     image, caption = features[image_name][0], features[caption_name][0]
     if not isinstance(image, bytes) or not isinstance(caption, bytes):
-        return _parse_error(path, key, MISSING_IMAGE if not isinstance(image, bytes) else MISSING_CAPTION,
-                            f"features {image_name!r} and {caption_name!r} must be bytes lists")
+        return _parse_error(
+            path,
+            key,
+            MISSING_IMAGE if not isinstance(image, bytes) else MISSING_CAPTION,
+            f"features {image_name!r} and {caption_name!r} must be bytes lists",
+        )
     skip = {fields.key, image_name, caption_name}
     metadata = {name: _feature_value(values) for name, values in features.items() if name not in skip}
     return CorpusRecord(key, image, text_or_bytes(caption), path, metadata)
@@ -277,7 +295,6 @@ _PARSERS: dict[str, Callable[..., Iterator[CorpusItem]]] = {
     "parquet": parse_parquet,
     "tfrecord": parse_tfrecord,
 }
-
 
 
 def read_shard(
@@ -297,14 +314,14 @@ def read_shard(
         yield item
 
 
-def read_whole_shard(path: str, format: str, fields: FieldNames | None = None, *,
-                     batch_rows: int = 1024) -> list[CorpusItem]:
+def read_whole_shard(
+    path: str, format: str, fields: FieldNames | None = None, *, batch_rows: int = 1024
+) -> list[CorpusItem]:
     """`read_shard` as a list, each item also knowing how many the shard has (`shard_items`)."""
     items = list(read_shard(path, format, fields, batch_rows=batch_rows))
     for item in items:
         object.__setattr__(item, "shard_items", len(items))
     return items
-
 
 
 def iter_corpus(

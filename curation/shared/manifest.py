@@ -152,8 +152,11 @@ class Options:
     def fields(self) -> FieldNames:
         """The corpus FieldNames the job read the input shards with."""
         default = DEFAULT_FIELDS[self.input_format]
-        return FieldNames(self.key_field or default.key, tuple(self.image_field) or default.image,
-                          tuple(self.caption_field) or default.caption)
+        return FieldNames(
+            self.key_field or default.key,
+            tuple(self.image_field) or default.image,
+            tuple(self.caption_field) or default.caption,
+        )
 
     def scoring(self) -> dict[str, Any]:
         """What decides a sidecar's content besides its shard and reference: a sidecar written under other values
@@ -190,8 +193,10 @@ class Manifest:
         where = batch_dir or "?"
         version = values.get("schema_version")
         if version not in schema.READABLE_VERSIONS:
-            raise ScoredShardsError(f"manifest in {where} has schema version {version!r}; this reader reads "
-                                    f"{list(schema.READABLE_VERSIONS)} (a newer batch needs a newer jest-curation)")
+            raise ScoredShardsError(
+                f"manifest in {where} has schema version {version!r}; this reader reads "
+                f"{list(schema.READABLE_VERSIONS)} (a newer batch needs a newer jest-curation)"
+            )
         if version == 1:
             values = _upgrade_version_1(values)
         values = dict(values)
@@ -219,31 +224,49 @@ class Manifest:
 
     def sidecars(self) -> dict[str, str]:
         """Sidecar layout: input shard path -> the full path of its Parquet sidecar (shards done only)."""
-        return {shard.path: posixpath.join(self.output, shard.sidecar) for shard in self.input_shards
-                if shard.status == DONE and shard.sidecar}
+        return {
+            shard.path: posixpath.join(self.output, shard.sidecar)
+            for shard in self.input_shards
+            if shard.status == DONE and shard.sidecar
+        }
 
 
-def reference_from_model(id: str, fingerprint: str, config: ModelConfig, tokenizer: str, temperature: float,
-                         bias: float) -> ReferenceInfo:
+def reference_from_model(
+    id: str, fingerprint: str, config: ModelConfig, tokenizer: str, temperature: float, bias: float
+) -> ReferenceInfo:
     """The ReferenceInfo of one of our dual-encoder checkpoints."""
-    return ReferenceInfo(id=id, fingerprint=fingerprint, width=config.embed_dim, loss="sigmoid",
-                         temperature=float(temperature), bias=float(bias),
-                         image_preprocessing=config.preprocessing().to_dict(), text_length=config.text_length,
-                         tokenizer=tokenizer, forward_flops_per_example=example_forward_flops(config),
-                         model=config.to_dict())
+    return ReferenceInfo(
+        id=id,
+        fingerprint=fingerprint,
+        width=config.embed_dim,
+        loss="sigmoid",
+        temperature=float(temperature),
+        bias=float(bias),
+        image_preprocessing=config.preprocessing().to_dict(),
+        text_length=config.text_length,
+        tokenizer=tokenizer,
+        forward_flops_per_example=example_forward_flops(config),
+        model=config.to_dict(),
+    )
 
 
 def _upgrade_version_1(values: dict[str, Any]) -> dict[str, Any]:
     """A version-1 manifest's dict in the version-2 layout (what it did not record is filled as its job did it)."""
     old = values["reference"]
     config = ModelConfig.from_dict(old["model"])
-    reference = reference_from_model(old["checkpoint"], values["reference_fingerprint"], config, "unrecorded",
-                                     old["t"], old["c"])
+    reference = reference_from_model(
+        old["checkpoint"], values["reference_fingerprint"], config, "unrecorded", old["t"], old["c"]
+    )
     shards = list(values["shards"])
     counts = {**values["counts"], "shards": len(values["input_shards"]), "shards_done": len(values["input_shards"])}
     return {
-        "schema_version": 1, "created": values["created"], "reference": dataclasses.asdict(reference),
-        "counts": counts, "input_shards": [{"path": path, "outputs": shards} for path in values["input_shards"]],
-        "shards": shards, "dead_letter_shards": values["dead_letter_shards"],
-        "output_formats": values["output_formats"], "options": values.get("options", {}),
+        "schema_version": 1,
+        "created": values["created"],
+        "reference": dataclasses.asdict(reference),
+        "counts": counts,
+        "input_shards": [{"path": path, "outputs": shards} for path in values["input_shards"]],
+        "shards": shards,
+        "dead_letter_shards": values["dead_letter_shards"],
+        "output_formats": values["output_formats"],
+        "options": values.get("options", {}),
     }

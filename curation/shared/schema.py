@@ -104,11 +104,19 @@ SCORED_COLUMNS: tuple[Column, ...] = (
     Column(REF_IMAGE_EMBEDDING, "embedding", "the reference's image embedding, L2-normalized"),
     Column(REF_TEXT_EMBEDDING, "embedding", "the reference's text embedding, L2-normalized"),
     Column(REF_COSINE, "float32", "⟨image, text⟩ of the stored (float16) embeddings"),
-    Column(REF_LOGIT, "float32", "`t*·ref_cosine + bias*`: the example's own pair logit under the reference (softmax "
-                                 "references: `t*·ref_cosine`)"),
-    Column(REF_LOSS, "float32", "`softplus(−ref_logit)`, its own-pair sigmoid loss: low means easy for the reference; "
-                                "null for a softmax (CLIP) reference, which has no per-example loss",
-           nullable=True),
+    Column(
+        REF_LOGIT,
+        "float32",
+        "`t*·ref_cosine + bias*`: the example's own pair logit under the reference (softmax "
+        "references: `t*·ref_cosine`)",
+    ),
+    Column(
+        REF_LOSS,
+        "float32",
+        "`softplus(−ref_logit)`, its own-pair sigmoid loss: low means easy for the reference; "
+        "null for a softmax (CLIP) reference, which has no per-example loss",
+        nullable=True,
+    ),
 )
 DEAD_LETTER_COLUMNS: tuple[Column, ...] = (
     Column(KEY, "string", "the record's key, or the shard's stem for a shard-level problem"),
@@ -139,14 +147,18 @@ _SIDECAR_BY_NAME = {column.name: column for column in SIDECAR_COLUMNS}
 
 def scored_schema(embed_dim: int) -> pa.Schema:
     """The Arrow schema of scored Parquet shards for reference embeddings of width `embed_dim`."""
-    return pa.schema([(column.name, column.arrow_type(embed_dim)) for column in SCORED_COLUMNS],
-                     metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)})
+    return pa.schema(
+        [(column.name, column.arrow_type(embed_dim)) for column in SCORED_COLUMNS],
+        metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)},
+    )
 
 
 def sidecar_schema(embed_dim: int) -> pa.Schema:
     """The Arrow schema of score sidecars for reference embeddings of width `embed_dim`."""
-    return pa.schema([pa.field(column.name, column.arrow_type(embed_dim), nullable=column.nullable)
-                      for column in SIDECAR_COLUMNS], metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)})
+    return pa.schema(
+        [pa.field(column.name, column.arrow_type(embed_dim), nullable=column.nullable) for column in SIDECAR_COLUMNS],
+        metadata={SCHEMA_VERSION_KEY: str(SCHEMA_VERSION)},
+    )
 
 
 def sidecar_table(rows: Sequence[dict[str, Any]], embed_dim: int) -> pa.Table:
@@ -158,11 +170,15 @@ def sidecar_table(rows: Sequence[dict[str, Any]], embed_dim: int) -> pa.Table:
         values = [row.get(column.name) for row in rows]
         if column.kind == "embedding_or_null":
             present = np.array([value is not None for value in values], bool)
-            flat = np.concatenate([value for value in values if value is not None]).astype(np.float16) \
-                if present.any() else np.zeros([0], np.float16)
+            flat = (
+                np.concatenate([value for value in values if value is not None]).astype(np.float16)
+                if present.any()
+                else np.zeros([0], np.float16)
+            )
             offsets = np.concatenate([[0], np.cumsum(present * embed_dim)]).astype(np.int32)
-            columns[column.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, pa.float16()),
-                                                            mask=pa.array(~present))
+            columns[column.name] = pa.ListArray.from_arrays(
+                pa.array(offsets), pa.array(flat, pa.float16()), mask=pa.array(~present)
+            )
         else:
             columns[column.name] = pa.array(values, column.arrow_type(embed_dim))
     return pa.Table.from_pydict(columns, schema=schema)
@@ -181,15 +197,23 @@ def sidecar_embeddings(table: pa.Table, name: str) -> tuple[np.ndarray, np.ndarr
 
 def encode_sidecar_example(row: dict[str, Any]) -> bytes:
     """One sidecar row -> a serialized tf.train.Example (null columns absent)."""
-    return tfrecord.encode_example({column.name: column.to_feature(row[column.name]) for column in SIDECAR_COLUMNS
-                                    if row.get(column.name) is not None})
+    return tfrecord.encode_example(
+        {
+            column.name: column.to_feature(row[column.name])
+            for column in SIDECAR_COLUMNS
+            if row.get(column.name) is not None
+        }
+    )
 
 
 def decode_sidecar_example(data: bytes) -> dict[str, Any]:
     """A serialized sidecar tf.train.Example -> the row (absent columns None)."""
     features = tfrecord.decode_example(data)
-    row = {name: _SIDECAR_BY_NAME[name].from_feature(values) for name, values in features.items()
-           if name in _SIDECAR_BY_NAME}
+    row = {
+        name: _SIDECAR_BY_NAME[name].from_feature(values)
+        for name, values in features.items()
+        if name in _SIDECAR_BY_NAME
+    }
     return {**{name: None for name in SIDECAR_NAMES}, **row}
 
 
@@ -205,8 +229,10 @@ def tfrecord_feature_spec(embed_dim: int) -> dict[str, Any]:
 def check_row(row: dict[str, Any]) -> dict[str, Any]:
     """`row` itself when it has exactly the scored columns; else raises naming the missing and unknown ones."""
     if set(row) != set(SCORED_NAMES):
-        raise ValueError(f"a scored row needs the columns {list(SCORED_NAMES)}: missing "
-                         f"{sorted(set(SCORED_NAMES) - set(row))}, unknown {sorted(set(row) - set(SCORED_NAMES))}")
+        raise ValueError(
+            f"a scored row needs the columns {list(SCORED_NAMES)}: missing "
+            f"{sorted(set(SCORED_NAMES) - set(row))}, unknown {sorted(set(row) - set(SCORED_NAMES))}"
+        )
     return row
 
 
@@ -230,8 +256,9 @@ def rows_to_table(rows: Sequence[dict[str, Any]], embed_dim: int) -> pa.Table:
 def encode_tfrecord_example(row: dict[str, Any]) -> bytes:
     """One scored row -> a serialized tf.train.Example (embeddings as float32 lists of the float16 values)."""
     check_row(row)
-    return tfrecord.encode_example({column.name: column.to_feature(row[column.name]) for column in SCORED_COLUMNS
-                                    if row[column.name] is not None})
+    return tfrecord.encode_example(
+        {column.name: column.to_feature(row[column.name]) for column in SCORED_COLUMNS if row[column.name] is not None}
+    )
 
 
 def decode_tfrecord_example(data: bytes) -> dict[str, Any]:
@@ -257,6 +284,8 @@ def markdown_table(columns: Sequence[Column] = SCORED_COLUMNS) -> str:
     lines = ["| column | Parquet type | TFRecord feature | meaning |", "|---|---|---|---|"]
     for column in columns:
         arrow, feature = _KINDS[column.kind]
-        arrow, feature = (f"{arrow} (nullable)", f"{feature} (absent when null)") if column.nullable else (arrow, feature)
+        arrow, feature = (
+            (f"{arrow} (nullable)", f"{feature} (absent when null)") if column.nullable else (arrow, feature)
+        )
         lines.append(f"| `{column.name}` | {arrow} | {feature} | {column.meaning} |")
     return "\n".join(lines)

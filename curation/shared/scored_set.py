@@ -44,11 +44,13 @@ class ScoredSet:
 
     @property
     def layout(self) -> str:
-        """"copied" or "sidecar"; a reader takes one layout per output (ScoredShardsError when they are mixed)."""
+        """ "copied" or "sidecar"; a reader takes one layout per output (ScoredShardsError when they are mixed)."""
         layouts = {manifest.options.output_layout for manifest in self.manifests}
         if len(layouts) > 1:
-            raise ScoredShardsError(f"{self.manifests[0].output} holds batches of both output layouts "
-                                    f"{sorted(layouts)}; score into separate outputs")
+            raise ScoredShardsError(
+                f"{self.manifests[0].output} holds batches of both output layouts "
+                f"{sorted(layouts)}; score into separate outputs"
+            )
         return layouts.pop()
 
     def sidecar_pairs(self) -> list[tuple[str, str, Options]]:
@@ -79,15 +81,19 @@ def open_scored(output: str, fingerprint: str | None = None, check_files: bool =
         raise ScoredShardsError(f"no scored batch{which} under {output} (no {BATCH_PREFIX}*/{MANIFEST_NAME})")
     fingerprints = {manifest.reference_fingerprint for manifest in manifests}
     if len(fingerprints) > 1:
-        by_fingerprint = {f[:12]: [posixpath.basename(m.batch_dir) for m in manifests if m.reference_fingerprint == f]
-                          for f in sorted(fingerprints)}
+        by_fingerprint = {
+            f[:12]: [posixpath.basename(m.batch_dir) for m in manifests if m.reference_fingerprint == f]
+            for f in sorted(fingerprints)
+        }
         raise ScoredShardsError(
             f"{output} mixes batches scored by different reference models {by_fingerprint}; "
-            "pass the fingerprint of the one to read")
+            "pass the fingerprint of the one to read"
+        )
     if check_files:
         for manifest in manifests:
-            listed = [posixpath.join(manifest.batch_dir, name)
-                      for name in manifest.shards + manifest.dead_letter_shards]
+            listed = [
+                posixpath.join(manifest.batch_dir, name) for name in manifest.shards + manifest.dead_letter_shards
+            ]
             missing = [path for path in listed if not FileSystems.exists(path)]
             if missing:
                 raise ScoredShardsError(f"manifest of {manifest.batch_dir} lists missing shards {missing[:5]}")

@@ -50,8 +50,9 @@ def write_sidecar(path: str, table: pa.Table, info: SidecarInfo, row_group_rows:
     """Write a sidecar table (zstd, row groups of `row_group_rows`) with `info` in its footer, atomically: to a
     temporary name, then renamed, so that a sidecar that exists is whole."""
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), SIDECAR_KEY: info.to_json().encode()})
-    return write_atomically(path, lambda f: pq.write_table(table, f, compression=PARQUET_COMPRESSION,
-                                                           row_group_size=row_group_rows))
+    return write_atomically(
+        path, lambda f: pq.write_table(table, f, compression=PARQUET_COMPRESSION, row_group_size=row_group_rows)
+    )
 
 
 def read_sidecar_info(path: str) -> SidecarInfo:
@@ -82,7 +83,7 @@ def resumable_sidecars(output: str, fingerprint: str, scoring: dict[str, Any]) -
             except ScoredShardsError:
                 continue
             if info.reference_fingerprint == fingerprint and info.scoring == scoring:
-                found[info.input_shard] = (metadata.path[len(output) + 1:], info)
+                found[info.input_shard] = (metadata.path[len(output) + 1 :], info)
     return found
 
 

@@ -74,8 +74,11 @@ def iter_frames(fileobj: BinaryIO, *, verify_crc: bool = True) -> Iterator[bytes
         body = _read_exactly(fileobj, length + _CRC.size)
         if len(body) < length + _CRC.size:
             yield FrameError(
-                index, offset, "truncated",
-                f"file ends inside record {index} ({len(body)} of {length + _CRC.size} bytes present)", True,
+                index,
+                offset,
+                "truncated",
+                f"file ends inside record {index} ({len(body)} of {length + _CRC.size} bytes present)",
+                True,
             )
             return
         data = body[:length]

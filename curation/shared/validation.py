@@ -170,14 +170,16 @@ def encode_jpeg(pixels: np.ndarray, size: int, quality: int = 90) -> bytes:
 
 # The trainer's side: the same rules, with a refused record as None (it is skipped, not dead-lettered).
 
+
 def training_caption(caption: str | bytes, options: ValidationOptions = ValidationOptions()) -> str | None:
     """The cleaned caption to tokenize, or None where the scoring job would dead-letter the record."""
     cleaned = validate_caption(caption, options)
     return None if isinstance(cleaned, tuple) else cleaned
 
 
-def decode_pixels(data: bytes, preprocessing: ImagePreprocessing,
-                  options: ValidationOptions = ValidationOptions()) -> np.ndarray | None:
+def decode_pixels(
+    data: bytes, preprocessing: ImagePreprocessing, options: ValidationOptions = ValidationOptions()
+) -> np.ndarray | None:
     """Encoded image -> [S, S, 3] uint8 as `preprocessing` resizes it, or None where the scoring job would
     dead-letter it."""
     pixels = decode_image(data, options, preprocessing.size)
@@ -186,8 +188,9 @@ def decode_pixels(data: bytes, preprocessing: ImagePreprocessing,
     return preprocessing.resize_pixels(pixels)
 
 
-def prepare_image(data: bytes, preprocessing: ImagePreprocessing,
-                  options: ValidationOptions = ValidationOptions()) -> np.ndarray | None:
+def prepare_image(
+    data: bytes, preprocessing: ImagePreprocessing, options: ValidationOptions = ValidationOptions()
+) -> np.ndarray | None:
     """Encoded image -> [S, S, 3] float32 as `preprocessing` declares, or None where the scoring job would
     dead-letter it."""
     pixels = decode_pixels(data, preprocessing, options)

@@ -31,9 +31,11 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: dict) -> tuple[dic
     before it is restored."""
     progress = {"position": input_pipeline.DataPosition().to_dict(), "examples_seen": 0, "wall_s": 0.0}
     target = ocp.args.Composite(
-        state=ocp.args.StandardRestore(jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)),
-        progress=ocp.args.JsonRestore())
+        state=ocp.args.StandardRestore(
+            jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        ),
+        progress=ocp.args.JsonRestore(),
+    )
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             restored = manager.restore(step, args=target)
@@ -46,9 +48,14 @@ def restore_checkpoint(manager: ocp.CheckpointManager, state: dict) -> tuple[dic
             distributed.barrier(f"step {step} moved aside")
             manager.reload()
             earlier = [other for other in manager.all_steps() if other < step]
-            log.warning("the checkpoint of step %d cannot be restored (%s: %s); moved it to %s and %s", step,
-                        type(error).__name__, " ".join(str(error).split())[:200], aside,
-                        f"resuming from step {max(earlier)}" if earlier else "starting from step 0")
+            log.warning(
+                "the checkpoint of step %d cannot be restored (%s: %s); moved it to %s and %s",
+                step,
+                type(error).__name__,
+                " ".join(str(error).split())[:200],
+                aside,
+                f"resuming from step {max(earlier)}" if earlier else "starting from step 0",
+            )
             continue
         log.info("resumed from step %d", int(restored["state"]["step"]))
         progress = restored["progress"]
@@ -62,11 +69,15 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: dict, prog
     """Saved by every process together (orbax: the primary writes the replicated state and the JSON); the
     progress holds every process's data position."""
     if jax.process_count() > 1:
-        progress = {**{k: v for k, v in progress.items() if k != "position"},
-                    "positions": distributed.gather_positions(progress["position"])}
-    manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)), force=True)
-
+        progress = {
+            **{k: v for k, v in progress.items() if k != "position"},
+            "positions": distributed.gather_positions(progress["position"]),
+        }
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), progress=ocp.args.JsonSave(progress)),
+        force=True,
+    )
 
 
 def save_model(workdir: str, params: dict, model_config: ModelConfig, tokenizer) -> None:

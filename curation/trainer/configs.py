@@ -124,8 +124,7 @@ def uniform() -> TrainConfig:
 
 def jest() -> TrainConfig:
     """JEST: joint learnability selection of b from B = 5b (f = 0.8) in 16 chunks, on the web split's scored shards."""
-    return TrainConfig(name="jest", split="web", selection="joint", score="learnability", filter_ratio=0.8,
-                       n_chunks=16)
+    return TrainConfig(name="jest", split="web", selection="joint", score="learnability", filter_ratio=0.8, n_chunks=16)
 
 
 def jest_flexi() -> TrainConfig:
@@ -154,8 +153,14 @@ def offline_filter() -> TrainConfig:
 
 
 CONFIGS: dict[str, Callable[[], TrainConfig]] = {
-    "reference": reference, "uniform": uniform, "jest": jest, "jest_flexi": jest_flexi, "independent": independent,
-    "hard_learner": hard_learner, "easy_reference": easy_reference, "offline_filter": offline_filter,
+    "reference": reference,
+    "uniform": uniform,
+    "jest": jest,
+    "jest_flexi": jest_flexi,
+    "independent": independent,
+    "hard_learner": hard_learner,
+    "easy_reference": easy_reference,
+    "offline_filter": offline_filter,
 }
 
 SMOKE = dict(

@@ -37,8 +37,9 @@ class DecodePool:
     """Decodes lists of encoded images in order on `threads` threads, or on `processes` worker processes when that
     is > 0. A context manager (the workers stop at its end)."""
 
-    def __init__(self, preprocessing: ImagePreprocessing, validation: ValidationOptions, *, threads: int = 2,
-                 processes: int = 0):
+    def __init__(
+        self, preprocessing: ImagePreprocessing, validation: ValidationOptions, *, threads: int = 2, processes: int = 0
+    ):
         self.preprocessing, self.validation, self.processes = preprocessing, validation, processes
         if processes > 0:
             context = multiprocessing.get_context("forkserver")

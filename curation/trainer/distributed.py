@@ -19,8 +19,12 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
-def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
-               process_id: int | None = None, from_environment: bool = False) -> None:
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    from_environment: bool = False,
+) -> None:
     """`jax.distributed.initialize` with the three values given, or (`from_environment`) as the platform sets them
     (Cloud TPU pods, SLURM, Open MPI, Kubernetes: jax reads them itself). CPU devices talk over gloo (the default
     CPU backend has no cross-process collectives). Call before anything asks jax for its devices."""
@@ -32,22 +36,30 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize()
     else:
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
-    log.info("process %d of %d: %d local devices of %d", jax.process_index(), jax.process_count(),
-             jax.local_device_count(), jax.device_count())
+    log.info(
+        "process %d of %d: %d local devices of %d",
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+    )
 
 
-def check_flags(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
-                from_environment: bool) -> str | None:
+def check_flags(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None, from_environment: bool
+) -> str | None:
     """What is wrong with the multi-process flags, in one line naming the fix; None if nothing."""
-    given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes,
-             "--process_id": process_id}
+    given = {"--coordinator_address": coordinator_address, "--num_processes": num_processes, "--process_id": process_id}
     missing = [name for name, value in given.items() if value is None]
     if from_environment and len(missing) < 3:
         return "--distributed reads the processes from the platform's environment: drop " + ", ".join(
-            name for name, value in given.items() if value is not None)
+            name for name, value in given.items() if value is not None
+        )
     if 0 < len(missing) < 3:
-        return f"a multi-process run needs all of --coordinator_address, --num_processes and --process_id: pass " \
-               f"{', '.join(missing)}"
+        return (
+            f"a multi-process run needs all of --coordinator_address, --num_processes and --process_id: pass "
+            f"{', '.join(missing)}"
+        )
     if num_processes is not None and num_processes < 1:
         return f"--num_processes {num_processes}: give 1 or more"
     if process_id is not None and num_processes is not None and not 0 <= process_id < num_processes:
@@ -126,8 +138,10 @@ def host_shards(shards: list, process_index: int, process_count: int) -> list:
     """The shards process `process_index` reads: every `process_count`-th, from its own index on (so reading scales
     with hosts and no two hosts read one shard). Raises when there are fewer shards than processes."""
     if len(shards) < process_count:
-        raise ValueError(f"{len(shards)} training shards for {process_count} processes: every process reads shards of "
-                         "its own; write the corpus (or score it) into at least as many shards as processes")
+        raise ValueError(
+            f"{len(shards)} training shards for {process_count} processes: every process reads shards of "
+            "its own; write the corpus (or score it) into at least as many shards as processes"
+        )
     return shards[process_index::process_count]
 
 

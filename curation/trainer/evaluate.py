@@ -94,17 +94,20 @@ class Evaluator:
 
     def __init__(self, corpus_dir, model_config: ModelConfig, tokenizer, loss_name, limit=0, batch=256):
         preprocessing = model_config.preprocessing()  # eval images reach the model as training images do
-        zeroshot, retrieval = (input_pipeline.load_examples(corpus_dir, split, model_config.image_size, limit,
-                                                            preprocessing=preprocessing)
-                               for split in ("eval/zeroshot", "eval/retrieval"))
+        zeroshot, retrieval = (
+            input_pipeline.load_examples(corpus_dir, split, model_config.image_size, limit, preprocessing=preprocessing)
+            for split in ("eval/zeroshot", "eval/retrieval")
+        )
         if not zeroshot or not retrieval:
-            raise ValueError(f"no eval examples under {corpus_dir}/eval (zeroshot: {len(zeroshot)}, "
-                             f"retrieval: {len(retrieval)})")
+            raise ValueError(
+                f"no eval examples under {corpus_dir}/eval (zeroshot: {len(zeroshot)}, retrieval: {len(retrieval)})"
+            )
         self.tasks = load_zeroshot_tasks(corpus_dir, [meta for _, _, meta in zeroshot])
         self.zeroshot_images = np.stack([image for image, _, _ in zeroshot])
         self.retrieval_images = np.stack([image for image, _, _ in retrieval])
-        self.retrieval_tokens = tokenizer.encode_batch([caption for _, caption, _ in retrieval],
-                                                       model_config.text_length)
+        self.retrieval_tokens = tokenizer.encode_batch(
+            [caption for _, caption, _ in retrieval], model_config.text_length
+        )
         self.tokenizer, self.text_length = tokenizer, model_config.text_length
         self.loss_name, self.batch = loss_name, batch
         model = TwoTower(model_config)
@@ -112,8 +115,9 @@ class Evaluator:
         self._embed_texts = jax.jit(lambda params, t: model.apply({"params": params}, None, t)[1])
 
     def _batched(self, fn, params, inputs) -> np.ndarray:
-        return np.concatenate([np.asarray(fn(params, inputs[i : i + self.batch]))
-                               for i in range(0, len(inputs), self.batch)])
+        return np.concatenate(
+            [np.asarray(fn(params, inputs[i : i + self.batch])) for i in range(0, len(inputs), self.batch)]
+        )
 
     def __call__(self, params) -> dict[str, float]:
         def embed_tokens(tokens):
@@ -127,6 +131,7 @@ class Evaluator:
         ztxt_retrieval = embed_tokens(self.retrieval_tokens)
         metrics = evaluate_embeddings(zimg_zeroshot, self.tasks, embed_texts, zimg_retrieval, ztxt_retrieval)
         aux = {"t": jnp.exp(params["log_temperature"][0]), "b": params["bias"][0]}  # what the model's aux holds
-        metrics["held_out_loss"] = float(contrastive_loss(self.loss_name, jnp.asarray(zimg_retrieval),
-                                                          jnp.asarray(ztxt_retrieval), aux))
+        metrics["held_out_loss"] = float(
+            contrastive_loss(self.loss_name, jnp.asarray(zimg_retrieval), jnp.asarray(ztxt_retrieval), aux)
+        )
         return metrics

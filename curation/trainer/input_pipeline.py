@@ -82,8 +82,9 @@ def _image_preprocessing(image_size: int, preprocessing: ImagePreprocessing | No
     return preprocessing
 
 
-def record_stream(shards: list[str], format: str, seed: int, start: DataPosition,
-                  reader: Callable[[str], list] | None = None) -> Iterator[tuple[object, tuple]]:
+def record_stream(
+    shards: list[str], format: str, seed: int, start: DataPosition, reader: Callable[[str], list] | None = None
+) -> Iterator[tuple[object, tuple]]:
     """Endless (item, position after it) in the seeded order, from `start`. `reader(path)` gives a shard's items
     (default: the corpus parser for `format`)."""
     reader = reader or (lambda path: list(read_shard(path, format)))
@@ -128,18 +129,34 @@ def make_dataset(
             else:
                 yield None, None, position, {}
 
-    return decoded_batches(examples, {}, batch_size=batch_size, image_size=image_size, text_length=text_length,
-                           preprocessing=preprocessing, validation=validation, processes=processes)
+    return decoded_batches(
+        examples,
+        {},
+        batch_size=batch_size,
+        image_size=image_size,
+        text_length=text_length,
+        preprocessing=preprocessing,
+        validation=validation,
+        processes=processes,
+    )
 
 
 class NoUsableExamples(ValueError):
     """The shards give no example a model could train on: the stream would never yield a batch."""
 
 
-def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: dict[str, tf.TensorSpec], *,
-                    batch_size: int, image_size: int, text_length: int, workers: int = 2, processes: int = 0,
-                    preprocessing: ImagePreprocessing | None = None,
-                    validation: ValidationOptions | None = None) -> tf.data.Dataset:
+def decoded_batches(
+    examples: Callable[[], Iterator[tuple]],
+    extra_signature: dict[str, tf.TensorSpec],
+    *,
+    batch_size: int,
+    image_size: int,
+    text_length: int,
+    workers: int = 2,
+    processes: int = 0,
+    preprocessing: ImagePreprocessing | None = None,
+    validation: ValidationOptions | None = None,
+) -> tf.data.Dataset:
     """Batches of decoded examples from `examples()`, which yields (image bytes, tokens, position, extras): image
     bytes None for a record to skip, extras a dict matching `extra_signature`.
 
@@ -164,10 +181,17 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
                 if position[0] - (first_epoch if last_good_epoch is None else last_good_epoch) >= 2:
                     raise NoUsableExamples(
                         f"a whole pass over the shards gave no usable example (epoch {position[0]}, {position[3]} "
-                        "records read): every record was refused by the decode and caption rules or filtered out")
+                        "records read): every record was refused by the decode and caption rules or filtered out"
+                    )
                 if image_bytes is not None:
-                    group.append((image_bytes, tokens, np.asarray(position, np.int64),
-                                  *(extras[name] for name in extra_signature)))
+                    group.append(
+                        (
+                            image_bytes,
+                            tokens,
+                            np.asarray(position, np.int64),
+                            *(extras[name] for name in extra_signature),
+                        )
+                    )
                 if len(group) < batch_size:
                     continue
                 images = pool.map([item[0] for item in group])
@@ -195,9 +219,15 @@ def decoded_batches(examples: Callable[[], Iterator[tuple]], extra_signature: di
     return tf.data.Dataset.from_generator(generate, output_signature=signature).prefetch(2).with_options(options)
 
 
-def load_examples(corpus_dir: str, split: str, image_size: int, limit: int = 0, *,
-                  preprocessing: ImagePreprocessing | None = None,
-                  validation: ValidationOptions | None = None) -> list[tuple[np.ndarray, str, dict]]:
+def load_examples(
+    corpus_dir: str,
+    split: str,
+    image_size: int,
+    limit: int = 0,
+    *,
+    preprocessing: ImagePreprocessing | None = None,
+    validation: ValidationOptions | None = None,
+) -> list[tuple[np.ndarray, str, dict]]:
     """(image [S, S, 3] f32, cleaned caption, metadata) of the records of a split the scoring job would accept, in
     file order (for evaluation)."""
     preprocessing = _image_preprocessing(image_size, preprocessing)

@@ -61,11 +61,12 @@ def make_optimizer(config: configs.TrainConfig) -> optax.GradientTransformation:
 
     def scale_loss_params(updates, state, params=None):
         del params
-        return {name: jax.tree_util.tree_map(lambda update: update * factor, value) if name in LOSS_PARAMS else value
-                for name, value in updates.items()}, state
+        return {
+            name: jax.tree_util.tree_map(lambda update: update * factor, value) if name in LOSS_PARAMS else value
+            for name, value in updates.items()
+        }, state
 
     return optax.chain(adamw, optax.GradientTransformation(lambda params: optax.EmptyState(), scale_loss_params))
-
 
 
 def train(
@@ -115,8 +116,14 @@ def train(
     # Sharding: params and optimizer state replicated, batches split over the data axis (process p's local batch
     # is rows [p B/P, (p+1) B/P) of the global one).
     state = init_state(model_config, optimizer, config.seed, mesh)
-    log.info("model %s/%s, %d params, %d devices in %d process(es)", config.image_variant, config.text_variant,
-             count_params(state["params"]), len(mesh.devices.flat), processes)
+    log.info(
+        "model %s/%s, %d params, %d devices in %d process(es)",
+        config.image_variant,
+        config.text_variant,
+        count_params(state["params"]),
+        len(mesh.devices.flat),
+        processes,
+    )
 
     # Update step, the same call for every config (with selection: learner scoring, selection, update).
     step_fn = training_step.make_step(config, model, optimizer, mesh, data.scored)
@@ -128,15 +135,29 @@ def train(
     writer = MetricWriter(workdir, resume_step=int(state["step"])) if primary else NoMetrics()
 
     # Evaluators (process 0 alone, on its own copy of the params).
-    evaluator = None if batches is not None or not primary else Evaluator(
-        data_dir, model_config, tokenizer, config.loss, limit=config.eval_size)
+    evaluator = (
+        None
+        if batches is not None or not primary
+        else Evaluator(data_dir, model_config, tokenizer, config.loss, limit=config.eval_size)
+    )
 
     # Train loop.
     if batches is None:
-        batches = data.batches(tokenizer, config, input_pipeline.DataPosition(**progress["position"]), process,
-                               processes)
-    run = Run(config, workdir, step_fn, NamedSharding(mesh, PartitionSpec("data")), processes, flops, writer,
-              evaluator, manager, step_callback)
+        batches = data.batches(
+            tokenizer, config, input_pipeline.DataPosition(**progress["position"]), process, processes
+        )
+    run = Run(
+        config,
+        workdir,
+        step_fn,
+        NamedSharding(mesh, PartitionSpec("data")),
+        processes,
+        flops,
+        writer,
+        evaluator,
+        manager,
+        step_callback,
+    )
     state = run_steps(run, state, progress, batches)
     save_model(workdir, state["params"], model_config, tokenizer)
     return state["params"]
@@ -188,8 +209,13 @@ def run_steps(run: Run, state: dict, progress: dict, batches: Iterator[dict]) ->
                 pending, timings = [], collections.defaultdict(float)
                 bar.set_postfix(loss=f"{loss:.3f}")
             if run.evaluator is not None and (step % config.eval_every == 0 or last):
-                run.writer.write(step, {"examples_seen": progress["examples_seen"],
-                                        **run.evaluator(distributed.local_copy(state["params"]))})
+                run.writer.write(
+                    step,
+                    {
+                        "examples_seen": progress["examples_seen"],
+                        **run.evaluator(distributed.local_copy(state["params"])),
+                    },
+                )
             if step % config.checkpoint_every == 0 or last or stopping:
                 if pending:
                     check_finite(pending)  # a checkpoint never holds the state of a non-finite step
@@ -198,8 +224,10 @@ def run_steps(run: Run, state: dict, progress: dict, batches: Iterator[dict]) ->
             if stopping and not last:
                 run.manager.wait_until_finished()
                 run.writer.close()
-                raise Preempted(f"SIGTERM: saved the checkpoint of step {step} in {run.workdir}/checkpoints; run the "
-                                "same command again to resume")
+                raise Preempted(
+                    f"SIGTERM: saved the checkpoint of step {step} in {run.workdir}/checkpoints; run the "
+                    "same command again to resume"
+                )
     run.manager.wait_until_finished()
     run.writer.close()
     return state
@@ -213,8 +241,9 @@ def next_batch(batches: Iterator[dict], timings: dict[str, float]) -> dict:
     return batch
 
 
-def take_step(run: Run, state: dict, progress: dict, batch: dict, step: int,
-              timings: dict[str, float]) -> tuple[dict, dict]:
+def take_step(
+    run: Run, state: dict, progress: dict, batch: dict, step: int, timings: dict[str, float]
+) -> tuple[dict, dict]:
     """One update on the global batch, the run's counters advanced; returns the new state and the step's metrics."""
     position = batch.pop("position", None)
     inputs = {name: global_batch(run.data_sharding, value, run.processes) for name, value in batch.items()}
@@ -229,8 +258,18 @@ def log_row(run: Run, step: int, pending: list[tuple[int, dict]], progress: dict
     """Write the metrics row of the steps since the last one (checked finite); returns their mean loss."""
     values = check_finite(pending)
     positions = distributed.gather_positions(progress["position"])
-    run.writer.write(step, train_row(step, values, progress, run.flops, timings, steps_logged=len(pending),
-                                     raw_seen=sum(position["raw_seen"] for position in positions)))
+    run.writer.write(
+        step,
+        train_row(
+            step,
+            values,
+            progress,
+            run.flops,
+            timings,
+            steps_logged=len(pending),
+            raw_seen=sum(position["raw_seen"] for position in positions),
+        ),
+    )
     return values["loss"]
 
 
@@ -269,15 +308,20 @@ class StopOnSigterm:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def init_state(model_config: ModelConfig, optimizer: optax.GradientTransformation, seed: int,
-               mesh: jax.sharding.Mesh) -> dict:
+def init_state(
+    model_config: ModelConfig, optimizer: optax.GradientTransformation, seed: int, mesh: jax.sharding.Mesh
+) -> dict:
     """The state a run starts from, replicated over the mesh: {params, opt_state, step, rng} (what a checkpoint
     holds)."""
 
     def init(rng):
         params = init_params(model_config, rng)
-        return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros([], jnp.int32),
-                "rng": jax.random.key_data(rng)}
+        return {
+            "params": params,
+            "opt_state": optimizer.init(params),
+            "step": jnp.zeros([], jnp.int32),
+            "rng": jax.random.key_data(rng),
+        }
 
     return jax.jit(init, out_shardings=NamedSharding(mesh, PartitionSpec()))(jax.random.key(seed))
 

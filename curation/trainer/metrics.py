@@ -31,14 +31,20 @@ class MetricWriter:
         self.path = run_files.join(workdir, "metrics.jsonl")
         self._rows: list[str] = []
         if run_files.exists(self.path):
-            self._rows = [line for line in run_files.read_text(self.path).splitlines()
-                          if line.strip() and json.loads(line)["step"] <= resume_step]
+            self._rows = [
+                line
+                for line in run_files.read_text(self.path).splitlines()
+                if line.strip() and json.loads(line)["step"] <= resume_step
+            ]
             self._rewrite()
         self._summary = None
         events = run_files.join(workdir, "tensorboard")
         if tensorboard and _emulated_gcs(events):
-            log.warning("not writing TensorBoard events to %s: TensorFlow's GCS client cannot be pointed at the "
-                        "emulator at STORAGE_EMULATOR_HOST (metrics.jsonl is written)", events)
+            log.warning(
+                "not writing TensorBoard events to %s: TensorFlow's GCS client cannot be pointed at the "
+                "emulator at STORAGE_EMULATOR_HOST (metrics.jsonl is written)",
+                events,
+            )
         elif tensorboard:
             import tensorflow as tf
 
@@ -74,18 +80,29 @@ class NoMetrics:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    return [json.loads(line) for line in run_files.read_text(run_files.join(workdir, "metrics.jsonl")).splitlines()
-            if line.strip()]
+    return [
+        json.loads(line)
+        for line in run_files.read_text(run_files.join(workdir, "metrics.jsonl")).splitlines()
+        if line.strip()
+    ]
 
 
 def progress_bar(total: int, initial: int, name: str, enabled: bool = True) -> tqdm:
     """Steps with steps/s and ETA."""
-    return tqdm(total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0,
-                disable=not enabled)
+    return tqdm(
+        total=total, initial=initial, desc=name, unit="step", dynamic_ncols=True, mininterval=1.0, disable=not enabled
+    )
 
 
-def train_row(step: int, values: dict[str, float], progress: dict, flops: dict[str, int],
-              timings: dict[str, float], steps_logged: int, raw_seen: int | None = None) -> dict[str, float]:
+def train_row(
+    step: int,
+    values: dict[str, float],
+    progress: dict,
+    flops: dict[str, int],
+    timings: dict[str, float],
+    steps_logged: int,
+    raw_seen: int | None = None,
+) -> dict[str, float]:
     """One metrics row: the logged steps' mean metrics, the run's counters and FLOPs (online: the learner's
     updates and scoring passes so far; offline: the reference's pass over the scored corpus), and the mean seconds
     per step of each timed part. `raw_seen`: records read by every process (default: this one's position)."""
@@ -93,10 +110,16 @@ def train_row(step: int, values: dict[str, float], progress: dict, flops: dict[s
     raw_seen = progress["position"]["raw_seen"] if raw_seen is None else raw_seen
     train_flops, scoring_flops = step * flops["train"], step * flops["learner_scoring"]
     return {
-        **values, "examples_seen": progress["examples_seen"], "superbatch_examples_seen": drawn,
-        "train_flops": train_flops, "learner_scoring_flops": scoring_flops, "online_flops": train_flops + scoring_flops,
-        "offline_scoring_flops": flops["offline_scoring"], "reference_flops_per_example": flops["reference_per_example"],
-        "wall_s": progress["wall_s"], "skipped": max(raw_seen - drawn, 0),
+        **values,
+        "examples_seen": progress["examples_seen"],
+        "superbatch_examples_seen": drawn,
+        "train_flops": train_flops,
+        "learner_scoring_flops": scoring_flops,
+        "online_flops": train_flops + scoring_flops,
+        "offline_scoring_flops": flops["offline_scoring"],
+        "reference_flops_per_example": flops["reference_per_example"],
+        "wall_s": progress["wall_s"],
+        "skipped": max(raw_seen - drawn, 0),
         **{name: seconds / steps_logged for name, seconds in timings.items()},
     }
 
@@ -108,5 +131,6 @@ def check_finite(pending: list[tuple[int, dict]]) -> dict[str, float]:
         if not np.isfinite(metrics["loss"]):
             raise FloatingPointError(
                 f"non-finite loss {float(metrics['loss'])} at step {step} (steps {fetched[0][0]}-{fetched[-1][0]} "
-                f"checked; the last checkpoint before step {fetched[0][0]} is good)")
+                f"checked; the last checkpoint before step {fetched[0][0]} is good)"
+            )
     return {name: float(np.mean([m[name] for _, m in fetched])) for name in fetched[0][1]}

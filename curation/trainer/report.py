@@ -40,9 +40,14 @@ class RunCurves:
 
     @property
     def final(self) -> dict[str, float]:
-        return {"zeroshot": float(self.zeroshot[-1]), "recall": float(self.recall[-1]),
-                "examples": float(self.examples[-1]), "online_flops": float(self.online_flops[-1]),
-                "total_flops": float(self.total_flops[-1]), "wall_s": float(self.wall_s[-1])}
+        return {
+            "zeroshot": float(self.zeroshot[-1]),
+            "recall": float(self.recall[-1]),
+            "examples": float(self.examples[-1]),
+            "online_flops": float(self.online_flops[-1]),
+            "total_flops": float(self.total_flops[-1]),
+            "wall_s": float(self.wall_s[-1]),
+        }
 
     @property
     def eval_spacing(self) -> float:
@@ -64,8 +69,11 @@ class RunCurves:
 
 def _online_flops(row: dict) -> float:
     """The row's online FLOPs (older runs logged only its parts)."""
-    return row["online_flops"] if "online_flops" in row else row.get("train_flops", 0) + row.get(
-        "learner_scoring_flops", 0)
+    return (
+        row["online_flops"]
+        if "online_flops" in row
+        else row.get("train_flops", 0) + row.get("learner_scoring_flops", 0)
+    )
 
 
 def load_run(name: str, workdir: str) -> RunCurves:
@@ -109,38 +117,52 @@ def _fmt(value: float | None, kind: str) -> str:
 def summary_table(runs: list[RunCurves], reference: dict[str, float] | None = None) -> str:
     baseline = runs[0]
     target = baseline.final["zeroshot"]
-    lines = [f"| method | final zero-shot | retrieval R@1 | examples to reach {baseline.name}'s final zero-shot "
-             f"({target:.3f}) | online FLOPs to reach it | online + offline scoring FLOPs to reach it | "
-             "online FLOPs | offline scoring FLOPs | wall-clock |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| method | final zero-shot | retrieval R@1 | examples to reach {baseline.name}'s final zero-shot "
+        f"({target:.3f}) | online FLOPs to reach it | online + offline scoring FLOPs to reach it | "
+        "online FLOPs | offline scoring FLOPs | wall-clock |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for run in runs:
         final = run.final
-        lines.append(f"| {run.name} | {final['zeroshot']:.3f} | {final['recall']:.3f} | "
-                     f"{_fmt(run.to_reach(target, run.examples), 'examples')} | "
-                     f"{_fmt(run.to_reach(target, run.online_flops), 'flops')} | "
-                     f"{_fmt(run.to_reach(target, run.total_flops), 'flops')} | {_fmt(final['online_flops'], 'flops')} | "
-                     f"{_fmt(run.offline_scoring_flops, 'flops')} | {_fmt(final['wall_s'], 'wall')} |")
+        lines.append(
+            f"| {run.name} | {final['zeroshot']:.3f} | {final['recall']:.3f} | "
+            f"{_fmt(run.to_reach(target, run.examples), 'examples')} | "
+            f"{_fmt(run.to_reach(target, run.online_flops), 'flops')} | "
+            f"{_fmt(run.to_reach(target, run.total_flops), 'flops')} | {_fmt(final['online_flops'], 'flops')} | "
+            f"{_fmt(run.offline_scoring_flops, 'flops')} | {_fmt(final['wall_s'], 'wall')} |"
+        )
     if reference:
-        lines.append(f"| reference (curated split) | {reference['zeroshot']:.3f} | {reference['recall']:.3f} | "
-                     f"— | — | — | — | {_fmt(reference['flops'], 'flops')} (its training) | "
-                     f"{_fmt(reference['wall_s'], 'wall')} |")
+        lines.append(
+            f"| reference (curated split) | {reference['zeroshot']:.3f} | {reference['recall']:.3f} | "
+            f"— | — | — | — | {_fmt(reference['flops'], 'flops')} (its training) | "
+            f"{_fmt(reference['wall_s'], 'wall')} |"
+        )
     spacing = ", ".join(f"{run.name} every {run.eval_spacing:,.0f}" for run in runs)
-    lines += ["", f"\"To reach\" is interpolated between evaluations (examples between evaluations: {spacing})."
-              " Offline scoring is the reference's forward once per example scored, spent once per corpus and "
-              "counted for the runs that use the scores; the reference's training (last row) is offline too, "
-              "amortised over every run on the same scores."]
+    lines += [
+        "",
+        f'"To reach" is interpolated between evaluations (examples between evaluations: {spacing}).'
+        " Offline scoring is the reference's forward once per example scored, spent once per corpus and "
+        "counted for the runs that use the scores; the reference's training (last row) is offline too, "
+        "amortised over every run on the same scores.",
+    ]
     return "\n".join(lines)
 
 
 def loss_parameter_lines(runs: list[RunCurves], reference: RunCurves | None = None) -> list[str]:
     """Per run: the sigmoid loss's t and b at the first and last logged step, and the off-diagonal share of joint
     selection's conditional scores (how much the pair terms weighed against S_ii) at the first and last."""
-    lines = ["| run | t: first → last logged | b: first → last logged | off-diagonal share of the conditional "
-             "scores: first → last |", "|---|---|---|---|"]
+    lines = [
+        "| run | t: first → last logged | b: first → last logged | off-diagonal share of the conditional "
+        "scores: first → last |",
+        "|---|---|---|---|",
+    ]
     for run in ([reference] if reference else []) + runs:
         first, last = run.train_rows[0], run.train_rows[-1]
-        share = (f"{first['offdiag_share']:.3f} → {last['offdiag_share']:.3f}" if "offdiag_share" in last else "—")
-        lines.append(f"| {run.name} | {first['t']:.2f} → {last['t']:.2f} | {first['b']:.2f} → {last['b']:.2f} | "
-                     f"{share} |")
+        share = f"{first['offdiag_share']:.3f} → {last['offdiag_share']:.3f}" if "offdiag_share" in last else "—"
+        lines.append(
+            f"| {run.name} | {first['t']:.2f} → {last['t']:.2f} | {first['b']:.2f} → {last['b']:.2f} | {share} |"
+        )
     return lines
 
 
@@ -151,11 +173,16 @@ def plot_curves(runs: list[RunCurves], path: str, reference: dict[str, float] | 
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for row, (metric, label) in enumerate([("zeroshot", "zero-shot top-1 (mean of tasks)"),
-                                           ("recall", "retrieval R@1 (mean i→t, t→i)")]):
-        for column, (axis, xlabel) in enumerate([("examples", "examples trained on"),
-                                                 ("online_flops", "online FLOPs (learner updates and scoring)"),
-                                                 ("wall_s", "wall-clock (s)")]):
+    for row, (metric, label) in enumerate(
+        [("zeroshot", "zero-shot top-1 (mean of tasks)"), ("recall", "retrieval R@1 (mean i→t, t→i)")]
+    ):
+        for column, (axis, xlabel) in enumerate(
+            [
+                ("examples", "examples trained on"),
+                ("online_flops", "online FLOPs (learner updates and scoring)"),
+                ("wall_s", "wall-clock (s)"),
+            ]
+        ):
             ax = axes[row, column]
             for run in runs:
                 ax.plot(getattr(run, axis), getattr(run, metric), marker="o", markersize=3, label=run.name)
@@ -183,15 +210,29 @@ def plot_selection(runs: list[RunCurves], path: str) -> bool:
     for run in selecting:
         steps = [row["step"] for row in run.train_rows]
         if "selected_learnability" in run.train_rows[-1]:  # runs whose score needs no learner pass have none
-            line, = left.plot(steps, [row["selected_learnability"] for row in run.train_rows],
-                              label=f"{run.name}: selected")
-            left.plot(steps, [row["random_learnability"] for row in run.train_rows], color=line.get_color(),
-                      linestyle=":", label=f"{run.name}: random sub-batch")
-        line, = right.plot(steps, [row["selected_clean"] for row in run.train_rows], label=f"{run.name}: selected")
-        right.plot(steps, [row["superbatch_clean"] for row in run.train_rows], color=line.get_color(),
-                   linestyle=":", label=f"{run.name}: super-batch")
-    left.set(xlabel="step", ylabel="learnability per example (learner − reference loss)",
-             title="learnability of the sub-batch")
+            (line,) = left.plot(
+                steps, [row["selected_learnability"] for row in run.train_rows], label=f"{run.name}: selected"
+            )
+            left.plot(
+                steps,
+                [row["random_learnability"] for row in run.train_rows],
+                color=line.get_color(),
+                linestyle=":",
+                label=f"{run.name}: random sub-batch",
+            )
+        (line,) = right.plot(steps, [row["selected_clean"] for row in run.train_rows], label=f"{run.name}: selected")
+        right.plot(
+            steps,
+            [row["superbatch_clean"] for row in run.train_rows],
+            color=line.get_color(),
+            linestyle=":",
+            label=f"{run.name}: super-batch",
+        )
+    left.set(
+        xlabel="step",
+        ylabel="learnability per example (learner − reference loss)",
+        title="learnability of the sub-batch",
+    )
     right.set(xlabel="step", ylabel="share of clean examples (hidden truth)", title="cleanliness", ylim=(0, 1))
     for ax in (left, right):
         ax.grid(alpha=0.3)
@@ -201,8 +242,13 @@ def plot_selection(runs: list[RunCurves], path: str) -> bool:
     return True
 
 
-def write_report(runs: dict[str, str], out_dir: str, reference_workdir: str | None = None,
-                 title: str = "Run comparison", notes: str = "") -> str:
+def write_report(
+    runs: dict[str, str],
+    out_dir: str,
+    reference_workdir: str | None = None,
+    title: str = "Run comparison",
+    notes: str = "",
+) -> str:
     """Write `out_dir/report.md` and its plots; returns the report's path."""
     os.makedirs(out_dir, exist_ok=True)
     curves = [load_run(name, workdir) for name, workdir in runs.items()]
@@ -218,13 +264,18 @@ def write_report(runs: dict[str, str], out_dir: str, reference_workdir: str | No
         for run in curves:
             if run.selecting:
                 rows = run.train_rows
-                learnability = (f"selected learnability {np.mean([r['selected_learnability'] for r in rows]):.3f} "
-                                f"vs random {np.mean([r['random_learnability'] for r in rows]):.3f} per example "
-                                "(mean over training); " if "selected_learnability" in rows[-1] else "")
+                learnability = (
+                    f"selected learnability {np.mean([r['selected_learnability'] for r in rows]):.3f} "
+                    f"vs random {np.mean([r['random_learnability'] for r in rows]):.3f} per example "
+                    "(mean over training); "
+                    if "selected_learnability" in rows[-1]
+                    else ""
+                )
                 lines.append(
                     f"- {run.name}: {learnability}clean share selected "
                     f"{np.mean([r['selected_clean'] for r in rows]):.2f} vs "
-                    f"{np.mean([r['superbatch_clean'] for r in rows]):.2f} in the super-batches.")
+                    f"{np.mean([r['superbatch_clean'] for r in rows]):.2f} in the super-batches."
+                )
         lines.append("")
     lines += ["## The loss's temperature and bias", "", *loss_parameter_lines(curves, reference_run), ""]
     if notes:

@@ -56,5 +56,4 @@ def move(source: str, destination: str) -> None:
         return
     prefix = source.rstrip("/") + "/"
     sources = [metadata.path for metadata in FileSystems.match([prefix + "**"])[0].metadata_list]
-    FileSystems.rename(sources, [destination.rstrip("/") + "/" + path[len(prefix):] for path in sources])
-
+    FileSystems.rename(sources, [destination.rstrip("/") + "/" + path[len(prefix) :] for path in sources])

@@ -59,8 +59,10 @@ def read_scored_examples(path: str, loss_family: str = "sigmoid") -> list[Scored
     names = (schema.KEY, schema.IMAGE, schema.CAPTION, schema.METADATA)
     keys, images, captions, metadata = (table.column(name).to_pylist() for name in names)
     difficulty = _difficulty(table, loss_family)
-    return [ScoredExample(keys[i], images[i], captions[i], zimg[i], ztxt[i], float(difficulty[i]),
-                          truth_code(metadata[i])) for i in range(table.num_rows)]
+    return [
+        ScoredExample(keys[i], images[i], captions[i], zimg[i], ztxt[i], float(difficulty[i]), truth_code(metadata[i]))
+        for i in range(table.num_rows)
+    ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +85,33 @@ def read_sidecar_examples(shard: SidecarShard, loss_family: str = "sigmoid") -> 
     if table.num_rows != len(items):
         raise ScoredShardsError(
             f"{shard.corpus} gives {len(items)} items but its sidecar {shard.sidecar} has {table.num_rows} rows: the "
-            "shard changed after it was scored; score it again (python -m pipelines.score --incremental)")
+            "shard changed after it was scored; score it again (python -m pipelines.score --incremental)"
+        )
     keys = table.column(schema.KEY).to_pylist()
     for index, (item, key) in enumerate(zip(items, keys)):
         if item.key != key:
             raise ScoredShardsError(
                 f"item {index} of {shard.corpus} has key {item.key!r} but row {index} of its sidecar {shard.sidecar} "
-                f"has {key!r}: the shard changed after it was scored; score it again")
+                f"has {key!r}: the shard changed after it was scored; score it again"
+            )
     zimg, present = schema.sidecar_embeddings(table, schema.REF_IMAGE_EMBEDDING)
     ztxt, _ = schema.sidecar_embeddings(table, schema.REF_TEXT_EMBEDDING)
     captions = table.column(schema.CAPTION).to_pylist()
     difficulty = _difficulty(table, loss_family)
-    return [ScoredExample(items[i].key, items[i].image, captions[i], zimg[i], ztxt[i], float(difficulty[i]),
-                          truth_code(items[i].metadata))
-            if present[i] and isinstance(items[i], CorpusRecord) else None for i in range(len(items))]
+    return [
+        ScoredExample(
+            items[i].key,
+            items[i].image,
+            captions[i],
+            zimg[i],
+            ztxt[i],
+            float(difficulty[i]),
+            truth_code(items[i].metadata),
+        )
+        if present[i] and isinstance(items[i], CorpusRecord)
+        else None
+        for i in range(len(items))
+    ]
 
 
 def _scores_path(shard: str | SidecarShard) -> str:
@@ -116,8 +131,9 @@ def difficulty_threshold(shards: list[str | SidecarShard], keep_fraction: float,
     if keep_fraction >= 1.0:
         return float("inf")
     column = schema.REF_COSINE if loss_family == "softmax" else schema.REF_LOSS
-    difficulty = np.concatenate([_difficulty(scored_set.read_scored_parquet(_scores_path(path), [column]),
-                                             loss_family) for path in shards])
+    difficulty = np.concatenate(
+        [_difficulty(scored_set.read_scored_parquet(_scores_path(path), [column]), loss_family) for path in shards]
+    )
     difficulty = difficulty[np.isfinite(difficulty)]
     keep = offline_filter(-difficulty, keep_fraction)  # higher score = easier
     if not keep.any():
@@ -149,8 +165,11 @@ def make_scored_dataset(
     are skipped (offline filtering) and counted as skipped like unreadable records. `processes` > 0 decodes in
     that many worker processes.
     """
-    signature = {"ref_zimg": tf.TensorSpec([embed_dim], tf.float32), "ref_ztxt": tf.TensorSpec([embed_dim], tf.float32),
-                 "truth": tf.TensorSpec([], tf.int32)}
+    signature = {
+        "ref_zimg": tf.TensorSpec([embed_dim], tf.float32),
+        "ref_ztxt": tf.TensorSpec([embed_dim], tf.float32),
+        "truth": tf.TensorSpec([], tf.int32),
+    }
 
     def examples():
         reader = functools.partial(read_examples, loss_family=loss_family)
@@ -158,9 +177,20 @@ def make_scored_dataset(
             if item is None or item.difficulty > max_difficulty:  # dead-lettered (a sidecar's row), or filtered
                 yield None, None, position, {}
                 continue
-            extras = {"ref_zimg": item.ref_zimg.astype(np.float32), "ref_ztxt": item.ref_ztxt.astype(np.float32),
-                      "truth": np.int32(item.truth)}
+            extras = {
+                "ref_zimg": item.ref_zimg.astype(np.float32),
+                "ref_ztxt": item.ref_ztxt.astype(np.float32),
+                "truth": np.int32(item.truth),
+            }
             yield item.image, tokenizer.encode(item.caption, text_length), position, extras
 
-    return decoded_batches(examples, signature, batch_size=batch_size, image_size=image_size, text_length=text_length,
-                           preprocessing=preprocessing, validation=validation, processes=processes)
+    return decoded_batches(
+        examples,
+        signature,
+        batch_size=batch_size,
+        image_size=image_size,
+        text_length=text_length,
+        preprocessing=preprocessing,
+        validation=validation,
+        processes=processes,
+    )

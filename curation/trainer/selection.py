@@ -129,9 +129,11 @@ def _sigmoid_conditional(learner, reference, score):
     """State c [B]: c_i = S_ii + Σ_{k∈P}(S_ik + S_ki), updated by one chunk's rows and columns."""
 
     def update(c, chunk):  # chunk: [n] indices
-        return c + pair_scores(learner, reference, score, cols=chunk).sum(1) + pair_scores(
-            learner, reference, score, rows=chunk
-        ).sum(0)
+        return (
+            c
+            + pair_scores(learner, reference, score, cols=chunk).sum(1)
+            + pair_scores(learner, reference, score, rows=chunk).sum(0)
+        )
 
     return diagonal_scores(learner, reference, score), (lambda c: c), update
 
@@ -317,8 +319,15 @@ def select(
     """
     if method == "joint":
         return joint_selection_trace(
-            rng, learner, reference, score=score, n_select=n_select, n_chunks=n_chunks, loss=loss,
-            first_chunk=first_chunk, noise=noise,
+            rng,
+            learner,
+            reference,
+            score=score,
+            n_select=n_select,
+            n_chunks=n_chunks,
+            loss=loss,
+            first_chunk=first_chunk,
+            noise=noise,
         )[0]
     if method not in METHODS:
         raise ValueError(f"unknown selection method {method!r}; known: {METHODS}")

@@ -41,24 +41,32 @@ class TrainingData:
     def open(cls, config: configs.TrainConfig, data_dir: str, scored_dir: str | None) -> "TrainingData":
         if scored_dir is None:
             if config.needs_scores:
-                raise ValueError(f"config {config.name!r} selects with reference scores: pass --scored "
-                                 "(the output of python -m pipelines.score)")
+                raise ValueError(
+                    f"config {config.name!r} selects with reference scores: pass --scored "
+                    "(the output of python -m pipelines.score)"
+                )
             shards, format = input_pipeline.split_shards(data_dir, config.split)
             return cls(shards, format)
         scored = scored_set.open_scored(scored_dir)
         if scored.scored == 0:
-            raise ValueError(f"the scored batches under {scored_dir} hold no scored example (see their manifests' "
-                             "counts and dead letter): nothing to train on")
+            raise ValueError(
+                f"the scored batches under {scored_dir} hold no scored example (see their manifests' "
+                "counts and dead letter): nothing to train on"
+            )
         if scored.layout == "sidecar":
-            shards = [scored_input.SidecarShard(corpus, sidecar, options.input_format, options.fields())
-                      for corpus, sidecar, options in scored.sidecar_pairs()]
+            shards = [
+                scored_input.SidecarShard(corpus, sidecar, options.input_format, options.fields())
+                for corpus, sidecar, options in scored.sidecar_pairs()
+            ]
             if not shards:
                 raise ValueError(f"the sidecar batches under {scored_dir} list no scored input shard")
         else:
             no_images = [m.batch_dir for m in scored.manifests if m.options.store_image == "none"]
             if no_images:
-                raise ValueError(f"scored batches {no_images} were written with --store_image=none: nothing to train "
-                                 "on (score with --output_layout sidecar to train from the corpus itself)")
+                raise ValueError(
+                    f"scored batches {no_images} were written with --store_image=none: nothing to train "
+                    "on (score with --output_layout sidecar to train from the corpus itself)"
+                )
             shards = scored.shard_paths("parquet")
             if not shards:
                 raise ValueError(f"no Parquet scored shards under {scored_dir} (score with --output_format parquet)")
@@ -66,8 +74,12 @@ class TrainingData:
             from curation.trainer.training_step import selection_loss
 
             selection_loss(config, scored.reference.loss)  # refuses, before any work, a combination that cannot work
-        return cls(shards, "parquet", scored,
-                   scored_input.difficulty_threshold(shards, config.offline_keep, scored.reference.loss))
+        return cls(
+            shards,
+            "parquet",
+            scored,
+            scored_input.difficulty_threshold(shards, config.offline_keep, scored.reference.loss),
+        )
 
     def captions(self) -> Iterator[str]:
         if self.scored is not None:
@@ -88,32 +100,49 @@ class TrainingData:
         if self.scored is None:
             return None
         rules = [manifest.options.validation() for manifest in self.scored.manifests]
-        return ValidationOptions(max(rule.max_image_pixels for rule in rules), min(rule.min_image_size for rule in rules),
-                                 max(rule.max_caption_chars for rule in rules))
+        return ValidationOptions(
+            max(rule.max_image_pixels for rule in rules),
+            min(rule.min_image_size for rule in rules),
+            max(rule.max_caption_chars for rule in rules),
+        )
 
     def check_processes(self, config: configs.TrainConfig, process_count: int) -> None:
         """Raises unless `process_count` processes can share the data: a super-batch that divides over them, and a
         shard of its own for each."""
         if config.superbatch_size % process_count:
-            raise ValueError(f"the super-batch of {config.superbatch_size} examples does not divide over "
-                             f"{process_count} processes: choose a batch_size (and filter_ratio) that does")
+            raise ValueError(
+                f"the super-batch of {config.superbatch_size} examples does not divide over "
+                f"{process_count} processes: choose a batch_size (and filter_ratio) that does"
+            )
         distributed.host_shards(self.shards, 0, process_count)
 
-    def batches(self, tokenizer, config: configs.TrainConfig, position, process_index: int = 0,
-                process_count: int = 1) -> Iterator[dict]:
+    def batches(
+        self, tokenizer, config: configs.TrainConfig, position, process_index: int = 0, process_count: int = 1
+    ) -> Iterator[dict]:
         """This process's part of every super-batch, from `position` (its own) on, preprocessed as the learner
         declares: `config.superbatch_size / process_count` examples a batch, from its own shards
         (`distributed.host_shards`)."""
         self.check_processes(config, process_count)
         shards = distributed.host_shards(self.shards, process_index, process_count)
-        common = dict(batch_size=config.superbatch_size // process_count, image_size=config.image_size,
-                      text_length=config.text_length, seed=config.seed, start=position,
-                      preprocessing=config.model_config(tokenizer.vocab_size).preprocessing(),
-                      validation=self.validation(), processes=config.input_processes)
+        common = dict(
+            batch_size=config.superbatch_size // process_count,
+            image_size=config.image_size,
+            text_length=config.text_length,
+            seed=config.seed,
+            start=position,
+            preprocessing=config.model_config(tokenizer.vocab_size).preprocessing(),
+            validation=self.validation(),
+            processes=config.input_processes,
+        )
         if self.scored is None:
             dataset = input_pipeline.make_dataset(shards, self.format, tokenizer, **common)
         else:
-            dataset = scored_input.make_scored_dataset(shards, tokenizer, embed_dim=self.scored.embed_dim,
-                                                       max_difficulty=self.max_difficulty,
-                                                       loss_family=self.scored.reference.loss, **common)
+            dataset = scored_input.make_scored_dataset(
+                shards,
+                tokenizer,
+                embed_dim=self.scored.embed_dim,
+                max_difficulty=self.max_difficulty,
+                loss_family=self.scored.reference.loss,
+                **common,
+            )
         return dataset.as_numpy_iterator()

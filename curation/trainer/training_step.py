@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 Step = Callable[[dict, dict, int], tuple[dict, dict, dict[str, float]]]
 
 
-def train_step(state: dict, batch: dict, *, model: TwoTower, optimizer, loss_name: str,
-               flexi_patch: int | None = None) -> tuple[dict, dict]:
+def train_step(
+    state: dict, batch: dict, *, model: TwoTower, optimizer, loss_name: str, flexi_patch: int | None = None
+) -> tuple[dict, dict]:
     """One update on the batch: pure, jitted by the caller. With `flexi_patch`, the second half of the batch's
     images go through the image tower at that patch size (Flexi-JEST) and the first half at the model's own."""
 
@@ -98,18 +99,28 @@ def selection_loss(config: TrainConfig, reference_loss: str) -> str:
     if config.selection_loss not in SELECTION_LOSSES:
         raise ValueError(f"--selection_loss {config.selection_loss!r}: choose from {list(SELECTION_LOSSES)}")
     if reference_loss not in ("sigmoid", "softmax"):
-        raise ValueError(f"the reference's loss family {reference_loss!r} is not one selection knows "
-                         "(sigmoid or softmax)")
+        raise ValueError(
+            f"the reference's loss family {reference_loss!r} is not one selection knows (sigmoid or softmax)"
+        )
     if config.selection_loss == "auto":
         return "softmax" if reference_loss == "softmax" else config.loss
     if config.selection_loss == "sigmoid" and reference_loss == "softmax":
-        raise ValueError("--selection_loss sigmoid needs a sigmoid (SigLIP) reference: a softmax (CLIP) reference has "
-                         "no bias and no own-pair sigmoid loss; use --selection_loss auto (softmax for both)")
+        raise ValueError(
+            "--selection_loss sigmoid needs a sigmoid (SigLIP) reference: a softmax (CLIP) reference has "
+            "no bias and no own-pair sigmoid loss; use --selection_loss auto (softmax for both)"
+        )
     return config.selection_loss
 
 
-def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: jax.sharding.Mesh,
-                        reference_t: float, reference_bias: float, loss: str | None = None) -> JestFunctions:
+def make_jest_functions(
+    config: TrainConfig,
+    model: TwoTower,
+    train_step,
+    mesh: jax.sharding.Mesh,
+    reference_t: float,
+    reference_bias: float,
+    loss: str | None = None,
+) -> JestFunctions:
     """The jitted parts of a JEST step for `config` (train_step: the trainer's pure update on a batch). The
     learner's pass runs only where the score uses it, or where `config.learner_diagnostics` asks for it. `loss`
     is the selection loss (`selection_loss`; default the learner's own)."""
@@ -128,8 +139,14 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
         # truth: [B] hidden-truth codes (curation.trainer.truth), for the diagnostics only
         learner = None if learned is None else selection.Embeddings(learned[0], learned[1], *learned[2])
         reference = selection.Embeddings(ref_zimg, ref_ztxt, reference_t, reference_bias)
-        options = dict(score=config.score, n_select=n_select, n_chunks=config.n_chunks, loss=loss,
-                       first_chunk=config.first_chunk, noise=config.selection_noise)
+        options = dict(
+            score=config.score,
+            n_select=n_select,
+            n_chunks=config.n_chunks,
+            loss=loss,
+            first_chunk=config.first_chunk,
+            noise=config.selection_noise,
+        )
         diagnostics = {}
         if config.selection == "joint":
             indices, traces = selection.joint_selection_trace(rng, learner, reference, **options)
@@ -153,27 +170,44 @@ def make_jest_functions(config: TrainConfig, model: TwoTower, train_step, mesh: 
     def subset_step(state, images, tokens, indices, rng):
         if config.flexi:
             indices = flexi_order(rng, indices)
-        batch = {"image": jax.lax.with_sharding_constraint(images[indices], data),
-                 "tokens": jax.lax.with_sharding_constraint(tokens[indices], data)}
+        batch = {
+            "image": jax.lax.with_sharding_constraint(images[indices], data),
+            "tokens": jax.lax.with_sharding_constraint(tokens[indices], data),
+        }
         return train_step(state, batch)
 
-    update = jax.jit(subset_step, in_shardings=(replicated, data, data, replicated, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+    update = jax.jit(
+        subset_step,
+        in_shardings=(replicated, data, data, replicated, replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=0,
+    )
     needs_learner = config.uses_learner_scores or config.learner_diagnostics
     return JestFunctions(embed if needs_learner else None, choose, update)
 
 
-def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTransformation,
-              mesh: jax.sharding.Mesh, scored: ScoredSet | None) -> Step:
+def make_step(
+    config: TrainConfig,
+    model: TwoTower,
+    optimizer: optax.GradientTransformation,
+    mesh: jax.sharding.Mesh,
+    scored: ScoredSet | None,
+) -> Step:
     """The step of `config`, made once before the loop. Without selection (uniform, offline filtering) it is the
     jitted update on the batch's images and tokens; with selection it runs the three JEST parts on the super-batch,
     waiting for each so that `seconds` splits the step into time/scoring, time/selection and time/update."""
-    update = functools.partial(train_step, model=model, optimizer=optimizer, loss_name=config.loss,
-                               flexi_patch=config.coarse_patch_size if config.flexi else None)
+    update = functools.partial(
+        train_step,
+        model=model,
+        optimizer=optimizer,
+        loss_name=config.loss,
+        flexi_patch=config.coarse_patch_size if config.flexi else None,
+    )
     data, replicated = NamedSharding(mesh, PartitionSpec("data")), NamedSharding(mesh, PartitionSpec())
     if config.selection == "none":
-        jitted = jax.jit(update, in_shardings=(replicated, data), out_shardings=(replicated, replicated),
-                         donate_argnums=0)
+        jitted = jax.jit(
+            update, in_shardings=(replicated, data), out_shardings=(replicated, replicated), donate_argnums=0
+        )
 
         def uniform_step(state: dict, inputs: dict, step_number: int):
             state, metrics = jitted(state, {"image": inputs["image"], "tokens": inputs["tokens"]})
@@ -185,10 +219,14 @@ def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTra
         raise ValueError("selection needs scored shards (--scored)")
     loss = selection_loss(config, scored.reference.loss)
     if loss != config.loss:
-        log.info("the reference is a %s model: selection scores learner and reference with the %s loss (the learner "
-                 "trains with %s)", scored.reference.loss, loss, config.loss)
-    parts = make_jest_functions(config, model, update, mesh, scored.reference.temperature, scored.reference.bias,
-                                loss)
+        log.info(
+            "the reference is a %s model: selection scores learner and reference with the %s loss (the learner "
+            "trains with %s)",
+            scored.reference.loss,
+            loss,
+            config.loss,
+        )
+    parts = make_jest_functions(config, model, update, mesh, scored.reference.temperature, scored.reference.bias, loss)
     selection_rng = jax.random.key(config.seed + 1)
 
     def selection_step(state: dict, inputs: dict, step_number: int):
@@ -198,13 +236,17 @@ def make_step(config: TrainConfig, model: TwoTower, optimizer: optax.GradientTra
         if parts.embed is not None:
             learned = jax.block_until_ready(parts.embed(state["params"], inputs["image"], inputs["tokens"]))
         scored_at = time.perf_counter()
-        indices, diagnostics = jax.block_until_ready(parts.choose(
-            rng, learned, inputs["ref_zimg"], inputs["ref_ztxt"], inputs["truth"]))
+        indices, diagnostics = jax.block_until_ready(
+            parts.choose(rng, learned, inputs["ref_zimg"], inputs["ref_ztxt"], inputs["truth"])
+        )
         selected_at = time.perf_counter()
         state, metrics = parts.update(state, inputs["image"], inputs["tokens"], indices, jax.random.fold_in(rng, 1))
         metrics = jax.block_until_ready({**metrics, **diagnostics})
-        seconds = {"time/scoring": scored_at - started, "time/selection": selected_at - scored_at,
-                   "time/update": time.perf_counter() - selected_at}
+        seconds = {
+            "time/scoring": scored_at - started,
+            "time/selection": selected_at - scored_at,
+            "time/update": time.perf_counter() - selected_at,
+        }
         return state, metrics, seconds
 
     return selection_step
@@ -216,7 +258,8 @@ def step_flops(config: TrainConfig, model_config: ModelConfig) -> dict[str, int]
     if config.flexi:
         half = config.batch_size // 2
         train = half * example_train_flops(model_config) + (config.batch_size - half) * example_train_flops(
-            model_config, config.coarse_patch_size)
+            model_config, config.coarse_patch_size
+        )
     else:
         train = config.batch_size * example_train_flops(model_config)
     scoring = 0

@@ -19,8 +19,14 @@ def saved_run_config(config: configs.TrainConfig, scored_dir: str | None, num_pr
     return {**config.to_dict(), "scored": scored_dir, "num_processes": num_processes}
 
 
-def check_workdir(config: configs.TrainConfig, workdir: str, scored_dir: str | None, start_over: bool,
-                  num_processes: int = 1, remove: bool = True) -> None:
+def check_workdir(
+    config: configs.TrainConfig,
+    workdir: str,
+    scored_dir: str | None,
+    start_over: bool,
+    num_processes: int = 1,
+    remove: bool = True,
+) -> None:
     """Refuse, naming the fields, a workdir whose saved run has another config than this one (it would silently
     resume the other run); with `start_over`, remove that run's files instead (where `remove`: process 0 of a
     multi-process run does it for all)."""
@@ -36,16 +42,18 @@ def check_workdir(config: configs.TrainConfig, workdir: str, scored_dir: str | N
     saved = run_files.read_json(path)
     wanted = saved_run_config(config, scored_dir, num_processes)
     # A field a run of an earlier version did not save is not compared: what it was then is not known.
-    differing = [name for name in sorted(wanted)
-                 if name in saved and name not in MAY_CHANGE_ON_RESUME and saved[name] != wanted[name]]
+    differing = [
+        name
+        for name in sorted(wanted)
+        if name in saved and name not in MAY_CHANGE_ON_RESUME and saved[name] != wanted[name]
+    ]
     if differing:
         named = ", ".join(f"{name} (saved {saved[name]!r}, now {wanted[name]!r})" for name in differing[:6])
-        raise ValueError(f"--workdir {workdir} holds a run of another config: {named}; use another --workdir, run "
-                         "the same config again to resume it, or pass --start_over to discard it")
+        raise ValueError(
+            f"--workdir {workdir} holds a run of another config: {named}; use another --workdir, run "
+            "the same config again to resume it, or pass --start_over to discard it"
+        )
 
 
-def write_run_config(workdir: str, config: configs.TrainConfig, scored_dir: str | None,
-                     num_processes: int = 1) -> None:
+def write_run_config(workdir: str, config: configs.TrainConfig, scored_dir: str | None, num_processes: int = 1) -> None:
     run_files.write_json(run_files.join(workdir, "config.json"), saved_run_config(config, scored_dir, num_processes))
-
-

@@ -50,8 +50,10 @@ class LossParameters:
 
     def check(self, id: str) -> "LossParameters":
         if not (np.isfinite(self.temperature) and np.isfinite(self.bias)):
-            raise ValueError(f"reference {id} has a non-finite temperature or bias (t={self.temperature}, "
-                             f"bias={self.bias}): every score would be NaN")
+            raise ValueError(
+                f"reference {id} has a non-finite temperature or bias (t={self.temperature}, "
+                f"bias={self.bias}): every score would be NaN"
+            )
         return self
 
 
@@ -62,8 +64,7 @@ class LoadedReference(abc.ABC):
     batch_size: int
 
     @abc.abstractmethod
-    def loss_parameters(self) -> LossParameters:
-        ...
+    def loss_parameters(self) -> LossParameters: ...
 
     @abc.abstractmethod
     def _forward(self, pixels: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +74,10 @@ class LoadedReference(abc.ABC):
         """[n, S, S, 3] uint8, [n, L] int32 -> ([n, d], [n, d]) float32, run in padded chunks of `batch_size`."""
         images_out, texts_out = [], []
         for start in range(0, pixels.shape[0], self.batch_size):
-            chunk_pixels, chunk_tokens = pixels[start:start + self.batch_size], tokens[start:start + self.batch_size]
+            chunk_pixels, chunk_tokens = (
+                pixels[start : start + self.batch_size],
+                tokens[start : start + self.batch_size],
+            )
             real = chunk_pixels.shape[0]
             if real < self.batch_size:  # pad with copies of the first row; the padding rows are dropped below
                 pad = self.batch_size - real
@@ -91,12 +95,10 @@ class Reference(abc.ABC):
     info: ReferenceInfo
 
     @abc.abstractmethod
-    def text_encoder(self) -> TextEncoder:
-        ...
+    def text_encoder(self) -> TextEncoder: ...
 
     @abc.abstractmethod
-    def load(self, batch_size: int) -> LoadedReference:
-        ...
+    def load(self, batch_size: int) -> LoadedReference: ...
 
     def check_loadable(self) -> None:
         """Cheap checks on the launcher that catch damage before the workers start (default: none)."""
@@ -132,10 +134,14 @@ def _workdir_error(spec: str) -> ReferenceSpecError:
     """A training workdir given for its model (its config.json would make it look like a keras-hub preset)."""
     model = posixpath.join(spec.rstrip("/"), "model")
     if is_project_checkpoint(model):
-        return ReferenceSpecError(f"--reference {spec} is a training workdir (model/, checkpoints/, metrics.jsonl), "
-                                  f"not a model checkpoint; give its model folder: did you mean --reference {model}?")
-    return ReferenceSpecError(f"--reference {spec} is a training workdir with no finished model yet (the trainer "
-                              f"writes {model} when training ends); give --reference {model} once it is there")
+        return ReferenceSpecError(
+            f"--reference {spec} is a training workdir (model/, checkpoints/, metrics.jsonl), "
+            f"not a model checkpoint; give its model folder: did you mean --reference {model}?"
+        )
+    return ReferenceSpecError(
+        f"--reference {spec} is a training workdir with no finished model yet (the trainer "
+        f"writes {model} when training ends); give --reference {model} once it is there"
+    )
 
 
 def resolve(spec: str) -> Reference:
@@ -146,8 +152,10 @@ def resolve(spec: str) -> Reference:
 
         return keras_hub.KerasHubReference.from_spec(spec)
     if not _exists(spec):
-        raise ReferenceSpecError(f"--reference {spec} does not exist; give a model checkpoint folder, a keras-hub "
-                                 f"preset folder, or {KERAS_HUB_PREFIX}PRESET_NAME")
+        raise ReferenceSpecError(
+            f"--reference {spec} does not exist; give a model checkpoint folder, a keras-hub "
+            f"preset folder, or {KERAS_HUB_PREFIX}PRESET_NAME"
+        )
     if is_project_checkpoint(spec):
         from pipelines.references import project
 
@@ -158,6 +166,8 @@ def resolve(spec: str) -> Reference:
         from pipelines.references import keras_hub
 
         return keras_hub.KerasHubReference.from_spec(spec)
-    raise ReferenceSpecError(f"--reference {spec} is neither a model checkpoint (no meta item) nor a keras-hub preset "
-                             "(no config.json); give the model/ folder of the reference's training workdir, a "
-                             f"preset folder, or {KERAS_HUB_PREFIX}PRESET_NAME")
+    raise ReferenceSpecError(
+        f"--reference {spec} is neither a model checkpoint (no meta item) nor a keras-hub preset "
+        "(no config.json); give the model/ folder of the reference's training workdir, a "
+        f"preset folder, or {KERAS_HUB_PREFIX}PRESET_NAME"
+    )

@@ -48,9 +48,11 @@ def check_backend() -> None:
     import keras
 
     if keras.backend.backend() != "jax":
-        raise ReferenceSpecError(f"keras-hub references run on keras' JAX backend, but keras started on "
-                                 f"{keras.backend.backend()!r}: set KERAS_BACKEND=jax before anything imports "
-                                 "tensorflow or keras")
+        raise ReferenceSpecError(
+            f"keras-hub references run on keras' JAX backend, but keras started on "
+            f"{keras.backend.backend()!r}: set KERAS_BACKEND=jax before anything imports "
+            "tensorflow or keras"
+        )
 
 
 def _is_weights(name: str) -> bool:
@@ -72,7 +74,7 @@ def _preset_files(folder: str) -> dict[str, int]:
     """Relative name -> size of every file in a preset folder (local or gs://)."""
     folder = folder.rstrip("/")
     metadata = FileSystems.match([posixpath.join(folder, "**")])[0].metadata_list
-    return {m.path[len(folder) + 1:]: m.size_in_bytes for m in metadata if not m.path.endswith("/")}
+    return {m.path[len(folder) + 1 :]: m.size_in_bytes for m in metadata if not m.path.endswith("/")}
 
 
 def _read(path: str) -> bytes:
@@ -126,10 +128,14 @@ def _image_preprocessing(converter: dict, where: str) -> ImagePreprocessing:
         raise ReferenceSpecError(f"{where}: interpolation {interpolation!r}; supported: {list(INTERPOLATIONS)}")
     scale = np.broadcast_to(np.asarray(converter.get("scale") or 1.0, np.float64), [3])
     offset = np.broadcast_to(np.asarray(converter.get("offset") or 0.0, np.float64), [3])
-    return ImagePreprocessing(size=int(size[0]),
-                              resize="crop_then_resize" if converter.get("crop_to_aspect_ratio", True) else "squash",
-                              mean=tuple(-offset / scale), std=tuple(1.0 / scale), interpolation=interpolation,
-                              antialias=bool(converter.get("antialias", False)))
+    return ImagePreprocessing(
+        size=int(size[0]),
+        resize="crop_then_resize" if converter.get("crop_to_aspect_ratio", True) else "squash",
+        mean=tuple(-offset / scale),
+        std=tuple(1.0 / scale),
+        interpolation=interpolation,
+        antialias=bool(converter.get("antialias", False)),
+    )
 
 
 def _forward_flops(backbone: dict, loss: str) -> int:
@@ -137,8 +143,9 @@ def _forward_flops(backbone: dict, loss: str) -> int:
     vision, text = backbone["vision_encoder"]["config"], backbone["text_encoder"]["config"]
     patch, width = vision["patch_size"], vision["hidden_dim"]
     tokens = (vision["image_shape"][0] // patch) ** 2 + (1 if loss == "softmax" else 0)  # CLIP has a class token
-    image = 2 * tokens * patch * patch * 3 * width + encoder_flops(tokens, width, vision["num_layers"],
-                                                                   vision["intermediate_dim"])
+    image = 2 * tokens * patch * patch * 3 * width + encoder_flops(
+        tokens, width, vision["num_layers"], vision["intermediate_dim"]
+    )
     length = text["max_sequence_length"]
     caption = encoder_flops(length, text["hidden_dim"], text["num_layers"], text["intermediate_dim"])
     if loss == "softmax":
@@ -175,9 +182,12 @@ class _TextEncoder:
             prompts = preprocessor.canonicalize_inputs(prompts)
         if getattr(preprocessor, "to_lower", False):
             prompts = tf.strings.lower(prompts)
-        token_ids, _ = preprocessor.packer(preprocessor.tokenizer(prompts), sequence_length=self._length,
-                                           add_start_value=preprocessor.add_start_token,
-                                           add_end_value=preprocessor.add_end_token)
+        token_ids, _ = preprocessor.packer(
+            preprocessor.tokenizer(prompts),
+            sequence_length=self._length,
+            add_start_value=preprocessor.add_start_token,
+            add_end_value=preprocessor.add_end_token,
+        )
         return np.asarray(token_ids, np.int32)
 
 
@@ -227,7 +237,7 @@ class KerasHubReference(Reference):
     @classmethod
     def from_spec(cls, spec: str) -> "KerasHubReference":
         if spec.startswith(KERAS_HUB_PREFIX):
-            name = spec[len(KERAS_HUB_PREFIX):]
+            name = spec[len(KERAS_HUB_PREFIX) :]
             handle = _builtin_handle(name)
             documents = {file: _read(_hub_file(name, file)) for file in JSON_FILES if file != "metadata.json"}
             identity = {"kaggle_handle": handle}
@@ -236,8 +246,10 @@ class KerasHubReference(Reference):
             files = _preset_files(spec)
             missing = [file for file in ("config.json", "preprocessor.json") if file not in files]
             if missing:
-                raise ReferenceSpecError(f"--reference {spec} is not a keras-hub preset: it lacks {missing} (save "
-                                         "the backbone and its preprocessor with save_to_preset)")
+                raise ReferenceSpecError(
+                    f"--reference {spec} is not a keras-hub preset: it lacks {missing} (save "
+                    "the backbone and its preprocessor with save_to_preset)"
+                )
             documents = {file: _read(posixpath.join(spec.rstrip("/"), file)) for file in JSON_FILES if file in files}
             identity = {}
             for name, size in sorted(files.items()):
@@ -280,8 +292,10 @@ def _builtin_handle(name: str) -> str:
         known = sorted(preset for preset in BUILTIN_PRESETS if preset.startswith(("siglip", "clip")))
         close = difflib.get_close_matches(name, list(BUILTIN_PRESETS), n=1)
         hint = f"did you mean {KERAS_HUB_PREFIX}{close[0]}? " if close else ""
-        raise ReferenceSpecError(f"--reference {KERAS_HUB_PREFIX}{name}: keras-hub has no such preset; {hint}"
-                                 f"image-text presets: {', '.join(known[:8])}, ...")
+        raise ReferenceSpecError(
+            f"--reference {KERAS_HUB_PREFIX}{name}: keras-hub has no such preset; {hint}"
+            f"image-text presets: {', '.join(known[:8])}, ..."
+        )
     return BUILTIN_PRESETS[name]["kaggle_handle"]
 
 
@@ -291,8 +305,10 @@ def _describe(spec: str, documents: dict[str, bytes], identity: dict) -> Referen
     backbone_class = backbone.get("class_name")
     loss = LOSS_OF_BACKBONE.get(backbone_class)
     if loss is None:
-        raise ReferenceSpecError(f"--reference {spec}: a {backbone_class} is not an image-text dual encoder this job "
-                                 f"scores with; supported: {sorted(LOSS_OF_BACKBONE)}")
+        raise ReferenceSpecError(
+            f"--reference {spec}: a {backbone_class} is not an image-text dual encoder this job "
+            f"scores with; supported: {sorted(LOSS_OF_BACKBONE)}"
+        )
     config, pre = backbone["config"], preprocessor["config"]
     converter = (pre.get("image_converter") or {}).get("config")
     if converter is None:
@@ -305,10 +321,20 @@ def _describe(spec: str, documents: dict[str, bytes], identity: dict) -> Referen
         if name != "metadata.json":  # when it was saved, not what it is
             digest.update(f"\n{name}\n".encode() + documents[name])
     tokenizer = (pre.get("tokenizer") or {}).get("class_name", "unknown")
-    return ReferenceInfo(id=spec, fingerprint=digest.hexdigest(), width=int(width), loss=loss,
-                         temperature=float("nan"), bias=float("nan"),  # from the weights, on a worker
-                         image_preprocessing=preprocessing.to_dict(), text_length=int(pre["sequence_length"]),
-                         tokenizer=tokenizer, forward_flops_per_example=_forward_flops(config, loss),
-                         model={"keras_hub": backbone_class, "preprocessor": preprocessor.get("class_name"),
-                                **({"kaggle_handle": identity["kaggle_handle"]}
-                                   if "kaggle_handle" in identity else {})})
+    return ReferenceInfo(
+        id=spec,
+        fingerprint=digest.hexdigest(),
+        width=int(width),
+        loss=loss,
+        temperature=float("nan"),
+        bias=float("nan"),  # from the weights, on a worker
+        image_preprocessing=preprocessing.to_dict(),
+        text_length=int(pre["sequence_length"]),
+        tokenizer=tokenizer,
+        forward_flops_per_example=_forward_flops(config, loss),
+        model={
+            "keras_hub": backbone_class,
+            "preprocessor": preprocessor.get("class_name"),
+            **({"kaggle_handle": identity["kaggle_handle"]} if "kaggle_handle" in identity else {}),
+        },
+    )

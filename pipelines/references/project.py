@@ -59,8 +59,14 @@ class ProjectReference(Reference):
     def from_spec(cls, spec: str) -> "ProjectReference":
         meta = model_checkpoint.read_meta(spec)
         LossParameters(meta["temperature"], meta["bias"]).check(spec)
-        info = reference_from_model(spec, meta["fingerprint"], ModelConfig.from_dict(meta["model"]),
-                              meta["tokenizer"]["kind"], meta["temperature"], meta["bias"])
+        info = reference_from_model(
+            spec,
+            meta["fingerprint"],
+            ModelConfig.from_dict(meta["model"]),
+            meta["tokenizer"]["kind"],
+            meta["temperature"],
+            meta["bias"],
+        )
         return cls(spec, info, meta["tokenizer"])
 
     def check_loadable(self) -> None:

@@ -30,16 +30,16 @@ def test_repeated_setting_adds_copies_of_the_easiest_clean_rows(scored_tiny_corp
     out = ablations.make_repeated(scored_tiny_corpus, str(tmp_path / "repeated"), distinct=4, share=0.5)
     original, derived = rows_of(scored_tiny_corpus), rows_of(out)
     source = scored_set.open_scored(scored_tiny_corpus)
-    assert scored_set.open_scored(out).manifests[0].reference_fingerprint == \
-        source.manifests[0].reference_fingerprint
+    assert scored_set.open_scored(out).manifests[0].reference_fingerprint == source.manifests[0].reference_fingerprint
 
     copies = [row for row in derived if "#copy" in row["key"]]
     assert len(copies) == len(original) and len(derived) == 2 * len(original)
     assert len({row["key"] for row in derived}) == len(derived)
     assert {row["key"] for row in derived if "#copy" not in row["key"]} == {row["key"] for row in original}
 
-    clean = sorted((row for row in original if json.loads(row["metadata"])["truth"] == "clean"),
-                   key=lambda row: row["ref_loss"])
+    clean = sorted(
+        (row for row in original if json.loads(row["metadata"])["truth"] == "clean"), key=lambda row: row["ref_loss"]
+    )
     easiest = {row["key"]: row for row in clean[:4]}
     assert {row["key"].split("#copy")[0] for row in copies} == set(easiest)
     for row in copies:
@@ -47,8 +47,11 @@ def test_repeated_setting_adds_copies_of_the_easiest_clean_rows(scored_tiny_corp
         assert row["image"] == twin["image"] and row["ref_image_embedding"] == twin["ref_image_embedding"]
         assert json.loads(row["metadata"])["truth"] == "repeat"
     # Copies do not count as clean in the selection diagnostics; the original rows still do.
-    flags = {e.key: e.clean for path in scored_set.open_scored(out).shard_paths()
-             for e in scored_input.read_scored_examples(path)}
+    flags = {
+        e.key: e.clean
+        for path in scored_set.open_scored(out).shard_paths()
+        for e in scored_input.read_scored_examples(path)
+    }
     assert all(flags[row["key"]] == 0 for row in copies)
     assert all(flags[key] == 1 for key in easiest)
     # A second call keeps what is there.
@@ -90,8 +93,13 @@ def test_moving_average_keeps_length_and_level():
 
 def summary(zeroshot, examples_ratio, flops_ratio=1.0, wall_ratio=1.0):
     total = None if flops_ratio is None else flops_ratio + 0.25  # the reference's scoring pass on top
-    return {"zeroshot": zeroshot, "examples_ratio": examples_ratio, "online_flops_ratio": flops_ratio,
-            "total_flops_ratio": total, "wall_ratio": wall_ratio}
+    return {
+        "zeroshot": zeroshot,
+        "examples_ratio": examples_ratio,
+        "online_flops_ratio": flops_ratio,
+        "total_flops_ratio": total,
+        "wall_ratio": wall_ratio,
+    }
 
 
 def test_verdicts_say_met_or_missed_with_bootstrap_intervals_over_seeds():
@@ -107,8 +115,10 @@ def test_verdicts_say_met_or_missed_with_bootstrap_intervals_over_seeds():
     lines = ablations.verdicts(summaries, {"zeroshot": 0.64})
     # Two seeds: the bootstrap means are a, (a + b) / 2 or b, so the 95% interval runs from one seed to the other.
     assert "0.15x (95% CI 0.10 to 0.20) of uniform's examples (goal ≤ 0.2x: met)" in lines[0]
-    assert ("0.40x (95% CI 0.35 to 0.45) of its total FLOPs, the reference's scoring pass included (goal ≤ 0.5x: "
-            "met; 0.15x (95% CI 0.10 to 0.20) online only)") in lines[0]
+    assert (
+        "0.40x (95% CI 0.35 to 0.45) of its total FLOPs, the reference's scoring pass included (goal ≤ 0.5x: "
+        "met; 0.15x (95% CI 0.10 to 0.20) online only)"
+    ) in lines[0]
     assert "0.60x (95% CI 0.50 to 0.70) of its wall-clock (goal < 1x: met)" in lines[0]
     assert "ends +0.010 (95% CI -0.040 to +0.060) from its reference's 0.640 (goal: above it: met)" in lines[1]
     assert "0.75x (95% CI 0.75 to 0.75) (1/2 seeds reached) of uniform's total FLOPs" in lines[2]
@@ -126,10 +136,14 @@ def test_the_gap_growing_with_f_is_judged_seed_by_seed_over_the_seeds_every_f_ra
     def runs(*finals):
         return [summary(final, 0.3) for final in finals]
 
-    summaries = {"learnability_f0.5": runs(0.50, 0.53, 0.51), "independent_f0.5": runs(0.51, 0.51, 0.51),
-                 "learnability_f0.8": runs(0.53, 0.54, 0.55, 0.9, 0.9),
-                 "independent_f0.8": runs(0.51, 0.51, 0.52, 0.1, 0.1),
-                 "learnability_f0.9": runs(0.56, 0.57, 0.58), "independent_f0.9": runs(0.51, 0.52, 0.52)}
+    summaries = {
+        "learnability_f0.5": runs(0.50, 0.53, 0.51),
+        "independent_f0.5": runs(0.51, 0.51, 0.51),
+        "learnability_f0.8": runs(0.53, 0.54, 0.55, 0.9, 0.9),
+        "independent_f0.8": runs(0.51, 0.51, 0.52, 0.1, 0.1),
+        "learnability_f0.9": runs(0.56, 0.57, 0.58),
+        "independent_f0.9": runs(0.51, 0.52, 0.52),
+    }
     found = {t.name: t for t in ablations.targets(summaries, {"zeroshot": 0.5})}
     growth = found["joint − independent growing with f"]
     # seeds 0-2 only (f = 0.8's seeds 3 and 4, with their +0.8 gaps, would break the trend's pairing)
@@ -145,8 +159,10 @@ def test_the_gap_growing_with_f_is_judged_seed_by_seed_over_the_seeds_every_f_ra
 
 
 def test_a_target_whose_interval_straddles_the_goal_is_undecided():
-    summaries = {"learnability_f0.8": [summary(0.7, 0.15, 0.1), summary(0.5, 0.25, 0.1)],
-                 "easy_reference_f0.8": [summary(0.6, 0.3), summary(0.6, 0.3)]}
+    summaries = {
+        "learnability_f0.8": [summary(0.7, 0.15, 0.1), summary(0.5, 0.25, 0.1)],
+        "easy_reference_f0.8": [summary(0.6, 0.3), summary(0.6, 0.3)],
+    }
     found = {t.name: t for t in ablations.targets(summaries, {"zeroshot": 0.55})}
     assert found["JEST's examples to reach uniform's final ≤ 0.2x"].status == "met, undecided"  # 0.15 to 0.25
     assert found["JEST's total FLOPs to reach it ≤ 0.5x"].status == "met"  # 0.35x in both seeds
@@ -190,21 +206,28 @@ def test_plateau_gain_compares_the_last_quarter_with_the_one_before():
 
 
 def test_paired_differences_are_taken_seed_by_seed():
-    summaries = {"a": [{"zeroshot": 0.5, "recall": 0.02}, {"zeroshot": 0.3, "recall": 0.01}],
-                 "b": [{"zeroshot": 0.4, "recall": 0.03}, {"zeroshot": 0.35, "recall": 0.005}]}
+    summaries = {
+        "a": [{"zeroshot": 0.5, "recall": 0.02}, {"zeroshot": 0.3, "recall": 0.01}],
+        "b": [{"zeroshot": 0.4, "recall": 0.03}, {"zeroshot": 0.35, "recall": 0.005}],
+    }
     line = ablations.paired(summaries, "a", "b")
     assert "zero-shot +0.100, -0.050 (a ahead in 1 of 2 seeds)" in line
     assert "R@1 -0.010, +0.005 (a ahead in 1 of 2 seeds)" in line
 
 
-@pytest.mark.parametrize("variants", [["uniform", "learnability_f0.5", "learnability_f0.8", "independent_f0.8"],
-                                      ["uniform", "learnability_f0.5"]])
+@pytest.mark.parametrize(
+    "variants",
+    [["uniform", "learnability_f0.5", "learnability_f0.8", "independent_f0.8"], ["uniform", "learnability_f0.5"]],
+)
 def test_ablation_plots_are_written_for_a_sweep_and_without_one(tmp_path, variants):
     def run(variant, seed):
         selecting = variant != "uniform"
-        return {"zeroshot": 0.3 + 0.01 * seed, "recall": 0.01,
-                "curve": {"examples": [100, 200], "online_flops": [1e9, 2e9], "zeroshot": [0.2, 0.3 + 0.01 * seed]},
-                "clean_curve": [[10, 0.5, 0.3], [20, 0.6, 0.3]] if selecting else None}
+        return {
+            "zeroshot": 0.3 + 0.01 * seed,
+            "recall": 0.01,
+            "curve": {"examples": [100, 200], "online_flops": [1e9, 2e9], "zeroshot": [0.2, 0.3 + 0.01 * seed]},
+            "clean_curve": [[10, 0.5, 0.3], [20, 0.6, 0.3]] if selecting else None,
+        }
 
     summaries = {variant: [run(variant, seed) for seed in range(2)] for variant in variants}
     path = tmp_path / "plot.png"
@@ -229,9 +252,11 @@ def test_repeated_setting_is_made_again_for_another_reference(scored_tiny_corpus
 
 
 def test_loss_parameter_summary_reads_t_b_and_the_off_diagonal_share(tmp_path):
-    rows = [{"step": 10, "loss": 1.0, "t": 10.1, "b": -9.9, "offdiag_share": 0.2},
-            {"step": 20, "loss": 0.9, "t": 11.0, "b": -9.0, "offdiag_share": 0.3},
-            {"step": 20, "zeroshot_top1": 0.5, "i2t_r1": 0.1, "t2i_r1": 0.3, "held_out_loss": 6.0}]
+    rows = [
+        {"step": 10, "loss": 1.0, "t": 10.1, "b": -9.9, "offdiag_share": 0.2},
+        {"step": 20, "loss": 0.9, "t": 11.0, "b": -9.0, "offdiag_share": 0.3},
+        {"step": 20, "zeroshot_top1": 0.5, "i2t_r1": 0.1, "t2i_r1": 0.3, "held_out_loss": 6.0},
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     summary = loss_parameters.summary(str(tmp_path))
     assert summary["t"] == (10.1, 11.0) and summary["b"] == (-9.9, -9.0) and summary["offdiag_share"] == (0.2, 0.3)
@@ -242,14 +267,28 @@ def fake_run(name, seed, speed, selecting=True, evals=8):
     """A run whose zero-shot climbs to 0.3 + speed-dependent level over `evals` evaluations of 100 examples."""
     examples = np.arange(1, evals + 1) * 100.0
     zeroshot = np.minimum(0.1 + speed * examples / 800 + 0.01 * seed, 0.3 + 0.1 * speed)
-    shares = {"selected_clean": 0.6, "superbatch_clean": 0.4, **{f"{side}/{kind}": 0.0 for side in ("selected",
-              "superbatch") for kind in NOISE_KINDS}, "selected/misaligned": 0.1, "superbatch/misaligned": 0.3,
-              "selected/boilerplate": 0.3, "superbatch/boilerplate": 0.3}
+    shares = {
+        "selected_clean": 0.6,
+        "superbatch_clean": 0.4,
+        **{f"{side}/{kind}": 0.0 for side in ("selected", "superbatch") for kind in NOISE_KINDS},
+        "selected/misaligned": 0.1,
+        "superbatch/misaligned": 0.3,
+        "selected/boilerplate": 0.3,
+        "superbatch/boilerplate": 0.3,
+    }
     rows = [{"step": int(step), "loss": 1.0, **(shares if selecting else {})} for step in range(10, 10 * evals + 1, 10)]
-    return report.RunCurves(name=name, examples=examples, examples_drawn=examples * (5 if selecting else 1),
-                            online_flops=examples * 1e9 * (2 if selecting else 1), offline_scoring_flops=5e10,
-                            wall_s=examples / 10, zeroshot=zeroshot, recall=zeroshot / 10, train_rows=rows,
-                            selecting=selecting)
+    return report.RunCurves(
+        name=name,
+        examples=examples,
+        examples_drawn=examples * (5 if selecting else 1),
+        online_flops=examples * 1e9 * (2 if selecting else 1),
+        offline_scoring_flops=5e10,
+        wall_s=examples / 10,
+        zeroshot=zeroshot,
+        recall=zeroshot / 10,
+        train_rows=rows,
+        selecting=selecting,
+    )
 
 
 def test_curve_files_round_trip_and_keep_only_the_selection_diagnostics(tmp_path):
@@ -262,8 +301,9 @@ def test_curve_files_round_trip_and_keep_only_the_selection_diagnostics(tmp_path
     for field in ("examples", "examples_drawn", "online_flops", "wall_s", "zeroshot", "recall"):
         np.testing.assert_array_equal(getattr(back, field), getattr(run, field))
     assert back.offline_scoring_flops == run.offline_scoring_flops and back.selecting
-    assert back.train_rows[0] == {key: value for key, value in run.train_rows[0].items()
-                                  if key not in ("loss", "grad_norm")}
+    assert back.train_rows[0] == {
+        key: value for key, value in run.train_rows[0].items() if key not in ("loss", "grad_norm")
+    }
     assert back.train_rows[0]["selected/misaligned"] == 0.1
     assert back.to_reach(0.2, back.examples) == run.to_reach(0.2, run.examples)
 
@@ -271,19 +311,27 @@ def test_curve_files_round_trip_and_keep_only_the_selection_diagnostics(tmp_path
 def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     curves = str(tmp_path / "curves")
     settings = {"steps": 80, "batch_size": 64, "evals": 8, "reference": "f" * 64}
-    speeds = {"uniform": 0.5, "offline_top30": 0.8, "easy_reference_f0.8": 1.0, "independent_f0.8": 1.1,
-              "learnability_f0.8": 1.5, "learnability_f0.8_flexi": 1.4}
+    speeds = {
+        "uniform": 0.5,
+        "offline_top30": 0.8,
+        "easy_reference_f0.8": 1.0,
+        "independent_f0.8": 1.1,
+        "learnability_f0.8": 1.5,
+        "learnability_f0.8_flexi": 1.4,
+    }
     for variant, speed in speeds.items():
         for seed in range(3):
             run = fake_run(variant, seed, speed, selecting=variant not in ("uniform", "offline_top30"))
-            protocol.write_curve(protocol.curve_path("demo", "web", variant, seed, curves),
-                                 protocol.curve_from_run(run, settings))
+            protocol.write_curve(
+                protocol.curve_path("demo", "web", variant, seed, curves), protocol.curve_from_run(run, settings)
+            )
     reference = fake_run("reference", 0, 1.2, selecting=False)
     protocol.write_curve(os.path.join(curves, "demo", "reference.json"), protocol.curve_from_run(reference, {}))
 
     out_dir = str(tmp_path / "out")
-    ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir,
-                    "--no_write"])
+    ablations.main(
+        ["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir, "--no_write"]
+    )
     out = capsys.readouterr().out
     assert "80 steps of b = 64" in out and "uniform 3, offline_top30 3" in out
     assert "Uniform plateaued" in out or "Uniform not plateaued" in out
@@ -297,7 +345,7 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     assert "| learnability_f0.8 | 0.60 (0.40) | 0.10 (0.30) | 0.30 (0.30) |" in out
     assert (tmp_path / "out" / "demo" / "ablations_demo.png").read_bytes()[:4] == b"\x89PNG"
     # The claims, one row each, a column per corpus; the second corpus has no curves here.
-    claims = out[out.index("| setting | claim | demo corpus | second corpus |"):].splitlines()
+    claims = out[out.index("| setting | claim | demo corpus | second corpus |") :].splitlines()
     examples = next(line for line in claims if "JEST's examples to reach uniform's final ≤ 0.2x" in line)
     assert examples.startswith("| web |") and "**met**: 0.17x (95% CI" in examples
     assert examples.endswith("| not run |")
@@ -308,8 +356,9 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     protocol.write_curve(protocol.curve_path("demo", "web", "uniform", 3, curves), other)
     protocol.write_curve(protocol.curve_path("demo", "web", "learnability_f0.8", 3, curves), other)
     with pytest.raises(SystemExit, match="different settings"):
-        ablations.main(["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir,
-                        "--no_write"])
+        ablations.main(
+            ["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir, "--no_write"]
+        )
 
 
 def test_curves_are_matched_by_the_references_recipe_not_its_last_bits(tmp_path):

@@ -17,8 +17,14 @@ def test_gpu_check_runs_in_its_cpu_form_without_tensorflow_or_beam(tmp_path):
         (blockers / name / "__init__.py").write_text(f"raise ImportError('{name} is not installed on the GPU box')\n")
     out = tmp_path / "out"
     env = {**os.environ, "PYTHONPATH": str(blockers), "PYTHON": sys.executable}
-    done = subprocess.run(["bash", os.path.join(REPO, "bench", "gpu_check.sh"), "--cpu", "--out", str(out)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        ["bash", os.path.join(REPO, "bench", "gpu_check.sh"), "--cpu", "--out", str(out)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
 
     results = json.loads((out / "gpu_check.json").read_text())

@@ -17,8 +17,17 @@ from demo.noise import NoiseRates
 
 SIZE = 60
 # Higher than the defaults so that a tiny corpus holds every noise kind (3 of each broken kind).
-RATES = NoiseRates(misaligned=0.2, boilerplate=0.1, near_duplicate=0.1, degraded=0.1, truncated_image=0.05,
-                   non_image=0.05, empty_caption=0.05, long_caption=0.05, bad_utf8=0.05)
+RATES = NoiseRates(
+    misaligned=0.2,
+    boilerplate=0.1,
+    near_duplicate=0.1,
+    degraded=0.1,
+    truncated_image=0.05,
+    non_image=0.05,
+    empty_caption=0.05,
+    long_caption=0.05,
+    bad_utf8=0.05,
+)
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(make_corpus.__file__)))
 KWARGS = dict(noise=RATES, curated_size=10, eval_size=12, shard_size=25)
 
@@ -84,8 +93,10 @@ def test_noise_is_what_the_hidden_truth_says(tiny_corpus):
         truth, related = record.metadata["truth"], record.metadata["related_key"]
         if truth == "misaligned":  # the caption of another web image, of another shape or colour
             source = web[related]
-            assert (source.metadata["shape"], source.metadata["colour"]) != (record.metadata["shape"],
-                                                                              record.metadata["colour"])
+            assert (source.metadata["shape"], source.metadata["colour"]) != (
+                record.metadata["shape"],
+                record.metadata["colour"],
+            )
             assert record.caption == make_corpus.caption_of(settings, "web", int(related.split("-")[1]))
         elif truth == "near_duplicate":  # a copy of a clean image, off by a pixel shift and a brightness change
             source = web[related]
@@ -124,8 +135,10 @@ def test_curated_and_eval_splits_are_clean_disjoint_and_labelled(tiny_corpus):
 def test_web_split_reads_with_plain_tools_without_our_code(tiny_corpus):
     out, format, summary = tiny_corpus
     files = split_files(out, summary, "web")
-    ours = [(r.key, r.image, r.caption if isinstance(r.caption, bytes) else r.caption.encode(), r.metadata["truth"])
-            for r in read_split(out, format, "web")]
+    ours = [
+        (r.key, r.image, r.caption if isinstance(r.caption, bytes) else r.caption.encode(), r.metadata["truth"])
+        for r in read_split(out, format, "web")
+    ]
     if format == "parquet":
         import pyarrow.parquet as pq
 
@@ -165,16 +178,47 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 
 def test_command_line_with_rate_flags_and_workers_matches_the_api(tmp_path):
     out = tmp_path / "cli"
-    command = [sys.executable, "-m", "demo.make_corpus", "--out", str(out), "--size", "40", "--format",
-               "parquet", "--seed", "5", "--curated_size", "4", "--eval_size", "6", "--workers", "2",
-               "--boilerplate_rate", "0", "--misaligned_rate", "0.5", "--image_format", "png", "--no_progress"]
+    command = [
+        sys.executable,
+        "-m",
+        "demo.make_corpus",
+        "--out",
+        str(out),
+        "--size",
+        "40",
+        "--format",
+        "parquet",
+        "--seed",
+        "5",
+        "--curated_size",
+        "4",
+        "--eval_size",
+        "6",
+        "--workers",
+        "2",
+        "--boilerplate_rate",
+        "0",
+        "--misaligned_rate",
+        "0.5",
+        "--image_format",
+        "png",
+        "--no_progress",
+    ]
     done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT)
     assert done.returncode == 0, done.stderr
     assert "wrote web 40" in done.stdout
     truth = json.load(open(out / "_SPLITS.json"))["splits"]["web"]["truth"]
     assert "boilerplate" not in truth and truth["misaligned"] == 20
-    same = write_corpus(str(tmp_path / "api"), 40, "parquet", 5, curated_size=4, eval_size=6, image_format="png",
-                        noise=NoiseRates(boilerplate=0, misaligned=0.5))
+    same = write_corpus(
+        str(tmp_path / "api"),
+        40,
+        "parquet",
+        5,
+        curated_size=4,
+        eval_size=6,
+        image_format="png",
+        noise=NoiseRates(boilerplate=0, misaligned=0.5),
+    )
     assert same["splits"]["web"]["truth"] == truth
     assert (out / "web/00000.parquet").read_bytes() == (tmp_path / "api/web/00000.parquet").read_bytes()
     record = next(iter_corpus(str(out / "curated/*"), "parquet"))

@@ -20,8 +20,9 @@ def test_the_demo_runs_end_to_end_and_writes_the_report(tmp_path):
 
 def test_the_learners_run_at_the_benchmarks_settings():
     args = demo.parse_args([])
-    config = demo.config_for("jest", args.learner_steps, 0, batch_size=args.learner_batch_size,
-                             evals=args.learner_evals)
+    config = demo.config_for(
+        "jest", args.learner_steps, 0, batch_size=args.learner_batch_size, evals=args.learner_evals
+    )
     # the learning benchmark's headline part: 600 steps of b = 64, 20 evaluations, B = 5b
     assert (config.total_steps, config.batch_size, config.eval_every) == (600, 64, 30)
     assert config.superbatch_size == 320
@@ -31,8 +32,10 @@ def test_the_learners_run_at_the_benchmarks_settings():
 
 def test_bad_learner_settings_stop_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "demo"
-    for flags, words in ((["--learner_evals", "0"], "need 1 ≤ evals ≤ steps"),
-                         (["--learner_batch_size", "0"], "need at least 1")):
+    for flags, words in (
+        (["--learner_evals", "0"], "need 1 ≤ evals ≤ steps"),
+        (["--learner_batch_size", "0"], "need at least 1"),
+    ):
         try:
             demo.run(["--out", str(out), *flags])
         except SystemExit as error:

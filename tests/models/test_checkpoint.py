@@ -74,8 +74,11 @@ def test_restore_refuses_params_that_do_not_match_the_config(tmp_path, params):
     directory = str(tmp_path / "ckpt")
     checkpoint.save(directory, params, CONFIG, ByteTokenizer())
     _rewrite_meta(directory, embed_dim=32)
-    with pytest.raises(ValueError, match=r"image_tower/head/kernel: checkpoint has float32\(32, 16\), config needs "
-                                         r"float32\(32, 32\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"image_tower/head/kernel: checkpoint has float32\(32, 16\), config needs "
+        r"float32\(32, 32\)",
+    ):
         checkpoint.restore(directory)
 
 

@@ -31,10 +31,18 @@ def test_a_checkpoint_saved_on_four_devices_restores_and_scores_on_one(tmp_path,
     assert saved["devices"] == 4
     restored = checkpoint.restore(path)  # this process has one device
     assert restored.fingerprint == saved["fingerprint"]
-    assert {device for leaf in jax.tree_util.tree_leaves(restored.params) for device in leaf.devices()} \
-        == {jax.local_devices()[0]}
-    summary = score.run([f"--input={tiny_corpus}/web/*.tar", f"--output={tmp_path / 'scored'}",
-                         f"--reference={path}", "--min_image_size=4", "--inference_batch_size=64"])
+    assert {device for leaf in jax.tree_util.tree_leaves(restored.params) for device in leaf.devices()} == {
+        jax.local_devices()[0]
+    }
+    summary = score.run(
+        [
+            f"--input={tiny_corpus}/web/*.tar",
+            f"--output={tmp_path / 'scored'}",
+            f"--reference={path}",
+            "--min_image_size=4",
+            "--inference_batch_size=64",
+        ]
+    )
     assert summary["read"] == 240 and summary["scored"] > 0
     with open(os.path.join(summary["batch_dir"], "_MANIFEST.json")) as f:
         assert json.load(f)["reference"]["fingerprint"] == saved["fingerprint"]

@@ -34,6 +34,7 @@ def test_analytic_flops_match_xla_cost_analysis(variant):
     size = config.image_size
 
     for patch_size in (config.patch_size, 2 * config.patch_size):
+
         def embed_images(params, images, patch_size=patch_size):
             return model.apply({"params": params}, images, None, patch_size=patch_size)[0]
 

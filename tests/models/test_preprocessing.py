@@ -9,8 +9,12 @@ from PIL import Image
 from models.preprocessing import ImagePreprocessing
 from models.two_towers import ModelConfig
 
-CLIP = ImagePreprocessing(16, "crop", mean=tuple(255 * v for v in (0.48145466, 0.4578275, 0.40821073)),
-                          std=tuple(255 * v for v in (0.26862954, 0.26130258, 0.27577711)))
+CLIP = ImagePreprocessing(
+    16,
+    "crop",
+    mean=tuple(255 * v for v in (0.48145466, 0.4578275, 0.40821073)),
+    std=tuple(255 * v for v in (0.26862954, 0.26130258, 0.27577711)),
+)
 
 
 def test_crop_takes_the_centred_square_of_a_wide_image():

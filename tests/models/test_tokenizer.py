@@ -30,7 +30,9 @@ def test_any_text_gives_fixed_length_ids_in_vocab(tokenizer):
 def test_byte_tokenizer_is_deterministic_and_truncates_keeping_eos():
     tokenizer = ByteTokenizer()
     ids = tokenizer.encode("abc", 8)
-    np.testing.assert_array_equal(ids, [BOS_ID, ord("a") + 3, ord("b") + 3, ord("c") + 3, EOS_ID, PAD_ID, PAD_ID, PAD_ID])
+    np.testing.assert_array_equal(
+        ids, [BOS_ID, ord("a") + 3, ord("b") + 3, ord("c") + 3, EOS_ID, PAD_ID, PAD_ID, PAD_ID]
+    )
     long_ids = tokenizer.encode("abcdefghij", 5)
     np.testing.assert_array_equal(long_ids, [BOS_ID, ord("a") + 3, ord("b") + 3, ord("c") + 3, EOS_ID])
     # NFKC: the ligature "ﬁ" and "fi" are the same caption.

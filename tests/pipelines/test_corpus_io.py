@@ -17,8 +17,13 @@ from pipelines.corpus_io import ReadCorpus
 
 def shard_records(shard: int, n: int = 4) -> list[CorpusRecord]:
     return [
-        CorpusRecord(f"s{shard}-{i:03d}", bytes([shard, i]) * 9, f"caption {shard}.{i}" if i != 2 else b"\xff",
-                     "", {"shard": shard})
+        CorpusRecord(
+            f"s{shard}-{i:03d}",
+            bytes([shard, i]) * 9,
+            f"caption {shard}.{i}" if i != 2 else b"\xff",
+            "",
+            {"shard": shard},
+        )
         for i in range(n)
     ]
 
@@ -66,12 +71,16 @@ def test_beam_read_of_n_shards_yields_their_records_and_holds_back_a_shard_cut_s
 def test_beam_read_keys_are_unique_over_shards(tmp_path):
     write_shards(str(tmp_path), "parquet", n_shards=5)
     with BeamTestPipeline() as pipeline:
-        records, errors, _ = pipeline | ReadCorpus([str(tmp_path / "0000[0-2].parquet"),
-                                                    str(tmp_path / "*.parquet")], "parquet")
+        records, errors, _ = pipeline | ReadCorpus(
+            [str(tmp_path / "0000[0-2].parquet"), str(tmp_path / "*.parquet")], "parquet"
+        )
         keys = records | beam.Map(lambda r: r.key)
         assert_that(keys | "Count" >> beam.combiners.Count.Globally(), equal_to([20]), label="CountAll")
-        assert_that(keys | beam.Distinct() | "CountDistinct" >> beam.combiners.Count.Globally(), equal_to([20]),
-                    label="CountDistinct")
+        assert_that(
+            keys | beam.Distinct() | "CountDistinct" >> beam.combiners.Count.Globally(),
+            equal_to([20]),
+            label="CountDistinct",
+        )
         assert_that(errors, equal_to([]), label="NoErrors")
 
 
@@ -126,8 +135,11 @@ def test_reader_flags_override_the_default_field_names():
     parser = argparse.ArgumentParser()
     corpus_io.add_reader_arguments(parser)
     options = corpus_io.reader_options(parser.parse_args(["--input_format", "parquet", "--image_field", "img, jpg"]))
-    assert options == {"format": "parquet", "batch_rows": 1024,
-                       "fields": FieldNames(key="key", image=("img", "jpg"), caption=("caption", "text"))}
+    assert options == {
+        "format": "parquet",
+        "batch_rows": 1024,
+        "fields": FieldNames(key="key", image=("img", "jpg"), caption=("caption", "text")),
+    }
     assert corpus_io.reader_options(parser.parse_args([]))["fields"] == corpus.DEFAULT_FIELDS["wds"]
     assert corpus_io.field_names("tfrecord", key="id", caption="text").caption == ("text",)
     with pytest.raises(ValueError, match="empty image field"):

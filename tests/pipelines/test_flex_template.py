@@ -39,8 +39,12 @@ SAMPLES = {
 
 def job_flags() -> dict[str, argparse.Action]:
     """Flag name without `--` -> its argparse action, for every flag of the scoring job."""
-    return {option[2:]: action for action in build_parser()._actions for option in action.option_strings
-            if option.startswith("--") and option != "--help"}
+    return {
+        option[2:]: action
+        for action in build_parser()._actions
+        for option in action.option_strings
+        if option.startswith("--") and option != "--help"
+    }
 
 
 def sample(name: str, action: argparse.Action) -> tuple[str, object]:
@@ -62,8 +66,7 @@ def sample(name: str, action: argparse.Action) -> tuple[str, object]:
 def required_argv(skip: str = "") -> list[str]:
     """The smallest valid command line: every required flag with its sample value (but `skip`)."""
     flags = job_flags()
-    return [f"--{name}={sample(name, action)[0]}" for name, action in flags.items()
-            if action.required and name != skip]
+    return [f"--{name}={sample(name, action)[0]}" for name, action in flags.items() if action.required and name != skip]
 
 
 def test_metadata_is_well_formed():
@@ -97,14 +100,18 @@ def test_every_parameter_is_a_job_flag(name):
 def test_parameters_are_optional_exactly_when_the_flag_is():
     flags = job_flags()
     required = [action for action in build_parser()._actions if action.required]  # one parameter per flag and aliases
-    missing = [action.option_strings[0][2:] for action in required
-               if not any(option[2:] in PARAMETERS for option in action.option_strings)]
+    missing = [
+        action.option_strings[0][2:]
+        for action in required
+        if not any(option[2:] in PARAMETERS for option in action.option_strings)
+    ]
     assert not missing, f"required flags missing from metadata.json: {missing}"
     for name, parameter in PARAMETERS.items():
         if name in flags:
             assert parameter["isOptional"] == (not flags[name].required), (
                 f"{name}: isOptional={parameter['isOptional']} but the flag is "
-                f"{'required' if flags[name].required else 'optional'}")
+                f"{'required' if flags[name].required else 'optional'}"
+            )
 
 
 def test_boolean_parameters_take_a_value():
@@ -112,7 +119,8 @@ def test_boolean_parameters_take_a_value():
     flags = job_flags()
     for name in PARAMETERS:
         assert not isinstance(flags.get(name), argparse._StoreTrueAction), (
-            f"{name} is a store_true flag: a Flex Template cannot pass it (--{name}=true is refused)")
+            f"{name} is a store_true flag: a Flex Template cannot pass it (--{name}=true is refused)"
+        )
 
 
 def pins() -> dict[str, str]:
@@ -130,7 +138,7 @@ def test_image_pins_the_versions_of_requirements():
     jax = re.search(r"^ARG JAX_VERSION=(\S+)$", dockerfile, re.MULTILINE)
     assert jax, "deploy/Dockerfile declares no ARG JAX_VERSION"
     assert jax.group(1) == pins()["jax"], "deploy/Dockerfile's jax is not requirements.txt's"
-    assert 'jax[cuda12]==${JAX_VERSION}' in dockerfile
+    assert "jax[cuda12]==${JAX_VERSION}" in dockerfile
     sdk = re.search(r"^FROM apache/beam_python(\d+\.\d+)_sdk:(\S+)", dockerfile, re.MULTILINE)
     assert sdk, "deploy/Dockerfile copies no Beam SDK image"
     assert sdk.group(2) == pins()["apache-beam"], "the Beam SDK image is not requirements.txt's apache-beam"
@@ -143,6 +151,9 @@ def test_image_runs_the_launch_file_and_boots_workers():
     assert py_file and (ROOT / py_file.group(1)).is_file()
     assert re.search(rf"^COPY {re.escape(py_file.group(1))} ", dockerfile, re.MULTILINE), "launch file not copied"
     assert 'ENTRYPOINT ["/opt/apache/beam/boot"]' in dockerfile
-    calls = [node for node in ast.walk(ast.parse((ROOT / py_file.group(1)).read_text()))
-             if isinstance(node, ast.ImportFrom) and node.module == "pipelines.score"]
+    calls = [
+        node
+        for node in ast.walk(ast.parse((ROOT / py_file.group(1)).read_text()))
+        if isinstance(node, ast.ImportFrom) and node.module == "pipelines.score"
+    ]
     assert any(alias.name == "main" for node in calls for alias in node.names), "launch file does not run score.main"

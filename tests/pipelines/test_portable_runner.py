@@ -70,9 +70,15 @@ class Service:
         self.name, self.port, self.exit_signal = name, port, exit_signal
         self.log = os.path.join(workdir, f"{name}.log")
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", *args], cwd=workdir, env=env,
-                                            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", *args],
+                cwd=workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         self.pgid = self.process.pid  # start_new_session: the leader of a new session and process group
 
     def wait_until_serving(self, timeout_s: float) -> None:
@@ -80,15 +86,18 @@ class Service:
         while True:
             code = self.process.poll()
             if code is not None:
-                pytest.fail(f"{self.name} exited with code {code} before serving on port {self.port}:\n"
-                            f"{tail(self.log)}")
+                pytest.fail(
+                    f"{self.name} exited with code {code} before serving on port {self.port}:\n{tail(self.log)}"
+                )
             try:
                 socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
                 return
             except OSError:
                 if time.monotonic() > deadline:
-                    pytest.fail(f"{self.name} did not accept connections on 127.0.0.1:{self.port} within "
-                                f"{timeout_s} s:\n{tail(self.log)}")
+                    pytest.fail(
+                        f"{self.name} did not accept connections on 127.0.0.1:{self.port} within "
+                        f"{timeout_s} s:\n{tail(self.log)}"
+                    )
                 time.sleep(0.1)
 
     def exit_cleanly(self) -> None:
@@ -133,8 +142,12 @@ class PortableServices:
 
     @property
     def flags(self) -> list[str]:
-        return ["--runner=PortableRunner", f"--job_endpoint=127.0.0.1:{self.job_service.port}",
-                "--environment_type=EXTERNAL", f"--environment_config=127.0.0.1:{self.worker_pool.port}"]
+        return [
+            "--runner=PortableRunner",
+            f"--job_endpoint=127.0.0.1:{self.job_service.port}",
+            "--environment_type=EXTERNAL",
+            f"--environment_config=127.0.0.1:{self.worker_pool.port}",
+        ]
 
     def logs(self) -> str:
         return "\n".join(f"--- {s.name} ({s.log}):\n{tail(s.log)}" for s in (self.job_service, self.worker_pool))
@@ -156,18 +169,40 @@ def portable_services(tmp_path):
     """Beam's Python job service and an EXTERNAL worker pool on free loopback ports; their process groups are
     killed at the end, even when the test fails."""
     # The pool starts SDK workers as `python -c ...`: the venv's python, importing this checkout's packages.
-    env = dict(os.environ, PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
-               PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])), PYTHONUNBUFFERED="1")
+    env = dict(
+        os.environ,
+        PATH=os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")]),
+        PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
+        PYTHONUNBUFFERED="1",
+    )
     (tmp_path / "staging").mkdir()
     job_port, pool_port = free_port(), free_port()
     started = []
     try:
-        started.append(Service("job_service", ["apache_beam.runners.portability.local_job_service_main",
-                                               f"--port={job_port}", f"--staging_dir={tmp_path / 'staging'}"],
-                               job_port, str(tmp_path), env, signal.SIGTERM))
-        started.append(Service("worker_pool", ["apache_beam.runners.worker.worker_pool_main",
-                                               f"--service_port={pool_port}"], pool_port, str(tmp_path), env,
-                               signal.SIGINT))
+        started.append(
+            Service(
+                "job_service",
+                [
+                    "apache_beam.runners.portability.local_job_service_main",
+                    f"--port={job_port}",
+                    f"--staging_dir={tmp_path / 'staging'}",
+                ],
+                job_port,
+                str(tmp_path),
+                env,
+                signal.SIGTERM,
+            )
+        )
+        started.append(
+            Service(
+                "worker_pool",
+                ["apache_beam.runners.worker.worker_pool_main", f"--service_port={pool_port}"],
+                pool_port,
+                str(tmp_path),
+                env,
+                signal.SIGINT,
+            )
+        )
         for service in started:
             service.wait_until_serving(START_TIMEOUT_S)
         services = PortableServices(*started)
@@ -215,8 +250,11 @@ def scored_rows(manifest: Manifest) -> dict[str, dict]:
 
 def dead_letter_rows(manifest: Manifest) -> dict[str, dict]:
     """The dead letter by key; a message's object addresses (PIL's "<_io.BytesIO object at 0x7f...>") masked."""
-    rows = [row for name in manifest.dead_letter_shards
-            for row in scored_set.read_scored_parquet(os.path.join(manifest.batch_dir, name)).to_pylist()]
+    rows = [
+        row
+        for name in manifest.dead_letter_shards
+        for row in scored_set.read_scored_parquet(os.path.join(manifest.batch_dir, name)).to_pylist()
+    ]
     return {row["key"]: {**row, "message": re.sub(r" at 0x[0-9a-f]+", " at 0x", row["message"])} for row in rows}
 
 
@@ -231,11 +269,21 @@ def meaningful(manifest: Manifest) -> dict:
     return values
 
 
-def test_the_portable_runner_scores_exactly_as_in_process(portable_services, in_process_run, web_corpora,
-                                                          reference_checkpoint, tmp_path):
+def test_the_portable_runner_scores_exactly_as_in_process(
+    portable_services, in_process_run, web_corpora, reference_checkpoint, tmp_path
+):
     output = str(tmp_path / "portable")
-    summary = bounded(JOB_TIMEOUT_S, "the job on the portable runner", portable_services.give_up, run_score,
-                      web_corpora["wds"], "wds", output, reference_checkpoint, *portable_services.flags)
+    summary = bounded(
+        JOB_TIMEOUT_S,
+        "the job on the portable runner",
+        portable_services.give_up,
+        run_score,
+        web_corpora["wds"],
+        "wds",
+        output,
+        reference_checkpoint,
+        *portable_services.flags,
+    )
     portable, local = batch_manifest(summary), in_process_run
 
     # It ran on the job service, in an SDK worker the pool started (not in this process).

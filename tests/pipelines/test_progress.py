@@ -24,8 +24,9 @@ def test_a_progress_line_says_what_was_read_and_scored_and_how_fast(caplog):
     assert len(caplog.records) == before  # at most one line per interval
 
 
-def test_the_job_logs_progress_while_it_runs_and_all_counters_at_the_end(web_corpora, reference_checkpoint,
-                                                                         tmp_path, caplog, monkeypatch):
+def test_the_job_logs_progress_while_it_runs_and_all_counters_at_the_end(
+    web_corpora, reference_checkpoint, tmp_path, caplog, monkeypatch
+):
     monkeypatch.setattr(progress, "_PROCESS", progress.Progress(interval_s=0.0))  # a line at every update
     caplog.set_level(logging.INFO)
     summary = run_score(web_corpora["wds"], "wds", str(tmp_path / "out"), reference_checkpoint)

@@ -77,29 +77,43 @@ def png_rgb48(width: int, height: int) -> bytes:
     """A 16-bit-per-channel RGB PNG (PIL cannot write one)."""
     rows = np.random.default_rng(1).integers(0, 65536, (height, width * 3)).astype(">u2")
     raw = b"".join(b"\x00" + row.tobytes() for row in rows)
-    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
-            + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 16, 2, 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def bombs() -> dict[str, bytes]:
     """Small files whose headers claim billions of pixels."""
     small = photo(16, 16)
-    png = (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
-           + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b""))
+    png = (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", struct.pack(">IIBBBBB", 40000, 40000, 8, 2, 0, 0, 0))
+        + png_chunk(b"IDAT", zlib.compress(b""))
+        + png_chunk(b"IEND", b"")
+    )
     gif = encoded(small, "GIF")
     jpeg = encoded(small, "JPEG")
     sof = jpeg.index(b"\xff\xc0")
     webp = encoded(small, "WEBP")
     frame = webp.index(b"\x9d\x01\x2a")  # VP8 key frame start code, then 14-bit width and height
-    return {"png": png, "gif": gif[:6] + struct.pack("<HH", 65535, 65535) + gif[10:],
-            "jpeg": jpeg[:sof + 5] + struct.pack(">HH", 60000, 60000) + jpeg[sof + 9:],
-            "webp": webp[:frame + 3] + struct.pack("<HH", 16383, 16383) + webp[frame + 7:]}
+    return {
+        "png": png,
+        "gif": gif[:6] + struct.pack("<HH", 65535, 65535) + gif[10:],
+        "jpeg": jpeg[: sof + 5] + struct.pack(">HH", 60000, 60000) + jpeg[sof + 9 :],
+        "webp": webp[: frame + 3] + struct.pack("<HH", 16383, 16383) + webp[frame + 7 :],
+    }
 
 
 def fuzz_cases() -> list[Case]:
     rng = np.random.default_rng(7)
-    good = {"jpeg": encoded(photo(48, 40, 1), "JPEG"), "png": encoded(photo(48, 40, 2), "PNG"),
-            "webp": encoded(photo(48, 40, 3), "WEBP")}
+    good = {
+        "jpeg": encoded(photo(48, 40, 1), "JPEG"),
+        "png": encoded(photo(48, 40, 2), "PNG"),
+        "webp": encoded(photo(48, 40, 3), "WEBP"),
+    }
     cases = [case("duplicate-far", good["png"], "the first of two")]
     cases += [case(f"ok-{name}", data) for name, data in good.items()]
     for name, data in good.items():
@@ -125,8 +139,11 @@ def fuzz_cases() -> list[Case]:
         case("tiny-1x1", encoded(Image.new("RGB", (1, 1)), "PNG"), "a dot", "image_too_small"),
         case("long-strip", encoded(photo(1200, 8), "PNG"), "a strip"),
         case("cmyk", encoded(photo(32, 32).convert("CMYK"), "JPEG"), "cmyk"),
-        case("grey-16bit", encoded(Image.fromarray(np.arange(40 * 32, dtype=np.uint16).reshape(32, 40) * 50),
-                                   "PNG"), "sixteen bits"),
+        case(
+            "grey-16bit",
+            encoded(Image.fromarray(np.arange(40 * 32, dtype=np.uint16).reshape(32, 40) * 50), "PNG"),
+            "sixteen bits",
+        ),
         case("rgb-48bit", png_rgb48(20, 16), "sixteen bits a channel"),
         case("alpha-png", encoded(photo(32, 24).convert("RGBA"), "PNG"), "alpha"),
         case("alpha-webp", encoded(photo(32, 24).convert("RGBA"), "WEBP"), "alpha"),
@@ -146,8 +163,10 @@ def fuzz_cases() -> list[Case]:
         case("duplicate", good["jpeg"], "the first of two"),
     ]
     # Keys again, right after their first sample and far from it: the reader dead-letters the second ones.
-    return cases + [case("duplicate", good["png"], "the second of two", "duplicate_key"),
-                    case("duplicate-far", good["jpeg"], "the second of two", "duplicate_key")]
+    return cases + [
+        case("duplicate", good["png"], "the second of two", "duplicate_key"),
+        case("duplicate-far", good["jpeg"], "the second of two", "duplicate_key"),
+    ]
 
 
 def hostile_tar(path: str) -> list[Case]:
@@ -171,8 +190,13 @@ def hostile_tar(path: str) -> list[Case]:
         add(tar, "somedir", type=tarfile.DIRTYPE)
         add(tar, "link.jpg", type=tarfile.SYMTYPE, linkname="/etc/passwd")
         add(tar, "link.txt", b"a caption")
-    outcomes = {"../evil": "missing_image", "/abs": "missing_caption", "../../up/outside": SCORED,
-                "name-\ufffd": SCORED, "link": "missing_image"}  # the link member is skipped: no image
+    outcomes = {
+        "../evil": "missing_image",
+        "/abs": "missing_caption",
+        "../../up/outside": SCORED,
+        "name-\ufffd": SCORED,
+        "link": "missing_image",
+    }  # the link member is skipped: no image
     return [Case(key, b"", "", frozenset({outcome})) for key, outcome in outcomes.items()]
 
 
@@ -204,8 +228,11 @@ def poisoned_reference(source: str, path: str) -> str:
 
 
 def manifest_of(summary: dict) -> Manifest:
-    return next(m for m in batches.read_manifests(posixpath.dirname(summary["batch_dir"]))
-                if m.batch_dir == summary["batch_dir"])
+    return next(
+        m
+        for m in batches.read_manifests(posixpath.dirname(summary["batch_dir"]))
+        if m.batch_dir == summary["batch_dir"]
+    )
 
 
 def dead_letter(batch_dir: str) -> list[dict]:
@@ -226,18 +253,24 @@ def scored_rows(manifest: Manifest) -> dict[str, dict]:
 
 def exact(rows: dict[str, dict]) -> dict[str, tuple]:
     """Every column of every row, embeddings as their bytes: equal only when byte-identical."""
-    return {key: tuple(value.tobytes() if isinstance(value, np.ndarray) else value for value in row.values())
-            for key, row in sorted(rows.items())}
+    return {
+        key: tuple(value.tobytes() if isinstance(value, np.ndarray) else value for value in row.values())
+        for key, row in sorted(rows.items())
+    }
 
 
 def check_outcomes(cases: list[Case], manifest: Manifest) -> None:
     """Each case became exactly one of what it allows, and nothing else came out."""
-    observed = collections.Counter([(key, SCORED) for key in scored_rows(manifest)]
-                                   + [(row["key"], row["reason"]) for row in dead_letter(manifest.batch_dir)])
+    observed = collections.Counter(
+        [(key, SCORED) for key in scored_rows(manifest)]
+        + [(row["key"], row["reason"]) for row in dead_letter(manifest.batch_dir)]
+    )
     for item in cases:
         hit = sorted(outcome for outcome in item.allowed if observed[(item.key, outcome)] > 0)
-        assert hit, f"{item.key!r}: expected one of {sorted(item.allowed)}, got " \
-                    f"{[outcome for (key, outcome), n in observed.items() if key == item.key and n > 0]}"
+        assert hit, (
+            f"{item.key!r}: expected one of {sorted(item.allowed)}, got "
+            f"{[outcome for (key, outcome), n in observed.items() if key == item.key and n > 0]}"
+        )
         observed[(item.key, hit[0])] -= 1
     assert +observed == collections.Counter(), f"outcomes no case expects: {+observed}"
 
@@ -248,8 +281,15 @@ def nan_reference(reference_checkpoint, tmp_path_factory) -> str:
 
 
 def fuzz_args(corpus: Path, format: str, output: str, reference: str, *extra: str) -> list[str]:
-    return [f"--input={corpus}/*.{SUFFIX[format]}", f"--input_format={format}", f"--output={output}",
-            f"--reference_checkpoint={reference}", "--max_image_pixels=4000000", "--inference_batch_size=16", *extra]
+    return [
+        f"--input={corpus}/*.{SUFFIX[format]}",
+        f"--input_format={format}",
+        f"--output={output}",
+        f"--reference_checkpoint={reference}",
+        "--max_image_pixels=4000000",
+        "--inference_batch_size=16",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module", params=["wds", "parquet"])
@@ -277,9 +317,12 @@ def test_fuzzed_corpus_counts_add_up_per_reason(fuzz_run):
     assert counts.read == len(cases) == counts.scored + counts.dead_lettered
     assert counts.scored == len(scored_rows(manifest))
     assert counts.dead_letter == dict(collections.Counter(row["reason"] for row in dead))
-    stages = {"read": {"duplicate_key", "missing_image", "missing_caption"}, "embed": {"non_finite_embedding"},
-              "caption": {"empty_caption", "caption_too_long", "caption_not_utf8"},
-              "decode": {"empty_image", "not_an_image", "corrupt_image", "decompression_bomb", "image_too_small"}}
+    stages = {
+        "read": {"duplicate_key", "missing_image", "missing_caption"},
+        "embed": {"non_finite_embedding"},
+        "caption": {"empty_caption", "caption_too_long", "caption_not_utf8"},
+        "decode": {"empty_image", "not_an_image", "corrupt_image", "decompression_bomb", "image_too_small"},
+    }
     assert all(row["reason"] in stages[row["stage"]] and row["message"] and row["source"] for row in dead), dead
     assert len({row["reason"] for row in dead}) >= 10
 
@@ -296,8 +339,9 @@ def test_non_finite_embeddings_go_to_the_dead_letter_never_to_a_scored_shard(fuz
 
 
 def test_score_or_dead_letter_catches_nan_and_inf():
-    example = PreparedExample("k", "shard.tar", "a caption", b"", np.zeros((4, 4, 3), np.uint8),
-                              np.zeros(4, np.int32), {})
+    example = PreparedExample(
+        "k", "shard.tar", "a caption", b"", np.zeros((4, 4, 3), np.uint8), np.zeros(4, np.int32), {}
+    )
     unit = np.ones(8, np.float32) / np.sqrt(8)
 
     def score_of(image, text):
@@ -306,9 +350,11 @@ def test_score_or_dead_letter_catches_nan_and_inf():
 
     row = score_of(unit, unit)
     assert row["ref_cosine"] == pytest.approx(1.0, abs=1e-3)
-    for image, text, bad in [(np.full(8, np.nan, np.float32), unit, "ref_image_embedding"),
-                             (unit, np.where(np.arange(8) == 3, np.inf, unit).astype(np.float32), "ref_text_embedding"),
-                             (unit * 1e6, unit, "ref_image_embedding")]:  # finite in float32, Inf in float16
+    for image, text, bad in [
+        (np.full(8, np.nan, np.float32), unit, "ref_image_embedding"),
+        (unit, np.where(np.arange(8) == 3, np.inf, unit).astype(np.float32), "ref_text_embedding"),
+        (unit * 1e6, unit, "ref_image_embedding"),
+    ]:  # finite in float32, Inf in float16
         error = score_of(image, text)
         assert isinstance(error, CorpusError) and error.reason == "non_finite_embedding" and error.stage == "embed"
         assert bad in error.message and error.key == "k" and error.source == "shard.tar"
@@ -324,8 +370,12 @@ def test_a_hostile_tar_is_read_in_memory_and_nothing_lands_on_disk(fuzz_run, tmp
     items = list(read_shard(str(root / "corpus" / "hostile.tar"), "wds"))
     assert sorted(tmp_path.rglob("*")) == before
     assert [(item.key, getattr(item, "reason", SCORED)) for item in items] == [
-        ("../evil", "missing_image"), ("/abs", "missing_caption"), ("../../up/outside", SCORED),
-        ("name-\ufffd", SCORED), ("link", "missing_image")]
+        ("../evil", "missing_image"),
+        ("/abs", "missing_caption"),
+        ("../../up/outside", SCORED),
+        ("name-\ufffd", SCORED),
+        ("link", "missing_image"),
+    ]
     # ... and the job run over it (from root/work/deeper) wrote nothing outside its output either.
     for name in ("evil.txt", "abs.jpg", "outside.jpg", "outside.txt", "passwd"):
         assert not list(root.rglob(name)) and not list(root.parent.glob(name)), name
@@ -347,13 +397,17 @@ def test_an_input_shard_whose_name_is_not_utf8_is_refused_before_the_job(referen
     (tmp_path / "fine.tar").write_bytes(b"")
     (tmp_path / "bad-\udcff.tar").write_bytes(b"")  # the raw byte 0xff in a local file name
     with pytest.raises(SystemExit, match=r"must be UTF-8; rename .*bad-\\udcff\.tar"):
-        score.run([f"--input={tmp_path}/*.tar", f"--output={tmp_path / 'out'}",
-                   f"--reference_checkpoint={reference_checkpoint}"])
+        score.run(
+            [
+                f"--input={tmp_path}/*.tar",
+                f"--output={tmp_path / 'out'}",
+                f"--reference_checkpoint={reference_checkpoint}",
+            ]
+        )
 
 
 @pytest.mark.parametrize("fuzz_run", ["parquet"], indirect=True)
-def test_max_bad_fraction_fails_after_writing_the_dead_letter_and_writes_no_manifest(fuzz_run, nan_reference,
-                                                                                       tmp_path):
+def test_max_bad_fraction_fails_after_writing_the_dead_letter_and_writes_no_manifest(fuzz_run, nan_reference, tmp_path):
     _, finished, root = fuzz_run
     dead = finished.counts.dead_lettered
     read = finished.counts.read
@@ -365,7 +419,8 @@ def test_max_bad_fraction_fails_after_writing_the_dead_letter_and_writes_no_mani
     (batch_dir,) = glob.glob(os.path.join(output, "batch-*"))
     assert not os.path.exists(os.path.join(batch_dir, MANIFEST_NAME))
     assert sorted((row["key"], row["reason"]) for row in dead_letter(batch_dir)) == sorted(
-        (row["key"], row["reason"]) for row in dead_letter(finished.batch_dir))  # nothing lost
+        (row["key"], row["reason"]) for row in dead_letter(finished.batch_dir)
+    )  # nothing lost
     assert batches.read_manifests(output) == []
     assert batches.unfinished_batches(output) == [batch_dir]
     with pytest.raises(ScoredShardsError, match="no scored batch"):
@@ -379,15 +434,17 @@ def test_check_bad_fraction_boundaries():
     with pytest.raises(manifest_sink.TooManyBadRecords, match="6 of 10 records"):
         manifest_sink.check_bad_fraction(10, 6, 0.5)
     with pytest.raises(SystemExit):
-        options.build_parser().parse_args(["--input=x", "--output=y", "--reference_checkpoint=z",
-                                           "--max_bad_fraction=1.5"])
+        options.build_parser().parse_args(
+            ["--input=x", "--output=y", "--reference_checkpoint=z", "--max_bad_fraction=1.5"]
+        )
 
 
 def test_a_reference_with_a_non_finite_temperature_is_refused(reference_checkpoint, tmp_path):
     restored = checkpoint.restore(reference_checkpoint)
     broken = str(tmp_path / "model")
-    checkpoint.save(broken, {**restored.params, "log_temperature": jnp.full((1,), jnp.nan)}, restored.config,
-                    restored.tokenizer)
+    checkpoint.save(
+        broken, {**restored.params, "log_temperature": jnp.full((1,), jnp.nan)}, restored.config, restored.tokenizer
+    )
     with pytest.raises(SystemExit, match="non-finite temperature"):
         score.run(["--input=unused/*.tar", f"--output={tmp_path / 'out'}", f"--reference_checkpoint={broken}"])
     assert not (tmp_path / "out").exists()
@@ -404,8 +461,9 @@ def clean_corpus(tmp_path_factory) -> str:
         with open_shard_writer(str(root / f"{shard:05d}.tar"), "wds") as writer:
             for i in range(10):
                 image = encoded(photo(40, 36, seed=shard * 100 + i), "JPEG" if i % 2 else "PNG")
-                writer.write(CorpusRecord(f"s{shard}-{i:02d}", image, "" if i == 5 else f"shard {shard} item {i}",
-                                          "", {"i": i}))
+                writer.write(
+                    CorpusRecord(f"s{shard}-{i:02d}", image, "" if i == 5 else f"shard {shard} item {i}", "", {"i": i})
+                )
     return str(root)
 
 
@@ -435,13 +493,28 @@ def killed_and_rerun(clean_corpus, reference_checkpoint, tmp_path_factory):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(corpus_io, "read_whole_shard", dies_on_the_third_shard)
         with pytest.raises(Exception, match="injected fault"):  # small batches: rows reach the writers before
-            score.run(clean_args(clean_corpus, output, reference_checkpoint, "--inference_batch_size=7",
-                                 "--output_format=parquet,tfrecord"))
+            score.run(
+                clean_args(
+                    clean_corpus,
+                    output,
+                    reference_checkpoint,
+                    "--inference_batch_size=7",
+                    "--output_format=parquet,tfrecord",
+                )
+            )
     assert len(shards_started) == 3
     (killed,) = glob.glob(os.path.join(output, "batch-*"))
     after_kill = batches.read_manifests(output)
-    rerun = score.run(clean_args(clean_corpus, output, reference_checkpoint, "--inference_batch_size=64",
-                                 "--num_output_shards=3", "--incremental"))
+    rerun = score.run(
+        clean_args(
+            clean_corpus,
+            output,
+            reference_checkpoint,
+            "--inference_batch_size=64",
+            "--num_output_shards=3",
+            "--incremental",
+        )
+    )
     return output, killed, after_kill, manifest_of(rerun)
 
 
@@ -463,8 +536,9 @@ def test_a_killed_run_is_never_read_and_its_rerun_equals_an_uninterrupted_run(ki
     assert (baseline.counts.read, baseline.counts.scored, baseline.counts.dead_letter) == (30, 27, {"empty_caption": 3})
 
 
-def test_clean_unfinished_removes_unfinished_batches_and_temporary_files_only(killed_and_rerun, reference_checkpoint,
-                                                                                clean_corpus, tmp_path):
+def test_clean_unfinished_removes_unfinished_batches_and_temporary_files_only(
+    killed_and_rerun, reference_checkpoint, clean_corpus, tmp_path
+):
     original, killed, _, rerun = killed_and_rerun
     output = tmp_path / "out"
     shutil.copytree(original, output)
@@ -478,8 +552,9 @@ def test_clean_unfinished_removes_unfinished_batches_and_temporary_files_only(ki
     summary = score.run(clean_args(clean_corpus, output, reference_checkpoint, "--incremental", "--clean_unfinished"))
     assert summary["batch_dir"] is None and summary["skipped_shards"] == 3
     assert sorted(os.listdir(output)) == sorted([posixpath.basename(rerun.batch_dir), running.name])
-    assert sorted(os.listdir(finished)) == sorted(rerun.shards + rerun.dead_letter_shards
-                                                  + [MANIFEST_NAME, "notes.txt"])
+    assert sorted(os.listdir(finished)) == sorted(
+        rerun.shards + rerun.dead_letter_shards + [MANIFEST_NAME, "notes.txt"]
+    )
     assert os.path.exists(killed)  # the copy was cleaned, not the original
     assert scored_set.open_scored(str(output)).scored == 27
 
@@ -487,14 +562,24 @@ def test_clean_unfinished_removes_unfinished_batches_and_temporary_files_only(ki
 @pytest.fixture(scope="module")
 def other_batch_sizes(clean_corpus, reference_checkpoint, tmp_path_factory) -> dict[int, Manifest]:
     root = tmp_path_factory.mktemp("batch_sizes")
-    return {size: manifest_of(score.run(clean_args(clean_corpus, root / f"bs{size}", reference_checkpoint,
-                                                   f"--inference_batch_size={size}", f"--num_output_shards={shards}")))
-            for size, shards in ((1, 1), (7, 2))}
+    return {
+        size: manifest_of(
+            score.run(
+                clean_args(
+                    clean_corpus,
+                    root / f"bs{size}",
+                    reference_checkpoint,
+                    f"--inference_batch_size={size}",
+                    f"--num_output_shards={shards}",
+                )
+            )
+        )
+        for size, shards in ((1, 1), (7, 2))
+    }
 
 
 @pytest.mark.parametrize("batch_size", [1, 7])
-def test_another_inference_batch_size_scores_the_same_within_one_float16_step(other_batch_sizes, baseline,
-                                                                              batch_size):
+def test_another_inference_batch_size_scores_the_same_within_one_float16_step(other_batch_sizes, baseline, batch_size):
     """XLA's kernels for another batch shape may round differently: at one size runs are byte-identical (above),
     across sizes every embedding value is within one float16 step and everything else is identical."""
     other, reference = scored_rows(other_batch_sizes[batch_size]), scored_rows(baseline)
@@ -524,8 +609,9 @@ def test_readers_read_only_what_the_manifest_lists(other_batch_sizes, baseline):
     shutil.copy(baseline.shard_paths()[0], temporary)
     unfinished = posixpath.join(posixpath.dirname(manifest.batch_dir), "batch-20000101T000000Z-000000")
     os.makedirs(unfinished)  # a manifest that was never renamed into place
-    shutil.copy(os.path.join(baseline.batch_dir, MANIFEST_NAME),
-                os.path.join(unfinished, f".{MANIFEST_NAME}.0123abcd.tmp"))
+    shutil.copy(
+        os.path.join(baseline.batch_dir, MANIFEST_NAME), os.path.join(unfinished, f".{MANIFEST_NAME}.0123abcd.tmp")
+    )
     shutil.copy(baseline.shard_paths()[0], os.path.join(unfinished, "scored-00000-of-00001.parquet"))
     try:
         reread = scored_set.open_scored(posixpath.dirname(manifest.batch_dir))

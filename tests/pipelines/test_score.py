@@ -25,19 +25,34 @@ def expected_reason(record: CorpusRecord) -> str | None:
     truth, detail = record.metadata["truth"], record.metadata.get("detail", "")
     if truth == "non_image":
         return "empty_image" if detail == "empty" else "not_an_image"
-    return {"truncated_image": "corrupt_image", "empty_caption": "empty_caption", "long_caption": "caption_too_long",
-            "bad_utf8": "caption_not_utf8"}.get(truth)
+    return {
+        "truncated_image": "corrupt_image",
+        "empty_caption": "empty_caption",
+        "long_caption": "caption_too_long",
+        "bad_utf8": "caption_not_utf8",
+    }.get(truth)
 
 
 def run_score(corpus: str, format: str, output: str, checkpoint_dir: str, *extra: str, shards: str = "*") -> dict:
     # The test corpus has 32 px images, so its "degraded: crop" examples are 4-6 px: scored, as in the 64 px demo.
-    return score.run([f"--input={corpus}/web/{shards}.{SUFFIX[format]}", f"--input_format={format}",
-                      f"--output={output}", f"--reference_checkpoint={checkpoint_dir}", "--min_image_size=4", *extra])
+    return score.run(
+        [
+            f"--input={corpus}/web/{shards}.{SUFFIX[format]}",
+            f"--input_format={format}",
+            f"--output={output}",
+            f"--reference_checkpoint={checkpoint_dir}",
+            "--min_image_size=4",
+            *extra,
+        ]
+    )
 
 
 def batch_manifest(summary: dict) -> Manifest:
-    return next(m for m in batches.read_manifests(posixpath.dirname(summary["batch_dir"]))
-                if m.batch_dir == summary["batch_dir"])
+    return next(
+        m
+        for m in batches.read_manifests(posixpath.dirname(summary["batch_dir"]))
+        if m.batch_dir == summary["batch_dir"]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +67,14 @@ def check_run_against_truth(corpus: str, format: str, manifest: Manifest) -> Non
     assert all(isinstance(item, CorpusRecord) for item in records)
     expected = {record.key: expected_reason(record) for record in records}
     injected = set(expected.values()) - {None}
-    assert injected == {"empty_image", "not_an_image", "corrupt_image", "empty_caption", "caption_too_long",
-                        "caption_not_utf8"}, "the corpus should carry every broken kind"
+    assert injected == {
+        "empty_image",
+        "not_an_image",
+        "corrupt_image",
+        "empty_caption",
+        "caption_too_long",
+        "caption_not_utf8",
+    }, "the corpus should carry every broken kind"
 
     dead = pq.read_table(os.path.join(manifest.batch_dir, manifest.dead_letter_shards[0])).to_pylist()
     scored = [row for path in manifest.shard_paths("parquet") for row in pq.read_table(path).to_pylist()]
@@ -69,7 +90,8 @@ def check_run_against_truth(corpus: str, format: str, manifest: Manifest) -> Non
     present = sorted(os.listdir(manifest.batch_dir))
     assert present == sorted(manifest.shards + manifest.dead_letter_shards + [MANIFEST_NAME])
     assert sorted(os.path.basename(shard.path) for shard in manifest.input_shards) == sorted(
-        os.path.basename(p) for p in glob.glob(f"{corpus}/web/*.{SUFFIX[format]}"))
+        os.path.basename(p) for p in glob.glob(f"{corpus}/web/*.{SUFFIX[format]}")
+    )
     # Each input shard is done, with its size, and names the scored files holding its records (and only those).
     holders = {}
     for name in manifest.shards:
@@ -97,11 +119,13 @@ def direct_embeddings(checkpoint_dir: str, image_bytes: list[bytes], captions: l
     restored = checkpoint.restore(checkpoint_dir)
     length = restored.config.text_length
     preprocessing = restored.config.preprocessing()
-    pixels = np.stack([preprocessing.resize_pixels(decode_image(data, ValidationOptions(min_image_size=1)))
-                       for data in image_bytes])
+    pixels = np.stack(
+        [preprocessing.resize_pixels(decode_image(data, ValidationOptions(min_image_size=1))) for data in image_bytes]
+    )
     tokens = restored.tokenizer.encode_batch(captions, length)
-    zimg, ztxt, aux = TwoTower(restored.config).apply({"params": restored.params}, preprocessing.normalize(pixels),
-                                                      tokens)
+    zimg, ztxt, aux = TwoTower(restored.config).apply(
+        {"params": restored.params}, preprocessing.normalize(pixels), tokens
+    )
     return np.asarray(zimg), np.asarray(ztxt), float(aux["t"]), float(aux["b"])
 
 
@@ -126,17 +150,29 @@ def test_stored_embeddings_and_scores_equal_a_direct_model_call(wds_run, referen
 def test_the_handler_gives_the_same_embeddings_whatever_the_batch(web_corpora, reference_checkpoint):
     records = [r for r in iter_corpus(f"{web_corpora['wds']}/web/00000.tar", "wds") if expected_reason(r) is None]
     restored = checkpoint.restore(reference_checkpoint)
-    examples = [PreparedExample(r.key, r.source, r.caption, r.image,
-                                ImagePreprocessing(32).resize_pixels(
-                                    decode_image(r.image, ValidationOptions(min_image_size=1))),
-                                restored.tokenizer.encode(r.caption, 32), {}) for r in records[:20]]
-    zimg, ztxt, _, _ = direct_embeddings(reference_checkpoint, [r.image for r in records[:20]],
-                                         [r.caption for r in records[:20]])
+    examples = [
+        PreparedExample(
+            r.key,
+            r.source,
+            r.caption,
+            r.image,
+            ImagePreprocessing(32).resize_pixels(decode_image(r.image, ValidationOptions(min_image_size=1))),
+            restored.tokenizer.encode(r.caption, 32),
+            {},
+        )
+        for r in records[:20]
+    ]
+    zimg, ztxt, _, _ = direct_embeddings(
+        reference_checkpoint, [r.image for r in records[:20]], [r.caption for r in records[:20]]
+    )
     handler = DualEncoderHandler(references.resolve(reference_checkpoint), batch_size=8)  # 20 run as 8 + 8 + 4 padded
     model = handler.load_model()
     for beam_batch in (1, 7, 20):
-        results = [result for start in range(0, 20, beam_batch)
-                   for result in handler.run_inference(examples[start:start + beam_batch], model)]
+        results = [
+            result
+            for start in range(0, 20, beam_batch)
+            for result in handler.run_inference(examples[start : start + beam_batch], model)
+        ]
         assert [result.example.key for result in results] == [example.key for example in examples]
         got_img = np.stack([result.inference.image for result in results])
         got_txt = np.stack([result.inference.text for result in results])
@@ -149,27 +185,37 @@ def test_tfrecord_output_reads_with_plain_tf_data_and_matches_parquet(wds_run):
 
     _, manifest = wds_run
     parquet = {row["key"]: row for row in pq.read_table(manifest.shard_paths("parquet")).to_pylist()}
-    spec = {"key": tf.io.FixedLenFeature([], tf.string), "caption": tf.io.FixedLenFeature([], tf.string),
-            "ref_image_embedding": tf.io.FixedLenFeature([32], tf.float32),
-            "ref_loss": tf.io.FixedLenFeature([], tf.float32)}
+    spec = {
+        "key": tf.io.FixedLenFeature([], tf.string),
+        "caption": tf.io.FixedLenFeature([], tf.string),
+        "ref_image_embedding": tf.io.FixedLenFeature([32], tf.float32),
+        "ref_loss": tf.io.FixedLenFeature([], tf.float32),
+    }
     dataset = tf.data.TFRecordDataset(manifest.shard_paths("tfrecord")).map(
-        lambda data: tf.io.parse_single_example(data, spec))
+        lambda data: tf.io.parse_single_example(data, spec)
+    )
     seen = 0
     for example in dataset.as_numpy_iterator():
         row = parquet[example["key"].decode()]
         assert example["caption"].decode() == row["caption"]
-        np.testing.assert_array_equal(example["ref_image_embedding"],
-                                      np.asarray(row["ref_image_embedding"], np.float16).astype(np.float32))
+        np.testing.assert_array_equal(
+            example["ref_image_embedding"], np.asarray(row["ref_image_embedding"], np.float16).astype(np.float32)
+        )
         assert example["ref_loss"] == pytest.approx(row["ref_loss"])
         seen += 1
     assert seen == len(parquet) == manifest.counts.scored
 
 
-def test_an_unreadable_shard_fails_the_job_or_is_listed_failed_and_scored_again(web_corpora, reference_checkpoint,
-                                                                                tmp_path):
+def test_an_unreadable_shard_fails_the_job_or_is_listed_failed_and_scored_again(
+    web_corpora, reference_checkpoint, tmp_path
+):
     corpus, output = web_corpora["wds"], str(tmp_path / "out")
-    wrong = [f"--input={corpus}/web/00000.tar", "--input_format=parquet", f"--output={output}",
-             f"--reference_checkpoint={reference_checkpoint}"]  # tar shards read as Parquet
+    wrong = [
+        f"--input={corpus}/web/00000.tar",
+        "--input_format=parquet",
+        f"--output={output}",
+        f"--reference_checkpoint={reference_checkpoint}",
+    ]  # tar shards read as Parquet
     with pytest.raises(Exception, match="could not be read whole"):
         score.run(wrong)
     assert batches.read_manifests(output) == []
@@ -178,27 +224,43 @@ def test_an_unreadable_shard_fails_the_job_or_is_listed_failed_and_scored_again(
     assert shard.status == FAILED and shard.reason.startswith("unreadable_shard")
     assert shard.outputs == [] and batch_manifest(allowed).counts.shards_failed == 1
     assert allowed["read"] == allowed["scored"] == 0  # nothing of the shard was taken for records
-    skipped = run_score(corpus, "wds", output, reference_checkpoint, "--incremental", "--skip_failed_shards",
-                        shards="00000")
+    skipped = run_score(
+        corpus, "wds", output, reference_checkpoint, "--incremental", "--skip_failed_shards", shards="00000"
+    )
     assert skipped["batch_dir"] is None and skipped["skipped_shards"] == 1
     right = run_score(corpus, "wds", output, reference_checkpoint, "--incremental", shards="00000")
     assert right["scored"] > 0 and [s.status for s in batch_manifest(right).input_shards] == [DONE]
 
 
-def test_incremental_with_another_spelling_of_the_same_shards_scores_nothing(web_corpora, reference_checkpoint,
-                                                                             tmp_path, monkeypatch):
+def test_incremental_with_another_spelling_of_the_same_shards_scores_nothing(
+    web_corpora, reference_checkpoint, tmp_path, monkeypatch
+):
     corpus, output = web_corpora["wds"], str(tmp_path / "out")
     first = run_score(corpus, "wds", output, reference_checkpoint, shards="0000[01]")
     assert first["scored"] > 0
     monkeypatch.chdir(os.path.join(corpus, "web"))
-    again = score.run(["--input=./00000.tar,../web/00001.tar", f"--output={output}", "--incremental",
-                       f"--reference_checkpoint={reference_checkpoint}", "--min_image_size=4"])
+    again = score.run(
+        [
+            "--input=./00000.tar,../web/00001.tar",
+            f"--output={output}",
+            "--incremental",
+            f"--reference_checkpoint={reference_checkpoint}",
+            "--min_image_size=4",
+        ]
+    )
     assert again["batch_dir"] is None and again["skipped_shards"] == 2
     # A shard that changed since is scored again.
     path = os.path.join(corpus, "web", "00001.tar")
     os.utime(path, (1, 1))
-    changed = score.run(["--input=./00001.tar", f"--output={output}", "--incremental",
-                         f"--reference_checkpoint={reference_checkpoint}", "--min_image_size=4"])
+    changed = score.run(
+        [
+            "--input=./00001.tar",
+            f"--output={output}",
+            "--incremental",
+            f"--reference_checkpoint={reference_checkpoint}",
+            "--min_image_size=4",
+        ]
+    )
     assert [shard.path for shard in batch_manifest(changed).input_shards] == [os.path.realpath(path)]
 
 
@@ -214,8 +276,9 @@ def test_incremental_run_scores_only_new_shards(web_corpora, reference_checkpoin
     assert nothing["batch_dir"] is None and nothing["skipped_shards"] == 3
 
     scored = scored_set.open_scored(output)
-    keys = [key for path in scored.shard_paths()
-            for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()]
+    keys = [
+        key for path in scored.shard_paths() for key in pq.read_table(path, columns=["key"]).column("key").to_pylist()
+    ]
     assert len(keys) == len(set(keys)) == scored.scored == first["scored"] + second["scored"]
 
 
@@ -223,8 +286,9 @@ def test_another_reference_is_refused_unless_forced(web_corpora, reference_check
     corpus, output = web_corpora["wds"], str(tmp_path / "out")
     restored = checkpoint.restore(reference_checkpoint)
     other = str(tmp_path / "other")
-    checkpoint.save(other, init_params(restored.config, __import__("jax").random.key(1)), restored.config,
-                    restored.tokenizer)
+    checkpoint.save(
+        other, init_params(restored.config, __import__("jax").random.key(1)), restored.config, restored.tokenizer
+    )
     run_score(corpus, "wds", output, reference_checkpoint, shards="00000")
     with pytest.raises(SystemExit, match="--force_new_reference"):
         run_score(corpus, "wds", output, other, "--incremental", shards="00001")
@@ -243,15 +307,23 @@ def test_gcs_input_to_gcs_output(gcs_bucket, web_corpora, reference_checkpoint):
         with FileSystems.create(f"{gcs_bucket}/web/{os.path.basename(path)}") as upload, open(path, "rb") as f:
             upload.write(f.read())
     output = f"{gcs_bucket}/scored"
-    summary = score.run([f"--input={gcs_bucket}/web/*.tfrecord", "--input_format=tfrecord", f"--output={output}",
-                         "--min_image_size=4",
-                         f"--reference_checkpoint={reference_checkpoint}", "--output_format=parquet,tfrecord"])
+    summary = score.run(
+        [
+            f"--input={gcs_bucket}/web/*.tfrecord",
+            "--input_format=tfrecord",
+            f"--output={output}",
+            "--min_image_size=4",
+            f"--reference_checkpoint={reference_checkpoint}",
+            "--output_format=parquet,tfrecord",
+        ]
+    )
     assert summary["batch_dir"].startswith(f"{output}/batch-")
     scored = scored_set.open_scored(output)  # checks every listed file exists in the bucket
     manifest = scored.manifests[0]
     assert all(shard.path.startswith("gs://") for shard in manifest.input_shards) and len(manifest.input_shards) == 2
     table = __import__("pyarrow").concat_tables(
-        [scored_set.read_scored_parquet(path) for path in scored.shard_paths("parquet")])
+        [scored_set.read_scored_parquet(path) for path in scored.shard_paths("parquet")]
+    )
     tf_rows = [row for path in scored.shard_paths("tfrecord") for row in scored_set.iter_scored_tfrecord(path)]
     assert table.num_rows == len(tf_rows) == manifest.counts.scored > 0
     dead = scored_set.read_scored_parquet(posixpath.join(manifest.batch_dir, manifest.dead_letter_shards[0]))
@@ -263,8 +335,10 @@ def test_two_multiprocessing_workers_score_the_same_as_one(web_corpora, referenc
 
     def scored_values(summary):
         table = pq.read_table(batch_manifest(summary).shard_paths("parquet"))
-        return {row["key"]: (np.asarray(row["ref_image_embedding"], np.float32).tobytes(), row["ref_loss"])
-                for row in table.to_pylist()}
+        return {
+            row["key"]: (np.asarray(row["ref_image_embedding"], np.float32).tobytes(), row["ref_loss"])
+            for row in table.to_pylist()
+        }
 
     workers = []  # pids of the SDK worker processes the runner starts
 
@@ -277,8 +351,15 @@ def test_two_multiprocessing_workers_score_the_same_as_one(web_corpora, referenc
     one = run_score(web_corpora["wds"], "wds", str(tmp_path / "one"), reference_checkpoint)
     monkeypatch.setattr(subprocess, "Popen", RecordingPopen)
     # FnApiRunner by name: DirectRunner would first try Prism (a download) and fall back to FnApiRunner on failing.
-    two = run_score(web_corpora["wds"], "wds", str(tmp_path / "two"), reference_checkpoint, "--runner=FnApiRunner",
-                    "--direct_num_workers=2", "--direct_running_mode=multi_processing")
+    two = run_score(
+        web_corpora["wds"],
+        "wds",
+        str(tmp_path / "two"),
+        reference_checkpoint,
+        "--runner=FnApiRunner",
+        "--direct_num_workers=2",
+        "--direct_running_mode=multi_processing",
+    )
     monkeypatch.undo()
     # Two SDK worker processes were started; the runner splits each stateless stage's input between them.
     assert len(set(workers)) == 2

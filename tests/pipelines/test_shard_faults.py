@@ -40,8 +40,15 @@ def corpus(tmp_path):
 
 
 def job(corpus, output, checkpoint, *extra):
-    return score.run([f"--input={corpus}/*.tar", f"--output={output}", f"--reference_checkpoint={checkpoint}",
-                      "--inference_batch_size=8", *extra])
+    return score.run(
+        [
+            f"--input={corpus}/*.tar",
+            f"--output={output}",
+            f"--reference_checkpoint={checkpoint}",
+            "--inference_batch_size=8",
+            *extra,
+        ]
+    )
 
 
 def readable_rows(output) -> list[dict]:
@@ -131,8 +138,9 @@ def failing_open(real_open, fault: str):
 
 
 @pytest.mark.parametrize("fault", ["permission_denied", "vanished"])
-def test_an_unreadable_file_fails_the_job_naming_it_and_marks_nothing_done(corpus, reference_checkpoint, tmp_path,
-                                                                           monkeypatch, fault):
+def test_an_unreadable_file_fails_the_job_naming_it_and_marks_nothing_done(
+    corpus, reference_checkpoint, tmp_path, monkeypatch, fault
+):
     output = tmp_path / "out"
     with monkeypatch.context() as patch:
         patch.setattr(FileSystems, "open", staticmethod(failing_open(FileSystems.open, fault)))

@@ -61,14 +61,16 @@ def copied_run(corpus, reference_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def sidecar_run(corpus, reference_checkpoint, tmp_path_factory):
     output = str(tmp_path_factory.mktemp("sidecar") / "out")
-    summary = run_score(corpus, "wds", output, reference_checkpoint, "--output_layout=sidecar",
-                        "--output_format=parquet,tfrecord")
+    summary = run_score(
+        corpus, "wds", output, reference_checkpoint, "--output_layout=sidecar", "--output_format=parquet,tfrecord"
+    )
     return batch_manifest(summary)
 
 
 def test_copied_layout_parquet_is_zstd_in_large_row_groups(copied_run):
-    for path in copied_run.shard_paths("parquet") + [os.path.join(copied_run.batch_dir, name)
-                                                     for name in copied_run.dead_letter_shards]:
+    for path in copied_run.shard_paths("parquet") + [
+        os.path.join(copied_run.batch_dir, name) for name in copied_run.dead_letter_shards
+    ]:
         metadata = pq.ParquetFile(path).metadata
         assert metadata.row_group(0).column(0).compression == "ZSTD"
         # Row groups hold ~64 MB or every row the writer had: this small batch is one group per file.
@@ -79,9 +81,12 @@ def test_one_sidecar_per_input_shard_lines_up_with_it_item_for_item(corpus, side
     shards = sorted(str(path) for path in (pathlib.Path(corpus) / "web").glob("*.tar"))
     assert sorted(shard.path for shard in sidecar_run.input_shards) == shards
     copied = {row["key"]: row for path in copied_run.shard_paths("parquet") for row in pq.read_table(path).to_pylist()}
-    dead = {row["key"]: row for name in copied_run.dead_letter_shards
-            for row in pq.read_table(os.path.join(copied_run.batch_dir, name)).to_pylist()
-            if row["stage"] != "read"}  # (a read error's key may be a record's too: the duplicate key)
+    dead = {
+        row["key"]: row
+        for name in copied_run.dead_letter_shards
+        for row in pq.read_table(os.path.join(copied_run.batch_dir, name)).to_pylist()
+        if row["stage"] != "read"
+    }  # (a read error's key may be a record's too: the duplicate key)
     reasons_seen = set()
     for shard in sidecar_run.input_shards:
         sidecar = os.path.join(os.path.dirname(sidecar_run.batch_dir), shard.sidecar)
@@ -95,15 +100,17 @@ def test_one_sidecar_per_input_shard_lines_up_with_it_item_for_item(corpus, side
                 reasons_seen.add(item.reason)
             elif item.key in dead:
                 assert (row["stage"], row["reason"], row["message"]) == tuple(
-                    dead[item.key][name] for name in ("stage", "reason", "message"))
+                    dead[item.key][name] for name in ("stage", "reason", "message")
+                )
                 assert row["ref_image_embedding"] is None and row["ref_loss"] is None and row["caption"] is None
                 reasons_seen.add(row["reason"])
             else:
                 expected = copied[item.key]
                 assert row["reason"] is None and row["caption"] == expected["caption"]
                 for name in (*schema.EMBEDDINGS, *schema.SCORES):
-                    np.testing.assert_array_equal(np.asarray(row[name], np.float32),
-                                                  np.asarray(expected[name], np.float32))
+                    np.testing.assert_array_equal(
+                        np.asarray(row[name], np.float32), np.asarray(expected[name], np.float32)
+                    )
         # The TFRecord sidecar beside it holds the same rows, read with plain tf.data.
         frames = list(tf.data.TFRecordDataset(sidecar.replace(".parquet", ".tfrecord")).as_numpy_iterator())
         assert [schema.decode_sidecar_example(frame)["key"] for frame in frames] == [row["key"] for row in rows]
@@ -113,18 +120,24 @@ def test_one_sidecar_per_input_shard_lines_up_with_it_item_for_item(corpus, side
     assert (counts.read, counts.scored, counts.dead_letter) == (expected.read, expected.scored, expected.dead_letter)
     assert counts.read == counts.scored + counts.dead_lettered
     assert sidecar_run.shards == [] and sidecar_run.dead_letter_shards == []  # nothing copied
-    info = sidecars.read_sidecar_info(os.path.join(os.path.dirname(sidecar_run.batch_dir),
-                                                        sidecar_run.input_shards[0].sidecar))
-    assert (info.input_shard, info.size_bytes) == (sidecar_run.input_shards[0].path,
-                                                   os.path.getsize(sidecar_run.input_shards[0].path))
+    info = sidecars.read_sidecar_info(
+        os.path.join(os.path.dirname(sidecar_run.batch_dir), sidecar_run.input_shards[0].sidecar)
+    )
+    assert (info.input_shard, info.size_bytes) == (
+        sidecar_run.input_shards[0].path,
+        os.path.getsize(sidecar_run.input_shards[0].path),
+    )
     assert info.reference_fingerprint == sidecar_run.reference_fingerprint
 
 
 def test_the_trainer_reads_corpus_and_sidecar_as_the_copied_shards(sidecar_run, copied_run, tmp_path):
     data = TrainingData.open(configs.get_config("jest", smoke=True), "", os.path.dirname(sidecar_run.batch_dir))
     assert all(isinstance(shard, scored_input.SidecarShard) for shard in data.shards) and len(data.shards) == 3
-    copied = {example.key: example for path in copied_run.shard_paths("parquet")
-              for example in scored_input.read_scored_examples(path)}
+    copied = {
+        example.key: example
+        for path in copied_run.shard_paths("parquet")
+        for example in scored_input.read_scored_examples(path)
+    }
     from_sidecars = [example for shard in data.shards for example in scored_input.read_sidecar_examples(shard)]
     assert sorted(example.key for example in from_sidecars if example) == sorted(copied)
     for example in filter(None, from_sidecars):
@@ -156,35 +169,48 @@ score.main(sys.argv[1:])
 """
 
 
-def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(corpus, reference_checkpoint, sidecar_run,
-                                                                  tmp_path):
+def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(corpus, reference_checkpoint, sidecar_run, tmp_path):
     output = str(tmp_path / "out")
-    argv = [f"--input={corpus}/web/*.tar", f"--output={output}", f"--reference={reference_checkpoint}",
-            "--min_image_size=4", "--output_layout=sidecar", "--output_format=parquet,tfrecord"]
-    killed = subprocess.run([sys.executable, "-c", _KILL_AFTER_ONE_SIDECAR, *argv], cwd=ROOT, capture_output=True,
-                            text=True, timeout=300)
+    argv = [
+        f"--input={corpus}/web/*.tar",
+        f"--output={output}",
+        f"--reference={reference_checkpoint}",
+        "--min_image_size=4",
+        "--output_layout=sidecar",
+        "--output_format=parquet,tfrecord",
+    ]
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_AFTER_ONE_SIDECAR, *argv], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == 9, killed.stderr[-2000:]
     assert batches.read_manifests(output) == []
     [unfinished] = batches.unfinished_batches(output)
-    [finished] = [path for path in os.listdir(os.path.join(unfinished, SIDECAR_DIR))
-                  if path.endswith(".parquet") and not path.startswith(".")]
+    [finished] = [
+        path
+        for path in os.listdir(os.path.join(unfinished, SIDECAR_DIR))
+        if path.endswith(".parquet") and not path.startswith(".")
+    ]
 
     summary = score.run(argv)  # the same command again
     [resumed] = batches.read_manifests(output)
-    written = sorted(name for name in os.listdir(os.path.join(summary["batch_dir"], SIDECAR_DIR))
-                     if name.endswith(".parquet"))
+    written = sorted(
+        name for name in os.listdir(os.path.join(summary["batch_dir"], SIDECAR_DIR)) if name.endswith(".parquet")
+    )
     assert len(written) == 2 and finished not in written  # only the two shards the killed run had not finished
     adopted = [shard for shard in resumed.input_shards if shard.sidecar.endswith(finished)]
     assert len(adopted) == 1 and adopted[0].sidecar.startswith(posixpath.basename(unfinished))
 
     # The result equals the uninterrupted run: the same input shards, counts and sidecar contents.
     def contents(manifest):
-        return {shard.path: pq.read_table(os.path.join(os.path.dirname(manifest.batch_dir), shard.sidecar))
-                for shard in manifest.input_shards}
+        return {
+            shard.path: pq.read_table(os.path.join(os.path.dirname(manifest.batch_dir), shard.sidecar))
+            for shard in manifest.input_shards
+        }
 
     assert resumed.counts == sidecar_run.counts
     assert [(s.path, s.status, s.size_bytes) for s in resumed.input_shards] == [
-        (s.path, s.status, s.size_bytes) for s in sidecar_run.input_shards]
+        (s.path, s.status, s.size_bytes) for s in sidecar_run.input_shards
+    ]
     uninterrupted = contents(sidecar_run)
     for path, table in contents(resumed).items():
         assert table.equals(uninterrupted[path]), path
@@ -195,7 +221,9 @@ def test_a_killed_run_resumes_with_the_shards_it_had_not_finished(corpus, refere
     removed = batches.remove_unfinished(output, before="batch-99991231T235959Z")
     assert removed == [half_written]
     assert sorted(os.listdir(os.path.join(unfinished, SIDECAR_DIR))) == [
-        finished, finished.replace(".parquet", ".tfrecord")]  # with its TFRecord twin
+        finished,
+        finished.replace(".parquet", ".tfrecord"),
+    ]  # with its TFRecord twin
     assert len(TrainingData.open(configs.get_config("jest", smoke=True), "", output).shards) == 3
 
 
@@ -203,8 +231,19 @@ def test_jest_smoke_trains_from_corpus_and_sidecars(corpus, sidecar_run, tmp_pat
     from curation import train
 
     workdir = str(tmp_path / "run")
-    train.main(["--config", "jest", "--smoke", "--data", corpus, "--scored", os.path.dirname(sidecar_run.batch_dir),
-                "--workdir", workdir])
+    train.main(
+        [
+            "--config",
+            "jest",
+            "--smoke",
+            "--data",
+            corpus,
+            "--scored",
+            os.path.dirname(sidecar_run.batch_dir),
+            "--workdir",
+            workdir,
+        ]
+    )
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
     losses = [row["loss"] for row in rows if "loss" in row]
     assert losses and np.isfinite(losses).all() and rows[-1]["step"] > 1

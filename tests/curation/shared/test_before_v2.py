@@ -38,14 +38,16 @@ def test_a_version_1_batch_reads_as_a_typed_manifest():
     assert reference.preprocessing.size == 16 and reference.forward_flops_per_example > 0
     assert manifest.counts.read == manifest.counts.scored + manifest.counts.dead_lettered == 12
     assert manifest.counts.shards == manifest.counts.shards_done == len(manifest.input_shards) == 2
-    assert all(shard.status == DONE and shard.outputs == manifest.shards
-               for shard in manifest.input_shards)
+    assert all(shard.status == DONE and shard.outputs == manifest.shards for shard in manifest.input_shards)
     examples = [e for path in scored.shard_paths() for e in scored_input.read_scored_examples(path)]
     assert len(examples) == 12 and examples[0].ref_zimg.shape == (8,)
     (tfrecord,) = scored.shard_paths("tfrecord")
     assert sorted(r[schema.KEY] for r in scored_set.iter_scored_tfrecord(tfrecord)) == sorted(e.key for e in examples)
-    batch = next(scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), batch_size=4, image_size=16,
-                                                  text_length=8, embed_dim=8, seed=0).as_numpy_iterator())
+    batch = next(
+        scored_input.make_scored_dataset(
+            scored.shard_paths(), ByteTokenizer(), batch_size=4, image_size=16, text_length=8, embed_dim=8, seed=0
+        ).as_numpy_iterator()
+    )
     assert batch["ref_zimg"].shape == (4, 8)
 
 
@@ -58,8 +60,16 @@ def test_a_version_2_batch_of_the_same_reference_reads_beside_a_version_1_batch(
     shutil.copytree(SCORED, output)
     corpus = tmp_path / "corpus"
     shutil.copytree(FIXTURES / "corpus", corpus)
-    summary = score.run([f"--input={corpus}/web/*.tar", f"--output={output}", f"--reference_checkpoint={REFERENCE}",
-                         "--min_image_size=4", "--inference_batch_size=8", "--incremental"])
+    summary = score.run(
+        [
+            f"--input={corpus}/web/*.tar",
+            f"--output={output}",
+            f"--reference_checkpoint={REFERENCE}",
+            "--min_image_size=4",
+            "--inference_batch_size=8",
+            "--incremental",
+        ]
+    )
     assert summary["scored"] == 12
     scored = scored_set.open_scored(str(output))
     assert [m.schema_version for m in scored.manifests] == [1, 2]
@@ -69,7 +79,8 @@ def test_a_version_2_batch_of_the_same_reference_reads_beside_a_version_1_batch(
     # rounding moves a few stored float16 values by one step (2**-10 relative).
     for key, row in new.items():
         for name in (schema.REF_IMAGE_EMBEDDING, schema.REF_TEXT_EMBEDDING):
-            np.testing.assert_allclose(np.asarray(row[name], np.float32), np.asarray(old[key][name], np.float32),
-                                       rtol=2 ** -10, atol=2 ** -24)
+            np.testing.assert_allclose(
+                np.asarray(row[name], np.float32), np.asarray(old[key][name], np.float32), rtol=2**-10, atol=2**-24
+            )
         assert row[schema.REF_LOSS] == pytest.approx(old[key][schema.REF_LOSS], rel=1e-6)
     assert scored.scored == 24

@@ -87,13 +87,22 @@ def make_tar(path, members):
 
 
 def test_wds_orphans_are_error_records_and_json_and_extra_members_become_metadata(tmp_path):
-    path = make_tar(tmp_path / "00003.tar", [
-        ("a.jpg", JPEG), ("a.txt", b"cap a"), ("a.json", json.dumps({"url": "http://x", "w": 64}).encode()),
-        ("b.png", PNG),  # image, no caption
-        ("c.txt", b"caption, no image"),
-        ("d.webp", b"RIFF....WEBP"), ("d.txt", b"cap d"), ("d.cls", b"7"), ("d.json", b"{not json"),
-        ("dir/e.seg.jpg", JPEG), ("dir/e.TXT", b"cap e"),
-    ])
+    path = make_tar(
+        tmp_path / "00003.tar",
+        [
+            ("a.jpg", JPEG),
+            ("a.txt", b"cap a"),
+            ("a.json", json.dumps({"url": "http://x", "w": 64}).encode()),
+            ("b.png", PNG),  # image, no caption
+            ("c.txt", b"caption, no image"),
+            ("d.webp", b"RIFF....WEBP"),
+            ("d.txt", b"cap d"),
+            ("d.cls", b"7"),
+            ("d.json", b"{not json"),
+            ("dir/e.seg.jpg", JPEG),
+            ("dir/e.TXT", b"cap e"),
+        ],
+    )
     items = list(read_shard(path, "wds"))
     errors = {e.key: e.reason for e in items if isinstance(e, CorpusError)}
     # "dir/e" has a "seg.jpg" member, which is not one of the default image extensions.
@@ -179,13 +188,15 @@ def test_tfrecord_written_by_tensorflow_reads_with_derived_keys_and_custom_featu
 
 def test_parquet_hf_image_struct_text_column_nulls_and_row_batches(tmp_path):
     rows = 10
-    table = pa.table({
-        "image": [{"bytes": JPEG + bytes([i]), "path": f"{i}.jpg"} for i in range(rows - 1)] + [
-            {"bytes": None, "path": "elsewhere.jpg"}],
-        "text": [f"caption {i}" for i in range(rows - 2)] + [None, "x"],
-        "url": [f"http://e/{i}" for i in range(rows)],
-        "width": [64] * (rows - 1) + [None],
-    })
+    table = pa.table(
+        {
+            "image": [{"bytes": JPEG + bytes([i]), "path": f"{i}.jpg"} for i in range(rows - 1)]
+            + [{"bytes": None, "path": "elsewhere.jpg"}],
+            "text": [f"caption {i}" for i in range(rows - 2)] + [None, "x"],
+            "url": [f"http://e/{i}" for i in range(rows)],
+            "width": [64] * (rows - 1) + [None],
+        }
+    )
     path = tmp_path / "train-00000-of-00002.parquet"
     pq.write_table(table, path, row_group_size=3)
     items = list(read_shard(str(path), "parquet", batch_rows=2))

@@ -12,9 +12,15 @@ from curation.shared.errors import CorpusError
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 SOURCE_FOLDERS = ("models", "curation", "pipelines", "demo", "bench")
 # Modules that read or write scored shards: each must name the columns through curation.shared.schema.
-SCORED_SHARD_MODULES = ("curation/shared/manifest.py", "curation/shared/scored_set.py",
-                        "curation/trainer/scored_input.py", "curation/trainer/training_data.py", "pipelines/stages.py",
-                        "pipelines/scored_sinks.py", "bench/ablations.py")
+SCORED_SHARD_MODULES = (
+    "curation/shared/manifest.py",
+    "curation/shared/scored_set.py",
+    "curation/trainer/scored_input.py",
+    "curation/trainer/training_data.py",
+    "pipelines/stages.py",
+    "pipelines/scored_sinks.py",
+    "bench/ablations.py",
+)
 ALL_NAMES = {column.name for column in schema.SCORED_COLUMNS + schema.DEAD_LETTER_COLUMNS}
 # Names no other data in the project uses: nothing but the schema module may spell them. (key, image, caption and
 # source are also the corpus readers' field names and the trainer's batch keys, which are not scored columns.)
@@ -29,8 +35,11 @@ def string_literals(path: pathlib.Path) -> set[str]:
 def imports_schema(path: pathlib.Path) -> bool:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.module == "curation.shared" and any(
-                alias.name == "schema" for alias in node.names):
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "curation.shared"
+            and any(alias.name == "schema" for alias in node.names)
+        ):
             return True
     return False
 
@@ -40,8 +49,11 @@ def test_column_names_are_spelled_only_in_the_schema_module():
     assert len(sources) > 30
     schema_module = ROOT / "curation" / "shared" / "schema.py"
     assert ALL_NAMES <= string_literals(schema_module)
-    spelled_elsewhere = {str(path.relative_to(ROOT)): sorted(string_literals(path) & SCHEMA_ONLY_NAMES)
-                         for path in sources if path != schema_module}
+    spelled_elsewhere = {
+        str(path.relative_to(ROOT)): sorted(string_literals(path) & SCHEMA_ONLY_NAMES)
+        for path in sources
+        if path != schema_module
+    }
     assert {path: names for path, names in spelled_elsewhere.items() if names} == {}
     for name in SCORED_SHARD_MODULES:
         path = ROOT / name
@@ -58,9 +70,18 @@ def test_scored_output_page_tables_are_the_schema():
 
 def row(i: int, d: int = 4) -> dict:
     zimg = np.linspace(-1, 1, d).astype(np.float16) * (i + 1) / 10
-    return {schema.KEY: f"k{i}", schema.CAPTION: f"caption {i}", schema.IMAGE: bytes([i, 1, 2]),
-            schema.SOURCE: "shard.tar", schema.METADATA: "{}", schema.REF_IMAGE_EMBEDDING: zimg,
-            schema.REF_TEXT_EMBEDDING: -zimg, schema.REF_COSINE: 0.5 + i, schema.REF_LOGIT: -5.0, schema.REF_LOSS: 5.0}
+    return {
+        schema.KEY: f"k{i}",
+        schema.CAPTION: f"caption {i}",
+        schema.IMAGE: bytes([i, 1, 2]),
+        schema.SOURCE: "shard.tar",
+        schema.METADATA: "{}",
+        schema.REF_IMAGE_EMBEDDING: zimg,
+        schema.REF_TEXT_EMBEDDING: -zimg,
+        schema.REF_COSINE: 0.5 + i,
+        schema.REF_LOGIT: -5.0,
+        schema.REF_LOSS: 5.0,
+    }
 
 
 def test_parquet_rows_read_back_with_plain_pyarrow():
@@ -77,8 +98,10 @@ def test_parquet_rows_read_back_with_plain_pyarrow():
         else:
             assert field.type == want
     assert table.schema.metadata[schema.SCHEMA_VERSION_KEY] == str(schema.SCHEMA_VERSION).encode()
-    np.testing.assert_array_equal(schema.embedding_matrix(table, schema.REF_TEXT_EMBEDDING),
-                                  np.stack([r[schema.REF_TEXT_EMBEDDING] for r in rows]))
+    np.testing.assert_array_equal(
+        schema.embedding_matrix(table, schema.REF_TEXT_EMBEDDING),
+        np.stack([r[schema.REF_TEXT_EMBEDDING] for r in rows]),
+    )
     assert table.column(schema.KEY).to_pylist() == ["k0", "k1", "k2"]
     assert table.column(schema.REF_COSINE).to_pylist() == [0.5, 1.5, 2.5]
 
@@ -90,8 +113,9 @@ def test_tfrecord_rows_parse_with_plain_tf_data():
     data = schema.encode_tfrecord_example(original)
     parsed = tf.io.parse_single_example(data, schema.tfrecord_feature_spec(4))
     assert parsed[schema.KEY].numpy() == b"k2" and parsed[schema.IMAGE].numpy() == bytes([2, 1, 2])
-    np.testing.assert_array_equal(parsed[schema.REF_IMAGE_EMBEDDING].numpy(),
-                                  original[schema.REF_IMAGE_EMBEDDING].astype(np.float32))
+    np.testing.assert_array_equal(
+        parsed[schema.REF_IMAGE_EMBEDDING].numpy(), original[schema.REF_IMAGE_EMBEDDING].astype(np.float32)
+    )
     decoded = schema.decode_tfrecord_example(data)
     assert decoded[schema.CAPTION] == "caption 2" and decoded[schema.REF_LOSS] == 5.0
 

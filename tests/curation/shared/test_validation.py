@@ -60,10 +60,16 @@ def test_exif_orientation_is_applied():
 
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims width x height (a decompression bomb's header) with no pixel data."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
 
 
 def test_broken_images_are_dead_lettered_with_their_reason():
@@ -80,8 +86,12 @@ def test_broken_images_are_dead_lettered_with_their_reason():
 
 def test_broken_captions_are_dead_lettered_before_decoding():
     image = encoded(Image.new("RGB", (10, 10)))
-    for caption, expected in [(b"a \xff\xfe circle", errors.CAPTION_NOT_UTF8), (" \n\t ", errors.EMPTY_CAPTION),
-                              ("", errors.EMPTY_CAPTION), ("word " * 20, errors.CAPTION_TOO_LONG)]:
+    for caption, expected in [
+        (b"a \xff\xfe circle", errors.CAPTION_NOT_UTF8),
+        (" \n\t ", errors.EMPTY_CAPTION),
+        ("", errors.EMPTY_CAPTION),
+        ("word " * 20, errors.CAPTION_TOO_LONG),
+    ]:
         item = decode_and_validate(record(image, caption), OPTIONS)
         assert reason(item) == expected and item.stage == "caption"
     assert decode_and_validate(record(image, "é".encode("utf-8")), OPTIONS).caption == "é"
@@ -123,7 +133,10 @@ def test_only_common_web_formats_are_decoded():
         assert reason(item) == errors.NOT_AN_IMAGE, format
     for format in ("BMP", "TIFF", "GIF", "WEBP", "JPEG", "PNG"):
         assert decode_and_validate(record(encoded(Image.new("RGB", (16, 16)), format)), OPTIONS).pixels.shape == (
-            16, 16, 3), format
+            16,
+            16,
+            3,
+        ), format
 
 
 def test_the_trainer_side_refuses_what_the_scoring_job_dead_letters():
@@ -152,7 +165,10 @@ def test_a_large_jpeg_is_decoded_at_the_models_size_and_resizes_alike():
     reduced = decode_and_validate(record(data), ValidationOptions(min_image_size=8), 64)
     assert full.pixels.shape == (512, 512, 3) and reduced.pixels.shape == (64, 64, 3)  # libjpeg's 1/8 scale
     assert decode_and_validate(record(data), ValidationOptions(min_image_size=8), 100).pixels.shape == (
-        128, 128, 3)  # 1/4: the largest scale keeping 100 px
+        128,
+        128,
+        3,
+    )  # 1/4: the largest scale keeping 100 px
     model = ImagePreprocessing(32)
     difference = np.abs(model.resize_pixels(full.pixels).astype(int) - model.resize_pixels(reduced.pixels).astype(int))
     assert difference.mean() < 2.0 and difference.max() < 40, (difference.mean(), difference.max())
@@ -163,5 +179,6 @@ def test_a_large_jpeg_is_decoded_at_the_models_size_and_resizes_alike():
 
 def test_what_is_not_a_large_jpeg_decodes_as_stored_whatever_the_size():
     for data in (encoded(scene(512), "PNG"), encoded(scene(100), "JPEG")):  # not JPEG; under twice the size
-        np.testing.assert_array_equal(decode_and_validate(record(data), OPTIONS, 64).pixels,
-                                      decode_and_validate(record(data), OPTIONS, 0).pixels)
+        np.testing.assert_array_equal(
+            decode_and_validate(record(data), OPTIONS, 64).pixels, decode_and_validate(record(data), OPTIONS, 0).pixels
+        )

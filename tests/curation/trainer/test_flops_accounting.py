@@ -26,8 +26,12 @@ def run_rows(config: configs.TrainConfig, scored: scored_set.ScoredSet, steps: i
     model_config = config.model_config(vocab_size=259)
     flops = {**training_step.step_flops(config, model_config), **offline_flops(config, scored)}
     drawn = steps * config.superbatch_size
-    progress = {"examples_seen": steps * config.batch_size, "superbatch_examples_seen": drawn, "wall_s": 0.0,
-                "position": {"raw_seen": drawn}}
+    progress = {
+        "examples_seen": steps * config.batch_size,
+        "superbatch_examples_seen": drawn,
+        "wall_s": 0.0,
+        "position": {"raw_seen": drawn},
+    }
     return train_row(steps, {}, progress, flops, {}, steps_logged=1)
 
 
@@ -63,15 +67,20 @@ def test_easy_reference_runs_no_learner_pass_unless_a_diagnostic_asks_and_then_i
     asked = dataclasses.replace(config, learner_diagnostics=True)
     assert training_step.make_jest_functions(asked, model, update, mesh, 10.0, -10.0).embed is not None
     assert training_step.step_flops(asked, model_config)["learner_scoring"] == 0
-    assert training_step.make_jest_functions(configs.get_config("jest", smoke=True), model, update, mesh, 10.0,
-                                    -10.0).embed is not None
+    assert (
+        training_step.make_jest_functions(
+            configs.get_config("jest", smoke=True), model, update, mesh, 10.0, -10.0
+        ).embed
+        is not None
+    )
 
 
 def test_flexi_halves_are_a_random_split_of_the_picks():
     picks = jnp.arange(100, 116)  # the selected sub-batch, in pick order
     fine_halves = [np.asarray(training_step.flexi_order(jax.random.key(seed), picks))[:8] for seed in range(200)]
-    assert all(sorted(np.concatenate([half, np.setdiff1d(picks, half)])) == list(range(100, 116))
-               for half in fine_halves)
+    assert all(
+        sorted(np.concatenate([half, np.setdiff1d(picks, half)])) == list(range(100, 116)) for half in fine_halves
+    )
     share_fine = np.mean([np.isin(picks, half) for half in fine_halves], axis=0)  # per pick
     assert np.all((share_fine > 0.35) & (share_fine < 0.65))  # every pick trains at either size half the time
     first_picks_in_fine = [np.isin(picks[:8], half).mean() for half in fine_halves]
@@ -83,8 +92,9 @@ def test_the_flexi_update_splits_by_the_step_rng():
     model_config = config.model_config(vocab_size=259)
     model, optimizer = TwoTower(model_config), make_optimizer(config)
     mesh = make_mesh(config.superbatch_size, jax.devices()[:1])
-    update = functools.partial(train_step, model=model, optimizer=optimizer, loss_name="sigmoid",
-                               flexi_patch=config.coarse_patch_size)
+    update = functools.partial(
+        train_step, model=model, optimizer=optimizer, loss_name="sigmoid", flexi_patch=config.coarse_patch_size
+    )
     params = jax.tree_util.tree_map(np.asarray, init_params(model_config, jax.random.key(0)))  # the update donates
     rng = np.random.default_rng(0)
     B = config.superbatch_size
@@ -93,7 +103,9 @@ def test_the_flexi_update_splits_by_the_step_rng():
     indices = jnp.arange(config.batch_size)
 
     def loss(flexi: bool, seed: int) -> float:
-        fns = training_step.make_jest_functions(dataclasses.replace(config, flexi=flexi), model, update, mesh, 10.0, -10.0)
+        fns = training_step.make_jest_functions(
+            dataclasses.replace(config, flexi=flexi), model, update, mesh, 10.0, -10.0
+        )
         state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros([], jnp.int32)}
         return float(fns.update(state, images, tokens, indices, jax.random.key(seed))[1]["loss"])
 

@@ -17,16 +17,28 @@ from models.tokenizer import ByteTokenizer
 
 def _dataset(corpus, batch_size, start=DataPosition(), seed=0, processes=0):
     shards, format = split_shards(corpus, "web")
-    return make_dataset(shards, format, ByteTokenizer(), batch_size=batch_size, image_size=32, text_length=24,
-                        seed=seed, start=start, processes=processes).as_numpy_iterator()
+    return make_dataset(
+        shards,
+        format,
+        ByteTokenizer(),
+        batch_size=batch_size,
+        image_size=32,
+        text_length=24,
+        seed=seed,
+        start=start,
+        processes=processes,
+    ).as_numpy_iterator()
 
 
 def test_one_epoch_delivers_every_usable_record_once_and_counts_the_rest(tiny_corpus):
     shards, format = split_shards(tiny_corpus, "web")
     assert format == "wds" and len(shards) == 3
     items = list(iter_corpus([s for s in shards], format))
-    usable = [item for item in items
-              if record_caption(item) is not None and prepare_image(item.image, ImagePreprocessing(32)) is not None]
+    usable = [
+        item
+        for item in items
+        if record_caption(item) is not None and prepare_image(item.image, ImagePreprocessing(32)) is not None
+    ]
     assert 0 < len(usable) < len(items)  # the web split has broken records
     delivered, last = [], None
     for batch in _dataset(tiny_corpus, batch_size=1):
@@ -98,8 +110,9 @@ def rule_corpus(tmp_path):
     records = [
         CorpusRecord("rotated", _rotated_jpeg(), "a rotated photo", "web/00000.tar"),
         CorpusRecord("good", square, "  a  green\tsquare\x00 ", "web/00000.tar"),
-        CorpusRecord("eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n", "a drawing",
-                     "web/00000.tar"),
+        CorpusRecord(
+            "eps", b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\nshowpage\n", "a drawing", "web/00000.tar"
+        ),
         CorpusRecord("too_long", square, "word " * 250, "web/00000.tar"),  # 1249 characters after cleanup
         CorpusRecord("control_only", square, "\x00\x07\x1b\x7f", "web/00000.tar"),
         CorpusRecord("not_utf8", square, b"a \xff\xfe square", "web/00000.tar"),
@@ -165,7 +178,8 @@ def test_a_stream_with_no_usable_example_raises_instead_of_looping(tmp_path):
     with open_shard_writer(path, "wds") as writer:
         for index in range(5):
             writer.write(CorpusRecord(f"k{index}", b"<html>not an image</html>", "a caption", path))
-    dataset = input_pipeline.make_dataset([path], "wds", ByteTokenizer(), batch_size=2, image_size=16,
-                                          text_length=8, seed=0)
+    dataset = input_pipeline.make_dataset(
+        [path], "wds", ByteTokenizer(), batch_size=2, image_size=16, text_length=8, seed=0
+    )
     with pytest.raises(Exception, match="no usable example"):
         next(dataset.as_numpy_iterator())

@@ -19,10 +19,22 @@ SMOKE = configs.get_config("reference", smoke=True)
 BEFORE_V2 = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "fixtures", "before_v2")
 # The overrides tests/fixtures/before_v2/make/make_train_fixture.py ran its 2-step uniform smoke run with; the
 # temperature and bias then learnt at the plain learning rate (multiplier 1), whose optimizer state it saved.
-OLD_RUN = configs.get_config("uniform", smoke=True, overrides={
-    "total_steps": "2", "checkpoint_every": "2", "embed_dim": "8", "text_length": "8", "image_size": "16",
-    "tokenizer": "bytes", "batch_size": "4", "eval_size": "4", "max_vocab": "64",
-    "temperature_bias_lr_multiplier": "1"})
+OLD_RUN = configs.get_config(
+    "uniform",
+    smoke=True,
+    overrides={
+        "total_steps": "2",
+        "checkpoint_every": "2",
+        "embed_dim": "8",
+        "text_length": "8",
+        "image_size": "16",
+        "tokenizer": "bytes",
+        "batch_size": "4",
+        "eval_size": "4",
+        "max_vocab": "64",
+        "temperature_bias_lr_multiplier": "1",
+    },
+)
 
 
 def _params_bytes(params):
@@ -190,18 +202,23 @@ def test_the_temperature_and_bias_learn_at_their_own_rate():
 
     def first_step(multiplier: float) -> dict[str, float]:
         """How far one step moves t, b and a text-tower param, from the configured initial t and b."""
-        config = dataclasses.replace(SMOKE, temperature_bias_lr_multiplier=multiplier, warmup_steps=0,
-                                     temperature_init=5.0, bias_init=-3.0)
+        config = dataclasses.replace(
+            SMOKE, temperature_bias_lr_multiplier=multiplier, warmup_steps=0, temperature_init=5.0, bias_init=-3.0
+        )
         params = init_params(config.model_config(259), jax.random.key(0))
         assert float(jnp.exp(params["log_temperature"][0])) == pytest.approx(5.0)
         assert float(params["bias"][0]) == -3.0
         optimizer = make_optimizer(config)
         grads = jax.tree_util.tree_map(jnp.ones_like, params)
         updates, _ = optimizer.update(grads, optimizer.init(params), params)
-        moved = jax.tree_util.tree_map(lambda new, old: abs(float((new - old).ravel()[0])),
-                                       optax.apply_updates(params, updates), params)
-        return {"t": moved["log_temperature"], "b": moved["bias"],
-                "other": jax.tree_util.tree_leaves(moved["text_tower"])[0]}
+        moved = jax.tree_util.tree_map(
+            lambda new, old: abs(float((new - old).ravel()[0])), optax.apply_updates(params, updates), params
+        )
+        return {
+            "t": moved["log_temperature"],
+            "b": moved["bias"],
+            "other": jax.tree_util.tree_leaves(moved["text_tower"])[0],
+        }
 
     plain, fast = first_step(1.0), first_step(100.0)
     assert fast["t"] == pytest.approx(100 * plain["t"], rel=1e-4) and plain["t"] > 0
@@ -222,8 +239,9 @@ def test_a_workdir_of_another_config_is_refused_naming_the_fields_unless_startin
     assert open(os.path.join(workdir, "config.json")).read() == saved  # nothing written
     # The command line refuses in one line, before any work.
     with pytest.raises(SystemExit) as exit_info:
-        main(["--config", "reference", "--smoke", "--data", tiny_corpus, "--workdir", workdir,
-              "--learning_rate", "0.5"])
+        main(
+            ["--config", "reference", "--smoke", "--data", tiny_corpus, "--workdir", workdir, "--learning_rate", "0.5"]
+        )
     assert exit_info.value.code == 2
     # Reporting fields may change on a resume; with start_over the other run's files go and it trains anew.
     train(dataclasses.replace(SMOKE, log_every=3), tiny_corpus, workdir)

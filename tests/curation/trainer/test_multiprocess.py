@@ -23,8 +23,15 @@ def sidecars(tiny_corpus, reference_checkpoint, tmp_path_factory):
     from pipelines import score
 
     output = str(tmp_path_factory.mktemp("sidecars") / "scored")
-    score.run([f"--input={tiny_corpus}/web/*.tar", f"--output={output}", f"--reference_checkpoint={reference_checkpoint}",
-               "--min_image_size=4", "--output_layout=sidecar"])
+    score.run(
+        [
+            f"--input={tiny_corpus}/web/*.tar",
+            f"--output={output}",
+            f"--reference_checkpoint={reference_checkpoint}",
+            "--min_image_size=4",
+            "--output_layout=sidecar",
+        ]
+    )
     return output
 
 
@@ -33,8 +40,12 @@ def two_processes(tiny_corpus, sidecars, tmp_path_factory):
     """A 6-step JEST run in 2 processes × 2 devices, each process's local super-batches recorded."""
     root = tmp_path_factory.mktemp("two_processes")
     workdir = str(root / "run")
-    results = run_training(2, 2, str(root / "results"), **_run(
-        data=tiny_corpus, scored=sidecars, workdir=workdir, record_batches_to=str(root / "batches")))
+    results = run_training(
+        2,
+        2,
+        str(root / "results"),
+        **_run(data=tiny_corpus, scored=sidecars, workdir=workdir, record_batches_to=str(root / "batches")),
+    )
     return {"results": results, "workdir": workdir, "batches": str(root / "batches"), "root": root}
 
 
@@ -71,19 +82,25 @@ def test_only_process_0_writes_the_run_files(two_processes):
     assert rows[-1]["superbatch_examples_seen"] == JEST.total_steps * JEST.superbatch_size
 
 
-def test_the_same_global_batches_select_and_learn_as_one_process_of_four_devices(two_processes, tiny_corpus,
-                                                                                 sidecars):
+def test_the_same_global_batches_select_and_learn_as_one_process_of_four_devices(two_processes, tiny_corpus, sidecars):
     root = two_processes["root"]
     combined = root / "combined"
     combined.mkdir()
     for step in range(1, JEST.total_steps + 1):
-        parts = [np.load(os.path.join(two_processes["batches"], f"process_{index}", f"step_{step}.npz"))
-                 for index in (0, 1)]
-        np.savez(combined / f"step_{step}.npz",
-                 **{name: np.concatenate([part[name] for part in parts]) for name in parts[0].files})
+        parts = [
+            np.load(os.path.join(two_processes["batches"], f"process_{index}", f"step_{step}.npz")) for index in (0, 1)
+        ]
+        np.savez(
+            combined / f"step_{step}.npz",
+            **{name: np.concatenate([part[name] for part in parts]) for name in parts[0].files},
+        )
     workdir = str(root / "one_process")
-    (single,) = run_training(1, 4, str(root / "single"), **_run(
-        data=tiny_corpus, scored=sidecars, workdir=workdir, batches_from=str(combined)))
+    (single,) = run_training(
+        1,
+        4,
+        str(root / "single"),
+        **_run(data=tiny_corpus, scored=sidecars, workdir=workdir, batches_from=str(combined)),
+    )
     assert int(single["device_count"]) == 4
     first = two_processes["results"][0]
     np.testing.assert_array_equal(single["indices"], first["indices"])

@@ -11,30 +11,54 @@ def write_run(workdir, evals, selecting=False, flops_per_step=1e12, wall_per_ste
     os.makedirs(workdir)
     with open(os.path.join(workdir, "metrics.jsonl"), "w") as f:
         for step in range(10, 101, 10):
-            row = {"step": step, "loss": 1.0, "examples_seen": step * 4, "train_flops": step * flops_per_step,
-                   "online_flops": step * flops_per_step, "offline_scoring_flops": offline,
-                   "wall_s": step * wall_per_step, "t": 10.0 + step / 100, "b": -10.0 + step / 50}
+            row = {
+                "step": step,
+                "loss": 1.0,
+                "examples_seen": step * 4,
+                "train_flops": step * flops_per_step,
+                "online_flops": step * flops_per_step,
+                "offline_scoring_flops": offline,
+                "wall_s": step * wall_per_step,
+                "t": 10.0 + step / 100,
+                "b": -10.0 + step / 50,
+            }
             if selecting:
-                row.update(learner_scoring_flops=step * 0.5 * flops_per_step, online_flops=step * 1.5 * flops_per_step,
-                           selected_learnability=0.5, random_learnability=0.1, selected_clean=0.9,
-                           superbatch_clean=0.3, offdiag_share=0.1 + step / 1000)
+                row.update(
+                    learner_scoring_flops=step * 0.5 * flops_per_step,
+                    online_flops=step * 1.5 * flops_per_step,
+                    selected_learnability=0.5,
+                    random_learnability=0.1,
+                    selected_clean=0.9,
+                    superbatch_clean=0.3,
+                    offdiag_share=0.1 + step / 1000,
+                )
             f.write(json.dumps(row) + "\n")
         for step, zeroshot in evals:
-            f.write(json.dumps({"step": step, "examples_seen": step * 4, "zeroshot_top1": zeroshot, "i2t_r1": 0.1,
-                                "t2i_r1": 0.3}) + "\n")
+            f.write(
+                json.dumps(
+                    {"step": step, "examples_seen": step * 4, "zeroshot_top1": zeroshot, "i2t_r1": 0.1, "t2i_r1": 0.3}
+                )
+                + "\n"
+            )
 
 
 def table_rows(text):
-    return {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
-            for line in text.splitlines() if line.startswith("| ") and not line.startswith(("| method", "| run"))}
+    return {
+        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
+        for line in text.splitlines()
+        if line.startswith("| ") and not line.startswith(("| method", "| run"))
+    }
 
 
 def test_report_table_gives_online_and_offline_flops_to_reach_the_baseline(tmp_path):
     write_run(tmp_path / "uniform", [(50, 0.3), (100, 0.5)])
     write_run(tmp_path / "jest", [(50, 0.55), (100, 0.7)], selecting=True, offline=20e12)
     write_run(tmp_path / "ref", [(100, 0.6)])
-    path = report.write_report({"uniform": str(tmp_path / "uniform"), "jest": str(tmp_path / "jest")},
-                               str(tmp_path / "out"), str(tmp_path / "ref"))
+    path = report.write_report(
+        {"uniform": str(tmp_path / "uniform"), "jest": str(tmp_path / "jest")},
+        str(tmp_path / "out"),
+        str(tmp_path / "ref"),
+    )
     text = open(path).read()
     lines = table_rows(text.split("## The loss's")[0])
     # uniform reaches its own final (0.5) at step 100 = 400 examples; JEST at step 50 = 200 examples.

@@ -23,8 +23,9 @@ def test_batches_carry_the_stored_reference_embeddings_and_truth(scored_tiny_cor
     examples = [e for path in shards for e in scored_input.read_scored_examples(path)]
     assert sorted(e.key for e in examples) == sorted(rows)
     by_embedding = {np.asarray(row["ref_image_embedding"], np.float16).tobytes(): row for row in rows.values()}
-    dataset = scored_input.make_scored_dataset(shards, ByteTokenizer(), batch_size=16, image_size=32, text_length=32,
-                                               embed_dim=scored.embed_dim, seed=0)
+    dataset = scored_input.make_scored_dataset(
+        shards, ByteTokenizer(), batch_size=16, image_size=32, text_length=32, embed_dim=scored.embed_dim, seed=0
+    )
     batch = next(dataset.as_numpy_iterator())
     assert batch["ref_zimg"].shape == (16, scored.embed_dim) and batch["image"].shape == (16, 32, 32, 3)
     for zimg, ztxt, code in zip(batch["ref_zimg"], batch["ref_ztxt"], batch["truth"]):
@@ -48,9 +49,16 @@ def test_offline_filter_keeps_the_easiest_fraction(scored_tiny_corpus):
     threshold = scored_input.difficulty_threshold(scored.shard_paths(), 0.25)
     assert (losses <= threshold).sum() == round(0.25 * len(losses))
     assert scored_input.difficulty_threshold(scored.shard_paths(), 1.0) == float("inf")
-    dataset = scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), batch_size=8, image_size=32,
-                                               text_length=32, embed_dim=scored.embed_dim, seed=0,
-                                               max_difficulty=threshold)
+    dataset = scored_input.make_scored_dataset(
+        scored.shard_paths(),
+        ByteTokenizer(),
+        batch_size=8,
+        image_size=32,
+        text_length=32,
+        embed_dim=scored.embed_dim,
+        seed=0,
+        max_difficulty=threshold,
+    )
     kept = {np.asarray(row["ref_image_embedding"], np.float16).tobytes(): row["ref_loss"] for row in rows.values()}
     batches = dataset.take(2).as_numpy_iterator()
     for batch in batches:
@@ -62,11 +70,15 @@ def test_offline_filter_keeps_the_easiest_fraction(scored_tiny_corpus):
 def test_a_resumed_stream_continues_where_it_stopped(scored_tiny_corpus):
     scored, _ = stored_rows(scored_tiny_corpus)
     common = dict(batch_size=8, image_size=32, text_length=32, embed_dim=scored.embed_dim, seed=4)
-    straight = list(scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), **common)
-                    .take(4).as_numpy_iterator())
+    straight = list(
+        scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), **common).take(4).as_numpy_iterator()
+    )
     position = DataPosition.from_array(straight[1]["position"][-1])
-    resumed = list(scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), start=position, **common)
-                   .take(2).as_numpy_iterator())
+    resumed = list(
+        scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), start=position, **common)
+        .take(2)
+        .as_numpy_iterator()
+    )
     for expected, got in zip(straight[2:], resumed):
         np.testing.assert_array_equal(expected["ref_zimg"], got["ref_zimg"])
         np.testing.assert_array_equal(expected["image"], got["image"])
@@ -83,10 +95,14 @@ def test_mixed_references_and_unknown_schema_versions_are_refused(scored_tiny_co
     batch = next(output.glob("batch-*"))
     manifest = batches.read_manifests(str(output))[0]
     other = dataclasses.replace(manifest, reference=dataclasses.replace(manifest.reference, fingerprint="f" * 64))
-    for name, written, match in [("batch-zz-other", other.to_json(), "different reference"),
-                                 ("batch-zz-version", manifest.to_json().replace('"schema_version": 2',
-                                                                                 '"schema_version": 99'),
-                                  "schema version 99")]:
+    for name, written, match in [
+        ("batch-zz-other", other.to_json(), "different reference"),
+        (
+            "batch-zz-version",
+            manifest.to_json().replace('"schema_version": 2', '"schema_version": 99'),
+            "schema version 99",
+        ),
+    ]:
         shutil.copytree(batch, output / name)
         (output / name / MANIFEST_NAME).write_text(written)
         with pytest.raises(ScoredShardsError, match=match):
@@ -112,7 +128,14 @@ def test_a_damaged_scored_shard_raises_naming_the_file(scored_tiny_corpus, tmp_p
         f.write(damaged)
     with pytest.raises(ScoredShardsError, match=path):
         scored_input.read_scored_examples(path)
-    dataset = scored_input.make_scored_dataset(scored.shard_paths(), ByteTokenizer(), batch_size=8, image_size=32,
-                                               text_length=32, embed_dim=scored.embed_dim, seed=0)
+    dataset = scored_input.make_scored_dataset(
+        scored.shard_paths(),
+        ByteTokenizer(),
+        batch_size=8,
+        image_size=32,
+        text_length=32,
+        embed_dim=scored.embed_dim,
+        seed=0,
+    )
     with pytest.raises(Exception, match="cannot be read"):
         next(dataset.as_numpy_iterator())

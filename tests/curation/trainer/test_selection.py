@@ -89,15 +89,22 @@ def _chunks(indices, n_chunks):
 
 @pytest.mark.parametrize(
     "method, score, loss, first_chunk, noise",
-    [("joint", s, loss_name, f, n) for s in SCORES for loss_name in ("sigmoid", "softmax") for f, n in
-     [("score", True), ("score", False), ("uniform", True)]]
+    [
+        ("joint", s, loss_name, f, n)
+        for s in SCORES
+        for loss_name in ("sigmoid", "softmax")
+        for f, n in [("score", True), ("score", False), ("uniform", True)]
+    ]
     + [("independent", s, loss_name, "score", True) for s in SCORES for loss_name in ("sigmoid", "softmax")]
     + [("uniform", "learnability", "sigmoid", "score", True)],
 )
 def test_selects_exactly_n_unique_indices_in_range(method, score, loss, first_chunk, noise):
     learner, reference = _random_pair(0, n=40)
-    fn = jax.jit(functools.partial(select, method=method, score=score, n_select=12, n_chunks=4, loss=loss,
-                                   first_chunk=first_chunk, noise=noise))
+    fn = jax.jit(
+        functools.partial(
+            select, method=method, score=score, n_select=12, n_chunks=4, loss=loss, first_chunk=first_chunk, noise=noise
+        )
+    )
     indices = np.asarray(fn(jax.random.key(1), learner, reference))
     assert indices.shape == (12,) and indices.dtype == np.int32
     assert len(set(indices.tolist())) == 12
@@ -122,8 +129,9 @@ def test_blocked_conditional_scores_equal_brute_force_after_every_chunk(score, f
     learner, reference = _random_pair(2, n=40)
     S = _numpy_scores(learner, reference, score)
     with jax.enable_x64(True):
-        indices, trace = joint_selection_trace(jax.random.key(3), learner, reference, score=score, n_select=20,
-                                               n_chunks=5, first_chunk=first_chunk)
+        indices, trace = joint_selection_trace(
+            jax.random.key(3), learner, reference, score=score, n_select=20, n_chunks=5, first_chunk=first_chunk
+        )
     chunks = _chunks(indices, 5)
     for k in range(5):
         expected = _numpy_conditional(S, chunks[:k].ravel())
@@ -137,12 +145,14 @@ def test_joint_selection_without_noise_is_numpy_greedy_chunkwise_argmax(score):
     learner, reference = _random_pair(4, n=48, d=12)
     expected = _numpy_greedy(_numpy_scores(learner, reference, score), n_select=16, n_chunks=4)
     with jax.enable_x64(True):
-        indices = select(jax.random.key(0), learner, reference, method="joint", score=score, n_select=16,
-                         n_chunks=4, noise=False)
+        indices = select(
+            jax.random.key(0), learner, reference, method="joint", score=score, n_select=16, n_chunks=4, noise=False
+        )
     np.testing.assert_array_equal(np.asarray(indices), expected)
     # Conditioning matters: the joint pick differs from the top-16 by S_ii alone.
-    independent = select(jax.random.key(0), learner, reference, method="independent", score=score, n_select=16,
-                         noise=False)
+    independent = select(
+        jax.random.key(0), learner, reference, method="independent", score=score, n_select=16, noise=False
+    )
     assert set(np.asarray(independent).tolist()) != set(expected.tolist())
 
 
@@ -151,8 +161,9 @@ def test_softmax_conditional_scores_equal_infonce_restricted_to_picked_and_self(
     learner, reference = _random_pair(5, n=32)
     for noise in (True, False):
         with jax.enable_x64(True):
-            indices, trace = joint_selection_trace(jax.random.key(6), learner, reference, score=score, n_select=12,
-                                                   n_chunks=4, loss="softmax", noise=noise)
+            indices, trace = joint_selection_trace(
+                jax.random.key(6), learner, reference, score=score, n_select=12, n_chunks=4, loss="softmax", noise=noise
+            )
         chunks = _chunks(indices, 4)
         np.testing.assert_array_equal(np.asarray(trace[0]), np.zeros(32))  # P empty: every score is 0
         for k in range(1, 4):
@@ -173,8 +184,11 @@ def test_subbatch_losses_are_sums_of_their_pair_blocks():
         np.testing.assert_allclose(learner_loss * len(subset), block.sum(), rtol=1e-12)
         learnability = subbatch_score(learner, reference, jnp.asarray(subset), block_size=4)
         np.testing.assert_allclose(learnability, learner_loss - reference_loss, rtol=1e-12)
-        np.testing.assert_allclose(learnability, _numpy_scores(learner, reference, "learnability")[
-            np.ix_(subset, subset)].sum() / len(subset), rtol=1e-12)
+        np.testing.assert_allclose(
+            learnability,
+            _numpy_scores(learner, reference, "learnability")[np.ix_(subset, subset)].sum() / len(subset),
+            rtol=1e-12,
+        )
         softmax = subbatch_score(learner, reference, jnp.asarray(subset), loss="softmax", block_size=4)
         np.testing.assert_allclose(softmax, softmax_loss(*sub(learner)) - softmax_loss(*sub(reference)), rtol=1e-12)
 
@@ -228,8 +242,7 @@ def test_learnability_prefers_examples_the_reference_aligns_and_the_learner_does
     learner = Embeddings(images, np.where(learner_aligned, aligned, unrelated), 20.0, -10.0)
     picked = {}
     for method, score in [("joint", "learnability"), ("independent", "learnability"), ("joint", "hard_learner")]:
-        indices = select(jax.random.key(12), learner, reference, method=method, score=score, n_select=group,
-                         n_chunks=3)
+        indices = select(jax.random.key(12), learner, reference, method=method, score=score, n_select=group, n_chunks=3)
         picked[method, score] = np.asarray(indices)
     assert np.isin(picked["joint", "learnability"], learnable).sum() >= 11
     assert np.isin(picked["independent", "learnability"], learnable).sum() >= 11

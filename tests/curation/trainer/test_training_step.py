@@ -79,8 +79,10 @@ def test_flexi_step_trains_half_the_batch_at_the_coarse_patch_size():
     model, optimizer = TwoTower(model_config), make_optimizer(config)
     params = init_params(model_config, jax.random.key(0))
     rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, size=(8, 32, 32, 3)).astype(np.float32),
-             "tokens": rng.integers(3, 259, size=(8, config.text_length)).astype(np.int32)}
+    batch = {
+        "image": rng.uniform(-1, 1, size=(8, 32, 32, 3)).astype(np.float32),
+        "tokens": rng.integers(3, 259, size=(8, config.text_length)).astype(np.int32),
+    }
     state = {"params": params, "opt_state": optimizer.init(params), "step": 0}
     step = functools.partial(train_step, model=model, optimizer=optimizer, loss_name="sigmoid")
     _, fine = jax.jit(step)(state, batch)
@@ -88,8 +90,12 @@ def test_flexi_step_trains_half_the_batch_at_the_coarse_patch_size():
 
     @jax.jit
     def expected_loss(params):
-        zimg = jnp.concatenate([model.apply({"params": params}, batch["image"][:4], None)[0],
-                                model.apply({"params": params}, batch["image"][4:], None, patch_size=16)[0]])
+        zimg = jnp.concatenate(
+            [
+                model.apply({"params": params}, batch["image"][:4], None)[0],
+                model.apply({"params": params}, batch["image"][4:], None, patch_size=16)[0],
+            ]
+        )
         ztxt = model.apply({"params": params}, None, batch["tokens"])[1]
         return sigmoid_loss(zimg, ztxt, jnp.exp(params["log_temperature"][0]), params["bias"][0])
 
@@ -97,8 +103,10 @@ def test_flexi_step_trains_half_the_batch_at_the_coarse_patch_size():
     assert float(flexi["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert float(flexi["loss"]) != pytest.approx(float(fine["loss"]), rel=1e-6)
     flops = training_step.step_flops(config, model_config)
-    assert flops["learner_scoring"] < training_step.step_flops(dataclasses.replace(config, flexi=False), model_config)[
-        "learner_scoring"]
+    assert (
+        flops["learner_scoring"]
+        < training_step.step_flops(dataclasses.replace(config, flexi=False), model_config)["learner_scoring"]
+    )
 
 
 def test_a_jest_step_on_four_cpu_devices_selects_and_updates_as_on_one():
@@ -159,17 +167,18 @@ def test_off_diagonal_share_matches_a_dense_recount():
         return selection.Embeddings(jnp.asarray(z[0]), jnp.asarray(z[1]), t, b)
 
     learner, reference = embeddings(12.0, -6.0), embeddings(9.0, -4.0)
-    indices, traces = selection.joint_selection_trace(jax.random.key(0), learner, reference, n_select=16,
-                                                      n_chunks=4)
+    indices, traces = selection.joint_selection_trace(jax.random.key(0), learner, reference, n_select=16, n_chunks=4)
     dense = np.asarray(selection.pair_scores(learner, reference))  # [B, B]
     indices = np.asarray(indices)
     own, off = [], []
     for chunk in range(1, 4):
         before = indices[: 4 * chunk]
-        for i in indices[4 * chunk: 4 * chunk + 4]:
+        for i in indices[4 * chunk : 4 * chunk + 4]:
             own.append(dense[i, i])
             off.append(dense[i, before].sum() + dense[before, i].sum())
     expected = np.abs(off).sum() / (np.abs(own).sum() + np.abs(off).sum())
-    share = training_step.off_diagonal_share(traces, jnp.asarray(indices), selection.diagonal_scores(learner, reference), 4)
+    share = training_step.off_diagonal_share(
+        traces, jnp.asarray(indices), selection.diagonal_scores(learner, reference), 4
+    )
     assert float(share) == pytest.approx(expected, rel=1e-4) and 0 < expected < 1
     assert float(training_step.off_diagonal_share(traces, jnp.asarray(indices), jnp.zeros(48), 1)) == 0.0

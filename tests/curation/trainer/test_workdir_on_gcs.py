@@ -20,7 +20,7 @@ SMOKE = dataclasses.replace(configs.get_config("uniform", smoke=True), eval_ever
 
 
 def _objects(prefix: str) -> list[str]:
-    return sorted(metadata.path[len(prefix) + 1:] for metadata in FileSystems.match([prefix + "/**"])[0].metadata_list)
+    return sorted(metadata.path[len(prefix) + 1 :] for metadata in FileSystems.match([prefix + "/**"])[0].metadata_list)
 
 
 def test_an_ocdbt_database_on_the_emulator_revalidates_its_manifest_as_on_gcs(gcs_bucket):
@@ -30,7 +30,7 @@ def test_an_ocdbt_database_on_the_emulator_revalidates_its_manifest_as_on_gcs(gc
     orbax's saves with it."""
     import tensorstore as ts
 
-    bucket = gcs_bucket[len("gs://"):]
+    bucket = gcs_bucket[len("gs://") :]
     store = ts.KvStore.open({"driver": "ocdbt", "base": {"driver": "gcs", "bucket": bucket, "path": "ocdbt/"}}).result()
     store.write("a", b"1").result()
     assert store.read("a").result().value == b"1"
@@ -40,8 +40,7 @@ def test_an_ocdbt_database_on_the_emulator_revalidates_its_manifest_as_on_gcs(gc
     assert [store.read(key).result().value for key in ("a", "b", "c")] == [b"1", b"2", b"3"]
 
 
-def test_a_run_killed_and_resumed_on_gcs_ends_as_an_uninterrupted_local_run(gcs_bucket, tiny_corpus, tmp_path,
-                                                                             caplog):
+def test_a_run_killed_and_resumed_on_gcs_ends_as_an_uninterrupted_local_run(gcs_bucket, tiny_corpus, tmp_path, caplog):
     straight = train(SMOKE, tiny_corpus, str(tmp_path / "local"))
     workdir = f"{gcs_bucket}/runs/uniform"
     with caplog.at_level(logging.WARNING, logger="curation.trainer.metrics"):
@@ -62,8 +61,9 @@ def test_a_run_killed_and_resumed_on_gcs_ends_as_an_uninterrupted_local_run(gcs_
     remote_rows = [row for row in read_metrics(workdir) if "loss" in row]
     assert [row["step"] for row in remote_rows] == [row["step"] for row in local_rows] == [2, 4, 6]
     np.testing.assert_allclose([row["loss"] for row in remote_rows], [row["loss"] for row in local_rows], rtol=1e-6)
-    assert run_files.read_json(f"{workdir}/tokenizer.json") == run_files.read_json(str(tmp_path / "local" /
-                                                                                       "tokenizer.json"))
+    assert run_files.read_json(f"{workdir}/tokenizer.json") == run_files.read_json(
+        str(tmp_path / "local" / "tokenizer.json")
+    )
     # The final model, saved on gs://, restores with its fingerprint checked.
     model = checkpoint.restore(f"{workdir}/model")
     assert _params_bytes(model.params) == _params_bytes(straight)

@@ -24,8 +24,11 @@ from pipelines.jax_inference import DualEncoderHandler
 from tests.pipelines.references.conftest import PRESETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-PREPROCESSORS = {"siglip": keras_hub.models.SigLIPPreprocessor, "siglip_gemma": keras_hub.models.SigLIPPreprocessor,
-                 "clip": keras_hub.models.CLIPPreprocessor}
+PREPROCESSORS = {
+    "siglip": keras_hub.models.SigLIPPreprocessor,
+    "siglip_gemma": keras_hub.models.SigLIPPreprocessor,
+    "clip": keras_hub.models.CLIPPreprocessor,
+}
 
 
 def _manifest(summary) -> Manifest:
@@ -59,8 +62,10 @@ def test_a_preset_scores_the_corpus_and_the_manifest_records_the_reference(name,
     assert reference.loss == loss and reference.width == 32 and reference.text_length == 16
     assert (reference.temperature, reference.bias) == pytest.approx(_head(backbone, loss))
     assert reference.fingerprint == references.resolve(presets[name]).info.fingerprint
-    assert reference.tokenizer == {"siglip": "SigLIPTokenizer", "siglip_gemma": "GemmaTokenizer",
-                                   "clip": "CLIPTokenizer"}[name]
+    assert (
+        reference.tokenizer
+        == {"siglip": "SigLIPTokenizer", "siglip_gemma": "GemmaTokenizer", "clip": "CLIPTokenizer"}[name]
+    )
     preprocessing = reference.preprocessing
     assert preprocessing.size == 48 and not preprocessing.antialias
     if name == "clip":
@@ -84,8 +89,9 @@ def test_stored_embeddings_equal_keras_hub_embeddings_of_the_same_pixels_and_tok
     table = _table(scored_by_preset[name]).slice(0, 48)
     rows = table.to_pylist()
     preprocessing = _manifest(scored_by_preset[name]).reference.preprocessing
-    pixels = np.stack([preprocessing.resize_pixels(decode_image(row["image"], ValidationOptions(min_image_size=1)))
-                       for row in rows])
+    pixels = np.stack(
+        [preprocessing.resize_pixels(decode_image(row["image"], ValidationOptions(min_image_size=1))) for row in rows]
+    )
     images = preprocessing.normalize(pixels)  # the identical float32 arrays both sides get
     preprocessor = PREPROCESSORS[name].from_preset(presets[name])
     tokens = np.asarray(preprocessor({"images": images, "prompts": [row["caption"] for row in rows]})["token_ids"])
@@ -98,8 +104,8 @@ def test_stored_embeddings_equal_keras_hub_embeddings_of_the_same_pixels_and_tok
     np.testing.assert_allclose(ours_txt, theirs_txt, atol=1e-3)
     stored_img = np.stack(table.column("ref_image_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     stored_txt = np.stack(table.column("ref_text_embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
-    np.testing.assert_allclose(stored_img, theirs_img, atol=1e-3 + 2 ** -11)  # plus float16 rounding of |x| ≤ 1
-    np.testing.assert_allclose(stored_txt, theirs_txt, atol=1e-3 + 2 ** -11)
+    np.testing.assert_allclose(stored_img, theirs_img, atol=1e-3 + 2**-11)  # plus float16 rounding of |x| ≤ 1
+    np.testing.assert_allclose(stored_txt, theirs_txt, atol=1e-3 + 2**-11)
 
 
 def _image_bytes(shape, format, seed):
@@ -111,8 +117,14 @@ def _image_bytes(shape, format, seed):
     return buffer.getvalue()
 
 
-CAPTIONS = ["A small RED circle, on the left!", "a blue  square\tin the centre", "Two green stars (and a cross)",
-            "un losange violet — à droite", "", "THE THE THE the the background background background photo"]
+CAPTIONS = [
+    "A small RED circle, on the left!",
+    "a blue  square\tin the centre",
+    "Two green stars (and a cross)",
+    "un losange violet — à droite",
+    "",
+    "THE THE THE the the background background background photo",
+]
 
 
 @pytest.mark.parametrize("name", ["siglip", "siglip_gemma", "clip"])
@@ -127,8 +139,9 @@ def test_our_preprocessing_matches_keras_hub_preprocessor_on_the_same_bytes_and_
     text = reference.text_encoder()
     lowest, highest = preprocessing.normalize(np.zeros(3, np.uint8)), preprocessing.normalize(np.full(3, 255, np.uint8))
     tolerance = 0.5 / min(preprocessing.std) + 1e-4
-    for seed, (shape, format) in enumerate([((32, 32), "PNG"), ((30, 70), "PNG"), ((120, 90), "JPEG"),
-                                            ((300, 200), "PNG"), ((48, 48), "JPEG")]):
+    for seed, (shape, format) in enumerate(
+        [((32, 32), "PNG"), ((30, 70), "PNG"), ((120, 90), "JPEG"), ((300, 200), "PNG"), ((48, 48), "JPEG")]
+    ):
         data = _image_bytes(shape, format, seed)
         pixels = preprocessing.resize_pixels(decode_image(data, ValidationOptions(min_image_size=1)))
         ours = preprocessing.normalize(pixels)
@@ -148,8 +161,9 @@ def test_clip_scores_have_no_own_pair_loss_and_offline_filtering_ranks_by_cosine
     table, manifest = _table(summary), _manifest(summary)
     assert table.column("ref_loss").null_count == table.num_rows
     cosine = table.column("ref_cosine").to_numpy()
-    np.testing.assert_allclose(table.column("ref_logit").to_numpy(), manifest.reference.temperature * cosine,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        table.column("ref_logit").to_numpy(), manifest.reference.temperature * cosine, rtol=1e-5, atol=1e-5
+    )
     shards = manifest.shard_paths("parquet")
     threshold = scored_input.difficulty_threshold(shards, 0.5, "softmax")
     kept = cosine[-cosine <= threshold]
@@ -157,8 +171,7 @@ def test_clip_scores_have_no_own_pair_loss_and_offline_filtering_ranks_by_cosine
     assert len(kept) == pytest.approx(len(cosine) / 2, abs=1) and kept.min() >= dropped.max()
 
 
-def test_a_preset_folder_on_gcs_scores_like_the_local_one(presets, scored_by_preset, tiny_corpus, gcs_bucket,
-                                                          tmp_path):
+def test_a_preset_folder_on_gcs_scores_like_the_local_one(presets, scored_by_preset, tiny_corpus, gcs_bucket, tmp_path):
     local = presets["siglip"]
     remote = f"{gcs_bucket}/presets/siglip"
     for path in glob.glob(f"{local}/**", recursive=True):
@@ -166,8 +179,15 @@ def test_a_preset_folder_on_gcs_scores_like_the_local_one(presets, scored_by_pre
             with open(path, "rb") as f, FileSystems.create(posixpath.join(remote, os.path.relpath(path, local))) as out:
                 out.write(f.read())
     assert references.resolve(remote).info.fingerprint == references.resolve(local).info.fingerprint
-    summary = score.run([f"--input={tiny_corpus}/web/*.tar", f"--output={tmp_path / 'scored'}", f"--reference={remote}",
-                         "--min_image_size=4", "--inference_batch_size=64"])
+    summary = score.run(
+        [
+            f"--input={tiny_corpus}/web/*.tar",
+            f"--output={tmp_path / 'scored'}",
+            f"--reference={remote}",
+            "--min_image_size=4",
+            "--inference_batch_size=64",
+        ]
+    )
     remote_table = pq.read_table(batches.read_manifests(str(tmp_path / "scored"))[0].shard_paths("parquet"))
     local_table = _table(scored_by_preset["siglip"])
     assert summary["scored"] == scored_by_preset["siglip"]["scored"]
@@ -183,8 +203,16 @@ def test_jest_trains_from_each_references_scores(name, scored_by_preset, tiny_co
 
     workdir = str(tmp_path / "jest")
     capsys.readouterr()
-    train_cli.main(["--config", "jest", "--smoke", f"--data={tiny_corpus}",
-                    f"--scored={scored_by_preset[name]['output']}", f"--workdir={workdir}"])
+    train_cli.main(
+        [
+            "--config",
+            "jest",
+            "--smoke",
+            f"--data={tiny_corpus}",
+            f"--scored={scored_by_preset[name]['output']}",
+            f"--workdir={workdir}",
+        ]
+    )
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     losses = [row["loss"] for row in rows if "loss" in row]
@@ -194,10 +222,25 @@ def test_jest_trains_from_each_references_scores(name, scored_by_preset, tiny_co
 
 
 def test_a_softmax_reference_refuses_sigmoid_selection(scored_by_preset, tiny_corpus, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "curation.train", "--config", "jest", "--smoke",
-                             f"--data={tiny_corpus}", f"--scored={scored_by_preset['clip']['output']}",
-                             f"--workdir={tmp_path / 'w'}", "--selection_loss", "sigmoid"],
-                            capture_output=True, text=True, timeout=300, cwd=REPO)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "curation.train",
+            "--config",
+            "jest",
+            "--smoke",
+            f"--data={tiny_corpus}",
+            f"--scored={scored_by_preset['clip']['output']}",
+            f"--workdir={tmp_path / 'w'}",
+            "--selection_loss",
+            "sigmoid",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "needs a sigmoid (SigLIP) reference" in last and "Traceback" not in result.stderr
@@ -214,15 +257,19 @@ def test_the_handler_passes_sharing_and_copies_to_beam(presets):
     assert per_gpu.share_model_across_processes() and per_gpu.model_copies() == 4
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ("keras_hub:siglip2_base_patch16_244", "did you mean keras_hub:siglip2_base_patch16_224"),
-    ("keras_hub:no_such_model", "keras-hub has no such preset"),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("keras_hub:siglip2_base_patch16_244", "did you mean keras_hub:siglip2_base_patch16_224"),
+        ("keras_hub:no_such_model", "keras-hub has no such preset"),
+    ],
+)
 def test_a_wrong_preset_name_is_one_line_naming_the_fix(spec, expected, tiny_corpus, tmp_path, capsys):
     from tests.test_mistakes import refused
 
-    line = refused(capsys, score.main, [f"--input={tiny_corpus}/web/*.tar", f"--output={tmp_path / 'out'}",
-                                        f"--reference={spec}"])
+    line = refused(
+        capsys, score.main, [f"--input={tiny_corpus}/web/*.tar", f"--output={tmp_path / 'out'}", f"--reference={spec}"]
+    )
     assert expected in line
     assert not os.path.exists(tmp_path / "out")
 
@@ -241,8 +288,11 @@ def test_describing_a_preset_never_reads_its_weights(presets, gcs_bucket, monkey
         fetched.append(file)
         return os.path.join(local, file)
 
-    monkeypatch.setitem(preset_utils.BUILTIN_PRESETS, "tiny_siglip_for_tests",
-                        {"kaggle_handle": "kaggle://tests/siglip/keras/tiny_siglip_for_tests/3", "metadata": {}})
+    monkeypatch.setitem(
+        preset_utils.BUILTIN_PRESETS,
+        "tiny_siglip_for_tests",
+        {"kaggle_handle": "kaggle://tests/siglip/keras/tiny_siglip_for_tests/3", "metadata": {}},
+    )
     monkeypatch.setattr(hub_reference, "_hub_file", fake_hub_file)
     info = references.resolve("keras_hub:tiny_siglip_for_tests").info
     assert fetched and all(file.endswith(".json") for file in fetched)
@@ -256,16 +306,20 @@ def test_describing_a_preset_never_reads_its_weights(presets, gcs_bucket, monkey
                 out.write(f.read())
     opened = []
     real_open = FileSystems.open
-    monkeypatch.setattr(FileSystems, "open", staticmethod(lambda path, *a, **k: (opened.append(path),
-                                                                                   real_open(path, *a, **k))[1]))
+    monkeypatch.setattr(
+        FileSystems, "open", staticmethod(lambda path, *a, **k: (opened.append(path), real_open(path, *a, **k))[1])
+    )
     assert references.resolve(remote).info.fingerprint == references.resolve(local).info.fingerprint
     assert opened and not [path for path in opened if path.startswith("gs://") and path.endswith(".weights.h5")]
 
 
 def test_keras_on_another_backend_is_refused_in_one_line(presets, tmp_path):
-    script = ("import keras, sys; from pipelines.references import keras_hub as k\n"
-              "try:\n    k.check_backend()\nexcept Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n")
+    script = (
+        "import keras, sys; from pipelines.references import keras_hub as k\n"
+        "try:\n    k.check_backend()\nexcept Exception as e:\n    print(type(e).__name__, e); sys.exit(3)\n"
+    )
     env = {**os.environ, "KERAS_BACKEND": "tensorflow"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
-                            timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO, timeout=300
+    )
     assert result.returncode == 3 and "set KERAS_BACKEND=jax" in result.stdout
