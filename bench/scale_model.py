@@ -93,9 +93,9 @@ def selection_section() -> list[str]:
         f"B = {superbatch:,} -> b = {subbatch:,} in {chunks} chunks of {subbatch // chunks:,}. Learner and reference "
         "embeddings are float32 in memory.",
         "",
-        "| width d | embeddings (4 x B x d) | blocked: chunk blocks (4 x B x b/N) | blocked total | dense B x B S matrix "
-        "(+ embeddings) | selection FLOPs (4·B·b·d·2) | blocked time | learner forward on B (ViT-B/16) | "
-        "Flexi forward (patch 32) | selection / forward |",
+        "| width d | embeddings (4 x B x d) | blocked: chunk blocks (4 x B x b/N) | blocked total | "
+        "dense B x B S matrix (+ embeddings) | selection FLOPs (4·B·b·d·2) | blocked time | "
+        "learner forward on B (ViT-B/16) | Flexi forward (patch 32) | selection / forward |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     forward = (
@@ -113,9 +113,10 @@ def selection_section() -> list[str]:
         selection_flops = 4 * superbatch * subbatch * width * 2
         seconds = selection_flops / (ASSUMPTIONS["selection_tflops_h100"] * 1e12)
         lines.append(
-            f"| {width} | {embeddings / 2**30:.1f} GiB | {blocks / 2**30:.1f} GiB | {(embeddings + blocks) / 2**30:.1f} GiB "
-            f"| {(dense + embeddings) / 2**30:.0f} GiB: does not fit | {selection_flops / 1e12:.0f} TFLOP | "
-            f"{seconds:.2f} s | {forward:.1f} s | {flexi:.1f} s | {seconds / forward:.1%} ({seconds / flexi:.1%} Flexi) |"
+            f"| {width} | {embeddings / 2**30:.1f} GiB | {blocks / 2**30:.1f} GiB | "
+            f"{(embeddings + blocks) / 2**30:.1f} GiB | {(dense + embeddings) / 2**30:.0f} GiB: does not fit | "
+            f"{selection_flops / 1e12:.0f} TFLOP | {seconds:.2f} s | {forward:.1f} s | {flexi:.1f} s | "
+            f"{seconds / forward:.1%} ({seconds / flexi:.1%} Flexi) |"
         )
     lines += [
         "",

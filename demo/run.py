@@ -153,21 +153,22 @@ def run(argv: Sequence[str] | None = None) -> str:
         [
             "## Settings",
             "",
-            f"- corpus: {args.web_size} web examples (hidden noise: misaligned captions, boilerplate, near-duplicates, "
-            f"degraded and broken images), {args.curated_size} curated, {args.eval_size} per eval split; seed {args.seed}",
+            f"- corpus: {args.web_size} web examples (hidden noise: misaligned captions, boilerplate, "
+            f"near-duplicates, degraded and broken images), {args.curated_size} curated, {args.eval_size} per eval "
+            f"split; seed {args.seed}",
             f"- scoring job: read {counts.read}, scored {counts.scored}, dead-lettered {counts.dead_lettered} "
             f"({', '.join(f'{k} {v}' for k, v in counts.dead_letter.items())})",
             f"- learners: {args.learner_steps} steps of b = {jest_config.batch_size}; {args.jest_config} draws "
-            f"super-batches of B = {jest_config.superbatch_size} (f = {jest_config.filter_ratio}) and selects jointly by "
-            f"learnability in {jest_config.n_chunks} chunks"
+            f"super-batches of B = {jest_config.superbatch_size} (f = {jest_config.filter_ratio}) and selects "
+            f"jointly by learnability in {jest_config.n_chunks} chunks"
             + (
                 f", scoring them at patch {jest_config.coarse_patch_size} and training a random half of each sub-batch "
                 f"at patch {jest_config.patch_size} and the other half at {jest_config.coarse_patch_size}"
                 if jest_config.flexi
                 else ""
             ),
-            "- FLOPs: online is the learner's updates plus, for JEST, its scoring passes over the super-batches; offline "
-            f"scoring is the reference's forward once per example scored ({opened.scored:,} examples), spent "
+            "- FLOPs: online is the learner's updates plus, for JEST, its scoring passes over the super-batches; "
+            f"offline scoring is the reference's forward once per example scored ({opened.scored:,} examples), spent "
             "once for every run on these scores; the reference's training is its own row",
             "- stage wall-clock: " + ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items()),
         ]
