@@ -1,14 +1,8 @@
 """A run comparison report: `python -m curation.report --run uniform=runs/uniform --run jest=runs/jest ...`.
 
-Reads each run's `metrics.jsonl` and writes `report.md` with a summary table and PNG plots (matplotlib):
-  curves.png     zero-shot and retrieval against examples seen, online FLOPs and wall-clock
-  selection.png  learnability of selected vs random sub-batches, and the share of clean examples selected
-FLOPs come in two figures, counted the same way for every method: online, the learner's
-updates plus its scoring passes where the method's score uses them; and offline, the reference's forward once per
-example scored, counted for the runs that use the scores. The reference's training is offline too, amortised over
-every run on the same scores, and reported on its own row. "To reach" is interpolated linearly between the two
-evaluations around the crossing, and the table states the evaluation spacing it resolves. The first run given is
-the baseline the others are measured against.
+Reads each run's `metrics.jsonl` and writes `report.md` with a summary table and PNG plots, `curves.png` and
+`selection.png` (what they hold, and how FLOPs and "to reach" are counted: `curation/trainer/report.py`). The first
+run given is the baseline the others are measured against. Every run is checked before anything is written.
 """
 
 from __future__ import annotations

@@ -7,8 +7,7 @@ FLOPs come in two figures, counted the same way for every method: online, the le
 updates plus its scoring passes where the method's score uses them; and offline, the reference's forward once per
 example scored, counted for the runs that use the scores. The reference's training is offline too, amortised over
 every run on the same scores, and reported on its own row. "To reach" is interpolated linearly between the two
-evaluations around the crossing, and the table states the evaluation spacing it resolves. The first run given is
-the baseline the others are measured against.
+evaluations around the crossing, and the table states the evaluation spacing it resolves.
 """
 
 from __future__ import annotations
