@@ -10,7 +10,7 @@ from curation.shared import corpus
 from curation.shared.corpus import CorpusRecord, FieldNames
 from curation.shared.corpus_readers import iter_corpus, read_shard
 from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
-from curation.shared.errors import CorpusError
+from curation.shared.errors import TRUNCATED_SHARD, CorpusError
 from pipelines import corpus_io
 from pipelines.corpus_io import ReadCorpus
 
@@ -58,7 +58,7 @@ def test_beam_read_of_n_shards_yields_their_records_and_holds_back_a_shard_cut_s
     assert_that(errors, equal_to([]), label="CheckErrors")
     assert_that(
         failed | "Reasons" >> beam.Map(lambda e: (e.reason, os.path.basename(e.source))),
-        equal_to([(corpus.TRUNCATED_SHARD, f"00003{suffix}")]),
+        equal_to([(TRUNCATED_SHARD, f"00003{suffix}")]),
         label="CheckFailed",
     )
     result = pipeline.run()
@@ -126,7 +126,7 @@ def test_gcs_truncated_shard_is_an_error_record(gcs_bucket):
         f.write(data[:-3])
     items = list(read_shard(path, "tfrecord"))
     assert [type(i) for i in items] == [CorpusRecord] * 3 + [CorpusError]
-    assert items[-1].reason == corpus.TRUNCATED_SHARD and items[-1].source == path
+    assert items[-1].reason == TRUNCATED_SHARD and items[-1].source == path
 
 
 def test_reader_flags_override_the_default_field_names():

@@ -8,11 +8,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from curation.shared import corpus, tfrecord
+from curation.shared import corpus, corpus_readers, tfrecord
 from curation.shared.corpus import CorpusRecord, FieldNames
 from curation.shared.corpus_readers import iter_corpus, read_shard
 from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
-from curation.shared.errors import CorpusError, CorpusReadError
+from curation.shared.errors import (
+    CORRUPT_RECORD,
+    DUPLICATE_KEY,
+    MISSING_CAPTION,
+    MISSING_IMAGE,
+    TRUNCATED_SHARD,
+    UNREADABLE_SHARD,
+    CorpusError,
+    CorpusReadError,
+)
 
 JPEG = b"\xff\xd8\xff\xe0fake-jpeg"
 PNG = b"\x89PNG\r\n\x1a\nfake-png"
@@ -72,7 +81,7 @@ def test_iter_corpus_raises_on_an_empty_glob_and_can_raise_on_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown corpus format"):
         list(iter_corpus(str(tmp_path / "*.tar"), "zip"))
     (tmp_path / "bad.tar").write_bytes(b"this is not a tar file" * 100)
-    assert [e.reason for e in iter_corpus(str(tmp_path / "*.tar"), "wds")] == [corpus.UNREADABLE_SHARD]
+    assert [e.reason for e in iter_corpus(str(tmp_path / "*.tar"), "wds")] == [UNREADABLE_SHARD]
     with pytest.raises(CorpusReadError, match="unreadable_shard"):
         list(iter_corpus(str(tmp_path / "*.tar"), "wds", errors="raise"))
 
@@ -106,7 +115,7 @@ def test_wds_orphans_are_error_records_and_json_and_extra_members_become_metadat
     items = list(read_shard(path, "wds"))
     errors = {e.key: e.reason for e in items if isinstance(e, CorpusError)}
     # "dir/e" has a "seg.jpg" member, which is not one of the default image extensions.
-    assert errors == {"b": corpus.MISSING_CAPTION, "c": corpus.MISSING_IMAGE, "dir/e": corpus.MISSING_IMAGE}
+    assert errors == {"b": MISSING_CAPTION, "c": MISSING_IMAGE, "dir/e": MISSING_IMAGE}
     records = {r.key: r for r in items if isinstance(r, CorpusRecord)}
     assert list(records) == ["a", "d"]
     assert records["a"].metadata == {"url": "http://x", "w": 64}
@@ -119,7 +128,7 @@ def test_wds_orphans_are_error_records_and_json_and_extra_members_become_metadat
 def test_wds_non_adjacent_members_of_a_key_are_reported_not_merged(tmp_path):
     path = make_tar(tmp_path / "00000.tar", [("a.jpg", JPEG), ("b.jpg", JPEG), ("b.txt", b"b"), ("a.txt", b"a")])
     reasons = [(i.key, i.reason if isinstance(i, CorpusError) else "record") for i in read_shard(path, "wds")]
-    assert reasons == [("a", corpus.MISSING_CAPTION), ("b", "record"), ("a", corpus.DUPLICATE_KEY)]
+    assert reasons == [("a", MISSING_CAPTION), ("b", "record"), ("a", DUPLICATE_KEY)]
 
 
 @pytest.mark.parametrize("cut", ["mid_member", "block_boundary", "end_marker"])
@@ -147,7 +156,7 @@ def test_truncated_tar_gives_the_records_before_the_break_and_one_error(tmp_path
     expected = {"mid_member": 7, "block_boundary": 6, "end_marker": 11}[cut]
     assert len(good) == expected
     (error,) = errors
-    assert isinstance(error, CorpusError) and error.reason == corpus.TRUNCATED_SHARD
+    assert isinstance(error, CorpusError) and error.reason == TRUNCATED_SHARD
     assert error.source == str(path) and error.key == records[expected].key
     assert "truncated" in error.message
 
@@ -165,7 +174,7 @@ def test_tfrecord_crc_and_truncation_are_error_records_naming_the_file(tmp_path)
     broken.write_bytes(bytes(data[: frame_starts[5] + 10]))  # and cut inside record 5
     items = list(read_shard(str(broken), "tfrecord"))
     kinds = [i.reason if isinstance(i, CorpusError) else i.key for i in items]
-    assert kinds == ["k0000", "k0001", corpus.CORRUPT_RECORD, "k0003", "k0004", corpus.TRUNCATED_SHARD]
+    assert kinds == ["k0000", "k0001", CORRUPT_RECORD, "k0003", "k0004", TRUNCATED_SHARD]
     assert all(str(broken) == i.source for i in items)
     assert "00001-00000005" == items[-1].key and "byte" in items[-1].message
     assert project(items[3:5]) == project(records[3:5])
@@ -183,7 +192,7 @@ def test_tfrecord_written_by_tensorflow_reads_with_derived_keys_and_custom_featu
     items = list(read_shard(path, "tfrecord", fields))
     assert [(r.key, r.caption) for r in items[:3]] == [(f"part-7-{i:08d}", f"t{i}") for i in range(3)]
     assert items[0].metadata == {"score": 0.5, "ids": [1, 2]}
-    assert isinstance(items[3], CorpusError) and items[3].reason == corpus.MISSING_IMAGE
+    assert isinstance(items[3], CorpusError) and items[3].reason == MISSING_IMAGE
 
 
 def test_parquet_hf_image_struct_text_column_nulls_and_row_batches(tmp_path):
@@ -203,7 +212,7 @@ def test_parquet_hf_image_struct_text_column_nulls_and_row_batches(tmp_path):
     assert [r.key for r in items[:8]] == [f"train-00000-of-00002-{i:08d}" for i in range(8)]
     assert items[5].image == JPEG + b"\x05" and items[5].caption == "caption 5"
     assert items[5].metadata == {"url": "http://e/5", "width": 64}
-    assert (items[8].reason, items[9].reason) == (corpus.MISSING_CAPTION, corpus.MISSING_IMAGE)
+    assert (items[8].reason, items[9].reason) == (MISSING_CAPTION, MISSING_IMAGE)
     assert "elsewhere.jpg" in items[9].message
 
 
@@ -214,7 +223,7 @@ def test_parquet_without_an_image_column_and_non_parquet_files_are_shard_errors(
     not_parquet.write_bytes(b"PAR1 garbage")
     for path in (no_image, not_parquet):
         (error,) = read_shard(str(path), "parquet")
-        assert error.reason == corpus.UNREADABLE_SHARD and error.source == str(path)
+        assert error.reason == UNREADABLE_SHARD and error.source == str(path)
 
 
 def test_duplicate_keys_in_a_shard_are_reported(tmp_path):
@@ -222,14 +231,14 @@ def test_duplicate_keys_in_a_shard_are_reported(tmp_path):
     path = write_shard(tmp_path / "00000.parquet", "parquet", records + [records[1]])
     items = list(read_shard(path, "parquet"))
     assert [type(i).__name__ for i in items] == ["CorpusRecord"] * 3 + ["CorpusError"]
-    assert (items[3].key, items[3].reason) == ("k0001", corpus.DUPLICATE_KEY)
+    assert (items[3].key, items[3].reason) == ("k0001", DUPLICATE_KEY)
 
 
 def test_shard_stem_and_derived_keys():
     assert corpus.shard_stem("gs://b/web/00012.tfrecord.gz") == "00012"
     assert corpus.shard_stem("/x/train-0001.parquet") == "train-0001"
     assert corpus.derived_key("/x/00003.tar", 17) == "00003-00000017"
-    assert corpus.split_member_name("a/b/000123.seg.png") == ("a/b/000123", "seg.png")
+    assert corpus_readers.split_member_name("a/b/000123.seg.png") == ("a/b/000123", "seg.png")
 
 
 def test_gzipped_tfrecord_and_tar_are_read_through_the_filesystem_layer(tmp_path):
