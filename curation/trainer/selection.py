@@ -12,9 +12,16 @@ conditional score is c_i = S_ii + Σ_{k∈P} (S_ik + S_ki); each chunk is drawn 
 c += S[:, C].sum(1) + S[C, :].sum(0), so each chunk needs the B×|C| blocks, computed from embeddings: memory
 O(B·n_select/n_chunks), compute O(B·n_select·d), and no B×B array exists at any point.
 
-The softmax (CLIP/InfoNCE) variant scores candidate i by its InfoNCE loss (mean of image→text and text→image) with
-negatives restricted to P ∪ {i}, learner minus reference for learnability; it keeps running logsumexps over P per
-candidate. With P empty every such score is 0, so its first chunk is always a uniform draw.
+The softmax (CLIP/InfoNCE) variant scores candidate i by the same thing: what adding i adds to the sub-batch's summed
+loss L(P) = Σ_{k∈P} ½[(R_k − a_kk) + (C_k − a_kk)], with a_kj = t⟨x_k, y_j⟩, R_k = LSE_{j∈P} a_kj and
+C_k = LSE_{j∈P} a_jk. That marginal gain is i's own InfoNCE over P ∪ {i} plus how much each picked member's loss
+rises with i as a new negative:
+  Δ_i = ½[(LSE_{j∈P∪{i}} a_ij − a_ii) + (LSE_{j∈P∪{i}} a_ji − a_ii)]
+        + ½ Σ_{k∈P}[softplus(a_ki − R_k) + softplus(a_ik − C_k)]
+(learner minus reference for learnability). The first part comes from running logsumexps over P per candidate; the
+second depends on every R_k and C_k, which change as P grows, so it is recounted after each chunk over the picked
+chunks one B×|C| block at a time: the same memory as the sigmoid path, O(B·n_select/n_chunks), and up to n_chunks
+times its compute. With P empty every Δ_i is 0, so its first chunk is always a uniform draw.
 """
 
 from __future__ import annotations
@@ -125,8 +132,9 @@ def diagonal_scores(learner: Embeddings | None, reference: Embeddings | None, sc
 # Conditional scores of joint selection, as (init, scores, update) on a small per-candidate state.
 
 
-def _sigmoid_conditional(learner, reference, score):
+def _sigmoid_conditional(learner, reference, score, n_chunks, chunk_size):
     """State c [B]: c_i = S_ii + Σ_{k∈P}(S_ik + S_ki), updated by one chunk's rows and columns."""
+    del n_chunks, chunk_size  # c holds all that the picked chunks contribute
 
     def update(c, chunk):  # chunk: [n] indices
         return (
@@ -138,30 +146,49 @@ def _sigmoid_conditional(learner, reference, score):
     return diagonal_scores(learner, reference, score), (lambda c: c), update
 
 
-def _softmax_conditional(learner, reference, score):
-    """State per model: running logsumexp over P of row logits (image i vs texts in P) and column logits."""
+def _softmax_conditional(learner, reference, score, n_chunks, chunk_size):
+    """The marginal gain Δ_i of the summed InfoNCE. State: the picked chunks [n_chunks, chunk_size] and how many there
+    are, and per model the running logsumexps over P of every example's row logits (image vs texts in P: R) and
+    column logits (text vs images in P: C)."""
     models = {name: e for name, e in (("learner", learner), ("reference", reference)) if e is not None}
-    empty = jnp.full([_size(learner, reference)], -jnp.inf, next(iter(models.values())).zimg.dtype)
-    init = {name: (empty, empty) for name in models}  # (row [B], col [B])
+    n_examples = _size(learner, reference)
+    empty = jnp.full([n_examples], -jnp.inf, next(iter(models.values())).zimg.dtype)
+    init = {
+        "members": jnp.zeros([n_chunks, chunk_size], jnp.int32),
+        "n_picked_chunks": jnp.zeros([], jnp.int32),
+        "logsumexp": {name: (empty, empty) for name in models},  # (R [B], C [B])
+    }
+
+    def gain(e, state, row, col):
+        own = _own_logits(e)  # [B]
+        own_loss = 0.5 * ((jnp.logaddexp(row, own) - own) + (jnp.logaddexp(col, own) - own))
+
+        def members_rise(total, chunk_number):  # the picked chunk's members' losses, with each candidate added
+            members = state["members"][chunk_number]  # [n]
+            as_image = pair_logits(e.zimg[members], e.ztxt, e.t) - row[members][:, None]  # [n, B]: a_ki − R_k
+            as_text = pair_logits(e.zimg, e.ztxt[members], e.t) - col[members][None, :]  # [B, n]: a_ik − C_k
+            rise = jax.nn.softplus(as_image).sum(0) + jax.nn.softplus(as_text).sum(1)  # [B]
+            return total + jnp.where(chunk_number < state["n_picked_chunks"], rise, 0.0), None
+
+        rises, _ = jax.lax.scan(members_rise, jnp.zeros_like(own), jnp.arange(n_chunks))
+        return own_loss + 0.5 * rises
 
     def scores(state):
-        values = {}
-        for name, e in models.items():
-            row, col = state[name]
-            own = _own_logits(e)  # [B]
-            i2t = jnp.logaddexp(row, own) - own
-            t2i = jnp.logaddexp(col, own) - own
-            values[name] = 0.5 * (i2t + t2i)
+        values = {name: gain(e, state, *state["logsumexp"][name]) for name, e in models.items()}
         return _combine(score, values.get("learner"), values.get("reference"))
 
     def update(state, chunk):  # chunk: [n] indices
-        new = {}
+        logsumexp = {}
         for name, e in models.items():
-            row, col = state[name]
+            row, col = state["logsumexp"][name]
             row = jnp.logaddexp(row, jax.nn.logsumexp(pair_logits(e.zimg, e.ztxt[chunk], e.t), axis=1))  # [B]
             col = jnp.logaddexp(col, jax.nn.logsumexp(pair_logits(e.zimg[chunk], e.ztxt, e.t), axis=0))  # [B]
-            new[name] = (row, col)
-        return new
+            logsumexp[name] = (row, col)
+        return {
+            "members": state["members"].at[state["n_picked_chunks"]].set(chunk),
+            "n_picked_chunks": state["n_picked_chunks"] + 1,
+            "logsumexp": logsumexp,
+        }
 
     return init, scores, update
 
@@ -207,7 +234,7 @@ def joint_selection_trace(
     _check_sizes(n_examples, n_select, n_chunks)
     chunk_size = n_select // n_chunks
     conditional = _sigmoid_conditional if loss == "sigmoid" else _softmax_conditional
-    state, scores_of, update = conditional(learner, reference, score)
+    state, scores_of, update = conditional(learner, reference, score, n_chunks, chunk_size)
 
     nothing_picked = jnp.zeros([n_examples], bool)
     first_scores = scores_of(state)

@@ -74,11 +74,24 @@ def _numpy_infonce(e, i, negatives):
     return 0.5 * (i2t + t2i)
 
 
-def _numpy_softmax_conditional(learner, reference, score, picked):
+def _numpy_summed_infonce(e, members):
+    """L(P) = Σ_{k∈P} ½[(LSE_{j∈P} a_kj − a_kk) + (LSE_{j∈P} a_jk − a_kk)], a_kj = t⟨x_k, y_j⟩, counted densely."""
+    if not members:
+        return 0.0
+    a = e.t * e.zimg[members] @ e.ztxt[members].T  # [m, m]
+    own = np.diag(a)
+    return float(np.sum(0.5 * ((np.logaddexp.reduce(a, axis=1) - own) + (np.logaddexp.reduce(a, axis=0) - own))))
+
+
+def _numpy_softmax_gain(learner, reference, score, picked):
+    """L(P ∪ {i}) − L(P) for every unpicked i (−inf for the picked), learner minus reference for learnability."""
     n = len(learner.zimg)
     c = np.full(n, -np.inf)
     for i in set(range(n)) - set(picked):
-        values = {name: _numpy_infonce(e, i, picked) for name, e in (("l", learner), ("r", reference))}
+        values = {
+            name: _numpy_summed_infonce(e, picked + [i]) - _numpy_summed_infonce(e, picked)
+            for name, e in (("l", learner), ("r", reference))
+        }
         c[i] = {"hard_learner": values["l"], "easy_reference": -values["r"]}.get(score, values["l"] - values["r"])
     return c
 
@@ -157,7 +170,7 @@ def test_joint_selection_without_noise_is_numpy_greedy_chunkwise_argmax(score):
 
 
 @pytest.mark.parametrize("score", SCORES)
-def test_softmax_conditional_scores_equal_infonce_restricted_to_picked_and_self(score):
+def test_softmax_conditional_scores_are_the_marginal_gain_of_the_summed_loss(score):
     learner, reference = _random_pair(5, n=32)
     for noise in (True, False):
         with jax.enable_x64(True):
@@ -165,12 +178,26 @@ def test_softmax_conditional_scores_equal_infonce_restricted_to_picked_and_self(
                 jax.random.key(6), learner, reference, score=score, n_select=12, n_chunks=4, loss="softmax", noise=noise
             )
         chunks = _chunks(indices, 4)
-        np.testing.assert_array_equal(np.asarray(trace[0]), np.zeros(32))  # P empty: every score is 0
+        np.testing.assert_array_equal(np.asarray(trace[0]), np.zeros(32))  # P empty: every gain is 0
         for k in range(1, 4):
-            expected = _numpy_softmax_conditional(learner, reference, score, chunks[:k].ravel().tolist())
+            expected = _numpy_softmax_gain(learner, reference, score, chunks[:k].ravel().tolist())
             np.testing.assert_allclose(np.asarray(trace[k]), expected, rtol=1e-10, atol=1e-10)
             if not noise:
                 assert set(chunks[k].tolist()) == set(np.argsort(-expected)[:3].tolist())
+
+
+def test_the_softmax_gain_counts_the_rise_of_the_picked_members_losses():
+    """The gain differs from i's own InfoNCE over P ∪ {i} by what the picked members' losses rise: never less."""
+    learner, reference = _random_pair(8, n=24)
+    with jax.enable_x64(True):
+        indices, trace = joint_selection_trace(
+            jax.random.key(2), learner, reference, score="hard_learner", n_select=12, n_chunks=3, loss="softmax"
+        )
+    picked = _chunks(indices, 3)[:2].ravel().tolist()
+    unpicked = sorted(set(range(24)) - set(picked))
+    own = np.array([_numpy_infonce(learner, i, picked) for i in unpicked])  # i's own InfoNCE over P ∪ {i}
+    rise = np.asarray(trace[2])[unpicked] - own
+    assert np.all(rise > 0) and rise.max() > 0.1
 
 
 def test_subbatch_losses_are_sums_of_their_pair_blocks():
