@@ -17,6 +17,7 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from curation.trainer import input_pipeline
+from curation.trainer.metrics import CHANCE
 from models.losses import contrastive_loss
 from models.two_towers import ModelConfig, TwoTower
 
@@ -75,7 +76,9 @@ def evaluate_embeddings(
     zimg_retrieval: np.ndarray,
     ztxt_retrieval: np.ndarray,
 ) -> dict[str, float]:
-    """Every metric of one evaluation: per-task and mean zero-shot top-1, and retrieval recall@1/@5."""
+    """Every metric of one evaluation: per-task and mean zero-shot top-1, and retrieval recall@1/@5; beside them
+    each one's chance level (`chance/...`: 1 / classes of a task, 1 / candidates of retrieval's R@1), without which
+    an accuracy says nothing."""
     metrics: dict[str, float] = {}
     for task in tasks:
         prompts = [template.format(name) for name in task.classes for template in task.templates]
@@ -83,9 +86,11 @@ def evaluate_embeddings(
         metrics[f"zeroshot/{task.name}"] = zeroshot_accuracy(
             zimg_zeroshot, class_embeddings(prompt_embeddings), task.labels
         )
+        metrics[f"{CHANCE}zeroshot/{task.name}"] = 1.0 / len(task.classes)
     if tasks:
         metrics["zeroshot_top1"] = float(np.mean([metrics[f"zeroshot/{task.name}"] for task in tasks]))
     metrics.update(retrieval_recall(zimg_retrieval, ztxt_retrieval))
+    metrics[f"{CHANCE}retrieval_r1"] = 1.0 / len(zimg_retrieval)
     return metrics
 
 

@@ -15,6 +15,8 @@ from curation.trainer import run_files
 
 log = logging.getLogger(__name__)
 
+CHANCE = "chance/"  # prefix of a metric's chance level: chance/zeroshot/colour beside zeroshot/colour
+
 
 def _emulated_gcs(path: str) -> bool:
     """A gs:// path while STORAGE_EMULATOR_HOST points Google's Python clients at an emulator: TensorFlow's own GCS

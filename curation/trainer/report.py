@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from curation.trainer.metrics import read_metrics
+from curation.trainer.metrics import CHANCE, read_metrics
 
 
 @dataclasses.dataclass
@@ -32,6 +32,8 @@ class RunCurves:
     train_rows: list[dict]
     selecting: bool
     examples_drawn: np.ndarray | None = None  # super-batch examples read at each evaluation (B per step)
+    tasks: dict[str, float] = dataclasses.field(default_factory=dict)  # final accuracy per zero-shot task, and R@1
+    chance: dict[str, float] = dataclasses.field(default_factory=dict)  # their chance levels (runs that logged them)
 
     @property
     def total_flops(self) -> np.ndarray:
@@ -98,7 +100,58 @@ def load_run(name: str, workdir: str) -> RunCurves:
         train_rows=train_rows,
         selecting=selecting,
         examples_drawn=at_eval([row.get("superbatch_examples_seen", row["examples_seen"]) for row in train_rows]),
+        tasks=_final_tasks(eval_rows[-1]),
+        chance={name[len(CHANCE) :]: value for name, value in eval_rows[-1].items() if name.startswith(CHANCE)},
     )
+
+
+def _final_tasks(row: dict) -> dict[str, float]:
+    """Each zero-shot task's accuracy, and retrieval's R@1 (image→text and text→image averaged), of one evaluation."""
+    tasks = {name: value for name, value in row.items() if name.startswith("zeroshot/")}
+    return {**tasks, "retrieval_r1": (row["i2t_r1"] + row["t2i_r1"]) / 2}
+
+
+# The reference must be competent on a task for a comparison on it to mean anything (normalised accuracy).
+COMPETENT = 0.3
+
+
+def normalised(accuracy: float, chance: float) -> float:
+    """(accuracy − chance) / (1 − chance): 0 at chance, 1 when perfect."""
+    return (accuracy - chance) / (1 - chance)
+
+
+def task_table(runs: list[RunCurves], reference: RunCurves | None = None) -> list[str]:
+    """Each task's final accuracy beside its chance level, per run and for the reference, and the tasks on which
+    the reference is not competent (normalised accuracy below COMPETENT): a comparison there measures nothing."""
+    everyone = ([reference] if reference else []) + runs
+    names = [name for name in everyone[-1].tasks if all(name in run.tasks for run in everyone)]
+    chance = {name: next((run.chance[name] for run in everyone if name in run.chance), None) for name in names}
+    label = {name: name.removeprefix("zeroshot/").replace("retrieval_r1", "retrieval R@1") for name in names}
+    header = [f"{label[name]} (chance {chance[name]:.3f})" if chance[name] else label[name] for name in names]
+    lines = ["| run | " + " | ".join(header) + " |", "|---|" + "---|" * len(names)]
+    for run in everyone:
+        cells = [
+            f"{run.tasks[name]:.3f}"
+            + (f" ({normalised(run.tasks[name], chance[name]):+.2f})" if chance[name] is not None else "")
+            for name in names
+        ]
+        lines.append(f"| {run.name} | " + " | ".join(cells) + " |")
+    if any(value is not None for value in chance.values()):
+        lines += ["", "In brackets: normalised accuracy (accuracy − chance) / (1 − chance), 0 at chance."]
+    if reference is not None:
+        idle = [
+            f"{label[name]} ({normalised(reference.tasks[name], chance[name]):+.2f})"
+            for name in names
+            if name.startswith("zeroshot/")
+            and chance[name]
+            and normalised(reference.tasks[name], chance[name]) < COMPETENT
+        ]
+        if idle:
+            lines.append(
+                f"The reference is not competent (normalised accuracy below {COMPETENT}) on: {', '.join(idle)}. "
+                "A task the reference cannot do measures nothing; the mean zero-shot above includes it."
+            )
+    return lines
 
 
 def _fmt(value: float | None, kind: str) -> str:
@@ -276,6 +329,7 @@ def write_report(
                     f"{np.mean([r['superbatch_clean'] for r in rows]):.2f} in the super-batches."
                 )
         lines.append("")
+    lines += ["## Each task against its chance level", "", *task_table(curves, reference_run), ""]
     lines += ["## The loss's temperature and bias", "", *loss_parameter_lines(curves, reference_run), ""]
     if notes:
         lines += [notes, ""]

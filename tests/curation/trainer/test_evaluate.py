@@ -81,4 +81,6 @@ def test_evaluate_embeddings_builds_prompts_and_means_tasks():
     assert metrics["zeroshot/colour"] == 1.0
     assert metrics["zeroshot/shape"] == 0.5  # image 1 is a circle, labelled square
     assert metrics["zeroshot_top1"] == 0.75
+    assert metrics["chance/zeroshot/colour"] == 0.5 and metrics["chance/zeroshot/shape"] == 0.5  # 2 classes each
+    assert metrics["chance/retrieval_r1"] == 1 / len(axes)
     assert metrics["i2t_r1"] == 1.0 and metrics["t2i_r5"] == 1.0

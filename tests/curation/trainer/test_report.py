@@ -60,7 +60,7 @@ def test_report_table_gives_online_and_offline_flops_to_reach_the_baseline(tmp_p
         str(tmp_path / "ref"),
     )
     text = open(path).read()
-    lines = table_rows(text.split("## The loss's")[0])
+    lines = table_rows(text.split("## Each task")[0])
     # uniform reaches its own final (0.5) at step 100 = 400 examples; JEST at step 50 = 200 examples.
     assert lines["uniform"][:3] == ["0.500", "0.200", "400"]
     assert lines["jest"][:3] == ["0.700", "0.200", "200"]
@@ -117,3 +117,40 @@ def test_runs_logged_before_the_online_offline_split_still_load(tmp_path):
             f.write(json.dumps(row) + "\n")
     run = report.load_run("old", str(tmp_path / "old"))
     assert run.online_flops[-1] == 100 * 1.5e12 and run.offline_scoring_flops == 0
+
+
+def _with_tasks(workdir, colour, shape, chance=True):
+    """Give a run's last evaluation per-task accuracies (colour: 8 classes, shape: 6) and, optionally, their
+    chance levels."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    rows[-1].update({"zeroshot/colour": colour, "zeroshot/shape": shape})
+    if chance:
+        rows[-1].update({"chance/zeroshot/colour": 1 / 8, "chance/zeroshot/shape": 1 / 6, "chance/retrieval_r1": 0.002})
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.mark.parametrize("reference_shape, flagged", [(0.182, True), (0.9, False)])
+def test_task_table_gives_chance_levels_and_names_a_task_the_reference_cannot_do(tmp_path, reference_shape, flagged):
+    for name, colour, shape in [("uniform", 0.994, 0.188), ("jest", 1.0, 0.194), ("ref", 0.998, reference_shape)]:
+        write_run(tmp_path / name, [(50, 0.3), (100, (colour + shape) / 2)])
+        _with_tasks(tmp_path / name, colour, shape)
+    runs = [report.load_run(name, str(tmp_path / name)) for name in ("uniform", "jest")]
+    lines = report.task_table(runs, report.load_run("reference", str(tmp_path / "ref")))
+    assert lines[0] == "| run | colour (chance 0.125) | shape (chance 0.167) | retrieval R@1 (chance 0.002) |"
+    rows = table_rows("\n".join(lines))
+    assert rows["uniform"][1] == "0.188 (+0.03)" and rows["jest"][0] == "1.000 (+1.00)"
+    assert set(rows) == {"reference", "uniform", "jest"}
+    not_competent = [line for line in lines if line.startswith("The reference is not competent")]
+    assert bool(not_competent) is flagged
+    if flagged:
+        assert "shape (+0.02)" in not_competent[0] and "colour" not in not_competent[0]
+
+
+def test_task_table_of_runs_that_logged_no_chance_levels(tmp_path):
+    write_run(tmp_path / "old", [(100, 0.5)])
+    _with_tasks(tmp_path / "old", 0.9, 0.1, chance=False)
+    lines = report.task_table([report.load_run("old", str(tmp_path / "old"))])
+    assert lines[0] == "| run | colour | shape | retrieval R@1 |"
+    assert table_rows("\n".join(lines))["old"] == ["0.900", "0.100", "0.200"]
