@@ -201,6 +201,41 @@ def summary_table(runs: list[RunCurves], reference: dict[str, float] | None = No
     return "\n".join(lines)
 
 
+def flops_table(runs: list[RunCurves], reference: dict[str, float] | None = None) -> list[str]:
+    """Each run's FLOPs to reach the baseline's final zero-shot (online + offline scoring) against two denominators:
+    the baseline's whole run, and the baseline's own first reach of its final (a baseline that plateaus early makes
+    the first small); and, for the runs that use the reference's scores, the total with the reference's training."""
+    baseline = runs[0]
+    target = baseline.final["zeroshot"]
+    whole = baseline.final["total_flops"]
+    first_reach = baseline.to_reach(target, baseline.total_flops)
+    training = reference["flops"] if reference else None
+
+    def ratio(value: float | None, denominator: float | None) -> str:
+        return "—" if value is None or not denominator else f"{value / denominator:.2f}x"
+
+    lines = [
+        f"| method | to reach {baseline.name}'s final ({target:.3f}) | ÷ {baseline.name}'s whole run "
+        f"({_fmt(whole, 'flops')}) | ÷ {baseline.name}'s first reach ({_fmt(first_reach, 'flops')}) | "
+        "with the reference's training | ÷ whole run |",
+        "|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        reach = run.to_reach(target, run.total_flops)
+        uses_scores = run.offline_scoring_flops > 0 and training is not None
+        total = reach + training if reach is not None and uses_scores else None
+        lines.append(
+            f"| {run.name} | {_fmt(reach, 'flops')} | {ratio(reach, whole)} | {ratio(reach, first_reach)} | "
+            f"{_fmt(total, 'flops') if uses_scores else '—'} | {ratio(total, whole) if uses_scores else '—'} |"
+        )
+    lines += [
+        "",
+        "The reference's training is spent once per corpus and shared by every run on its scores; a run that uses "
+        "them is charged all of it here, as if it were the only one.",
+    ]
+    return lines
+
+
 def loss_parameter_lines(runs: list[RunCurves], reference: RunCurves | None = None) -> list[str]:
     """Per run: the sigmoid loss's t and b at the first and last logged step, and the off-diagonal share of joint
     selection's conditional scores (how much the pair terms weighed against S_ii) at the first and last."""
@@ -310,7 +345,9 @@ def write_report(
         reference = {**reference_run.final, "flops": float(reference_run.train_rows[-1]["train_flops"])}
     plot_curves(curves, os.path.join(out_dir, "curves.png"), reference)
     has_selection = plot_selection(curves, os.path.join(out_dir, "selection.png"))
-    lines = [f"# {title}", "", summary_table(curves, reference), "", "![curves](curves.png)", ""]
+    lines = [f"# {title}", "", summary_table(curves, reference), ""]
+    lines += ["## FLOPs against two denominators", "", *flops_table(curves, reference), ""]
+    lines += ["![curves](curves.png)", ""]
     if has_selection:
         lines += ["![selection](selection.png)", ""]
         for run in curves:

@@ -11,6 +11,8 @@ def test_the_demo_runs_end_to_end_and_writes_the_report(tmp_path):
     for row in ("| uniform |", "| jest |", "| reference (curated split) |"):
         assert row in text
     assert "scoring job: read 160, scored" in text
+    assert "| run | colour (chance 0.125) | shape (chance 0.167) |" in text  # each task beside its chance level
+    assert "÷ uniform's whole run" in text and "÷ uniform's first reach" in text  # both FLOPs denominators
     for image in ("curves.png", "selection.png"):
         assert os.path.getsize(os.path.join(out, image)) > 10_000
     # A second run finds every stage done and only rewrites the report.

@@ -60,7 +60,7 @@ def test_report_table_gives_online_and_offline_flops_to_reach_the_baseline(tmp_p
         str(tmp_path / "ref"),
     )
     text = open(path).read()
-    lines = table_rows(text.split("## Each task")[0])
+    lines = table_rows(text.split("## FLOPs against")[0])
     # uniform reaches its own final (0.5) at step 100 = 400 examples; JEST at step 50 = 200 examples.
     assert lines["uniform"][:3] == ["0.500", "0.200", "400"]
     assert lines["jest"][:3] == ["0.700", "0.200", "200"]
@@ -154,3 +154,18 @@ def test_task_table_of_runs_that_logged_no_chance_levels(tmp_path):
     lines = report.task_table([report.load_run("old", str(tmp_path / "old"))])
     assert lines[0] == "| run | colour | shape | retrieval R@1 |"
     assert table_rows("\n".join(lines))["old"] == ["0.900", "0.100", "0.200"]
+
+
+def test_flops_to_reach_against_the_baselines_whole_run_and_its_first_reach(tmp_path):
+    write_run(tmp_path / "uniform", [(50, 0.5), (100, 0.5)])  # reaches its final at step 50: 50 of its 100 TFLOP
+    write_run(tmp_path / "jest", [(50, 0.55), (100, 0.7)], selecting=True, offline=20e12)
+    write_run(tmp_path / "ref", [(100, 0.6)])  # its training: 100 steps of 1 TFLOP
+    runs = [report.load_run(name, str(tmp_path / name)) for name in ("uniform", "jest")]
+    reference = report.load_run("reference", str(tmp_path / "ref"))
+    lines = report.flops_table(runs, {**reference.final, "flops": reference.train_rows[-1]["train_flops"]})
+    assert "whole run (100.00 TFLOP)" in lines[0] and "first reach (50.00 TFLOP)" in lines[0]
+    rows = table_rows("\n".join(lines))
+    assert rows["uniform"] == ["50.00 TFLOP", "0.50x", "1.00x", "—", "—"]
+    # JEST reaches it at its first evaluation, step 50: 75 TFLOP online + 20 TFLOP of the reference's scoring.
+    assert rows["jest"] == ["95.00 TFLOP", "0.95x", "1.90x", "195.00 TFLOP", "1.95x"]
+    assert report.flops_table(runs)[2].split("|")[5].strip() == "—"  # no reference given: no total with it
