@@ -7,7 +7,7 @@ rate a step: over a few hundred steps at 1e-3 they barely move. For each multipl
 (`--temperature_bias_lr_multiplier`), this trains the demo's reference config on the curated split and a JEST
 learner on the demo's scored web split (the demo's reference scores), then reports t and b at the start and the
 end, the final zero-shot, retrieval and held-out loss, and, for JEST, the off-diagonal share of the conditional
-scores joint selection drew by (0: joint selection is independent selection by S_ii). Writes the "Temperature and
+scores joint selection drew by (0: joint selection draws by each candidate's S_ii alone). Writes the "Temperature and
 bias" section of bench/RESULTS.md; the trainer's default multiplier is chosen from it.
 """
 

@@ -22,6 +22,9 @@ rises with i as a new negative:
 second depends on every R_k and C_k, which change as P grows, so it is recounted after each chunk over the picked
 chunks one B×|C| block at a time: the same memory as the sigmoid path, O(B·n_select/n_chunks), and up to n_chunks
 times its compute. With P empty every Δ_i is 0, so its first chunk is always a uniform draw.
+
+Independent selection (RHO-LOSS style) scores example i, for either loss, by its share ℓ_i of the super-batch's
+summed loss L(B) = Σ_i ℓ_i (`example_scores`), the per-example quantity both losses define.
 """
 
 from __future__ import annotations
@@ -273,6 +276,15 @@ def _infonce_against(e: Embeddings, examples: jax.Array, against: jax.Array, blo
     return jax.lax.map(one, examples, batch_size=block_size)
 
 
+def _sigmoid_share(e: Embeddings, block_size: int) -> jax.Array:
+    """[B] ½[Σ_j ℓ_ij + Σ_j ℓ_ji]: each example's row and column of the pair-loss matrix, halved, in B×block blocks."""
+
+    def one(i):
+        return 0.5 * (_pair_losses(e, i[None], None).sum() + _pair_losses(e, None, i[None]).sum())
+
+    return jax.lax.map(one, jnp.arange(e.zimg.shape[0]), batch_size=block_size)
+
+
 def example_scores(
     learner: Embeddings | None,
     reference: Embeddings | None,
@@ -280,19 +292,26 @@ def example_scores(
     loss: str = "sigmoid",
     block_size: int = 256,
 ) -> jax.Array:
-    """[B] per-example scores of independent selection: S_ii (sigmoid), or the InfoNCE in the whole super-batch.
+    """[B] per-example scores of independent selection: each example's share ℓ_i of the super-batch's summed loss.
 
-    A lone example's InfoNCE is 0, so the softmax variant uses the whole super-batch as negatives (RHO-LOSS style),
-    computed `block_size` rows at a time.
+    Softmax ℓ_i = ½[(LSE_{j∈B} a_ij − a_ii) + (LSE_{j∈B} a_ji − a_ii)], its InfoNCE against the whole super-batch;
+    sigmoid ℓ_i = ½[Σ_j ℓ_ij + Σ_j ℓ_ji], its row and column of pair losses halved (ℓ_ii counted once). A contrastive
+    loss is only defined within a batch (a lone example's InfoNCE is 0); this is the one per-example quantity both
+    losses define that sums to the loss the learner trains on, with the whole super-batch (not a picked sub-batch)
+    as every example's context. Combined as the pair scores are (learner minus reference for learnability);
+    `block_size` examples at a time: O(B²d) compute, O(B·block_size) memory.
     """
-    if loss == "sigmoid":
-        return diagonal_scores(learner, reference, score)
-    if loss != "softmax":
+    if loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; known: {LOSSES}")
     learner, reference = _models(learner, reference, score)
     everyone = jnp.arange(_size(learner, reference))
-    values = [None if e is None else _infonce_against(e, everyone, everyone, block_size) for e in (learner, reference)]
-    return _combine(score, *values)
+
+    def share(e):
+        if loss == "sigmoid":
+            return _sigmoid_share(e, block_size)
+        return _infonce_against(e, everyone, everyone, block_size)
+
+    return _combine(score, *[None if e is None else share(e) for e in (learner, reference)])
 
 
 def subbatch_score(

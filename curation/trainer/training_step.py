@@ -73,7 +73,7 @@ def off_diagonal_share(traces: jax.Array, indices: jax.Array, diagonal: jax.Arra
     candidate alone: Σ|c_i − S_ii| / (Σ|S_ii| + Σ|c_i − S_ii|) over the picks of every chunk after the first.
 
     traces [n_chunks, B]: the scores each chunk was drawn from; indices [b] in pick order; diagonal [B]: S_ii.
-    0 means joint selection is independent selection by S_ii; it grows as the pair terms matter."""
+    0 means joint selection draws by each candidate's S_ii alone; it grows as the pair terms matter."""
     if n_chunks < 2:
         return jnp.zeros([])
     chunk = indices.shape[0] // n_chunks

@@ -19,7 +19,7 @@ from curation.trainer.selection import (
     select,
     subbatch_score,
 )
-from models.losses import sigmoid_loss, softmax_loss
+from models.losses import contrastive_loss, sigmoid_loss, softmax_loss
 from tests.four_devices import run_on_four_cpu_devices
 
 
@@ -55,6 +55,23 @@ def _numpy_conditional(S, picked):
     c = np.diag(S) + S[:, picked].sum(1) + S[picked, :].sum(0)
     c[picked] = -np.inf
     return c
+
+
+def _numpy_combine(score, learner_value, reference_value):
+    """Learner − reference, learner, or −reference, as the score asks."""
+    values = {"hard_learner": learner_value, "easy_reference": -reference_value}
+    return values.get(score, learner_value - reference_value)
+
+
+def _numpy_shares(e, loss):
+    """[B] ℓ_i with L(B) = Σ_i ℓ_i, from the dense B×B matrix: sigmoid ½(row + column of pair losses), softmax
+    ½[(LSE_j a_ij − a_ii) + (LSE_j a_ji − a_ii)] with a_kj = t⟨x_k, y_j⟩."""
+    if loss == "sigmoid":
+        losses = _numpy_pair_losses(e)
+        return 0.5 * (losses.sum(1) + losses.sum(0))
+    a = e.t * e.zimg @ e.ztxt.T
+    own = np.diag(a)
+    return 0.5 * ((np.logaddexp.reduce(a, axis=1) - own) + (np.logaddexp.reduce(a, axis=0) - own))
 
 
 def _numpy_greedy(S, n_select, n_chunks):
@@ -162,7 +179,7 @@ def test_joint_selection_without_noise_is_numpy_greedy_chunkwise_argmax(score):
             jax.random.key(0), learner, reference, method="joint", score=score, n_select=16, n_chunks=4, noise=False
         )
     np.testing.assert_array_equal(np.asarray(indices), expected)
-    # Conditioning matters: the joint pick differs from the top-16 by S_ii alone.
+    # Conditioning matters: the joint pick differs from independent selection's top 16.
     independent = select(
         jax.random.key(0), learner, reference, method="independent", score=score, n_select=16, noise=False
     )
@@ -220,13 +237,37 @@ def test_subbatch_losses_are_sums_of_their_pair_blocks():
         np.testing.assert_allclose(softmax, softmax_loss(*sub(learner)) - softmax_loss(*sub(reference)), rtol=1e-12)
 
 
-def test_softmax_example_scores_use_the_whole_superbatch():
-    learner, reference = _random_pair(8, n=20)
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("score", SCORES)
+def test_example_scores_are_each_examples_share_of_the_summed_loss(score, loss):
+    learner, reference = _random_pair(16, n=12)
+    shares = {name: _numpy_shares(e, loss) for name, e in (("learner", learner), ("reference", reference))}
     with jax.enable_x64(True):
-        scores = example_scores(learner, reference, "learnability", loss="softmax", block_size=3)
-    everyone = list(range(20))
-    expected = [_numpy_infonce(learner, i, everyone) - _numpy_infonce(reference, i, everyone) for i in everyone]
-    np.testing.assert_allclose(np.asarray(scores), expected, rtol=1e-10)
+        scores = np.asarray(example_scores(learner, reference, score, loss, block_size=5))  # 5 does not divide 12
+        # The trainer's batch loss is the summed loss over the batch size (sigmoid: Σ_ij ℓ_ij / B; softmax: the mean
+        # of the image→text and text→image means), so B times it is the summed loss L(B).
+        summed = {
+            name: 12 * float(contrastive_loss(loss, e.zimg, e.ztxt, {"t": e.t, "b": e.b}))
+            for name, e in (("learner", learner), ("reference", reference))
+        }
+    np.testing.assert_allclose(scores, _numpy_combine(score, shares["learner"], shares["reference"]), rtol=1e-12)
+    np.testing.assert_allclose(scores.sum(), _numpy_combine(score, summed["learner"], summed["reference"]), rtol=1e-12)
+    if loss == "sigmoid":  # the row and column count: not the own pair alone
+        assert not np.allclose(scores, np.diag(_numpy_scores(learner, reference, score)))
+
+
+@pytest.mark.parametrize("score", SCORES)
+def test_independent_selection_ranks_by_the_share_where_s_ii_ranks_otherwise(score):
+    learner, reference = _random_pair(17, n=32)
+    shares = _numpy_combine(score, _numpy_shares(learner, "sigmoid"), _numpy_shares(reference, "sigmoid"))
+    by_share = np.argsort(-shares)[:8]
+    by_own_pair = np.argsort(-np.diag(_numpy_scores(learner, reference, score)))[:8]
+    assert set(by_share.tolist()) != set(by_own_pair.tolist())  # the two definitions disagree here
+    with jax.enable_x64(True):
+        indices = select(
+            jax.random.key(0), learner, reference, method="independent", score=score, n_select=8, noise=False
+        )
+    np.testing.assert_array_equal(np.asarray(indices), by_share)
 
 
 def test_sampling_frequencies_follow_the_softmax_of_conditional_scores():
@@ -241,9 +282,10 @@ def test_sampling_frequencies_follow_the_softmax_of_conditional_scores():
 
     softmax = lambda x: np.exp(x - x.max()) / np.exp(x - x.max()).sum()  # noqa: E731
     first = softmax(np.diag(S))
-    for method in ("joint", "independent"):
+    # Joint selection's first chunk by S_ii; independent selection by each example's share ½(row + column of S).
+    for method, expected in (("joint", first), ("independent", softmax(0.5 * (S.sum(0) + S.sum(1))))):
         frequencies = np.bincount(draw(method, 1, 1)[:, 0], minlength=4) / len(keys)
-        np.testing.assert_allclose(frequencies, first, atol=0.025)
+        np.testing.assert_allclose(frequencies, expected, atol=0.025)
     # Second chunk: ∝ softmax over j ≠ i of S_jj + S_ij + S_ji, given the first pick i.
     pairs = draw("joint", 2, 2)
     for i in range(4):
@@ -294,6 +336,15 @@ def test_joint_selection_never_builds_a_superbatch_square(loss):
     fn = functools.partial(select, method="joint", n_select=16, n_chunks=4, loss=loss)
     shapes = list(_walk_shapes(jax.make_jaxpr(fn)(jax.random.key(0), learner, reference).jaxpr))
     assert (64, 4) in shapes or (4, 64) in shapes  # the blocks are there
+    assert max(int(np.prod(shape)) for shape in shapes) <= 64 * 8
+
+
+@pytest.mark.parametrize("loss", ["sigmoid", "softmax"])
+def test_independent_selection_never_builds_a_superbatch_square(loss):
+    learner, reference = _random_pair(13, n=64)
+    fn = functools.partial(select, method="independent", n_select=16, n_chunks=4, loss=loss)
+    shapes = list(_walk_shapes(jax.make_jaxpr(fn)(jax.random.key(0), learner, reference).jaxpr))
+    assert any(int(np.prod(shape)) == 64 * 4 and {4, 64} <= set(shape) for shape in shapes)  # B×block blocks
     assert max(int(np.prod(shape)) for shape in shapes) <= 64 * 8
 
 
