@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.Trai
     if unknown:
         parser.fail_unknown(unknown)
     fields = {field.name for field in dataclasses.fields(base)}
-    try:
+    try:  # TrainConfig checks --schedule as it is made (one of configs.SCHEDULES)
         config = dataclasses.replace(base, **{name: value for name, value in vars(args).items() if name in fields})
         config.superbatch_size  # validates filter_ratio
         if config.selection_loss not in training_step.SELECTION_LOSSES:

@@ -88,6 +88,14 @@ def test_train_bad_field_value(capsys, train_paths):
     assert not train_paths[1].exists()
 
 
+def test_train_unknown_schedule(capsys, train_paths):
+    line = refused(capsys, train_cli.main, train_argv(train_paths, "--config", "uniform", "--schedule", "linear"))
+    assert "unknown schedule 'linear'; known: cosine, constant" in line
+    assert not train_paths[1].exists()
+    _, config = train_cli.parse_args(train_argv(train_paths, "--config", "uniform", "--schedule=constant"))
+    assert config.schedule == "constant"
+
+
 def test_train_workdir_is_a_file(capsys, tmp_path):
     workdir = tmp_path / "work"
     workdir.write_text("")

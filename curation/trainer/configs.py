@@ -13,6 +13,10 @@ from typing import Any, Callable
 
 from models.two_towers import ModelConfig
 
+# The learning rate after the linear warm-up: "cosine" decays it to 0 at total_steps; "constant" holds the peak to
+# the end, so a run that plateaus does so because of its data, not because its learning rate has run out.
+SCHEDULES = ("cosine", "constant")
+
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
@@ -36,6 +40,7 @@ class TrainConfig:
     total_steps: int = 500
     learning_rate: float = 1e-3
     warmup_steps: int = 50
+    schedule: str = "cosine"  # after warm-up: "cosine" (to 0 at total_steps) or "constant" (the peak); SCHEDULES
     weight_decay: float = 1e-4
     seed: int = 0
     # The sigmoid loss's temperature t (exponentiated) and bias b at step 0, and how much faster than the other
@@ -65,6 +70,10 @@ class TrainConfig:
     eval_every: int = 100
     checkpoint_every: int = 100
     eval_size: int = 0  # examples per eval split to use; 0 = all
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
 
     def model_config(self, vocab_size: int) -> ModelConfig:
         return ModelConfig(
@@ -133,7 +142,8 @@ def jest_flexi() -> TrainConfig:
 
 
 def independent() -> TrainConfig:
-    """Baseline: examples sampled independently by their own learnability S_ii (RHO-LOSS style)."""
+    """Baseline: examples sampled independently by their own learnability, each one's share of the super-batch's
+    summed learner-minus-reference loss (RHO-LOSS style)."""
     return dataclasses.replace(jest(), name="independent", selection="independent")
 
 

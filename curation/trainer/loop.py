@@ -46,13 +46,29 @@ def make_mesh(batch_size: int, devices=None) -> jax.sharding.Mesh:
 LOSS_PARAMS = ("log_temperature", "bias")  # the top-level params of the sigmoid loss's t and b
 
 
+def learning_rate_schedule(config: configs.TrainConfig) -> optax.Schedule:
+    """The learning rate at each step: 0 rising linearly to `learning_rate` over `warmup_steps`, then by
+    `config.schedule` cosine decay to 0 at `total_steps`, or the peak held to the end ("constant")."""
+    if config.schedule == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, config.learning_rate, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1)
+        )
+    if config.schedule == "constant":  # joined so that warmup_steps=0 starts at the peak, as cosine does
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
+                optax.constant_schedule(config.learning_rate),
+            ],
+            [config.warmup_steps],
+        )
+    raise ValueError(f"unknown schedule {config.schedule!r}; known: {', '.join(configs.SCHEDULES)}")
+
+
 def make_optimizer(config: configs.TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay; no weight decay on biases, norms, temperature. The loss's t and b
-    take steps `temperature_bias_lr_multiplier` times as long (a multiplier of 1 is plain AdamW, whose state
-    checkpoints of earlier runs hold)."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, config.warmup_steps, max(config.total_steps, config.warmup_steps + 1)
-    )
+    """AdamW with linear warmup, then cosine decay or a constant rate (`learning_rate_schedule`); no weight decay on
+    biases, norms, temperature. The loss's t and b take steps `temperature_bias_lr_multiplier` times as long (a
+    multiplier of 1 is plain AdamW, whose state checkpoints of earlier runs hold)."""
+    schedule = learning_rate_schedule(config)
     decay_mask = lambda params: jax.tree_util.tree_map(lambda p: p.ndim > 1, params)  # noqa: E731
     adamw = optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask)
     if config.temperature_bias_lr_multiplier == 1.0:

@@ -11,12 +11,20 @@ log = logging.getLogger(__name__)
 # total_steps (a finished run extended; its learning-rate schedule then follows the new total).
 MAY_CHANGE_ON_RESUME = ("log_every", "eval_every", "checkpoint_every", "eval_size", "total_steps", "input_processes")
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard", "model")
+# Fields added to the config later, with the value every run saved before then had: a config.json without the
+# field reads as that (a run of an earlier version trained with cosine decay).
+OLDER_RUNS_HAD = {"schedule": "cosine"}
 
 
 def saved_run_config(config: configs.TrainConfig, scored_dir: str | None, num_processes: int) -> dict:
     """What `config.json` records: the config, the scored data, and how many processes read the data (each
     process's data position is its own, so a run resumes with as many)."""
     return {**config.to_dict(), "scored": scored_dir, "num_processes": num_processes}
+
+
+def read_run_config(path: str) -> dict:
+    """A run's `config.json`, with the value of `OLDER_RUNS_HAD` for each field it predates."""
+    return {**OLDER_RUNS_HAD, **run_files.read_json(path)}
 
 
 def check_workdir(
@@ -39,9 +47,9 @@ def check_workdir(
                 run_files.remove(run_files.join(workdir, name))
             log.info("starting over: removed the earlier run's files from %s", workdir)
         return
-    saved = run_files.read_json(path)
+    saved = read_run_config(path)
     wanted = saved_run_config(config, scored_dir, num_processes)
-    # A field a run of an earlier version did not save is not compared: what it was then is not known.
+    # Any other field a run of an earlier version did not save is not compared: what it was then is not known.
     differing = [
         name
         for name in sorted(wanted)

@@ -226,6 +226,100 @@ def test_the_temperature_and_bias_learn_at_their_own_rate():
     assert fast["other"] == pytest.approx(plain["other"], rel=1e-6) and plain["other"] > 0
 
 
+def _schedule_config(schedule: str, **changes) -> configs.TrainConfig:
+    return dataclasses.replace(
+        SMOKE, **{"schedule": schedule, "learning_rate": 1e-3, "warmup_steps": 10, "total_steps": 100, **changes}
+    )
+
+
+def test_the_constant_schedule_warms_up_linearly_then_holds_the_peak_to_the_end():
+    from curation.trainer.loop import learning_rate_schedule
+
+    constant = learning_rate_schedule(_schedule_config("constant"))
+    cosine = learning_rate_schedule(_schedule_config("cosine"))
+    assert float(constant(0)) == 0.0
+    for step in (1, 3, 5, 9):  # the same linear warm-up as cosine's: step/warmup of the peak
+        assert float(constant(step)) == pytest.approx(1e-3 * step / 10, rel=1e-6)
+        assert float(constant(step)) == float(cosine(step))
+    for step in (10, 11, 50, 75, 99, 100, 150):  # the peak, exactly, from the warm-up's end to the last step and on
+        assert float(constant(step)) == np.float32(1e-3)
+    # Without warm-up it starts at the peak (a linear warm-up over 0 steps alone would hold it at 0).
+    assert float(learning_rate_schedule(_schedule_config("constant", warmup_steps=0))(0)) == np.float32(1e-3)
+
+
+def test_the_cosine_schedule_is_as_before():
+    import optax
+
+    from curation.trainer.loop import learning_rate_schedule
+
+    assert configs.TrainConfig().schedule == "cosine"
+    assert all(make().schedule == "cosine" for make in configs.CONFIGS.values())
+    cosine = learning_rate_schedule(_schedule_config("cosine"))
+    before = optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100)
+    for step in (0, 5, 10, 30, 55, 80, 99, 100):
+        assert float(cosine(step)) == float(before(step))
+    assert float(cosine(10)) == pytest.approx(1e-3)
+    assert float(cosine(55)) == pytest.approx(0.5e-3, rel=1e-5)  # half-way through the decay: half the peak
+    assert float(cosine(100)) == 0.0
+
+
+def test_the_optimizer_steps_at_the_schedules_rate():
+    """Adam's step on a constant gradient is about the learning rate: at the last of 100 steps the constant
+    schedule's is the peak, cosine's nearly 0."""
+    import optax
+
+    from curation.trainer.loop import make_optimizer
+
+    def last_step(schedule: str) -> float:
+        config = _schedule_config(schedule, weight_decay=0.0, temperature_bias_lr_multiplier=1.0)
+        optimizer, params = make_optimizer(config), {"w": jnp.ones((2, 2))}
+        state, grads = optimizer.init(params), {"w": jnp.ones((2, 2))}
+        for _ in range(100):
+            updates, state = optimizer.update(grads, state, params)
+        return float(-updates["w"][0, 0])
+
+    assert last_step("constant") == pytest.approx(1e-3, rel=1e-3)
+    at_99 = float(optax.warmup_cosine_decay_schedule(0.0, 1e-3, 10, 100)(99))
+    assert last_step("cosine") == pytest.approx(at_99, rel=1e-3)
+    assert last_step("cosine") < 1e-5
+
+
+def test_an_unknown_schedule_is_refused_naming_the_known_ones():
+    from curation.trainer.loop import learning_rate_schedule
+
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; known: cosine, constant"):
+        dataclasses.replace(SMOKE, schedule="linear")
+    with pytest.raises(ValueError, match="unknown schedule 'Constant'; known: cosine, constant"):
+        configs.get_config("uniform", overrides={"schedule": "Constant"})
+    assert configs.get_config("uniform", overrides={"schedule": "constant"}).schedule == "constant"
+    unchecked = dataclasses.replace(SMOKE)
+    object.__setattr__(unchecked, "schedule", "linear")  # past the config's own check
+    with pytest.raises(ValueError, match="unknown schedule 'linear'; known: cosine, constant"):
+        learning_rate_schedule(unchecked)
+
+
+def test_the_schedule_is_saved_and_a_run_saved_before_it_existed_resumes_as_cosine(tmp_path):
+    from curation.trainer.workdir import check_workdir, read_run_config, write_run_config
+
+    # A run written before the field: no "schedule" in its config.json, read as cosine.
+    old_workdir = os.path.join(BEFORE_V2, "uniform_run")
+    assert "schedule" not in json.load(open(os.path.join(old_workdir, "config.json")))
+    assert read_run_config(os.path.join(old_workdir, "config.json"))["schedule"] == "cosine"
+    check_workdir(OLD_RUN, old_workdir, None, start_over=False)  # resumes as cosine
+    with pytest.raises(ValueError, match=r"another config: schedule \(saved 'cosine', now 'constant'\)"):
+        check_workdir(dataclasses.replace(OLD_RUN, schedule="constant"), old_workdir, None, start_over=False)
+
+    # A run now: its config.json holds its schedule, and it resumes only with that schedule.
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    constant = dataclasses.replace(SMOKE, schedule="constant")
+    write_run_config(workdir, constant, None)
+    assert json.load(open(os.path.join(workdir, "config.json")))["schedule"] == "constant"
+    check_workdir(constant, workdir, None, start_over=False)
+    with pytest.raises(ValueError, match=r"another config: schedule \(saved 'constant', now 'cosine'\)"):
+        check_workdir(SMOKE, workdir, None, start_over=False)
+
+
 def test_a_workdir_of_another_config_is_refused_naming_the_fields_unless_starting_over(tiny_corpus, tmp_path):
     from curation.train import main
 
