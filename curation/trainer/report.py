@@ -1,7 +1,8 @@
 """Run comparison: the summary table and PNG plots of `report.md`, from each run's `metrics.jsonl`.
 
 Reads each run's `metrics.jsonl` and writes `report.md` with a summary table and PNG plots (matplotlib):
-  curves.png     zero-shot and retrieval against examples seen, online FLOPs and wall-clock
+  curves.png     zero-shot and retrieval against examples seen, online FLOPs and wall-clock; each task against
+                 examples seen, with its chance level
   selection.png  learnability of selected vs random sub-batches, and the share of clean examples selected
 FLOPs come in two figures, counted the same way for every method: online, the learner's
 updates plus its scoring passes where the method's score uses them; and offline, the reference's forward once per
@@ -18,6 +19,7 @@ import os
 import numpy as np
 
 from curation.trainer.metrics import CHANCE, read_metrics
+from curation.trainer.report_plots import plot_curves, plot_selection
 
 
 @dataclasses.dataclass
@@ -32,8 +34,14 @@ class RunCurves:
     train_rows: list[dict]
     selecting: bool
     examples_drawn: np.ndarray | None = None  # super-batch examples read at each evaluation (B per step)
-    tasks: dict[str, float] = dataclasses.field(default_factory=dict)  # final accuracy per zero-shot task, and R@1
+    # each zero-shot task's accuracy (zeroshot/NAME), and retrieval_r1, at each evaluation (runs that logged them)
+    task_curves: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     chance: dict[str, float] = dataclasses.field(default_factory=dict)  # their chance levels (runs that logged them)
+
+    @property
+    def tasks(self) -> dict[str, float]:
+        """Each task's final accuracy."""
+        return {name: float(values[-1]) for name, values in self.task_curves.items()}
 
     @property
     def total_flops(self) -> np.ndarray:
@@ -100,15 +108,17 @@ def load_run(name: str, workdir: str) -> RunCurves:
         train_rows=train_rows,
         selecting=selecting,
         examples_drawn=at_eval([row.get("superbatch_examples_seen", row["examples_seen"]) for row in train_rows]),
-        tasks=_final_tasks(eval_rows[-1]),
+        task_curves=_task_curves(eval_rows),
         chance={name[len(CHANCE) :]: value for name, value in eval_rows[-1].items() if name.startswith(CHANCE)},
     )
 
 
-def _final_tasks(row: dict) -> dict[str, float]:
-    """Each zero-shot task's accuracy, and retrieval's R@1 (image→text and text→image averaged), of one evaluation."""
-    tasks = {name: value for name, value in row.items() if name.startswith("zeroshot/")}
-    return {**tasks, "retrieval_r1": (row["i2t_r1"] + row["t2i_r1"]) / 2}
+def _task_curves(rows: list[dict]) -> dict[str, np.ndarray]:
+    """Each zero-shot task's accuracy, and retrieval's R@1 (image→text and text→image averaged), at each evaluation:
+    the tasks the last evaluation logged, NaN at an evaluation that did not log one."""
+    names = [name for name in rows[-1] if name.startswith("zeroshot/")]
+    curves = {name: np.array([row.get(name, np.nan) for row in rows], float) for name in names}
+    return {**curves, "retrieval_r1": np.array([(row["i2t_r1"] + row["t2i_r1"]) / 2 for row in rows], float)}
 
 
 # The reference must be competent on a task for a comparison on it to mean anything (normalised accuracy).
@@ -253,82 +263,6 @@ def loss_parameter_lines(runs: list[RunCurves], reference: RunCurves | None = No
     return lines
 
 
-def plot_curves(runs: list[RunCurves], path: str, reference: dict[str, float] | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(2, 3, figsize=(15, 8), constrained_layout=True)
-    for row, (metric, label) in enumerate(
-        [("zeroshot", "zero-shot top-1 (mean of tasks)"), ("recall", "retrieval R@1 (mean i→t, t→i)")]
-    ):
-        for column, (axis, xlabel) in enumerate(
-            [
-                ("examples", "examples trained on"),
-                ("online_flops", "online FLOPs (learner updates and scoring)"),
-                ("wall_s", "wall-clock (s)"),
-            ]
-        ):
-            ax = axes[row, column]
-            for run in runs:
-                ax.plot(getattr(run, axis), getattr(run, metric), marker="o", markersize=3, label=run.name)
-            if reference:
-                ax.axhline(reference[metric], color="grey", linestyle="--", label="reference")
-            ax.set_xlabel(xlabel)
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-    axes[0, 0].legend()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-def plot_selection(runs: list[RunCurves], path: str) -> bool:
-    """Selected vs random learnability and cleanliness over training; False when no run selects."""
-    selecting = [run for run in runs if run.selecting]
-    if not selecting:
-        return False
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), constrained_layout=True)
-    for run in selecting:
-        steps = [row["step"] for row in run.train_rows]
-        if "selected_learnability" in run.train_rows[-1]:  # runs whose score needs no learner pass have none
-            (line,) = left.plot(
-                steps, [row["selected_learnability"] for row in run.train_rows], label=f"{run.name}: selected"
-            )
-            left.plot(
-                steps,
-                [row["random_learnability"] for row in run.train_rows],
-                color=line.get_color(),
-                linestyle=":",
-                label=f"{run.name}: random sub-batch",
-            )
-        (line,) = right.plot(steps, [row["selected_clean"] for row in run.train_rows], label=f"{run.name}: selected")
-        right.plot(
-            steps,
-            [row["superbatch_clean"] for row in run.train_rows],
-            color=line.get_color(),
-            linestyle=":",
-            label=f"{run.name}: super-batch",
-        )
-    left.set(
-        xlabel="step",
-        ylabel="learnability per example (learner − reference loss)",
-        title="learnability of the sub-batch",
-    )
-    right.set(xlabel="step", ylabel="share of clean examples (hidden truth)", title="cleanliness", ylim=(0, 1))
-    for ax in (left, right):
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return True
-
-
 def write_report(
     runs: dict[str, str],
     out_dir: str,
@@ -343,7 +277,7 @@ def write_report(
     if reference_workdir:
         reference_run = load_run("reference", reference_workdir)
         reference = {**reference_run.final, "flops": float(reference_run.train_rows[-1]["train_flops"])}
-    plot_curves(curves, os.path.join(out_dir, "curves.png"), reference)
+    plot_curves(curves, os.path.join(out_dir, "curves.png"), reference_run)
     has_selection = plot_selection(curves, os.path.join(out_dir, "selection.png"))
     lines = [f"# {title}", "", summary_table(curves, reference), ""]
     lines += ["## FLOPs against two denominators", "", *flops_table(curves, reference), ""]

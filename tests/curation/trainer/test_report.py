@@ -169,3 +169,33 @@ def test_flops_to_reach_against_the_baselines_whole_run_and_its_first_reach(tmp_
     # JEST reaches it at its first evaluation, step 50: 75 TFLOP online + 20 TFLOP of the reference's scoring.
     assert rows["jest"] == ["95.00 TFLOP", "0.95x", "1.90x", "195.00 TFLOP", "1.95x"]
     assert report.flops_table(runs)[2].split("|")[5].strip() == "—"  # no reference given: no total with it
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        header = f.read(24)
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+def test_each_task_is_kept_at_every_evaluation_and_plotted_against_its_chance_level(tmp_path):
+    write_run(tmp_path / "run", [(50, 0.3), (100, 0.5)])
+    path = os.path.join(tmp_path / "run", "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    for row, (colour, shape) in zip([r for r in rows if "zeroshot_top1" in r], [(0.4, 0.2), (0.8, 0.2)]):
+        row.update({"zeroshot/colour": colour, "zeroshot/shape": shape})
+        row.update({"chance/zeroshot/colour": 1 / 8, "chance/zeroshot/shape": 1 / 6, "chance/retrieval_r1": 0.002})
+    with open(path, "w") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
+    run = report.load_run("run", str(tmp_path / "run"))
+    assert list(run.task_curves) == ["zeroshot/colour", "zeroshot/shape", "retrieval_r1"]
+    np.testing.assert_allclose(run.task_curves["zeroshot/colour"], [0.4, 0.8])
+    np.testing.assert_allclose(run.task_curves["retrieval_r1"], [0.2, 0.2])
+    assert run.tasks == {"zeroshot/colour": 0.8, "zeroshot/shape": 0.2, "retrieval_r1": pytest.approx(0.2)}
+    # a third row of panels, one per task, when the runs logged tasks; two rows when not
+    report.plot_curves([run], str(tmp_path / "tasks.png"), run)
+    write_run(tmp_path / "plain", [(50, 0.3), (100, 0.5)])
+    plain = report.load_run("plain", str(tmp_path / "plain"))
+    plain.task_curves = {}
+    report.plot_curves([plain], str(tmp_path / "plain.png"))
+    (width, height), (plain_width, plain_height) = _png_size(tmp_path / "tasks.png"), _png_size(tmp_path / "plain.png")
+    assert width == plain_width and height == pytest.approx(plain_height * 3 / 2, rel=0.02)
