@@ -1,6 +1,7 @@
 """Bench: learning efficiency of the selection methods, run part by part under the protocol of bench/RESULTS.md.
 
-    .venv/bin/python bench/ablations.py --corpus demo --part headline    # 6 methods x 5 seeds
+    .venv/bin/python bench/ablations.py --corpus demo --part gates       # uniform and the oracle, 1 seed: first
+    .venv/bin/python bench/ablations.py --corpus demo --part headline    # 7 variants x 5 seeds
     .venv/bin/python bench/ablations.py --corpus demo --part sweep       # f sweep and hard-learner, 3 seeds
     .venv/bin/python bench/ablations.py --corpus demo --part state       # the "repeated" setting, 3 seeds
     .venv/bin/python bench/ablations.py --corpus second --part headline  # the held-out corpus, and so on
@@ -12,9 +13,11 @@ Each corpus (`--corpus`): the demo's (runs/demo) or a second one from the same g
 noise mix (runs/demo_second), each with its own reference and scored shards, made first when missing. Every
 variant trains for the same steps and sub-batch size, once per seed:
 
-  setting "web" (the corpus's noisy web split), parts "headline" (uniform; offline top-30% by stored reference
-    loss; easy-reference, independent (RHO-style) and joint learnability at f = 0.8; joint learnability with
-    Flexi) and "sweep" (independent and joint learnability at f = 0.5 and 0.9; hard-learner at f = 0.8).
+  setting "web" (the corpus's noisy web split), parts "gates" (uniform and the oracle: what the validity gates
+    read), "headline" (uniform; the oracle, trained on the rows whose hidden truth is clean; offline top-30% by
+    stored reference loss; easy-reference, independent (RHO-style) and joint learnability at f = 0.8; joint
+    learnability with Flexi) and "sweep" (independent and joint learnability at f = 0.5 and 0.9; hard-learner at
+    f = 0.8).
   setting "repeated", part "state" (where the learner's state matters): the same scored web split plus copies of
     its 48 clean examples easiest for the reference, so that the copies are half of all rows. The reference keeps
     rating the copies easiest however often the learner has seen them; learnability should stop choosing them once
@@ -22,10 +25,13 @@ variant trains for the same steps and sub-batch size, once per seed:
 
 Each finished run leaves its raw curve, bench/curves/CORPUS/SETTING/VARIANT/seedK.json (committed: the tables and
 plots rebuild from them with `--rebuild`); a run whose curve is there with the same settings is not run again, so a
-part resumes where it stopped. For each variant: final zero-shot and retrieval R@1, and the examples trained on
-and drawn, FLOPs (scoring included) and wall-clock to reach the same seed's uniform run's final zero-shot
-(interpolated between evaluations), with paired bootstrap intervals over seeds. Writes the sections "Learning
-efficiency (CORPUS corpus)" and "The learner's state (CORPUS corpus)" of bench/RESULTS.md and their plots.
+part resumes where it stopped. Learners train under the protocol's constant learning-rate schedule. Above every
+comparison, the validity gates of bench/gates.py (reference competent, the task rewards curation, a task can
+discriminate); a comparison whose gates fail is void. For each variant: final zero-shot (each task beside its chance
+level) and retrieval R@1, and the examples trained on and drawn, FLOPs (scoring included) and wall-clock to reach
+the same seed's uniform run's final zero-shot (interpolated between evaluations), against uniform's whole run and
+its own first reach, with paired bootstrap intervals over seeds. Writes the sections "Learning efficiency (CORPUS
+corpus)" and "The learner's state (CORPUS corpus)" of bench/RESULTS.md and their plots.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ import statistics
 import sys
 import time
 
+import gates  # bench/gates.py, beside this script
 import numpy as np
 import protocol  # bench/protocol.py, beside this script
 import results  # bench/results.py, beside this script
@@ -70,7 +77,12 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "learnability_f0.8": ("jest", {}),
     "learnability_f0.9": ("jest", {"filter_ratio": 0.9}),
     "learnability_f0.8_flexi": ("jest_flexi", {}),
+    # bench only: uniform sampling from the examples whose hidden truth is clean (an upper bound on what curation can
+    # gain here; the truth is never a selection input)
+    gates.ORACLE: ("uniform", {}),
 }
+# the scored set a variant reads when it is not its setting's own
+SOURCES = {gates.ORACLE: "clean"}
 REPEATED_DISTINCT = 48  # distinct examples copied in the "repeated" setting
 REPEATED_SHARE = 0.5  # share of the rows that are copies
 # The corpora the protocol runs on: the demo's, and a second one from the same generator with another seed and
@@ -145,6 +157,7 @@ def variant_config(variant: str, seed: int, steps: int, batch_size: int, evals: 
         total_steps=steps,
         batch_size=batch_size,
         warmup_steps=min(base.warmup_steps, steps // 10),
+        schedule=protocol.SCHEDULE,
         eval_every=every,
         checkpoint_every=steps,
         log_every=max(every // 5, 1),
@@ -159,14 +172,10 @@ def make_repeated(
     metadata (so the clean share counts only fresh clean examples). Same reference, same schema."""
     import pyarrow as pa
 
-    opened = scored_set.open_scored(scored)
-    manifest = opened.manifests[-1]
-    existing = batches.read_manifests(out) if os.path.isdir(out) else []
-    if existing:
-        if existing[-1].reference_fingerprint == manifest.reference_fingerprint:
-            return out
-        shutil.rmtree(out)  # made from another reference's scores: make it again
-    table = pa.concat_tables([scored_set.read_scored_parquet(path) for path in opened.shard_paths("parquet")])
+    made = _opened_again(scored, out)
+    if made is None:
+        return out
+    opened, table = made
     truth = np.array([json.loads(m).get("truth") for m in table.column(schema.METADATA).to_pylist()])
     losses = table.column(schema.REF_LOSS).to_numpy()
     clean = np.nonzero(truth == "clean")[0]
@@ -182,22 +191,55 @@ def make_repeated(
         for i, row in enumerate(table.take(pa.array(picks)).to_pylist())
     ]
     rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+    _write_rows(
+        opened, rows, out, "batch-repeated", f"{scored} plus {copies} copies of its {distinct} easiest clean rows"
+    )
+    return out
+
+
+def _opened_again(scored: str, out: str):
+    """(the scored set `scored` opened, its rows as one table), or None when `out` was already made from the same
+    reference's scores (a set made from another reference's is removed, to be made again)."""
+    import pyarrow as pa
+
+    opened = scored_set.open_scored(scored)
+    existing = batches.read_manifests(out) if os.path.isdir(out) else []
+    if existing:
+        if existing[-1].reference_fingerprint == opened.manifests[-1].reference_fingerprint:
+            return None
+        shutil.rmtree(out)
+    return opened, pa.concat_tables([scored_set.read_scored_parquet(path) for path in opened.shard_paths("parquet")])
+
+
+def _write_rows(opened, rows: list[dict], out: str, name: str, note: str) -> None:
+    """`rows` (dicts of the schema's columns) as one scored batch `name` under `out`, with `opened`'s manifest."""
     for row in rows:  # the writer takes embeddings as arrays
-        for name in schema.EMBEDDINGS:
-            row[name] = np.asarray(row[name], np.float16)
-    combined = schema.rows_to_table(rows, opened.embed_dim)
+        for column in schema.EMBEDDINGS:
+            row[column] = np.asarray(row[column], np.float16)
+    manifest = opened.manifests[-1]
     batches.write_scored_batch(
         out,
-        "batch-repeated",
-        combined,
+        name,
+        schema.rows_to_table(rows, opened.embed_dim),
         dataclasses.replace(
             manifest,
             counts=Counts(read=len(rows), scored=len(rows), dead_letter={}),
-            options=dataclasses.replace(
-                manifest.options, note=f"{scored} plus {copies} copies of its {distinct} easiest clean rows"
-            ),
+            options=dataclasses.replace(manifest.options, note=note),
         ),
     )
+
+
+def make_clean(scored: str, out: str) -> str:
+    """The oracle's scored set: the rows of `scored` whose hidden truth (metadata `truth`) is clean, in their order.
+    Same reference, same schema; made again only for another reference's scores."""
+    made = _opened_again(scored, out)
+    if made is None:
+        return out
+    opened, table = made
+    rows = [row for row in table.to_pylist() if json.loads(row[schema.METADATA]).get("truth") == "clean"]
+    if not rows:
+        raise SystemExit(f"{scored} has no row whose hidden truth is clean: the oracle has nothing to train on")
+    _write_rows(opened, rows, out, "batch-clean", f"the {len(rows)} rows of {scored} whose hidden truth is clean")
     return out
 
 
@@ -210,10 +252,13 @@ def run_finished(workdir: str, steps: int) -> bool:
         return False
 
 
-def summarize(run: report.RunCurves, uniform: dict[str, float]) -> dict:
-    """A run against its seed's uniform run (`uniform`: that run's `final`): finals, and examples, online FLOPs,
-    online + offline scoring FLOPs and wall-clock to reach uniform's final zero-shot (interpolated), and their ratios
-    to uniform's whole run."""
+def summarize(run: report.RunCurves, base: report.RunCurves, reference_flops: float = 0.0) -> dict:
+    """A run against its seed's uniform run `base`: finals (the mean zero-shot and each task's, with chance levels),
+    and examples, online FLOPs, online + offline scoring FLOPs and wall-clock to reach uniform's final zero-shot
+    (interpolated); their ratios to uniform's whole run and (`_first`) to uniform's own first reach of its final; and,
+    for a run that uses the reference's scores, its total FLOPs to reach it with the reference's training
+    (`reference_flops`) included, against uniform's whole run."""
+    uniform = base.final
     final, target = run.final, uniform["zeroshot"]
     drawn = run.examples if run.examples_drawn is None else run.examples_drawn
     axes = {
@@ -224,9 +269,15 @@ def summarize(run: report.RunCurves, uniform: dict[str, float]) -> dict:
         "wall_s": run.wall_s,
     }
     reach = {name: run.to_reach(target, axis) for name, axis in axes.items()}
+    base_axes = {"examples": base.examples, "total_flops": base.total_flops}
+    first = {name: base.to_reach(target, axis) for name, axis in base_axes.items()}
+    uses_scores = run.offline_scoring_flops > 0
 
     def ratio(name: str, key: str) -> float | None:
         return None if reach[name] is None else reach[name] / uniform[key]
+
+    def ratio_first(name: str) -> float | None:
+        return None if reach[name] is None or not first[name] else reach[name] / first[name]
 
     return {
         "zeroshot": final["zeroshot"],
@@ -244,6 +295,16 @@ def summarize(run: report.RunCurves, uniform: dict[str, float]) -> dict:
         "online_flops_ratio": ratio("online_flops", "online_flops"),
         "total_flops_ratio": ratio("total_flops", "total_flops"),
         "wall_ratio": ratio("wall_s", "wall_s"),
+        "examples_ratio_first": ratio_first("examples"),
+        "total_flops_ratio_first": ratio_first("total_flops"),
+        "with_reference_ratio": (
+            (reach["total_flops"] + reference_flops) / uniform["total_flops"]
+            if uses_scores and reference_flops and reach["total_flops"] is not None
+            else None
+        ),
+        "uses_scores": uses_scores,
+        "tasks": run.tasks,
+        "chance": run.chance,
         "eval_spacing": run.eval_spacing,
         "selected_clean": (float(np.mean([r["selected_clean"] for r in run.train_rows])) if run.selecting else None),
         "curve": {
@@ -316,12 +377,15 @@ def fmt(values: list[float | None], scale: float = 1.0, digits: int = 3, suffix:
 
 
 def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
+    """Finals, and what each variant spent to reach uniform's final: against uniform's whole run (× uniform's),
+    against uniform's own first reach of its final (÷ first reach), and with the reference's training."""
     lines = [
         "| variant | final zero-shot | R@1 | examples trained on to reach uniform's final (× uniform's) | "
-        "examples drawn to reach it (× uniform's) | "
+        "÷ uniform's first reach | examples drawn to reach it (× uniform's) | "
         "online FLOPs to reach it (× uniform's) | online + offline scoring FLOPs to reach it (× uniform's) | "
+        "÷ uniform's first reach | with the reference's training (× uniform's) | "
         "wall-clock to reach it (× uniform's) | clean share selected |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for variant, runs in summaries.items():
         clean = [r["selected_clean"] for r in runs]
@@ -332,9 +396,12 @@ def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
                     fmt([r["zeroshot"] for r in runs]),
                     fmt([r["recall"] for r in runs]),
                     fmt([r["examples_ratio"] for r in runs], digits=2),
+                    fmt([r["examples_ratio_first"] for r in runs], digits=2),
                     fmt([r.get("examples_drawn_ratio") for r in runs], digits=2),
                     fmt([r["online_flops_ratio"] for r in runs], digits=2),
                     fmt([r["total_flops_ratio"] for r in runs], digits=2),
+                    fmt([r["total_flops_ratio_first"] for r in runs], digits=2),
+                    fmt([r["with_reference_ratio"] for r in runs], digits=2) if runs[0]["uses_scores"] else "—",
                     fmt([r["wall_ratio"] for r in runs], digits=2),
                     fmt(clean, digits=2) if any(c is not None for c in clean) else "—",
                 ]
@@ -342,11 +409,49 @@ def table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
             + " |"
         )
     if reference:
+        uniform = summaries.get("uniform")
+        share = (
+            f" ({fmt([reference['flops'] / r['total_flops'] for r in uniform], digits=2)} × uniform's whole run)"
+            if uniform
+            else ""
+        )
         lines.append(
             f"| reference (curated split, one run) | {reference['zeroshot']:.3f} | {reference['recall']:.3f}"
-            " | — | — | — | — | — | — |"
+            f" | — | — | — | its training: {reference['flops'] / 1e12:.2f} TFLOP{share} | — | — | — | — | — |"
         )
+    lines += [
+        "",
+        "× uniform's: divided by the same seed's uniform run's whole run; ÷ uniform's first reach: divided by what "
+        "uniform itself spent to first reach its final (an early plateau makes it small); with the reference's "
+        "training: the runs that use the reference's scores charged all of its training, as if they were the only "
+        "run on them.",
+    ]
     return "\n".join(lines)
+
+
+def task_table(summaries: dict[str, list[dict]], reference: dict | None) -> str:
+    """Each task's final accuracy (mean ± std over seeds) beside its chance level, normalised in brackets."""
+    chance = next((runs[0]["chance"] for runs in summaries.values() if runs[0]["chance"]), {})
+    if not chance:
+        return ""
+    names = [*gates.zeroshot_tasks(chance), *[name for name in ["retrieval_r1"] if name in chance]]
+    header = " | ".join(f"{gates.label(name)} (chance {chance[name]:.3f})" for name in names)
+    lines = [f"| variant | {header} |", "|---|" + "---|" * len(names)]
+
+    def cell(values: list[float], name: str) -> str:
+        mean = float(np.mean(values))
+        spread = f" ± {np.std(values, ddof=1):.3f}" if len(values) > 1 else ""
+        return f"{mean:.3f}{spread} ({report.normalised(mean, chance[name]):+.2f})"
+
+    for variant, runs in summaries.items():
+        lines.append(f"| {variant} | " + " | ".join(cell([r["tasks"][n] for r in runs], n) for n in names) + " |")
+    if reference and all(name in reference["tasks"] for name in names):
+        lines.append("| reference | " + " | ".join(cell([reference["tasks"][n]], n) for n in names) + " |")
+    return (
+        "Each task's final accuracy, mean ± std over seeds; in brackets, normalised: (accuracy − chance) / "
+        "(1 − chance), 0 at chance, 1 when perfect. The mean zero-shot of the other tables averages the zero-shot "
+        "tasks.\n\n" + "\n".join(lines)
+    )
 
 
 def interval_text(mean: float, low: float, high: float, digits: int = 2, suffix: str = "", sign: bool = False) -> str:
@@ -414,18 +519,30 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
         total, total_ok, total_decided = ratio_verdict(summaries[jest], "total_flops_ratio", 0.5)
         online, _, _ = ratio_verdict(summaries[jest], "online_flops_ratio", 0.5)
         wall, wall_ok, _ = ratio_verdict(summaries[jest], "wall_ratio", 1.0 - 1e-9)
+        examples_first, _, _ = ratio_verdict(summaries[jest], "examples_ratio_first", 0.2)
+        total_first, _, _ = ratio_verdict(summaries[jest], "total_flops_ratio_first", 0.5)
+        with_reference, _, _ = ratio_verdict(summaries[jest], "with_reference_ratio", 0.5)
+        others = f"÷ uniform's first reach {total_first}; with the reference's training {with_reference}"
         line = (
             f"- JEST ({jest}) reaches uniform's final zero-shot with {examples} of uniform's examples "
-            f"(goal ≤ 0.2x: {status(examples_ok)}) and {total} of its total FLOPs, the reference's "
-            f"scoring pass included (goal ≤ 0.5x: {status(total_ok)}; {online} online only), in {wall} "
-            f"of its wall-clock (goal < 1x: {status(wall_ok)})."
+            f"(goal ≤ 0.2x: {status(examples_ok)}; {examples_first} of what uniform needed to first reach it) and "
+            f"{total} of its total FLOPs, the reference's scoring pass included (goal ≤ 0.5x of the whole run: "
+            f"{status(total_ok)}; {online} online only; {others}), in {wall} of its wall-clock (goal < 1x: "
+            f"{status(wall_ok)})."
         )
         found.append(
             Target(
                 "JEST's examples to reach uniform's final ≤ 0.2x", examples, status(examples_ok, examples_decided), line
             )
         )
-        found.append(Target("JEST's total FLOPs to reach it ≤ 0.5x", total, status(total_ok, total_decided), ""))
+        found.append(
+            Target(
+                "JEST's total FLOPs to reach it ≤ 0.5x (of uniform's whole run)",
+                f"{total} ({others})",
+                status(total_ok, total_decided),
+                "",
+            )
+        )
         finals = [r["zeroshot"] for r in summaries[jest]]
         mean, low, high = protocol.bootstrap_interval(np.asarray(finals) - reference["zeroshot"])
         value = interval_text(mean, low, high, digits=3, sign=True)
@@ -441,13 +558,16 @@ def targets(summaries: dict[str, list[dict]], reference: dict) -> list[Target]:
     if flexi in summaries:
         total, total_ok, total_decided = ratio_verdict(summaries[flexi], "total_flops_ratio", 1 / 3)
         online, _, _ = ratio_verdict(summaries[flexi], "online_flops_ratio", 1 / 3)
+        total_first, _, _ = ratio_verdict(summaries[flexi], "total_flops_ratio_first", 1 / 3)
+        with_reference, _, _ = ratio_verdict(summaries[flexi], "with_reference_ratio", 1 / 3)
+        others = f"÷ uniform's first reach {total_first}; with the reference's training {with_reference}"
         found.append(
             Target(
-                "Flexi-JEST's total FLOPs to reach it ≤ 0.33x",
-                total,
+                "Flexi-JEST's total FLOPs to reach it ≤ 0.33x (of uniform's whole run)",
+                f"{total} ({others})",
                 status(total_ok, total_decided),
-                f"- Flexi-JEST: {total} of uniform's total FLOPs to reach its final (goal ≤ 0.33x: "
-                f"{status(total_ok)}; {online} online only).",
+                f"- Flexi-JEST: {total} of uniform's total FLOPs to reach its final (goal ≤ 0.33x of the whole run: "
+                f"{status(total_ok)}; {online} online only; {others}).",
             )
         )
     order = ["learnability_f0.8", "easy_reference_f0.8", "hard_learner_f0.8"]
@@ -529,20 +649,37 @@ def verdicts(summaries: dict[str, list[dict]], reference: dict) -> list[str]:
     return [t.line for t in targets(summaries, reference) if t.line]
 
 
-def targets_table(judged: dict[str, dict[str, list[Target]]]) -> str:
-    """One row per claim and setting, one column per corpus: {corpus: {setting: [Target]}}."""
+def guarded(verdict: str, guard: list[gates.Gate]) -> str:
+    """A claim's status under its setting's gates: void (not met, not missed) when the reference or curation gate
+    did not pass, and marked when only tasks that do not discriminate decide it."""
+    reason = gates.void_reason(guard)
+    if reason:
+        return f"void (gate not passed: {reason}; as judged: {verdict})"
+    return verdict + ("; decided only by tasks that do not discriminate" if gates.only_flat_tasks(guard) else "")
+
+
+def targets_table(judged: dict[str, dict[str, tuple[list[Target], list[gates.Gate]]]]) -> str:
+    """The gates, then one row per claim and setting, one column per corpus: {corpus: {setting: ([Target],
+    [Gate])}}; a claim on a setting whose gates fail is void."""
     corpora = list(judged)
-    rows: dict[tuple[str, str], dict[str, Target]] = {}
+    rows: dict[tuple[str, str], dict[str, str]] = {}
     for corpus, settings in judged.items():
-        for setting, found in settings.items():
+        for setting, (found, guard) in settings.items():
+            for gate in guard:
+                verdict = {True: "passed", False: "failed", None: "not measured"}[gate.passed]
+                rows.setdefault((setting, "gate: " + gate.name.split(" (")[0]), {})[corpus] = (
+                    f"**{verdict}**: {gate.detail}"
+                )
             for target in found:
-                rows.setdefault((setting, target.name), {})[corpus] = target
+                rows.setdefault((setting, target.name), {})[corpus] = (
+                    f"**{guarded(target.status, guard)}**: {target.value}"
+                )
     lines = [
         "| setting | claim | " + " | ".join(f"{c} corpus" for c in corpora) + " |",
         "|---|---|" + "---|" * len(corpora),
     ]
     for (setting, name), by_corpus in rows.items():
-        cells = [f"**{t.status}**: {t.value}" if (t := by_corpus.get(c)) else "not run" for c in corpora]
+        cells = [by_corpus.get(c, "not run") for c in corpora]
         lines.append(f"| {setting} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -684,6 +821,7 @@ def run_settings(args: argparse.Namespace, setting: str, reference: str, recipe:
         "steps": steps,
         "batch_size": args.batch_size,
         "evals": args.evals,
+        "schedule": protocol.SCHEDULE,
         "reference": reference,
         "reference_recipe": recipe,
     }
@@ -697,7 +835,10 @@ def comparable(settings: dict) -> dict:
 def curve_matches(path: str, wanted: dict) -> bool:
     try:
         with open(path) as f:
-            return comparable(json.load(f).get("config", {})) == comparable(wanted)
+            curve = json.load(f)
+        return curve.get("version") == protocol.CURVE_VERSION and comparable(curve.get("config", {})) == comparable(
+            wanted
+        )
     except (OSError, ValueError):
         return False
 
@@ -742,7 +883,7 @@ def train_part(
                 variant_config(variant, seed, wanted["steps"], args.batch_size, args.evals),
                 corpus,
                 workdir,
-                scored_dir=sources[part.setting],
+                scored_dir=sources[SOURCES.get(variant, part.setting)],
             )
         protocol.write_curve(
             protocol.curve_path(args.corpus, part.setting, variant, seed, args.curves),
@@ -750,10 +891,26 @@ def train_part(
         )
 
 
+def reference_of(args: argparse.Namespace, corpus: str) -> dict | None:
+    """The corpus's reference from its curve: final zero-shot, R@1, each task's final and chance, its training
+    FLOPs; None when the corpus has no curves."""
+    path = os.path.join(args.curves, corpus, "reference.json")
+    if not os.path.exists(path):
+        return None
+    run = protocol.read_curve(path)
+    return {**run.final, "flops": run.final["online_flops"], "tasks": run.tasks, "chance": run.chance}
+
+
+def has_setting(args: argparse.Namespace, setting: str, corpus: str) -> bool:
+    return os.path.exists(protocol.curve_path(corpus, setting, "uniform", 0, args.curves))
+
+
 def load_setting(args: argparse.Namespace, setting: str, variants: list[str], corpus: str = "") -> tuple[dict, dict]:
     """({variant: [summary per seed]}, the curves' settings) from the curve files of `corpus` (default
     --corpus): every seed whose uniform run is there too, in seed order."""
     corpus = corpus or args.corpus
+    reference = reference_of(args, corpus)
+    reference_flops = reference["flops"] if reference else 0.0
 
     def curves_of(variant: str) -> list[tuple[report.RunCurves, dict]]:
         found, seed = [], 0
@@ -775,7 +932,7 @@ def load_setting(args: argparse.Namespace, setting: str, variants: list[str], co
         runs = curves_of(variant)[: len(uniform)]
         if runs:
             made |= {json.dumps(comparable(config), sort_keys=True) for _, config in runs}
-            summaries[variant] = [summarize(run, base.final) for (run, _), (base, _) in zip(runs, uniform)]
+            summaries[variant] = [summarize(run, base, reference_flops) for (run, _), (base, _) in zip(runs, uniform)]
     if len(made) > 1:
         raise SystemExit(
             f"the curves of {corpus}/{setting} were made with different settings or references "
@@ -793,30 +950,45 @@ def setting_variants(setting: str) -> list[str]:
     )
 
 
-def judge_corpora(args: argparse.Namespace) -> dict[str, dict[str, list[Target]]]:
-    """{corpus: {setting: [Target]}} for every corpus and setting with curves under --curves."""
-    judged: dict[str, dict[str, list[Target]]] = {}
+def corpus_gates(args: argparse.Namespace, corpus: str, setting: str, summaries: dict[str, list[dict]]) -> list:
+    """The three gates guarding `setting`'s comparisons on `corpus` (the curation gate from its web split)."""
+    web = summaries if setting == "web" else {}
+    if setting != "web" and has_setting(args, "web", corpus):
+        web, _ = load_setting(args, "web", ["uniform", gates.ORACLE], corpus)
+    return gates.setting_gates(reference_of(args, corpus), summaries, web)
+
+
+def judge_corpora(args: argparse.Namespace) -> dict[str, dict[str, tuple[list[Target], list[gates.Gate]]]]:
+    """{corpus: {setting: ([Target], [Gate])}} for every corpus and setting with curves under --curves."""
+    judged: dict[str, dict[str, tuple[list[Target], list[gates.Gate]]]] = {}
     for corpus in CORPORA:
         judged[corpus] = {}
-        reference_curve = os.path.join(args.curves, corpus, "reference.json")
-        if not os.path.exists(reference_curve):
+        reference = reference_of(args, corpus)
+        if reference is None:
             continue
-        final = protocol.read_curve(reference_curve).final
         for setting in dict.fromkeys(part.setting for part in protocol.PARTS.values()):
-            if os.path.exists(protocol.curve_path(corpus, setting, "uniform", 0, args.curves)):
+            if has_setting(args, setting, corpus):
                 summaries, _ = load_setting(args, setting, setting_variants(setting), corpus)
-                judged[corpus][setting] = targets(summaries, {"zeroshot": final["zeroshot"]})
+                judged[corpus][setting] = (
+                    targets(summaries, reference),
+                    corpus_gates(args, corpus, setting, summaries),
+                )
     return judged
 
 
-def plateau_line(summaries: dict[str, list[dict]]) -> str:
+def plateau_line(summaries: dict[str, list[dict]], schedule: str) -> str:
     gains = [protocol.plateau_gain(r["curve"]["zeroshot"]) for r in summaries["uniform"]]
     mean, low, high = protocol.bootstrap_interval(gains)
     judged = "plateaued" if high < protocol.PLATEAU_GAIN else "not plateaued"
+    caveat = (
+        ""
+        if schedule == "constant"
+        else " Under a decaying learning rate a plateau may be the schedule's, not the data's."
+    )
     return (
-        f"Uniform {judged}: its last quarter of evaluations is {interval_text(mean, low, high, 3, sign=True)} "
-        f"zero-shot above the quarter before (judged plateaued when the interval's top is under "
-        f"{protocol.PLATEAU_GAIN})."
+        f"Uniform {judged} under the {schedule} learning-rate schedule: its last quarter of evaluations is "
+        f"{interval_text(mean, low, high, 3, sign=True)} zero-shot above the quarter before (judged plateaued when "
+        f"the interval's top is under {protocol.PLATEAU_GAIN}).{caveat}"
     )
 
 
@@ -840,6 +1012,8 @@ def main(argv=None) -> None:
         sources = {"web": scored}
         if any(part.setting == "repeated" for part in parts.values()):
             sources["repeated"] = make_repeated(scored, os.path.join(args.out, args.corpus, "repeated_scored"))
+        if any(variant in SOURCES for part in parts.values() for variant in part.variants):
+            sources["clean"] = make_clean(scored, os.path.join(args.out, args.corpus, "clean_scored"))
         for name, part in parts.items():
             train_part(
                 args,
@@ -856,10 +1030,13 @@ def main(argv=None) -> None:
             f"no curves of the {args.corpus} corpus under {args.curves} ({reference_curve} is missing): "
             "give --curves the folder the parts wrote, or run a part without --rebuild"
         )
-    ref = protocol.read_curve(reference_curve)
-    reference = {"zeroshot": ref.final["zeroshot"], "recall": ref.final["recall"]}
+    reference = reference_of(args, args.corpus)
     for setting in dict.fromkeys(part.setting for part in parts.values()):
+        if not has_setting(args, setting, args.corpus):
+            print(f"No curves of the {setting} setting of the {args.corpus} corpus under {args.curves}: skipped.")
+            continue
         summaries, made = load_setting(args, setting, setting_variants(setting))
+        guard = corpus_gates(args, args.corpus, setting, summaries)
         seeds = {variant: len(runs) for variant, runs in summaries.items()}
         settings_line = (
             f"Corpus: {args.corpus}. {made['steps']} steps of b = {made['batch_size']} for every "
@@ -886,18 +1063,27 @@ def main(argv=None) -> None:
             if setting == "web"
             else "share of fresh clean examples (not copies, not noise)",
         )
-        targets = "\n".join(
-            verdicts(summaries, reference) + paired_if_run(summaries, "learnability_f0.8", "easy_reference_f0.8")
+        claims = verdicts(summaries, reference) + paired_if_run(summaries, "learnability_f0.8", "easy_reference_f0.8")
+        void = gates.void_reason(guard)
+        against = (
+            f"Against the targets (**void**: the gate(s) {void} did not pass, so nothing below is met or missed):"
+            if void
+            else "Against the targets"
+            + (" (decided only by tasks that do not discriminate)" if gates.only_flat_tasks(guard) else "")
+            + ":"
         )
         body = "\n\n".join(
             filter(
                 None,
                 [
                     settings_line,
-                    plateau_line(summaries),
+                    "Validity gates (bench/gates.py), computed from these curves:\n\n"
+                    + "\n".join(gate.line for gate in guard),
+                    plateau_line(summaries, made.get("schedule", "cosine")),
                     table(summaries, reference),
+                    task_table(summaries, reference),
                     composition_table(summaries),
-                    f"Against the targets:\n\n{targets}",
+                    f"{against}\n\n" + "\n".join(claims) if claims else "",
                     f"![{title}]({image})",
                 ],
             )

@@ -15,7 +15,8 @@ import numpy as np
 from curation.trainer import report
 
 CURVES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "curves")
-CURVE_VERSION = 2
+CURVE_VERSION = 3  # 3: each task's accuracy at each evaluation, and chance levels. Version 2 curves (before those)
+# measured a degenerate task (bench/RESULTS.md, "Archived"); git keeps them, this script no longer reads them.
 # What a logged training row keeps in a curve file: the selection diagnostics the tables and plots read.
 TRAIN_KEYS = (
     "step",
@@ -30,6 +31,7 @@ COMPOSITION = ("selected/", "superbatch/")  # and the share of each noise kind s
 
 HEADLINE = [
     "uniform",
+    "oracle",
     "offline_top30",
     "easy_reference_f0.8",
     "independent_f0.8",
@@ -52,11 +54,16 @@ class Part:
 
 
 PARTS = {
+    # first and cheap: the reference, uniform and the oracle, whose curves the validity gates (bench/gates.py) read
+    "gates": Part("web", ("uniform", "oracle"), 1),
     "headline": Part("web", tuple(HEADLINE), 5),
     "sweep": Part("web", tuple(SWEEP), 3, needs=("uniform", "independent_f0.8", "learnability_f0.8")),
     "state": Part("repeated", tuple(STATE), 3),
 }
 PLATEAU_GAIN = 0.01  # uniform has plateaued when its last quarter of evaluations gains less than this zero-shot
+# The learners' learning-rate schedule: constant after warm-up, so that a plateau means the data, not a decaying rate
+# (the references keep their own cosine schedule).
+SCHEDULE = "constant"
 
 
 def curve_path(corpus: str, setting: str, variant: str, seed: int, root: str = CURVES_DIR) -> str:
@@ -65,7 +72,8 @@ def curve_path(corpus: str, setting: str, variant: str, seed: int, root: str = C
 
 def curve_from_run(run: report.RunCurves, config: dict) -> dict:
     """What is kept of a finished run: its evaluation curve (examples trained on and drawn, FLOPs, wall-clock,
-    zero-shot, R@1), the selection diagnostics of each logged row, and the run's settings."""
+    zero-shot, R@1, each task's accuracy), the chance levels, the selection diagnostics of each logged row, and the
+    run's settings."""
     keys = list(
         dict.fromkeys(key for row in run.train_rows for key in row if key in TRAIN_KEYS or key.startswith(COMPOSITION))
     )
@@ -81,6 +89,8 @@ def curve_from_run(run: report.RunCurves, config: dict) -> dict:
         "wall_s": run.wall_s.tolist(),
         "zeroshot": run.zeroshot.tolist(),
         "recall": run.recall.tolist(),
+        "tasks": {name: [_short(float(v)) for v in values] for name, values in run.task_curves.items()},
+        "chance": run.chance,
         "train_columns": columns,
         "selecting": run.selecting,
     }
@@ -106,7 +116,9 @@ def read_curve(path: str) -> report.RunCurves:
 def curve_to_run(curve: dict, path: str) -> report.RunCurves:
     """A curve file's contents (read from `path`, named in errors) as the RunCurves it was made from."""
     if curve.get("version") != CURVE_VERSION:
-        raise ValueError(f"{path}: curve version {curve.get('version')}, this script reads {CURVE_VERSION}")
+        raise ValueError(
+            f"{path}: curve version {curve.get('version')}, this script reads {CURVE_VERSION}: run its part again"
+        )
     arrays = {
         key: np.asarray(curve[key], float)
         for key in ("examples", "online_flops", "wall_s", "zeroshot", "recall", "examples_drawn")
@@ -119,6 +131,8 @@ def curve_to_run(curve: dict, path: str) -> report.RunCurves:
         offline_scoring_flops=float(curve["offline_scoring_flops"]),
         train_rows=rows,
         selecting=bool(curve["selecting"]),
+        task_curves={name: np.asarray(values, float) for name, values in curve["tasks"].items()},
+        chance={name: float(value) for name, value in curve["chance"].items()},
         **arrays,
     )
 

@@ -7,6 +7,7 @@ import platform
 import sys
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
+ARCHIVE = "Archived"  # sections whose title starts so stay at the end of the file
 
 
 def machine() -> str:
@@ -25,8 +26,12 @@ def write_section(title: str, body: str, command: str) -> None:
     )
     existing = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmarks\n"
     start = existing.find(f"## {title}\n")
-    if start < 0:
-        updated = existing.rstrip("\n") + "\n\n" + section
+    if start < 0:  # a new section goes before the archived ones, if any
+        archive = existing.find(f"\n## {ARCHIVE}")
+        if archive >= 0:
+            updated = existing[: archive + 1] + section + "\n" + existing[archive + 1 :]
+        else:
+            updated = existing.rstrip("\n") + "\n\n" + section
     else:
         end = existing.find("\n## ", start + 1)
         updated = existing[:start] + section + ("\n" + existing[end + 1 :] if end >= 0 else "")

@@ -17,6 +17,7 @@ from curation.trainer.truth import NOISE_KINDS
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import ablations  # noqa: E402
+import gates  # noqa: E402
 import loss_parameters  # noqa: E402
 import protocol  # noqa: E402
 import selection_memory  # noqa: E402
@@ -59,6 +60,48 @@ def test_repeated_setting_adds_copies_of_the_easiest_clean_rows(scored_tiny_corp
     assert len(rows_of(out)) == len(derived)
 
 
+def test_the_oracles_scored_set_is_the_rows_whose_hidden_truth_is_clean(scored_tiny_corpus, tmp_path):
+    out = ablations.make_clean(scored_tiny_corpus, str(tmp_path / "clean"))
+    original, derived = rows_of(scored_tiny_corpus), rows_of(out)
+    clean = [row for row in original if json.loads(row["metadata"])["truth"] == "clean"]
+    assert 0 < len(clean) < len(original)  # the tiny corpus has noise to leave out
+    assert [row["key"] for row in derived] == [row["key"] for row in clean]
+    assert derived[0]["image"] == clean[0]["image"] and derived[0]["ref_loss"] == clean[0]["ref_loss"]
+    source = scored_set.open_scored(scored_tiny_corpus).manifests[-1]
+    made = scored_set.open_scored(out).manifests[-1]
+    assert made.reference_fingerprint == source.reference_fingerprint and made.counts.scored == len(clean)
+    assert ablations.make_clean(scored_tiny_corpus, out) == out  # kept for the same reference's scores
+
+
+def test_gates_fail_where_they_should():
+    chance = {"zeroshot/colour": 0.125, "zeroshot/shape": 1 / 6, "retrieval_r1": 0.01}
+
+    def run(colour, shape, recall=0.05):
+        return {"tasks": {"zeroshot/colour": colour, "zeroshot/shape": shape, "retrieval_r1": recall}, "chance": chance}
+
+    # the demo corpus's reference: colour solved, shape at chance
+    gate = gates.reference_gate(run(0.998, 0.182)["tasks"], chance)
+    assert gate.passed is False and "shape 0.182 against chance 0.167, normalised +0.02 (below)" in gate.detail
+    assert gates.reference_gate(run(0.998, 0.45)["tasks"], chance).passed  # (0.45 − 1/6) / (5/6) = 0.34
+    assert gates.reference_gate({}, {}).passed is None
+    # an oracle 0.04 above uniform in mean normalised accuracy does not pass; 0.06 does; none is not measured
+    uniform = [run(0.5, 0.4), run(0.52, 0.42)]
+    level = [run(0.5 + 0.04 * 0.875, 0.4 + 0.04 * 5 / 6), run(0.52 + 0.04 * 0.875, 0.42 + 0.04 * 5 / 6)]
+    assert gates.curation_gate(uniform, level).passed is False
+    above = [run(0.5 + 0.06 * 0.875, 0.4 + 0.06 * 5 / 6), run(0.52 + 0.06 * 0.875, 0.42 + 0.06 * 5 / 6)]
+    assert gates.curation_gate(uniform, above).passed and "+0.060" in gates.curation_gate(uniform, above).detail
+    assert gates.curation_gate(uniform, []).passed is None
+    # every method within 0.01 on both zero-shot tasks: nothing discriminates
+    flat = {"uniform": [run(0.995, 0.18)], "jest": [run(1.0, 0.188)], "easy": [run(0.999, 0.179, 0.2)]}
+    gate = gates.discrimination(flat)
+    assert gate.passed is False and "colour 0.005 (does not discriminate)" in gate.detail
+    assert "retrieval R@1 0.150" in gate.detail  # retrieval is shown but does not open the gate
+    flat["jest"] = [run(1.0, 0.25)]
+    assert gates.discrimination(flat).passed
+    guard = [gates.reference_gate(run(0.998, 0.182)["tasks"], chance), gates.curation_gate(uniform, above), gate]
+    assert gates.void_reason(guard) == "reference competent"
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dense_comparator_picks_what_the_blocked_selection_picks(seed):
     rng = np.random.default_rng(seed)
@@ -99,6 +142,10 @@ def summary(zeroshot, examples_ratio, flops_ratio=1.0, wall_ratio=1.0):
         "online_flops_ratio": flops_ratio,
         "total_flops_ratio": total,
         "wall_ratio": wall_ratio,
+        # against uniform's first reach of its final (at half of its run), and with the reference's training
+        "examples_ratio_first": None if examples_ratio is None else examples_ratio * 2,
+        "total_flops_ratio_first": None if total is None else total * 2,
+        "with_reference_ratio": None if total is None else total + 1.0,
     }
 
 
@@ -114,15 +161,17 @@ def test_verdicts_say_met_or_missed_with_bootstrap_intervals_over_seeds():
     }
     lines = ablations.verdicts(summaries, {"zeroshot": 0.64})
     # Two seeds: the bootstrap means are a, (a + b) / 2 or b, so the 95% interval runs from one seed to the other.
-    assert "0.15x (95% CI 0.10 to 0.20) of uniform's examples (goal ≤ 0.2x: met)" in lines[0]
+    assert "0.15x (95% CI 0.10 to 0.20) of uniform's examples (goal ≤ 0.2x: met;" in lines[0]
     assert (
-        "0.40x (95% CI 0.35 to 0.45) of its total FLOPs, the reference's scoring pass included (goal ≤ 0.5x: "
-        "met; 0.15x (95% CI 0.10 to 0.20) online only)"
+        "0.40x (95% CI 0.35 to 0.45) of its total FLOPs, the reference's scoring pass included (goal ≤ 0.5x of "
+        "the whole run: met; 0.15x (95% CI 0.10 to 0.20) online only; ÷ uniform's first reach 0.80x (95% CI 0.70 "
+        "to 0.90); with the reference's training 1.40x (95% CI 1.35 to 1.45))"
     ) in lines[0]
+    assert "(goal ≤ 0.2x: met; 0.30x (95% CI 0.20 to 0.40) of what uniform needed to first reach it)" in lines[0]
     assert "0.60x (95% CI 0.50 to 0.70) of its wall-clock (goal < 1x: met)" in lines[0]
     assert "ends +0.010 (95% CI -0.040 to +0.060) from its reference's 0.640 (goal: above it: met)" in lines[1]
     assert "0.75x (95% CI 0.75 to 0.75) (1/2 seeds reached) of uniform's total FLOPs" in lines[2]
-    assert "(goal ≤ 0.33x: missed" in lines[2]
+    assert "(goal ≤ 0.33x of the whole run: missed" in lines[2]
     assert "learnability_f0.8 − easy_reference_f0.8 +0.150 (95% CI +0.100 to +0.200) over 2 seeds" in lines[3]
     assert "easy_reference_f0.8 − hard_learner_f0.8 +0.300 (95% CI +0.300 to +0.300) over 2 seeds" in lines[3]
     assert lines[3].endswith("learnability_f0.8 ≥ easy_reference_f0.8 ≥ hard_learner_f0.8: met).")
@@ -165,7 +214,7 @@ def test_a_target_whose_interval_straddles_the_goal_is_undecided():
     }
     found = {t.name: t for t in ablations.targets(summaries, {"zeroshot": 0.55})}
     assert found["JEST's examples to reach uniform's final ≤ 0.2x"].status == "met, undecided"  # 0.15 to 0.25
-    assert found["JEST's total FLOPs to reach it ≤ 0.5x"].status == "met"  # 0.35x in both seeds
+    assert found["JEST's total FLOPs to reach it ≤ 0.5x (of uniform's whole run)"].status == "met"  # 0.35x, both
     assert found["JEST's learner ends above its reference"].status == "met, undecided"  # -0.05 to +0.15
     assert found["final zero-shot learnability ≥ easy-reference"].status == "met, undecided"  # -0.1 to +0.1
     # one step of the ordering surely fails: missed, whatever the other step's interval
@@ -173,14 +222,26 @@ def test_a_target_whose_interval_straddles_the_goal_is_undecided():
     summaries["easy_reference_f0.8"] = [summary(0.8, 0.3), summary(0.8, 0.3)]
     chain = {t.name: t for t in ablations.targets(summaries, {"zeroshot": 0.55})}
     assert chain["final zero-shot learnability ≥ easy-reference ≥ hard-learner"].status == "missed"
-    table = ablations.targets_table({"demo": {"web": list(found.values())}, "second": {}})
-    assert "| web | JEST's total FLOPs to reach it ≤ 0.5x | **met**: 0.35x (95% CI 0.35 to 0.35) | not run |" in table
+    passing = [gates.Gate("reference competent", True, "ok"), gates.Gate("curation", True, "ok")]
+    flat = gates.Gate("a task can discriminate", False, "colour 0.004 (does not discriminate)")
+    table = ablations.targets_table({"demo": {"web": (list(found.values()), [*passing, flat])}, "second": {}})
+    assert (
+        "| web | JEST's total FLOPs to reach it ≤ 0.5x (of uniform's whole run) | **met; decided only by tasks that "
+        "do not discriminate**: 0.35x (95% CI 0.35 to 0.35) (÷ uniform's first reach 0.70x"
+    ) in table
+    assert table.splitlines()[2] == "| web | gate: reference competent | **passed**: ok | not run |"
+    assert "| web | gate: a task can discriminate | **failed**: colour 0.004 (does not discriminate) |" in table
+    # a failed reference gate voids every claim of the corpus: shown, neither met nor missed
+    failing = [gates.Gate("reference competent (≥ 0.3)", False, "shape +0.02 (below)"), passing[1], flat]
+    table = ablations.targets_table({"demo": {"web": (list(found.values()), failing)}})
+    claims = [line for line in table.splitlines()[2:] if "| gate:" not in line]
+    assert claims and all("**void (gate not passed: reference competent; as judged: " in line for line in claims)
 
 
 def test_total_flops_goal_is_missed_when_the_scoring_pass_tips_it_over():
     summaries = {"learnability_f0.8": [summary(0.7, 0.1, 0.3), summary(0.7, 0.1, 0.3)]}  # 0.55x with scoring
     line = ablations.verdicts(summaries, {"zeroshot": 0.5})[0]
-    assert "0.55x (95% CI 0.55 to 0.55) of its total FLOPs" in line and "(goal ≤ 0.5x: missed;" in line
+    assert "0.55x (95% CI 0.55 to 0.55) of its total FLOPs" in line and "(goal ≤ 0.5x of the whole run: missed;" in line
 
 
 def test_bootstrap_interval_resamples_seeds():
@@ -263,10 +324,15 @@ def test_loss_parameter_summary_reads_t_b_and_the_off_diagonal_share(tmp_path):
     assert summary["recall"] == pytest.approx(0.2) and summary["held_out_loss"] == 6.0
 
 
-def fake_run(name, seed, speed, selecting=True, evals=8):
-    """A run whose zero-shot climbs to 0.3 + speed-dependent level over `evals` evaluations of 100 examples."""
+CHANCE = {"zeroshot/colour": 0.125, "zeroshot/shape": 1 / 6, "retrieval_r1": 0.01}
+
+
+def fake_run(name, seed, speed, selecting=True, evals=8, shape=None):
+    """A run whose zero-shot climbs to 0.3 + speed-dependent level over `evals` evaluations of 100 examples: colour
+    0.05 above it, shape 0.05 below (or `shape` throughout), their mean the zero-shot when `shape` is None."""
     examples = np.arange(1, evals + 1) * 100.0
     zeroshot = np.minimum(0.1 + speed * examples / 800 + 0.01 * seed, 0.3 + 0.1 * speed)
+    shapes = zeroshot - 0.05 if shape is None else np.full(evals, shape)
     shares = {
         "selected_clean": 0.6,
         "superbatch_clean": 0.4,
@@ -288,6 +354,8 @@ def fake_run(name, seed, speed, selecting=True, evals=8):
         recall=zeroshot / 10,
         train_rows=rows,
         selecting=selecting,
+        task_curves={"zeroshot/colour": zeroshot + 0.05, "zeroshot/shape": shapes, "retrieval_r1": zeroshot / 10},
+        chance=dict(CHANCE),
     )
 
 
@@ -300,6 +368,13 @@ def test_curve_files_round_trip_and_keep_only_the_selection_diagnostics(tmp_path
     back = protocol.read_curve(path)
     for field in ("examples", "examples_drawn", "online_flops", "wall_s", "zeroshot", "recall"):
         np.testing.assert_array_equal(getattr(back, field), getattr(run, field))
+    assert back.chance == CHANCE and set(back.task_curves) == set(run.task_curves)
+    for name, values in run.task_curves.items():  # to 4 significant digits
+        np.testing.assert_allclose(back.task_curves[name], values, rtol=1e-3)
+    # a curve of the version before per-task accuracy is refused with what to do
+    old = {**protocol.curve_from_run(run, {"steps": 80}), "version": 2}
+    with pytest.raises(ValueError, match="curve version 2, this script reads 3: run its part again"):
+        protocol.curve_to_run(old, "old.json")
     assert back.offline_scoring_flops == run.offline_scoring_flops and back.selecting
     assert back.train_rows[0] == {
         key: value for key, value in run.train_rows[0].items() if key not in ("loss", "grad_norm")
@@ -318,14 +393,15 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
         "independent_f0.8": 1.1,
         "learnability_f0.8": 1.5,
         "learnability_f0.8_flexi": 1.4,
+        "oracle": 3.0,
     }
     for variant, speed in speeds.items():
         for seed in range(3):
-            run = fake_run(variant, seed, speed, selecting=variant not in ("uniform", "offline_top30"))
+            run = fake_run(variant, seed, speed, selecting=variant not in ("uniform", "offline_top30", "oracle"))
             protocol.write_curve(
                 protocol.curve_path("demo", "web", variant, seed, curves), protocol.curve_from_run(run, settings)
             )
-    reference = fake_run("reference", 0, 1.2, selecting=False)
+    reference = fake_run("reference", 0, 4.0, selecting=False, shape=0.8)  # colour 0.75, shape 0.8
     protocol.write_curve(os.path.join(curves, "demo", "reference.json"), protocol.curve_from_run(reference, {}))
 
     out_dir = str(tmp_path / "out")
@@ -333,13 +409,28 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
         ["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir, "--no_write"]
     )
     out = capsys.readouterr().out
-    assert "80 steps of b = 64" in out and "uniform 3, offline_top30 3" in out
-    assert "Uniform plateaued" in out or "Uniform not plateaued" in out
+    assert "80 steps of b = 64" in out and "uniform 3, oracle 3, offline_top30 3" in out
+    assert "Uniform plateaued under the cosine learning-rate schedule" in out  # the curves' settings name none
+    # The gates, above the tables: the reference's tasks, the oracle against uniform, the spread of the finals.
+    gate_lines = [line for line in out.splitlines() if line.startswith("- ") and "competent" in line]
+    assert gate_lines[0].startswith("- reference competent (normalised accuracy ≥ 0.3 on every zero-shot task at")
+    assert "passed. colour 0.750 against chance 0.125, normalised +0.71, shape 0.800" in gate_lines[0]
+    # oracle 0.6 and uniform 0.35 in mean zero-shot, seed by seed: +0.29 in mean normalised accuracy
+    assert "rewards curation (the oracle ends ≥ 0.05 above uniform in mean normalised zero-shot): passed." in out
+    assert "Oracle − uniform +0.293 (95% CI +0.293 to +0.293) over 3 seeds" in out
+    assert "a task can discriminate" in out and "does not discriminate" not in out
+    assert "Against the targets:" in out
     # uniform ends at its cap, 0.35, after 800 examples; learnability crosses 0.35 between its evaluations at 100
     # and 200 examples (where it is capped at 0.45): 138, 134 and 130 examples over the seeds, interpolated.
     row = next(line for line in out.splitlines() if line.startswith("| learnability_f0.8 |"))
     assert row.split(" | ")[3] == "0.17 ± 0.01"
-    assert row.split(" | ")[4] == "0.84 ± 0.03"  # drawn: 5x what it trains on
+    # uniform first reaches its cap at its 4th evaluation, 400 examples, in every seed: 138, 134, 130 / 400
+    assert row.split(" | ")[4] == "0.34 ± 0.01"
+    assert row.split(" | ")[5] == "0.84 ± 0.03"  # drawn: 5x what it trains on
+    # Each task's final with its chance level: learnability's colour 0.5 (+0.43), shape 0.4 (+0.28), over seeds
+    assert "| variant | colour (chance 0.125) | shape (chance 0.167) | retrieval R@1 (chance 0.010) |" in out
+    tasks = next(line for line in out.splitlines() if line.startswith("| learnability_f0.8 | 0.5"))
+    assert tasks.split(" | ")[1] == "0.500 ± 0.000 (+0.43)"
     # Composition by hidden truth: the kinds that occur, selected (super-batch).
     assert "| variant | clean | misaligned | boilerplate |" in out
     assert "| learnability_f0.8 | 0.60 (0.40) | 0.10 (0.30) | 0.30 (0.30) |" in out
@@ -350,6 +441,21 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     assert examples.startswith("| web |") and "**met**: 0.17x (95% CI" in examples
     assert examples.endswith("| not run |")
     assert any(line.startswith("| web | final zero-shot learnability ≥ easy-reference |") for line in claims)
+    assert any(line.startswith("| web | gate: reference competent | **passed**:") for line in claims)
+
+    # A reference at chance on shape fails its gate, and every comparison on the corpus is void.
+    reference = fake_run("reference", 0, 4.0, selecting=False, shape=0.18)
+    protocol.write_curve(os.path.join(curves, "demo", "reference.json"), protocol.curve_from_run(reference, {}))
+    ablations.main(
+        ["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir, "--no_write"]
+    )
+    out = capsys.readouterr().out
+    assert "- reference competent" in out and "**failed**. colour 0.750" in out
+    assert "shape 0.180 against chance 0.167, normalised +0.02 (below)" in out
+    assert "Against the targets (**void**: the gate(s) reference competent did not pass" in out
+    claims = out[out.index("| setting | claim | demo corpus | second corpus |") :].splitlines()
+    examples = next(line for line in claims if "JEST's examples to reach uniform's final ≤ 0.2x" in line)
+    assert "**void (gate not passed: reference competent; as judged: met)**: 0.17x" in examples
 
     # A curve made with other settings is refused rather than mixed in.
     other = protocol.curve_from_run(fake_run("uniform", 3, 0.5, selecting=False), {**settings, "steps": 40})
@@ -379,3 +485,18 @@ def test_the_reference_recipe_is_its_training_config_and_the_corpus_settings(tmp
     assert len(recipe) == 64 and recipe != ablations.reference_recipe(str(workdir), "second")
     (workdir / "config.json").write_text(json.dumps({"name": "reference", "total_steps": 301, "seed": 0}))
     assert ablations.reference_recipe(str(workdir), "demo") != recipe
+
+
+def test_a_new_results_section_goes_before_the_archived_ones(tmp_path, monkeypatch):
+    import results
+
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Benchmarks\n\n## Selection\n\nold\n\n## Archived: earlier runs\n\nkept\n")
+    monkeypatch.setattr(results, "RESULTS", str(path))
+    monkeypatch.setattr(results, "machine", lambda: "test machine")
+    results.write_section("Learning efficiency (demo corpus)", "new", "cmd")
+    results.write_section("Selection", "replaced", "cmd")
+    titles = [line for line in path.read_text().splitlines() if line.startswith("## ")]
+    assert titles == ["## Selection", "## Learning efficiency (demo corpus)", "## Archived: earlier runs"]
+    text = path.read_text()
+    assert "replaced" in text and "old" not in text and text.rstrip().endswith("kept")
