@@ -31,7 +31,7 @@ demo: install
 	$(PY) -m demo --out runs/demo
 
 # Benchmarks; each writes its figures and the command that made them to bench/RESULTS.md. About 4-6 h on 2 CPU
-# cores, most of it the six parts of the learning benchmark (bench/ablations.py, 15-95 min each; it makes each
+# cores, most of it the eight parts of the learning benchmark (bench/ablations.py, 5-95 min each; it makes each
 # corpus's outputs first and skips every run whose curve is already committed under bench/curves).
 bench: install
 	$(PY) bench/score_throughput.py
@@ -39,7 +39,7 @@ bench: install
 	$(PY) bench/selection_memory.py
 	$(PY) bench/input_pipeline.py
 	$(PY) bench/loss_parameters.py
-	for corpus in demo second; do for part in headline sweep state; do \
+	for corpus in demo second; do for part in gates headline sweep state; do \
 	  $(PY) bench/ablations.py --corpus $$corpus --part $$part || exit 1; done; done
 
 clean:

@@ -7,7 +7,7 @@
     .venv/bin/python bench/ablations.py --corpus second --part headline  # the held-out corpus, and so on
     .venv/bin/python bench/ablations.py --corpus demo --part all --rebuild   # tables and plots from the curves
     .venv/bin/python bench/ablations.py --part headline --seeds 1 --steps 40 --evals 4 --out runs/quick \
-        --curves runs/quick/curves --no_write                             # a quick look
+        --curves runs/quick/curves --no_write --despite_gates             # a quick look
 
 Each corpus (`--corpus`): the demo's (runs/demo) or a second one from the same generator with another seed and
 noise mix (runs/demo_second), each with its own reference and scored shards, made first when missing. Every
@@ -136,6 +136,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="train nothing: tables and plots from the curve files already under --curves",
     )
     parser.add_argument("--no_write", action="store_true", help="do not update bench/RESULTS.md or its plots")
+    parser.add_argument(
+        "--despite_gates",
+        action="store_true",
+        help="train the parts even when the corpus's reference or curation gate does not pass (their comparisons "
+        "are void)",
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(filter(None, args.variants.split(","))) - set(VARIANTS))
     if unknown:
@@ -312,6 +318,7 @@ def summarize(run: report.RunCurves, base: report.RunCurves, reference_flops: fl
             "online_flops": run.online_flops.tolist(),
             "zeroshot": run.zeroshot.tolist(),
             "recall": run.recall.tolist(),
+            "tasks": {name: values.tolist() for name, values in run.task_curves.items()},
         },
         "clean_curve": (
             [[r["step"], r["selected_clean"], r["superbatch_clean"]] for r in run.train_rows] if run.selecting else None
@@ -723,7 +730,10 @@ def plot(
     sweep = [v for v in summaries if "_f0." in v and "flexi" not in v]
     if len({v.rsplit("_f", 1)[1] for v in sweep}) < 2:
         sweep = []  # one filter ratio: the fourth panel shows what the selecting runs chose instead
-    figure, grid = plt.subplots(2, 2, figsize=(14, 9.5), constrained_layout=True)
+    first = next(iter(summaries.values()))[0]
+    chance = first.get("chance", {})
+    tasks = [name for name in gates.zeroshot_tasks(chance) if name in first["curve"].get("tasks", {})][:2]
+    figure, grid = plt.subplots(3 if tasks else 2, 2, figsize=(14, 14 if tasks else 9.5), constrained_layout=True)
     axes = grid.reshape(-1)
     figure.suptitle(title)
     curves = [v for v in summaries if "_f0.5" not in v and "_f0.9" not in v]  # the f sweep has its own panel
@@ -791,6 +801,22 @@ def plot(
         axes[3].set(xlabel="step", ylabel=clean_label + ", moving average", ylim=(0, 1))
         axes[3].grid(alpha=0.3)
         axes[3].legend(fontsize=8)
+    for axis, name in zip(axes[4:], tasks):  # each zero-shot task against its chance level
+        for variant in colours:  # the variants of the first panels
+            runs = summaries[variant]
+            x = np.mean([r["curve"]["examples"] for r in runs], axis=0)
+            y = np.array([r["curve"]["tasks"][name] for r in runs])
+            (line,) = axis.plot(x, y.mean(0), marker="o", markersize=3, label=variant, color=colours[variant])
+            axis.fill_between(x, y.mean(0) - y.std(0), y.mean(0) + y.std(0), color=line.get_color(), alpha=0.15)
+        if reference and name in reference.get("tasks", {}):
+            axis.axhline(reference["tasks"][name], color="grey", linestyle="--", label="reference")
+        axis.axhline(chance[name], color="black", linestyle=":", label=f"chance ({chance[name]:.3f})")
+        axis.set(xlabel="examples trained on", ylabel=f"{gates.label(name)} top-1 (mean ± std over seeds)")
+        axis.set_title(gates.label(name))
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    for axis in axes[4 + len(tasks) :]:
+        axis.set_visible(False)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -853,7 +879,7 @@ def train_part(
     recipe: str,
 ) -> None:
     """Trains what the part's curve files lack, one run at a time, writing each curve as its run finishes."""
-    variants = [v for v in part.variants if not args.variants or v in args.variants.split(",")]
+    variants = [v for v in part.variants if not args.variants or name == "gates" or v in args.variants.split(",")]
     wanted = run_settings(
         args, part.setting, scored_set.open_scored(sources["web"]).manifests[-1].reference_fingerprint, recipe
     )
@@ -1012,9 +1038,21 @@ def main(argv=None) -> None:
         sources = {"web": scored}
         if any(part.setting == "repeated" for part in parts.values()):
             sources["repeated"] = make_repeated(scored, os.path.join(args.out, args.corpus, "repeated_scored"))
-        if any(variant in SOURCES for part in parts.values() for variant in part.variants):
-            sources["clean"] = make_clean(scored, os.path.join(args.out, args.corpus, "clean_scored"))
+        # the gates' runs come first: they decide whether the other parts' comparisons can mean anything
+        parts = {"gates": protocol.PARTS["gates"], **parts}
+        sources["clean"] = make_clean(scored, os.path.join(args.out, args.corpus, "clean_scored"))
         for name, part in parts.items():
+            if name != "gates" and not args.despite_gates:
+                web, _ = load_setting(args, "web", ["uniform", gates.ORACLE])
+                void = gates.void_reason(corpus_gates(args, args.corpus, "web", web))
+                if void:
+                    print(
+                        f"Not running the {', '.join(n for n in parts if n != 'gates')} part(s) of the {args.corpus} "
+                        f"corpus: its gate(s) {void} did not pass, so their comparisons would be void (the gates: "
+                        f"`{COMMAND} --corpus {args.corpus} --part gates --rebuild --no_write`; to run them anyway: "
+                        "--despite_gates)."
+                    )
+                    break
             train_part(
                 args,
                 name,

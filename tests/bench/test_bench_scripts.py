@@ -294,6 +294,14 @@ def test_ablation_plots_are_written_for_a_sweep_and_without_one(tmp_path, varian
     path = tmp_path / "plot.png"
     ablations.plot(summaries, str(path), "test", {"zeroshot": 0.5, "recall": 0.02})
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # curves with each task: a third row, each zero-shot task against its chance level
+    for runs in summaries.values():
+        for r in runs:
+            r["chance"] = {"zeroshot/colour": 0.125, "zeroshot/shape": 1 / 6, "retrieval_r1": 0.01}
+            r["curve"]["tasks"] = {"zeroshot/colour": [0.3, 0.9], "zeroshot/shape": [0.17, 0.2]}
+    ablations.plot(summaries, str(tmp_path / "tasks.png"), "test", {"zeroshot": 0.5, "recall": 0.02})
+    height = int.from_bytes(path.read_bytes()[20:24], "big")
+    assert int.from_bytes((tmp_path / "tasks.png").read_bytes()[20:24], "big") > height * 1.4
 
 
 def test_moving_average_of_a_curve_shorter_than_the_window():
