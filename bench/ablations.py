@@ -801,6 +801,7 @@ def plot(
         axes[3].set(xlabel="step", ylabel=clean_label + ", moving average", ylim=(0, 1))
         axes[3].grid(alpha=0.3)
         axes[3].legend(fontsize=8)
+        axes[3].set_visible(any(runs[0]["clean_curve"] is not None for runs in summaries.values()))
     for axis, name in zip(axes[4:], tasks):  # each zero-shot task against its chance level
         for variant in colours:  # the variants of the first panels
             runs = summaries[variant]
@@ -1132,8 +1133,10 @@ def main(argv=None) -> None:
             results.write_section(f"{section} ({args.corpus} corpus)", body, COMMAND)
         print(body)
     summary = (
-        f"Every claim judged on the committed curves of each corpus and setting (`{COMMAND} --corpus C "
-        "--part all --rebuild` remakes this table with the sections; the figures are means over seeds with "
+        f"Every claim judged on the committed curves of each corpus and setting, below its validity gates "
+        "(bench/gates.py: where a corpus's reference or curation gate does not pass, its claims are void, neither "
+        f"met nor missed; `{COMMAND} --corpus C --part all --rebuild` remakes this table with the sections; the "
+        "figures are means over seeds with "
         'their 95% bootstrap intervals, differences taken seed by seed; "undecided": the interval straddles '
         'the goal; "web" is the noisy web split, '
         '"repeated" the learner\'s-state setting):\n\n' + targets_table(judge_corpora(args))
