@@ -36,6 +36,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--eval_size", type=int, default=500, help="examples per eval split")
     parser.add_argument("--reference_steps", type=int, default=300)
     parser.add_argument(
+        "--reference_schedule",
+        default="cosine",
+        choices=configs.SCHEDULES,
+        help="the reference's learning-rate schedule after warm-up",
+    )
+    parser.add_argument(
         "--learner_steps",
         type=int,
         default=600,
@@ -68,10 +74,16 @@ def stage(number: int, text: str) -> float:
 
 
 def config_for(
-    name: str, steps: int, seed: int, smoke: bool = False, batch_size: int = 0, evals: int = 4
+    name: str,
+    steps: int,
+    seed: int,
+    smoke: bool = False,
+    batch_size: int = 0,
+    evals: int = 4,
+    schedule: str = "cosine",
 ) -> configs.TrainConfig:
     """Config `name` shortened to `steps`, evaluated `evals` times and checkpointed four times, at sub-batch
-    `batch_size` (0: the config's own), or its smoke version."""
+    `batch_size` (0: the config's own) under learning-rate `schedule`, or its smoke version."""
     base = configs.get_config(name, smoke=smoke)
     if smoke:
         return base
@@ -83,6 +95,7 @@ def config_for(
         eval_every=max(steps // evals, 1),
         checkpoint_every=max(steps // 4, 1),
         seed=seed,
+        schedule=schedule,
     )
 
 
@@ -112,7 +125,8 @@ def prepare(
     timings["corpus"] = time.perf_counter() - start
 
     start = stage(2, f"reference model on the curated split ({args.reference_steps} steps)")
-    train(config_for("reference", args.reference_steps, args.seed, args.smoke), corpus, reference_workdir)
+    reference = config_for("reference", args.reference_steps, args.seed, args.smoke, schedule=args.reference_schedule)
+    train(reference, corpus, reference_workdir)
     timings["reference"] = time.perf_counter() - start
 
     start = stage(3, "score the web split with the Beam job")

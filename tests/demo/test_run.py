@@ -28,8 +28,12 @@ def test_the_learners_run_at_the_benchmarks_settings():
     # the learning benchmark's headline part: 600 steps of b = 64, 20 evaluations, B = 5b
     assert (config.total_steps, config.batch_size, config.eval_every) == (600, 64, 30)
     assert config.superbatch_size == 320
-    reference = demo.config_for("reference", args.reference_steps, 0)
-    assert (reference.total_steps, reference.batch_size) == (300, 128)
+    reference = demo.config_for("reference", args.reference_steps, 0, schedule=args.reference_schedule)
+    assert (reference.total_steps, reference.batch_size, reference.schedule) == (300, 128, "cosine")
+    # the benchmark's references: longer, and under the constant schedule
+    args = demo.parse_args(["--reference_steps", "1000", "--reference_schedule", "constant"])
+    reference = demo.config_for("reference", args.reference_steps, 0, schedule=args.reference_schedule)
+    assert (reference.total_steps, reference.schedule, reference.warmup_steps) == (1000, "constant", 50)
 
 
 def test_bad_learner_settings_stop_before_anything_is_written(tmp_path, capsys):
@@ -37,6 +41,7 @@ def test_bad_learner_settings_stop_before_anything_is_written(tmp_path, capsys):
     for flags, words in (
         (["--learner_evals", "0"], "need 1 ≤ evals ≤ steps"),
         (["--learner_batch_size", "0"], "need at least 1"),
+        (["--reference_schedule", "linear"], "--reference_schedule: invalid choice: 'linear'"),
     ):
         try:
             demo.run(["--out", str(out), *flags])
