@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 import protocol  # bench/protocol.py, beside this script
 
+from curation.trainer.metrics import task_label as label
 from curation.trainer.report import COMPETENT, normalised
 
 CURATION_GAIN = 0.05
@@ -44,10 +45,6 @@ class Gate:
 def zeroshot_tasks(chance: dict[str, float]) -> list[str]:
     """The zero-shot tasks whose chance level was logged."""
     return [name for name in chance if name.startswith("zeroshot/")]
-
-
-def label(task: str) -> str:
-    return task.removeprefix("zeroshot/").replace("retrieval_r1", "retrieval R@1")
 
 
 def mean_normalised(tasks: dict[str, float], chance: dict[str, float]) -> float:

@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 CHANCE = "chance/"  # prefix of a metric's chance level: chance/zeroshot/colour beside zeroshot/colour
 
 
+def task_label(name: str) -> str:
+    """A task's metric name as tables and plots show it: zeroshot/colour -> colour, retrieval_r1 -> retrieval R@1."""
+    return name.removeprefix("zeroshot/").replace("retrieval_r1", "retrieval R@1")
+
+
 def _emulated_gcs(path: str) -> bool:
     """A gs:// path while STORAGE_EMULATOR_HOST points Google's Python clients at an emulator: TensorFlow's own GCS
     client has no endpoint setting, so it would try (and wait on) the real service."""

@@ -18,7 +18,7 @@ import os
 
 import numpy as np
 
-from curation.trainer.metrics import CHANCE, read_metrics
+from curation.trainer.metrics import CHANCE, read_metrics, task_label
 from curation.trainer.report_plots import plot_curves, plot_selection
 
 
@@ -136,7 +136,7 @@ def task_table(runs: list[RunCurves], reference: RunCurves | None = None) -> lis
     everyone = ([reference] if reference else []) + runs
     names = [name for name in everyone[-1].tasks if all(name in run.tasks for run in everyone)]
     chance = {name: next((run.chance[name] for run in everyone if name in run.chance), None) for name in names}
-    label = {name: name.removeprefix("zeroshot/").replace("retrieval_r1", "retrieval R@1") for name in names}
+    label = {name: task_label(name) for name in names}
     header = [f"{label[name]} (chance {chance[name]:.3f})" if chance[name] else label[name] for name in names]
     lines = ["| run | " + " | ".join(header) + " |", "|---|" + "---|" * len(names)]
     for run in everyone:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from curation.trainer.metrics import task_label
+
 if TYPE_CHECKING:
     from curation.trainer.report import RunCurves
 
@@ -57,7 +59,7 @@ def _plot_task(ax, runs: list[RunCurves], name: str, reference: RunCurves | None
     chance = next((run.chance[name] for run in [*runs, reference] if run and name in run.chance), None)
     if chance is not None:
         ax.axhline(chance, color="black", linestyle=":", label=f"chance ({chance:.3f})")
-    label = name.removeprefix("zeroshot/").replace("retrieval_r1", "retrieval R@1")
+    label = task_label(name)
     ax.set(xlabel="examples trained on", ylabel=f"{label} accuracy", title=label)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
