@@ -16,12 +16,14 @@ import argparse
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import Sequence
 
 from curation.shared import cli, scored_set
 from curation.trainer import configs, report
 from curation.trainer.loop import train
+from curation.trainer.workdir import other_config
 from demo import make_corpus
 from pipelines import score
 
@@ -29,7 +31,7 @@ log = logging.getLogger("demo.run")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--web_size", type=int, default=10000)
     parser.add_argument("--curated_size", type=int, default=8000)
@@ -99,6 +101,33 @@ def config_for(
     )
 
 
+def reference_config(args: argparse.Namespace) -> configs.TrainConfig:
+    return config_for("reference", args.reference_steps, args.seed, args.smoke, schedule=args.reference_schedule)
+
+
+def learner_configs(args: argparse.Namespace) -> dict[str, configs.TrainConfig]:
+    return {
+        name: config_for(name, args.learner_steps, args.seed, args.smoke, args.learner_batch_size, args.learner_evals)
+        for name in ("uniform", args.jest_config)
+    }
+
+
+def refuse_other_settings(args: argparse.Namespace) -> None:
+    """Stop, in one line and before any work, when `args.out` holds a demo's runs made with other settings (the
+    trainer would refuse them midway)."""
+    runs = {"reference": (reference_config(args), None)}
+    runs.update({name: (config, os.path.join(args.out, "scored")) for name, config in learner_configs(args).items()})
+    for name, (config, scored) in runs.items():
+        named = other_config(config, os.path.join(args.out, name), scored)
+        if named:
+            print(
+                f"python -m demo: error: {args.out} holds a demo made with other settings ({name}: {named}); "
+                f"give another --out, or delete {os.path.join(args.out, name)}",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+
+
 def prepare(
     args: argparse.Namespace, timings: dict[str, float] | None = None, noise: make_corpus.NoiseRates | None = None
 ) -> tuple[str, str, str]:
@@ -125,8 +154,7 @@ def prepare(
     timings["corpus"] = time.perf_counter() - start
 
     start = stage(2, f"reference model on the curated split ({args.reference_steps} steps)")
-    reference = config_for("reference", args.reference_steps, args.seed, args.smoke, schedule=args.reference_schedule)
-    train(reference, corpus, reference_workdir)
+    train(reference_config(args), corpus, reference_workdir)
     timings["reference"] = time.perf_counter() - start
 
     start = stage(3, "score the web split with the Beam job")
@@ -144,15 +172,13 @@ def prepare(
 
 def run(argv: Sequence[str] | None = None) -> str:
     args = parse_args(argv)
+    refuse_other_settings(args)
     timings: dict[str, float] = {}
     corpus, reference_workdir, scored = prepare(args, timings)
     workdirs = {name: os.path.join(args.out, name) for name in ("uniform", args.jest_config)}
     workdirs["reference"] = reference_workdir
 
-    learners = {
-        name: config_for(name, args.learner_steps, args.seed, args.smoke, args.learner_batch_size, args.learner_evals)
-        for name in ("uniform", args.jest_config)
-    }
+    learners = learner_configs(args)
     for name, config in learners.items():
         start = stage(4, f"{name} learner on the scored web split ({args.learner_steps} steps)")
         train(config, corpus, workdirs[name], scored_dir=scored)

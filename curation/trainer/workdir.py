@@ -38,15 +38,26 @@ def check_workdir(
     """Refuse, naming the fields, a workdir whose saved run has another config than this one (it would silently
     resume the other run); with `start_over`, remove that run's files instead (where `remove`: process 0 of a
     multi-process run does it for all)."""
-    path = run_files.join(workdir, "config.json")
-    if not run_files.exists(path):
-        return
     if start_over:
-        if remove:
+        if remove and run_files.exists(run_files.join(workdir, "config.json")):
             for name in RUN_FILES:
                 run_files.remove(run_files.join(workdir, name))
             log.info("starting over: removed the earlier run's files from %s", workdir)
         return
+    named = other_config(config, workdir, scored_dir, num_processes)
+    if named:
+        raise ValueError(
+            f"--workdir {workdir} holds a run of another config: {named}; use another --workdir, run "
+            "the same config again to resume it, or pass --start_over to discard it"
+        )
+
+
+def other_config(config: configs.TrainConfig, workdir: str, scored_dir: str | None, num_processes: int = 1) -> str:
+    """How the run saved in `workdir` differs from `config` in what may not change on resume ("field (saved x, now
+    y), ..."); "" when it does not, or when there is no run there."""
+    path = run_files.join(workdir, "config.json")
+    if not run_files.exists(path):
+        return ""
     saved = read_run_config(path)
     wanted = saved_run_config(config, scored_dir, num_processes)
     # Any other field a run of an earlier version did not save is not compared: what it was then is not known.
@@ -55,12 +66,7 @@ def check_workdir(
         for name in sorted(wanted)
         if name in saved and name not in MAY_CHANGE_ON_RESUME and saved[name] != wanted[name]
     ]
-    if differing:
-        named = ", ".join(f"{name} (saved {saved[name]!r}, now {wanted[name]!r})" for name in differing[:6])
-        raise ValueError(
-            f"--workdir {workdir} holds a run of another config: {named}; use another --workdir, run "
-            "the same config again to resume it, or pass --start_over to discard it"
-        )
+    return ", ".join(f"{name} (saved {saved[name]!r}, now {wanted[name]!r})" for name in differing[:6])
 
 
 def write_run_config(workdir: str, config: configs.TrainConfig, scored_dir: str | None, num_processes: int = 1) -> None:

@@ -42,6 +42,7 @@ def test_bad_learner_settings_stop_before_anything_is_written(tmp_path, capsys):
         (["--learner_evals", "0"], "need 1 ≤ evals ≤ steps"),
         (["--learner_batch_size", "0"], "need at least 1"),
         (["--reference_schedule", "linear"], "--reference_schedule: invalid choice: 'linear'"),
+        (["--reference_schedul", "constant"], "unrecognized arguments: --reference_schedul"),  # no abbreviations
     ):
         try:
             demo.run(["--out", str(out), *flags])
@@ -51,3 +52,20 @@ def test_bad_learner_settings_stop_before_anything_is_written(tmp_path, capsys):
             raise AssertionError(f"{flags} was accepted")
         assert words in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_an_out_made_with_other_settings_is_refused_before_any_work(tmp_path, capsys):
+    from curation.trainer.workdir import write_run_config
+
+    out = tmp_path / "demo"
+    write_run_config(str(out / "reference"), demo.reference_config(demo.parse_args(["--out", str(out)])), None)
+    try:
+        demo.run(["--out", str(out), "--reference_schedule", "constant"])
+    except SystemExit as error:
+        assert error.code == 2
+    else:
+        raise AssertionError("a reference made under another schedule was resumed")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "(reference: schedule (saved 'cosine', now 'constant'))" in err
+    assert err.endswith(f"give another --out, or delete {out / 'reference'}")
+    assert sorted(os.listdir(out)) == ["reference"] and os.listdir(out / "reference") == ["config.json"]
