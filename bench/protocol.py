@@ -40,6 +40,7 @@ HEADLINE = [
 ]
 SWEEP = ["independent_f0.5", "independent_f0.9", "learnability_f0.5", "learnability_f0.9", "hard_learner_f0.8"]
 STATE = ["uniform", "easy_reference_f0.8", "learnability_f0.8"]
+LARGER = ["easy_reference_f0.8", "learnability_f0.8"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,8 @@ class Part:
     seeds: int
     # what the part is compared against and does not run itself (it reads those runs' curves): other parts' runs
     needs: tuple[str, ...] = ()
+    # runs it reads from the "web" setting, same seeds: runs that do not read its setting's scores (uniform)
+    borrows: tuple[str, ...] = ()
 
 
 PARTS = {
@@ -59,10 +62,18 @@ PARTS = {
     "headline": Part("web", tuple(HEADLINE), 5),
     "sweep": Part("web", tuple(SWEEP), 3, needs=("uniform", "independent_f0.8", "learnability_f0.8")),
     "state": Part("repeated", tuple(STATE), 3),
+    # the same web split scored by a reference larger than the learner (LARGER_REFERENCE)
+    "larger": Part("larger_reference", tuple(LARGER), 3, borrows=("uniform",)),
 }
+# The larger-reference setting's reference: the reference's recipe (curated split, steps, schedule) at model size
+# `sm` in both towers (width 96, 3 layers: about 3.2x an `xs` learner's FLOPs per example). A reference larger than
+# its learner turns selection towards distillation (ACID, arXiv 2411.18674).
+LARGER_REFERENCE = {"image_variant": "sm", "text_variant": "sm"}
+# Each setting's reference curve, under bench/curves/CORPUS/.
+REFERENCE_CURVES = {"web": "reference.json", "repeated": "reference.json", "larger_reference": "reference_larger.json"}
 PLATEAU_GAIN = 0.01  # uniform has plateaued when its last quarter of evaluations gains less than this zero-shot
 # The learners' learning-rate schedule: constant after warm-up, so that a plateau means the data, not a decaying rate
-# (the references keep their own cosine schedule).
+# (the references' own is bench/ablations.py's REFERENCE).
 SCHEDULE = "constant"
 
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 from curation.shared.corpus import CorpusRecord, check_format
 from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
 from demo import scenes
-from demo.noise import NOISE_KINDS, NoiseRates
+from demo.noise import NOISE_KINDS, NoiseRates, apply_noise
 
 SCHEMA_VERSION = 1
 SPLIT_IDS = {"web": 0, "curated": 1, "eval/zeroshot": 2, "eval/retrieval": 3}  # also the split's folder
@@ -50,11 +50,6 @@ SPLIT_DESCRIPTIONS = {
 KEY_PREFIXES = {"web": "web", "curated": "curated", "eval/zeroshot": "zeroshot", "eval/retrieval": "retrieval"}
 # Independent random streams per example, so that e.g. a misaligned caption is exactly its source's caption.
 SCENE, CAPTION, RENDER, NOISE, PLAN = range(5)
-DEGRADATIONS = ("blur", "noise", "crop")
-NON_IMAGES = {
-    "html": b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>Not Found</body></html>",
-    "empty": b"",
-}
 ZEROSHOT_TEMPLATES = {
     "shape": ("a {}", "a photo of a {}", "a picture showing a {}", "a {} on a background"),
     "colour": ("something {}", "a photo of something {}", "a shape coloured {}", "an object painted {}"),
@@ -94,22 +89,25 @@ def caption_of(settings: CorpusSettings, split: str, index: int) -> str:
     return scenes.describe(scene, _rng(settings, split, index, CAPTION), detailed=split == "eval/retrieval")
 
 
+def noise_kinds(settings: CorpusSettings, size: int, rates: NoiseRates) -> list[str]:
+    """The truth kind of each of `size` web examples: each kind gets rate * size of them, rounded so that the counts
+    add up (rounded cumulative shares), at seeded random positions; the rest are clean."""
+    bounds = np.round(np.cumsum([0.0] + [getattr(rates, kind) for kind in NOISE_KINDS]) * size).astype(int)
+    order = np.random.default_rng([settings.seed, SPLIT_IDS["web"], PLAN]).permutation(size)
+    kinds = ["clean"] * size
+    for kind, start, stop in zip(NOISE_KINDS, bounds[:-1], bounds[1:]):
+        for index in order[start:stop]:
+            kinds[index] = kind
+    return kinds
+
+
 def plan_noise(settings: CorpusSettings, size: int, rates: NoiseRates) -> list[tuple[str, int | None]]:
     """(truth kind, related example index or None) for each web example.
 
-    Each kind gets rate * size examples, rounded so that the counts add up (rounded cumulative shares), at seeded
-    random positions. A misaligned example borrows the caption of an example whose image differs in shape or
+    The kinds are `noise_kinds`'. A misaligned example borrows the caption of an example whose image differs in shape or
     colour; a near-duplicate copies a clean example.
     """
-    bounds = np.round(np.cumsum([0.0] + [getattr(rates, kind) for kind in NOISE_KINDS]) * size).astype(int)
-    counts = dict(zip(NOISE_KINDS, np.diff(bounds).tolist()))
-    order = np.random.default_rng([settings.seed, SPLIT_IDS["web"], PLAN]).permutation(size)
-    kinds = ["clean"] * size
-    start = 0
-    for kind in NOISE_KINDS:
-        for index in order[start : start + counts[kind]]:
-            kinds[index] = kind
-        start += counts[kind]
+    kinds = noise_kinds(settings, size, rates)
     clean = [i for i, kind in enumerate(kinds) if kind == "clean"] or list(range(size))
     looks = [(s.shape, s.colour) for s in (scene_of(settings, "web", i) for i in range(size))]
     plan: list[tuple[str, int | None]] = []
@@ -147,35 +145,16 @@ def make_example(
     image_index = related if kind == "near_duplicate" and related is not None else index
     scene = scene_of(settings, split, image_index)
     image = scenes.render_scene(scene, settings.image_size, _rng(settings, split, image_index, RENDER))
-    caption: str | bytes = scenes.describe(
-        scene, _rng(settings, split, index, CAPTION), detailed=split == "eval/retrieval"
+    caption = scenes.describe(scene, _rng(settings, split, index, CAPTION), detailed=split == "eval/retrieval")
+    image_bytes, caption, detail = apply_noise(
+        kind,
+        image,
+        caption,
+        noise_rng,
+        settings.image_format,
+        near_copy=scenes.near_duplicate,
+        borrowed_caption=lambda: None if related is None else caption_of(settings, split, related),
     )
-    detail = ""
-    if kind == "near_duplicate":
-        image = scenes.near_duplicate(image, noise_rng)
-    elif kind == "degraded":
-        detail = DEGRADATIONS[noise_rng.integers(len(DEGRADATIONS))]
-        image = scenes.degrade(image, detail, noise_rng)
-    elif kind == "misaligned" and related is not None:
-        caption = caption_of(settings, split, related)
-    elif kind == "boilerplate":
-        caption = scenes.boilerplate_caption(noise_rng)
-    elif kind == "empty_caption":
-        caption = ""
-    elif kind == "long_caption":
-        caption = scenes.long_caption(caption, noise_rng)
-    elif kind == "bad_utf8":
-        raw = caption.encode("utf-8")
-        cut = int(noise_rng.integers(len(raw) + 1))
-        caption = raw[:cut] + (b"\xff\xfe", b"\xc3\x28", b"\xe2\x82")[noise_rng.integers(3)] + raw[cut:]
-    elif kind not in ("clean", "truncated_image", "non_image", "misaligned"):
-        raise ValueError(f"unknown example kind {kind!r}")
-    image_bytes = scenes.encode_image(image, settings.image_format)
-    if kind == "truncated_image":
-        image_bytes = image_bytes[: int(len(image_bytes) * noise_rng.uniform(0.3, 0.7))]
-    elif kind == "non_image":
-        detail = ("html", "random", "empty")[noise_rng.integers(3)]
-        image_bytes = noise_rng.bytes(int(noise_rng.integers(64, 2048))) if detail == "random" else NON_IMAGES[detail]
     metadata = {
         "truth": kind,
         "shape": scene.shape,

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+from demo import scenes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,3 +37,51 @@ class NoiseRates:
 
 
 NOISE_KINDS = tuple(field.name for field in dataclasses.fields(NoiseRates))
+DEGRADATIONS = ("blur", "noise", "crop")
+NON_IMAGES = {
+    "html": b"<!DOCTYPE html><html><head><title>404 Not Found</title></head><body>Not Found</body></html>",
+    "empty": b"",
+}
+
+
+def apply_noise(
+    kind: str,
+    image: Image.Image,
+    caption: str,
+    noise_rng: np.random.Generator | None,
+    image_format: str,
+    *,
+    near_copy: Callable[[Image.Image, np.random.Generator], Image.Image],
+    borrowed_caption: Callable[[], str | None],
+) -> tuple[bytes, str | bytes, str]:
+    """(image bytes, caption, detail) of an example of truth `kind` (see NoiseRates) made from its clean `image`
+    and `caption`: `near_copy` makes a near-duplicate's image from the one it copies, `borrowed_caption()` is the
+    caption a misaligned example carries (None: none to borrow); `detail` names the degradation or non-image."""
+    detail = ""
+    if kind == "near_duplicate":
+        image = near_copy(image, noise_rng)
+    elif kind == "degraded":
+        detail = DEGRADATIONS[noise_rng.integers(len(DEGRADATIONS))]
+        image = scenes.degrade(image, detail, noise_rng)
+    elif kind == "misaligned":
+        borrowed = borrowed_caption()
+        caption = caption if borrowed is None else borrowed
+    elif kind == "boilerplate":
+        caption = scenes.boilerplate_caption(noise_rng)
+    elif kind == "empty_caption":
+        caption = ""
+    elif kind == "long_caption":
+        caption = scenes.long_caption(caption, noise_rng)
+    elif kind == "bad_utf8":
+        raw = caption.encode("utf-8")
+        cut = int(noise_rng.integers(len(raw) + 1))
+        caption = raw[:cut] + (b"\xff\xfe", b"\xc3\x28", b"\xe2\x82")[noise_rng.integers(3)] + raw[cut:]
+    elif kind not in ("clean", "truncated_image", "non_image"):
+        raise ValueError(f"unknown example kind {kind!r}")
+    image_bytes = scenes.encode_image(image, image_format)
+    if kind == "truncated_image":
+        image_bytes = image_bytes[: int(len(image_bytes) * noise_rng.uniform(0.3, 0.7))]
+    elif kind == "non_image":
+        detail = ("html", "random", "empty")[noise_rng.integers(3)]
+        image_bytes = noise_rng.bytes(int(noise_rng.integers(64, 2048))) if detail == "random" else NON_IMAGES[detail]
+    return image_bytes, caption, detail

@@ -18,7 +18,7 @@ import logging
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 from curation.shared import cli, scored_set
 from curation.trainer import configs, report
@@ -36,10 +36,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--web_size", type=int, default=10000)
     parser.add_argument("--curated_size", type=int, default=8000)
     parser.add_argument("--eval_size", type=int, default=500, help="examples per eval split")
-    parser.add_argument("--reference_steps", type=int, default=300)
+    parser.add_argument(
+        "--reference_steps",
+        type=int,
+        default=1000,
+        help="steps of the reference (1,000 under the constant schedule: the fewest that pass its gate on shape)",
+    )
     parser.add_argument(
         "--reference_schedule",
-        default="cosine",
+        default="constant",
         choices=configs.SCHEDULES,
         help="the reference's learning-rate schedule after warm-up",
     )
@@ -50,10 +55,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="steps of each learner (the learning benchmark's headline part runs the same)",
     )
     parser.add_argument("--learner_batch_size", type=int, default=64, help="the sub-batch b each learner trains on")
-    parser.add_argument("--learner_evals", type=int, default=20, help="evaluations per learner run")
+    parser.add_argument(
+        "--learner_schedule",
+        default="constant",
+        choices=configs.SCHEDULES,
+        help="the learners' learning-rate schedule after warm-up (the benchmark's: constant)",
+    )
+    parser.add_argument("--learner_evals", type=int, default=10, help="evaluations per learner run")
     parser.add_argument(
         "--jest_config",
-        default="jest",
+        default="jest_flexi",
         choices=["jest", "jest_flexi"],
         help="the JEST learner's config (Flexi scores the super-batch at 4x fewer tokens)",
     )
@@ -107,7 +118,15 @@ def reference_config(args: argparse.Namespace) -> configs.TrainConfig:
 
 def learner_configs(args: argparse.Namespace) -> dict[str, configs.TrainConfig]:
     return {
-        name: config_for(name, args.learner_steps, args.seed, args.smoke, args.learner_batch_size, args.learner_evals)
+        name: config_for(
+            name,
+            args.learner_steps,
+            args.seed,
+            args.smoke,
+            args.learner_batch_size,
+            args.learner_evals,
+            args.learner_schedule,
+        )
         for name in ("uniform", args.jest_config)
     }
 
@@ -129,17 +148,21 @@ def refuse_other_settings(args: argparse.Namespace) -> None:
 
 
 def prepare(
-    args: argparse.Namespace, timings: dict[str, float] | None = None, noise: make_corpus.NoiseRates | None = None
+    args: argparse.Namespace,
+    timings: dict[str, float] | None = None,
+    noise: make_corpus.NoiseRates | None = None,
+    maker: Callable[..., dict] = make_corpus.write_corpus,
 ) -> tuple[str, str, str]:
     """Stages 1-3 (corpus, reference, scoring) under `args.out`; returns (corpus, reference workdir, scored).
-    `noise`: the web split's noise mix (default the demo's own)."""
+    `noise`: the web split's noise mix (default the demo's own); `maker`: what writes the corpus (the demo
+    generator's `write_corpus`, or another with its signature, e.g. `demo.emoji_corpus.write_corpus`)."""
     timings = {} if timings is None else timings
     corpus, scored = os.path.join(args.out, "corpus"), os.path.join(args.out, "scored")
     reference_workdir = os.path.join(args.out, "reference")
 
     start = stage(1, f"demo corpus: {args.web_size} web, {args.curated_size} curated examples -> {corpus}")
     if not os.path.exists(os.path.join(corpus, "_SPLITS.json")):
-        make_corpus.write_corpus(
+        maker(
             corpus,
             size=args.web_size,
             curated_size=args.curated_size,

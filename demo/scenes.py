@@ -2,7 +2,9 @@
 
 The vocabulary is small and visually clear (6 shapes x 8 colours, the shape large and near the centre) so that a
 tiny model trained for minutes on the clean split is well above chance at zero-shot shape and colour
-classification. Everything is a pure function of a `numpy.random.Generator`, so a scene, its caption and its pixels
+classification: the demo's reference (1,000 steps, about 4 minutes on 2 CPU cores) ends at colour 1.000 against
+chance 0.125 and shape 0.566 against chance 0.167. Colour is learnt first and by every model; shape is what
+separates them. Everything is a pure function of a `numpy.random.Generator`, so a scene, its caption and its pixels
 are reproducible from a seed.
 """
 

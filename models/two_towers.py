@@ -19,10 +19,12 @@ import numpy as np
 
 from models.preprocessing import ImagePreprocessing, dataclass_from_dict
 
-# Named sizes shared by both towers: a 1-layer `mu` for tests, `xs` for CPU demos, then the standard ViT sizes.
+# Named sizes shared by both towers: a 1-layer `mu` for tests, `xs` for CPU demos, `sm` for a CPU reference larger
+# than an `xs` learner (the benchmark's larger-reference setting), then the standard ViT sizes.
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "mu": dict(width=32, depth=1, mlp_dim=128, num_heads=2),
     "xs": dict(width=64, depth=2, mlp_dim=256, num_heads=2),
+    "sm": dict(width=96, depth=3, mlp_dim=384, num_heads=3),
     "ti": dict(width=192, depth=12, mlp_dim=768, num_heads=3),
     "s": dict(width=384, depth=12, mlp_dim=1536, num_heads=6),
     "b": dict(width=768, depth=12, mlp_dim=3072, num_heads=12),

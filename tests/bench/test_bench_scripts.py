@@ -1,6 +1,7 @@
 """The helpers the benchmark scripts under bench/ rely on: the derived corpus of the "repeated" setting, the dense
 selection the memory bench compares against, and the seed statistics of the ablation tables."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,6 +15,7 @@ from curation.shared import scored_set
 from curation.trainer import report, scored_input
 from curation.trainer.selection import Embeddings, select
 from curation.trainer.truth import NOISE_KINDS
+from demo import run as demo
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 import ablations  # noqa: E402
@@ -224,7 +226,7 @@ def test_a_target_whose_interval_straddles_the_goal_is_undecided():
     assert chain["final zero-shot learnability ≥ easy-reference ≥ hard-learner"].status == "missed"
     passing = [gates.Gate("reference competent", True, "ok"), gates.Gate("curation", True, "ok")]
     flat = gates.Gate("a task can discriminate", False, "colour 0.004 (does not discriminate)")
-    table = ablations.targets_table({"demo": {"web": (list(found.values()), [*passing, flat])}, "second": {}})
+    table = ablations.targets_table({"demo": {"web": (list(found.values()), [*passing, flat])}, "emoji": {}})
     assert (
         "| web | JEST's total FLOPs to reach it ≤ 0.5x (of uniform's whole run) | **met; decided only by tasks that "
         "do not discriminate**: 0.35x (95% CI 0.35 to 0.35) (÷ uniform's first reach 0.70x"
@@ -443,8 +445,8 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     assert "| variant | clean | misaligned | boilerplate |" in out
     assert "| learnability_f0.8 | 0.60 (0.40) | 0.10 (0.30) | 0.30 (0.30) |" in out
     assert (tmp_path / "out" / "demo" / "ablations_demo.png").read_bytes()[:4] == b"\x89PNG"
-    # The claims, one row each, a column per corpus; the second corpus has no curves here.
-    claims = out[out.index("| setting | claim | demo corpus | second corpus |") :].splitlines()
+    # The claims, one row each, a column per corpus; the emoji corpus has no curves here.
+    claims = out[out.index("| setting | claim | demo corpus | emoji corpus |") :].splitlines()
     examples = next(line for line in claims if "JEST's examples to reach uniform's final ≤ 0.2x" in line)
     assert examples.startswith("| web |") and "**met**: 0.17x (95% CI" in examples
     assert examples.endswith("| not run |")
@@ -461,7 +463,7 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     assert "- reference competent" in out and "**failed**. colour 0.750" in out
     assert "shape 0.180 against chance 0.167, normalised +0.02 (below)" in out
     assert "Against the targets (**void**: the gate(s) reference competent did not pass" in out
-    claims = out[out.index("| setting | claim | demo corpus | second corpus |") :].splitlines()
+    claims = out[out.index("| setting | claim | demo corpus | emoji corpus |") :].splitlines()
     examples = next(line for line in claims if "JEST's examples to reach uniform's final ≤ 0.2x" in line)
     assert "**void (gate not passed: reference competent; as judged: met)**: 0.17x" in examples
 
@@ -473,6 +475,61 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
         ablations.main(
             ["--corpus", "demo", "--part", "headline", "--rebuild", "--curves", curves, "--out", out_dir, "--no_write"]
         )
+
+
+def test_the_larger_reference_setting_reads_uniform_from_the_web_setting_and_compares_with_it(tmp_path, capsys):
+    curves = str(tmp_path / "curves")
+    trained = {"steps": 80, "batch_size": 64, "evals": 8, "schedule": "constant", "reference": "f" * 64}
+    web, larger = {**trained, "reference_recipe": "w" * 64}, {**trained, "reference_recipe": "l" * 64}
+    for seed in range(3):
+        for variant, speed in {"uniform": 0.5, "oracle": 3.0, "learnability_f0.8": 1.0}.items():
+            run = fake_run(variant, seed, speed, selecting=variant == "learnability_f0.8")
+            protocol.write_curve(
+                protocol.curve_path("demo", "web", variant, seed, curves), protocol.curve_from_run(run, web)
+            )
+        for variant, speed in {"learnability_f0.8": 1.5, "easy_reference_f0.8": 1.2}.items():
+            run = fake_run(variant, seed, speed)
+            path = protocol.curve_path("demo", "larger_reference", variant, seed, curves)
+            protocol.write_curve(path, protocol.curve_from_run(run, larger))
+    for name, shape in (("reference.json", 0.6), ("reference_larger.json", 0.8)):
+        reference = fake_run("reference", 0, 4.0, selecting=False, shape=shape)
+        protocol.write_curve(os.path.join(curves, "demo", name), protocol.curve_from_run(reference, {}))
+    options = ["--corpus", "demo", "--rebuild", "--curves", curves, "--out", str(tmp_path / "out"), "--no_write"]
+
+    ablations.main(["--part", "larger", *options])
+    out = capsys.readouterr().out
+    assert "variant: uniform 3, easy_reference_f0.8 3, learnability_f0.8 3" in out
+    assert "scored by a reference of model size {'image_variant': 'sm', 'text_variant': 'sm'}" in out
+    assert "shape 0.800 against chance 0.167" in out  # the gate reads the larger reference's curve
+    # the same learner with each reference, seed by seed: capped at 0.45 and 0.40, so +0.05 at every seed
+    assert "with the larger reference minus with the learner-sized one: +0.050 (95% CI +0.050 to +0.050)" in out
+    claims = out[out.index("| setting | claim |") :].splitlines()
+    row = next(line for line in claims if "JEST with the larger reference ≥ with the learner-sized one" in line)
+    assert row.startswith("| larger_reference |") and "**met**: +0.050" in row
+    assert (tmp_path / "out" / "demo" / "larger_demo.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a uniform run of the web setting trained otherwise is refused rather than compared
+    other = protocol.curve_from_run(fake_run("uniform", 3, 0.5, selecting=False), {**web, "steps": 40})
+    protocol.write_curve(protocol.curve_path("demo", "web", "uniform", 3, curves), other)
+    for variant in ("learnability_f0.8", "easy_reference_f0.8"):
+        path = protocol.curve_path("demo", "larger_reference", variant, 3, curves)
+        protocol.write_curve(path, protocol.curve_from_run(fake_run(variant, 3, 1.5), larger))
+    with pytest.raises(SystemExit, match="different settings"):
+        ablations.main(["--part", "larger", *options])
+
+
+def test_make_demo_trains_the_benchmarks_reference_and_seed_0_of_its_uniform_and_flexi_runs():
+    args = demo.parse_args([])
+    assert {name: getattr(args, name) for name in ablations.REFERENCE} == ablations.REFERENCE
+    assert (args.seed, ablations.CORPORA["demo"]["seed"], ablations.CORPORA["demo"]["noise"]) == (0, 0, {})
+
+    def training(config):  # what changes the params: not how often a run evaluates, logs or checkpoints
+        return dataclasses.replace(config, name="", eval_every=1, log_every=1, checkpoint_every=1)
+
+    learners = demo.learner_configs(args)
+    for name, variant in (("uniform", "uniform"), ("jest_flexi", "learnability_f0.8_flexi")):
+        bench = ablations.variant_config(variant, 0, 600, 64, 20)
+        assert training(learners[name]) == training(bench)
 
 
 def test_curves_are_matched_by_the_references_recipe_not_its_last_bits(tmp_path):
@@ -490,7 +547,7 @@ def test_the_reference_recipe_is_its_training_config_and_the_corpus_settings(tmp
     workdir.mkdir()
     (workdir / "config.json").write_text(json.dumps({"name": "reference", "total_steps": 300, "seed": 0}))
     recipe = ablations.reference_recipe(str(workdir), "demo")
-    assert len(recipe) == 64 and recipe != ablations.reference_recipe(str(workdir), "second")
+    assert len(recipe) == 64 and recipe != ablations.reference_recipe(str(workdir), "emoji")
     (workdir / "config.json").write_text(json.dumps({"name": "reference", "total_steps": 301, "seed": 0}))
     assert ablations.reference_recipe(str(workdir), "demo") != recipe
 
