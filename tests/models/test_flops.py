@@ -8,7 +8,14 @@ from models.flops import image_forward_flops, patch_resize_flops, text_forward_f
 from models.two_towers import MODEL_SIZES, ModelConfig, TwoTower, abstract_params
 
 # (image size, stored patch size, text length) per named size: small images for the tiny sizes, 224 px otherwise.
-GEOMETRY = {"mu": (32, 4, 32), "xs": (64, 8, 32), "sm": (64, 8, 32), "ti": (224, 16, 64), "s": (224, 16, 64), "b": (224, 16, 64)}
+GEOMETRY = {
+    "mu": (32, 4, 32),
+    "xs": (64, 8, 32),
+    "sm": (64, 8, 32),
+    "ti": (224, 16, 64),
+    "s": (224, 16, 64),
+    "b": (224, 16, 64),
+}
 
 
 def _xla_flops(fn, *args) -> float:
