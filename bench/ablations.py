@@ -63,7 +63,7 @@ from curation.shared import batches, schema, scored_set
 from curation.shared.manifest import Counts
 from curation.trainer import configs, report
 from curation.trainer.loop import train
-from curation.trainer.truth import NOISE_KINDS
+from curation.trainer.truth import BUCKETS, NOISE_KINDS
 from demo import emoji_corpus, emoji_sources, make_corpus
 from demo import run as demo
 from pipelines import score
@@ -351,6 +351,7 @@ def summarize(run: report.RunCurves, base: report.RunCurves, reference_flops: fl
             [[r["step"], r["selected_clean"], r["superbatch_clean"]] for r in run.train_rows] if run.selecting else None
         ),
         "composition": composition(run.train_rows) if run.selecting else None,
+        "buckets": bucket_composition(run.train_rows) if run.selecting else None,
     }
 
 
@@ -373,23 +374,45 @@ def composition(rows: list[dict]) -> dict[str, tuple[float, float]] | None:
     return shares
 
 
-def composition_table(summaries: dict[str, list[dict]]) -> str:
+def bucket_composition(rows: list[dict]) -> dict[str, tuple[float, float]] | None:
+    """{"difficulty: hard", ...: (mean share selected, mean share in the super-batch)} over the logged rows that
+    measured it; None for a corpus without buckets or a run logged before buckets were."""
+    shares = {}
+    for axis, names in BUCKETS.items():
+        for name in names:
+            measured = [r for r in rows if f"selected/{axis}/{name}" in r]
+            if measured:
+                shares[f"{axis}: {name}"] = (
+                    float(np.mean([r[f"selected/{axis}/{name}"] for r in measured])),
+                    float(np.mean([r[f"superbatch/{axis}/{name}"] for r in measured])),
+                )
+    return shares or None
+
+
+def composition_table(summaries: dict[str, list[dict]], field: str = "composition") -> str:
     """What each selecting variant chose, by hidden truth: the share selected (mean over seeds) and, beside, the
     share in the super-batches it chose from."""
-    selecting = {v: runs for v, runs in summaries.items() if runs[0].get("composition")}
+    selecting = {v: [r for r in runs if r.get(field)] for v, runs in summaries.items()}
+    selecting = {v: runs for v, runs in selecting.items() if runs}
     if not selecting:
         return ""
-    kinds = list(dict.fromkeys(k for runs in selecting.values() for r in runs for k in r["composition"]))
+    kinds = list(dict.fromkeys(k for runs in selecting.values() for r in runs for k in r[field]))
     lines = ["| variant | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for variant, runs in selecting.items():
         cells = []
         for kind in kinds:
-            pairs = [r["composition"].get(kind, (0.0, 0.0)) for r in runs]
+            pairs = [r[field].get(kind, (0.0, 0.0)) for r in runs]
             cells.append(f"{np.mean([p for p, _ in pairs]):.2f} ({np.mean([d for _, d in pairs]):.2f})")
-        lines.append(f"| {variant} | " + " | ".join(cells) + " |")
+        seeds = "" if field == "composition" else f" ({len(runs)} seed{'s' * (len(runs) > 1)})"
+        lines.append(f"| {variant}{seeds} | " + " | ".join(cells) + " |")
+    what = (
+        "each hidden-truth kind"
+        if field == "composition"
+        else "each difficulty and concept-frequency bucket (of the runs that logged them)"
+    )
     return (
-        "Share of each hidden-truth kind among the examples selected, mean over seeds and steps (in brackets: "
-        "its share of the super-batches drawn):\n\n" + "\n".join(lines)
+        f"Share of {what} among the examples selected, mean over seeds and steps (in brackets: its share of the "
+        "super-batches drawn):\n\n" + "\n".join(lines)
     )
 
 
@@ -1215,6 +1238,7 @@ def main(argv=None) -> None:
                     table(summaries, reference),
                     task_table(summaries, reference),
                     composition_table(summaries),
+                    composition_table(summaries, "buckets"),
                     f"{against}\n\n" + "\n".join(claims) if claims else "",
                     f"![{title}]({image})",
                 ],

@@ -132,7 +132,8 @@ def train_row(
 
 
 def check_finite(pending: list[tuple[int, dict]]) -> dict[str, float]:
-    """Mean of the steps' metrics; raises naming the step range if a loss is not finite."""
+    """Mean of each metric over the steps that measured it (not NaN; one measured at no step is left out); raises
+    naming the step range if a loss is not finite."""
     fetched = [(step, jax.device_get(metrics)) for step, metrics in pending]
     for step, metrics in fetched:
         if not np.isfinite(metrics["loss"]):
@@ -140,4 +141,10 @@ def check_finite(pending: list[tuple[int, dict]]) -> dict[str, float]:
                 f"non-finite loss {float(metrics['loss'])} at step {step} (steps {fetched[0][0]}-{fetched[-1][0]} "
                 f"checked; the last checkpoint before step {fetched[0][0]} is good)"
             )
-    return {name: float(np.mean([m[name] for _, m in fetched])) for name in fetched[0][1]}
+    means = {}
+    for name in fetched[0][1]:
+        values = np.asarray([m[name] for _, m in fetched], np.float64)
+        measured = values[~np.isnan(values)]
+        if measured.size:  # NaN where a step measures nothing (a bucket share on a corpus without buckets)
+            means[name] = float(measured.mean())
+    return means

@@ -3,8 +3,9 @@
 The same deterministic, resumable stream as `input_pipeline.make_dataset` (seeded shard and record order, a data
 position on every batch), over the Parquet shards the manifests under a scored output list, or (sidecar layout)
 over the input shards of the corpus, each read together with its score sidecar. Besides the image and
-tokens each example brings `ref_zimg`, `ref_ztxt` (float32 of the stored float16) and `truth` (the demo corpus's
-hidden truth as a `curation.trainer.truth` code, −1 when a corpus has none: analysis only, never an input to selection).
+tokens each example brings `ref_zimg`, `ref_ztxt` (float32 of the stored float16), `truth` (the demo corpus's
+hidden truth as a `curation.trainer.truth` code, −1 when a corpus has none) and `bucket` (its difficulty and frequency
+buckets, packed: `truth.bucket_code`): analysis only, never an input to selection.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from curation.shared.manifest import ScoredShardsError
 from curation.shared.validation import ValidationOptions
 from curation.trainer.input_pipeline import DataPosition, decoded_batches, record_stream
 from curation.trainer.selection import offline_filter
-from curation.trainer.truth import clean_flag, truth_code
+from curation.trainer.truth import clean_flag, hidden_codes
 from models.preprocessing import ImagePreprocessing
 
 
@@ -35,6 +36,7 @@ class ScoredExample:
     ref_ztxt: np.ndarray  # [d] float16
     difficulty: float  # for the reference: its own-pair loss, or −cosine for a softmax reference (lower: easier)
     truth: int  # the metadata's hidden truth as a code (`curation.trainer.truth`), −1 when it has none
+    bucket: int  # its difficulty and frequency buckets, packed (`truth.bucket_code`)
 
     @property
     def clean(self) -> int:
@@ -60,7 +62,9 @@ def read_scored_examples(path: str, loss_family: str = "sigmoid") -> list[Scored
     keys, images, captions, metadata = (table.column(name).to_pylist() for name in names)
     difficulty = _difficulty(table, loss_family)
     return [
-        ScoredExample(keys[i], images[i], captions[i], zimg[i], ztxt[i], float(difficulty[i]), truth_code(metadata[i]))
+        ScoredExample(
+            keys[i], images[i], captions[i], zimg[i], ztxt[i], float(difficulty[i]), *hidden_codes(metadata[i])
+        )
         for i in range(table.num_rows)
     ]
 
@@ -106,7 +110,7 @@ def read_sidecar_examples(shard: SidecarShard, loss_family: str = "sigmoid") -> 
             zimg[i],
             ztxt[i],
             float(difficulty[i]),
-            truth_code(items[i].metadata),
+            *hidden_codes(items[i].metadata),
         )
         if present[i] and isinstance(items[i], CorpusRecord)
         else None
@@ -157,7 +161,8 @@ def make_scored_dataset(
     validation: ValidationOptions | None = None,
     processes: int = 0,
 ) -> tf.data.Dataset:
-    """Batches {"image", "tokens", "position", "ref_zimg": [B, d] f32, "ref_ztxt": [B, d] f32, "truth": [B] i32}.
+    """Batches {"image", "tokens", "position", "ref_zimg": [B, d] f32, "ref_ztxt": [B, d] f32, "truth": [B] i32,
+    "bucket": [B] i32}.
 
     Images are decoded by the scoring job's rules (`validation`: pass the batch's own, `Options.
     validation()`, so that nothing it scored is refused here) and resized as `preprocessing` declares. Examples
@@ -169,6 +174,7 @@ def make_scored_dataset(
         "ref_zimg": tf.TensorSpec([embed_dim], tf.float32),
         "ref_ztxt": tf.TensorSpec([embed_dim], tf.float32),
         "truth": tf.TensorSpec([], tf.int32),
+        "bucket": tf.TensorSpec([], tf.int32),
     }
 
     def examples():
@@ -181,6 +187,7 @@ def make_scored_dataset(
                 "ref_zimg": item.ref_zimg.astype(np.float32),
                 "ref_ztxt": item.ref_ztxt.astype(np.float32),
                 "truth": np.int32(item.truth),
+                "bucket": np.int32(item.bucket),
             }
             yield item.image, tokenizer.encode(item.caption, text_length), position, extras
 

@@ -25,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from curation.trainer import selection
 from curation.trainer.configs import TrainConfig
-from curation.trainer.truth import CLEAN, NOISE_KINDS
+from curation.trainer.truth import BUCKET_UNKNOWN, BUCKETS, CLEAN, NOISE_KINDS, split_bucket
 from models.flops import example_forward_flops, example_train_flops
 from models.losses import contrastive_loss
 from models.two_towers import ModelConfig, TwoTower
@@ -135,8 +135,8 @@ def make_jest_functions(
         return zimg, ztxt, jnp.stack([aux["t"], aux["b"]])
 
     @functools.partial(jax.jit, out_shardings=(replicated, replicated))
-    def choose(rng, learned, ref_zimg, ref_ztxt, truth):  # learned: (zimg, ztxt, [t, b]) of the learner, or None
-        # truth: [B] hidden-truth codes (curation.trainer.truth), for the diagnostics only
+    def choose(rng, learned, ref_zimg, ref_ztxt, truth, bucket=None):  # learned: (zimg, ztxt, [t, b]) or None
+        # truth, bucket: [B] hidden-truth and bucket codes (curation.trainer.truth), for the diagnostics only
         learner = None if learned is None else selection.Embeddings(learned[0], learned[1], *learned[2])
         reference = selection.Embeddings(ref_zimg, ref_ztxt, reference_t, reference_bias)
         options = dict(
@@ -165,6 +165,8 @@ def make_jest_functions(
         for code, kind in enumerate(NOISE_KINDS, 1):  # what the rest was, by kind
             diagnostics[f"selected/{kind}"] = jnp.mean(picked == code)
             diagnostics[f"superbatch/{kind}"] = jnp.mean(truth == code)
+        if bucket is not None:
+            diagnostics.update(bucket_shares(bucket[indices], bucket))
         return indices, diagnostics
 
     def subset_step(state, images, tokens, indices, rng):
@@ -184,6 +186,21 @@ def make_jest_functions(
     )
     needs_learner = config.uses_learner_scores or config.learner_diagnostics
     return JestFunctions(embed if needs_learner else None, choose, update)
+
+
+def bucket_shares(picked: jax.Array, drawn: jax.Array) -> dict[str, jax.Array]:
+    """The share of each difficulty and frequency bucket (`truth.BUCKETS`) among the selected and the drawn examples
+    whose metadata names that bucket: `selected/difficulty/hard`, `superbatch/frequency/head`, ...; NaN where none
+    does (a corpus without buckets; the metrics row leaves NaN diagnostics out)."""
+    shares = {}
+    for position, (axis, names) in enumerate(BUCKETS.items()):
+        for prefix, codes in (("selected", picked), ("superbatch", drawn)):
+            index = split_bucket(codes)[position]
+            known = jnp.sum(index != BUCKET_UNKNOWN)
+            for value, name in enumerate(names):
+                count = jnp.sum(index == value)
+                shares[f"{prefix}/{axis}/{name}"] = jnp.where(known > 0, count / jnp.maximum(known, 1), jnp.nan)
+    return shares
 
 
 def make_step(
@@ -237,7 +254,7 @@ def make_step(
             learned = jax.block_until_ready(parts.embed(state["params"], inputs["image"], inputs["tokens"]))
         scored_at = time.perf_counter()
         indices, diagnostics = jax.block_until_ready(
-            parts.choose(rng, learned, inputs["ref_zimg"], inputs["ref_ztxt"], inputs["truth"])
+            parts.choose(rng, learned, inputs["ref_zimg"], inputs["ref_ztxt"], inputs["truth"], inputs.get("bucket"))
         )
         selected_at = time.perf_counter()
         state, metrics = parts.update(state, inputs["image"], inputs["tokens"], indices, jax.random.fold_in(rng, 1))

@@ -14,7 +14,7 @@ import pytest
 from curation.shared import scored_set
 from curation.trainer import report, scored_input
 from curation.trainer.selection import Embeddings, select
-from curation.trainer.truth import NOISE_KINDS
+from curation.trainer.truth import BUCKETS, NOISE_KINDS
 from demo import run as demo
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
@@ -408,6 +408,12 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     for variant, speed in speeds.items():
         for seed in range(3):
             run = fake_run(variant, seed, speed, selecting=variant not in ("uniform", "offline_top30", "oracle"))
+            if variant == "learnability_f0.8" and seed == 0:  # one run logged difficulty and frequency buckets
+                for row in run.train_rows:
+                    row.update({f"superbatch/{axis}/{name}": 1 / 3 for axis in BUCKETS for name in BUCKETS[axis]})
+                    row.update({f"selected/{axis}/{name}": 0.0 for axis in BUCKETS for name in BUCKETS[axis]})
+                    row.update({"selected/difficulty/hard": 0.7, "selected/difficulty/easy": 0.3})
+                    row.update({"selected/frequency/tail": 1.0})
             protocol.write_curve(
                 protocol.curve_path("demo", "web", variant, seed, curves), protocol.curve_from_run(run, settings)
             )
@@ -444,6 +450,9 @@ def test_tables_and_plots_rebuild_from_the_curve_files_alone(tmp_path, capsys):
     # Composition by hidden truth: the kinds that occur, selected (super-batch).
     assert "| variant | clean | misaligned | boilerplate |" in out
     assert "| learnability_f0.8 | 0.60 (0.40) | 0.10 (0.30) | 0.30 (0.30) |" in out
+    # ... and by difficulty and frequency bucket, over the runs that logged them
+    assert "| variant | difficulty: easy | difficulty: medium | difficulty: hard | frequency: head |" in out
+    assert "| learnability_f0.8 (1 seed) | 0.30 (0.33) | 0.00 (0.33) | 0.70 (0.33) | 0.00 (0.33) |" in out
     assert (tmp_path / "out" / "demo" / "ablations_demo.png").read_bytes()[:4] == b"\x89PNG"
     # The claims, one row each, a column per corpus; the emoji corpus has no curves here.
     claims = out[out.index("| setting | claim | demo corpus | emoji corpus |") :].splitlines()

@@ -28,10 +28,11 @@ def test_batches_carry_the_stored_reference_embeddings_and_truth(scored_tiny_cor
     )
     batch = next(dataset.as_numpy_iterator())
     assert batch["ref_zimg"].shape == (16, scored.embed_dim) and batch["image"].shape == (16, 32, 32, 3)
-    for zimg, ztxt, code in zip(batch["ref_zimg"], batch["ref_ztxt"], batch["truth"]):
+    for zimg, ztxt, code, bucket in zip(batch["ref_zimg"], batch["ref_ztxt"], batch["truth"], batch["bucket"]):
         row = by_embedding[zimg.astype(np.float16).tobytes()]  # float32 of the stored float16, exactly
         np.testing.assert_array_equal(ztxt, np.asarray(row["ref_text_embedding"], np.float32))
         assert truth.TRUTH_KINDS[code] == json.loads(row["metadata"])["truth"]
+        assert bucket == truth.bucket_code(row["metadata"])
     assert set(batch["truth"]) <= set(range(len(truth.TRUTH_KINDS)))
 
 

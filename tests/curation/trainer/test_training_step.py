@@ -38,6 +38,7 @@ def test_jest_run_reports_selection_cleanliness_flops_and_time_split(tiny_corpus
     assert last["offline_scoring_flops"] == examples_scored * last["reference_flops_per_example"] > 0
     assert all(0 <= row["offdiag_share"] <= 1 for row in rows) and rows[-1]["offdiag_share"] > 0
     assert any("zeroshot_top1" in row for row in read_metrics(workdir))
+    assert not [name for name in last if "/difficulty/" in name or "/frequency/" in name]  # the corpus has no buckets
 
 
 def test_easy_reference_trains_without_a_learner_pass(tiny_corpus, scored_tiny_corpus, tmp_path):
@@ -182,3 +183,38 @@ def test_off_diagonal_share_matches_a_dense_recount():
     )
     assert float(share) == pytest.approx(expected, rel=1e-4) and 0 < expected < 1
     assert float(training_step.off_diagonal_share(traces, jnp.asarray(indices), jnp.zeros(48), 1)) == 0.0
+
+
+def test_bucket_shares_count_each_bucket_among_the_examples_that_name_it():
+    from curation.trainer import truth
+
+    codes = [
+        truth.bucket_code(m)
+        for m in (
+            {"difficulty": "hard", "frequency": "tail"},
+            {"difficulty": "hard", "frequency": "head"},
+            {"difficulty": "easy"},
+            {},
+            "not json",
+        )
+    ]
+    assert truth.split_bucket(codes[0]) == (2, 2) and truth.split_bucket(codes[2]) == (0, truth.BUCKET_UNKNOWN)
+    drawn = jnp.asarray(codes, jnp.int32)
+    shares = {k: float(v) for k, v in training_step.bucket_shares(drawn[:2], drawn).items()}
+    assert shares["selected/difficulty/hard"] == 1.0 and shares["selected/frequency/tail"] == 0.5
+    assert shares["superbatch/difficulty/hard"] == pytest.approx(2 / 3) and shares["superbatch/difficulty/easy"] == (
+        pytest.approx(1 / 3)
+    )
+    assert shares["superbatch/frequency/head"] == 0.5 and shares["superbatch/frequency/torso"] == 0.0
+    unknown = training_step.bucket_shares(drawn[3:], drawn[3:])
+    assert all(np.isnan(float(v)) for v in unknown.values()) and len(unknown) == 2 * 2 * 3
+
+
+def test_metrics_rows_average_what_each_step_measured_and_leave_out_what_none_did():
+    from curation.trainer.metrics import check_finite
+
+    nan = float("nan")
+    pending = [(1, {"loss": 1.0, "share": 0.2, "none": nan}), (2, {"loss": 3.0, "share": nan, "none": nan})]
+    assert check_finite(pending) == {"loss": 2.0, "share": 0.2}
+    with pytest.raises(FloatingPointError, match="step 2"):
+        check_finite([(1, {"loss": 1.0}), (2, {"loss": nan})])
