@@ -236,6 +236,7 @@ def _write_rows(opened, rows: list[dict], out: str, name: str, note: str) -> Non
     for row in rows:  # the writer takes embeddings as arrays
         for column in schema.EMBEDDINGS:
             row[column] = np.asarray(row[column], np.float16)
+        row.setdefault(schema.IMAGE_SHA256, None)  # a row of a batch before schema version 3
     manifest = opened.manifests[-1]
     batches.write_scored_batch(
         out,
@@ -243,6 +244,7 @@ def _write_rows(opened, rows: list[dict], out: str, name: str, note: str) -> Non
         schema.rows_to_table(rows, opened.embed_dim),
         dataclasses.replace(
             manifest,
+            schema_version=schema.SCHEMA_VERSION,
             counts=Counts(read=len(rows), scored=len(rows), dead_letter={}),
             options=dataclasses.replace(manifest.options, note=note),
         ),

@@ -70,6 +70,12 @@ def build_parser(defaults: configs.TrainConfig) -> cli.OneLineErrorParser:
         default=None,
         help="scored output of python -m pipelines.score to train on (needed by selection configs)",
     )
+    parser.add_argument(
+        "--dedup",
+        default=None,
+        help="a dedup output of the --scored set (python -m pipelines.dedup): its duplicates and evaluation leaks "
+        "are left out",
+    )
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard events, model/")
     parser.add_argument("--smoke", action="store_true", help="shrink the run to seconds (tests)")
     parser.add_argument(
@@ -128,6 +134,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, configs.Trai
             f"--config {args.config} selects or filters by score: pass --scored DIR (the output of "
             "python -m pipelines.score)"
         )
+    if args.dedup and not args.scored:
+        parser.error("--dedup thins a scored set: pass --scored DIR too (the output it was made for)")
     problem = distributed.check_flags(args.coordinator_address, args.num_processes, args.process_id, args.distributed)
     if problem:
         parser.error(problem)
@@ -142,14 +150,29 @@ def main(argv: list[str] | None = None) -> None:
     distributed.initialize(args.coordinator_address, args.num_processes, args.process_id, args.distributed)
     try:  # the workdir, the data and the reference's loss family checked against the config before any work
         if not args.start_over:
-            check_workdir(config, args.workdir, args.scored, start_over=False, num_processes=jax.process_count())
-        data = TrainingData.open(config, args.data, args.scored)
+            check_workdir(
+                config,
+                args.workdir,
+                args.scored,
+                start_over=False,
+                num_processes=jax.process_count(),
+                dedup_dir=args.dedup,
+            )
+        data = TrainingData.open(config, args.data, args.scored, args.dedup)
         data.check_processes(config, jax.process_count())
     except (ValueError, OSError) as error:
         print(f"python -m curation.train: error: {' '.join(str(error).split())}", file=sys.stderr)
         sys.exit(2)
     try:
-        train(config, args.data, args.workdir, scored_dir=args.scored, start_over=args.start_over, data=data)
+        train(
+            config,
+            args.data,
+            args.workdir,
+            scored_dir=args.scored,
+            start_over=args.start_over,
+            data=data,
+            dedup_dir=args.dedup,
+        )
     except Preempted as stopped:
         log.warning("%s", stopped.args[0])
         sys.exit(stopped.exit_code)

@@ -41,6 +41,7 @@ class PreparedExample:
     metadata: dict[str, Any]
     index: int = -1  # its place in its shard and the shard's item count (see curation.shared.corpus.CorpusRecord)
     shard_items: int = 0
+    image_sha256: str | None = None  # of the image bytes as the corpus stores them (`image` may be re-encoded)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -155,28 +155,34 @@ class ScoreOptions(PipelineOptions):
         )
 
 
-def build_parser() -> cli.OneLineErrorParser:
-    """The job's flags (those of CorpusJobOptions and ScoreOptions), its required ones marked required: what `--help`
-    shows and `parse` checks."""
+def build_parser(
+    prog: str = PROG,
+    description: str = DESCRIPTION,
+    classes: Sequence[type[PipelineOptions]] = (),
+    required: Sequence[str] = REQUIRED,
+) -> cli.OneLineErrorParser:
+    """A job's flags (those of `classes`: by default the scoring job's, CorpusJobOptions and ScoreOptions), its
+    `required` ones marked required: what `--help` shows and `parse` checks."""
     parser = cli.OneLineErrorParser(
-        prog=PROG,
-        description=DESCRIPTION,
+        prog=prog,
+        description=description,
         epilog=BEAM_FLAGS,
         allow_abbrev=False,
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    for options in (CorpusJobOptions, ScoreOptions):
+    for options in classes or (CorpusJobOptions, ScoreOptions):
         options._add_argparse_args(parser)
     for action in parser._actions:
-        action.required = bool(set(action.option_strings) & set(REQUIRED))
+        action.required = bool(set(action.option_strings) & set(required))
     return parser
 
 
-def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, PipelineOptions]:
+def parse(argv: Sequence[str], **job) -> tuple[argparse.Namespace, PipelineOptions]:
     """(the job's flags, Beam's pipeline options of the whole command line, the in-process runner unless --runner
-    says otherwise). A mistake in them exits with one line on stderr (see the module's docstring)."""
+    says otherwise). A mistake in them exits with one line on stderr (see the module's docstring). `job`: another
+    job's `build_parser` arguments (the scoring job's by default)."""
     argv = list(argv)
-    parser = build_parser()
+    parser = build_parser(**job)
     args, beam_args = parser.parse_known_args(argv)  # --help, bad values and missing flags end here
     expanded = shell_expanded_glob(argv)
     if expanded:

@@ -151,6 +151,7 @@ class _WriteSidecarsFn(beam.DoFn):
             len(ordered) - len(errors),
             dict(sorted(dead_letter.items())),
             posixpath.basename(self._batch_dir),
+            schema.SCHEMA_VERSION,
         )
         if "tfrecord" in self._formats:  # first: the Parquet sidecar is the one that makes the shard done
 

@@ -14,6 +14,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import functools
+import hashlib
 import json
 from typing import Any, Callable, Iterator
 
@@ -202,6 +203,7 @@ class _PreprocessFn(beam.DoFn):
                 example.metadata,
                 example.index,
                 example.shard_items,
+                hashlib.sha256(example.image).hexdigest(),
             ),
         )
 
@@ -276,6 +278,7 @@ def score_row(
         schema.KEY: example.key,
         schema.CAPTION: example.caption,
         schema.IMAGE: example.image,
+        schema.IMAGE_SHA256: example.image_sha256,
         schema.SOURCE: example.source,
         schema.METADATA: json.dumps(example.metadata, sort_keys=True, default=str),
         schema.REF_IMAGE_EMBEDDING: zimg,

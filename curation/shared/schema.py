@@ -5,8 +5,9 @@ of the TFRecord shards, the row encoders of both formats, the dead-letter schema
 docs/scored_output.md (`markdown_table()`, checked against that page by a test). Every other module names a column
 through the constants below, never by spelling it: a column renamed here is renamed everywhere.
 
-Version 2 changed the manifest only (see `curation/shared/manifest.py`); the shard columns are those of version 1,
-so shards of both versions read the same way. `ref_loss` is null (a missing feature in TFRecord) for a softmax
+Version 2 changed the manifest only (see `curation/shared/manifest.py`); version 3 added `image_sha256` to scored
+shards and sidecars. Shards of the earlier versions read the same way, without that column (a TFRecord reader gets
+it as empty). `ref_loss` is null (a missing feature in TFRecord) for a softmax
 (CLIP) reference, which has no per-example own-pair loss; rank such data by `ref_cosine`, as DataComp does.
 """
 
@@ -20,14 +21,15 @@ import pyarrow as pa
 
 from curation.shared import tfrecord
 
-SCHEMA_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # batches a reader of this version opens (the columns are the same in both)
+SCHEMA_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)  # batches a reader of this version opens (1 and 2 lack `image_sha256`)
 SCHEMA_VERSION_KEY = b"schema_version"  # Parquet key-value metadata of every scored shard
 
 # Column names. The reference's embeddings are L2-normalized before rounding to float16.
 KEY = "key"
 CAPTION = "caption"
 IMAGE = "image"
+IMAGE_SHA256 = "image_sha256"
 SOURCE = "source"
 METADATA = "metadata"
 REF_IMAGE_EMBEDDING = "ref_image_embedding"
@@ -68,15 +70,17 @@ class Column:
             return pa.list_(pa.float16())
         return {"string": pa.string(), "binary": pa.binary(), "float32": pa.float32()}[self.kind]
 
-    nullable: bool = False  # may be null (Parquet) / missing (TFRecord; parsed as NaN)
+    nullable: bool = False  # may be null (Parquet) / missing (TFRecord; parsed as NaN, or b"" for a string)
 
     def tf_feature(self, embed_dim: int):
         import tensorflow as tf  # only when a tf.data spec is asked for
 
         if self.kind == "embedding":
             return tf.io.FixedLenFeature([embed_dim], tf.float32)
-        if self.nullable:
+        if self.nullable and self.kind == "float32":
             return tf.io.FixedLenFeature([], tf.float32, default_value=float("nan"))
+        if self.nullable:
+            return tf.io.FixedLenFeature([], tf.string, default_value="")
         return tf.io.FixedLenFeature([], tf.float32 if self.kind == "float32" else tf.string)
 
     def to_feature(self, value: Any) -> Any:
@@ -99,6 +103,13 @@ SCORED_COLUMNS: tuple[Column, ...] = (
     Column(KEY, "string", "the example's key in the input corpus"),
     Column(CAPTION, "string", "the cleaned caption (NFC, control characters dropped, whitespace collapsed)"),
     Column(IMAGE, "binary", "image bytes: as stored, re-encoded, or empty (`--store_image`)"),
+    Column(
+        IMAGE_SHA256,
+        "string",
+        "SHA-256 (hex) of the image bytes as the corpus stores them, whatever `--store_image` keeps: equal for "
+        "byte-identical images; null in a row copied from a batch of schema version 1 or 2",
+        nullable=True,
+    ),
     Column(SOURCE, "string", "the input shard the example came from"),
     Column(METADATA, "string", "JSON of the input record's other fields (the demo corpus keeps its hidden truth here)"),
     Column(REF_IMAGE_EMBEDDING, "embedding", "the reference's image embedding, L2-normalized"),
@@ -130,6 +141,7 @@ DEAD_LETTER_COLUMNS: tuple[Column, ...] = (
 SIDECAR_COLUMNS: tuple[Column, ...] = (
     Column(KEY, "string", "the item's key (a read error's: as the dead letter names it)"),
     Column(CAPTION, "string", "the cleaned caption", nullable=True),
+    Column(IMAGE_SHA256, "string", "as in the copied layout (null when dead-lettered)", nullable=True),
     Column(REF_IMAGE_EMBEDDING, "embedding_or_null", "the reference's image embedding, L2-normalized", nullable=True),
     Column(REF_TEXT_EMBEDDING, "embedding_or_null", "the reference's text embedding, L2-normalized", nullable=True),
     Column(REF_COSINE, "float32", "as in the copied layout", nullable=True),

@@ -16,6 +16,7 @@ from apache_beam.io.filesystems import FileSystems
 from curation.shared.batches import unfinished_batches, write_atomically
 from curation.shared.corpus import shard_stem
 from curation.shared.manifest import PARQUET_COMPRESSION, SIDECAR_DIR, SIDECAR_KEY, ScoredShardsError, _typed
+from curation.shared.schema import SCHEMA_VERSION
 from curation.shared.scored_set import read_scored_parquet
 
 
@@ -32,6 +33,7 @@ class SidecarInfo:
     scored: int
     dead_letter: dict[str, int]
     batch: str  # name of the batch folder it was written in
+    schema_version: int = 2  # of its columns (footers before version 3 did not say: 1 and 2 have the same columns)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -82,7 +84,11 @@ def resumable_sidecars(output: str, fingerprint: str, scoring: dict[str, Any]) -
                 info = read_sidecar_info(metadata.path)
             except ScoredShardsError:
                 continue
-            if info.reference_fingerprint == fingerprint and info.scoring == scoring:
+            if (
+                info.reference_fingerprint == fingerprint
+                and info.scoring == scoring
+                and info.schema_version == SCHEMA_VERSION  # an older one lacks columns: its shard is scored again
+            ):
                 found[info.input_shard] = (metadata.path[len(output) + 1 :], info)
     return found
 

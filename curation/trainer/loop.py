@@ -96,10 +96,12 @@ def train(
     devices=None,
     start_over: bool = False,
     data: TrainingData | None = None,
+    dedup_dir: str | None = None,
 ) -> dict:
     """Run (or resume) training; returns the final params. `data_dir` is the corpus (its eval splits, and its
     training split unless `scored_dir` gives scored shards to train on); `data`, when the caller has opened it
-    already, is that corpus and scored set. `batches` replaces the input (tests): each process's part of every
+    already, is that corpus and scored set; `dedup_dir`, a dedup output of the scored set (`pipelines/dedup.py`)
+    whose left-out rows the run never trains on. `batches` replaces the input (tests): each process's part of every
     super-batch, as `TrainingData.batches` gives it.
 
     Under `jax.distributed` (`curation.trainer.distributed`) every process calls this with the same arguments; each
@@ -109,10 +111,10 @@ def train(
 
     # Workdir: it holds the run's config, tokenizer, checkpoints, metrics and final model. A run resumes only its
     # own (checked before anything is written), or starts over when asked.
-    check_workdir(config, workdir, scored_dir, start_over, num_processes=processes, remove=primary)
+    check_workdir(config, workdir, scored_dir, start_over, num_processes=processes, remove=primary, dedup_dir=dedup_dir)
     distributed.barrier("workdir checked")
     if primary:
-        write_run_config(workdir, config, scored_dir, processes)
+        write_run_config(workdir, config, scored_dir, processes, dedup_dir)
 
     # Device mesh: the super-batch and the sub-batch must both divide over it (over every process's devices).
     mesh = make_mesh(config.superbatch_size, devices)
@@ -120,7 +122,7 @@ def train(
 
     # Input pipeline, the tokenizer included (captions become tokens there).
     if data is None:
-        data = TrainingData.open(config, data_dir, scored_dir)
+        data = TrainingData.open(config, data_dir, scored_dir, dedup_dir)
     data.check_processes(config, processes)
     tokenizer = shared_tokenizer(config, data, workdir, primary)
     model_config = config.model_config(tokenizer.vocab_size)

@@ -122,22 +122,38 @@ def _scores_path(shard: str | SidecarShard) -> str:
     return shard.sidecar if isinstance(shard, SidecarShard) else shard
 
 
-def read_examples(shard: str | SidecarShard, loss_family: str = "sigmoid") -> list[ScoredExample | None]:
-    """The examples of a scored Parquet shard, or of an input shard and its sidecar."""
+def read_examples(
+    shard: str | SidecarShard, loss_family: str = "sigmoid", left_out: dict[str, np.ndarray] | None = None
+) -> list[ScoredExample | None]:
+    """The examples of a scored Parquet shard, or of an input shard and its sidecar; None for a row `left_out`
+    (scored file -> [rows] bool, `dedup_output.Dedup.left_out`) marks, as for a dead-lettered one."""
     if isinstance(shard, SidecarShard):
-        return read_sidecar_examples(shard, loss_family)
-    return read_scored_examples(shard, loss_family)
+        examples = read_sidecar_examples(shard, loss_family)
+    else:
+        examples = read_scored_examples(shard, loss_family)
+    mask = None if left_out is None else left_out[_scores_path(shard)]
+    if mask is not None:
+        examples = [None if out else example for example, out in zip(examples, mask)]
+    return examples
 
 
-def difficulty_threshold(shards: list[str | SidecarShard], keep_fraction: float, loss_family: str = "sigmoid") -> float:
+def difficulty_threshold(
+    shards: list[str | SidecarShard],
+    keep_fraction: float,
+    loss_family: str = "sigmoid",
+    left_out: dict[str, np.ndarray] | None = None,
+) -> float:
     """The difficulty (`_difficulty`) at or under which the easiest `keep_fraction` of examples lie (offline
-    filtering, DataComp's CLIP-score filter); inf keeps everything. Dead-lettered rows of sidecars do not count."""
+    filtering, DataComp's CLIP-score filter); inf keeps everything. Dead-lettered rows of sidecars, and the rows
+    `left_out` marks (deduplication), do not count."""
     if keep_fraction >= 1.0:
         return float("inf")
     column = schema.REF_COSINE if loss_family == "softmax" else schema.REF_LOSS
-    difficulty = np.concatenate(
-        [_difficulty(scored_set.read_scored_parquet(_scores_path(path), [column]), loss_family) for path in shards]
-    )
+    parts = []
+    for shard in shards:
+        values = _difficulty(scored_set.read_scored_parquet(_scores_path(shard), [column]), loss_family)
+        parts.append(values if left_out is None else values[~left_out[_scores_path(shard)]])
+    difficulty = np.concatenate(parts)
     difficulty = difficulty[np.isfinite(difficulty)]
     keep = offline_filter(-difficulty, keep_fraction)  # higher score = easier
     if not keep.any():
@@ -160,6 +176,7 @@ def make_scored_dataset(
     preprocessing: ImagePreprocessing | None = None,
     validation: ValidationOptions | None = None,
     processes: int = 0,
+    left_out: dict[str, np.ndarray] | None = None,
 ) -> tf.data.Dataset:
     """Batches {"image", "tokens", "position", "ref_zimg": [B, d] f32, "ref_ztxt": [B, d] f32, "truth": [B] i32,
     "bucket": [B] i32}.
@@ -167,8 +184,8 @@ def make_scored_dataset(
     Images are decoded by the scoring job's rules (`validation`: pass the batch's own, `Options.
     validation()`, so that nothing it scored is refused here) and resized as `preprocessing` declares. Examples
     harder for the reference than `max_difficulty` (`difficulty_threshold`, under the reference's `loss_family`)
-    are skipped (offline filtering) and counted as skipped like unreadable records. `processes` > 0 decodes in
-    that many worker processes.
+    are skipped (offline filtering) and counted as skipped like unreadable records, as are the rows `left_out`
+    marks (deduplication: `read_examples`). `processes` > 0 decodes in that many worker processes.
     """
     signature = {
         "ref_zimg": tf.TensorSpec([embed_dim], tf.float32),
@@ -178,7 +195,7 @@ def make_scored_dataset(
     }
 
     def examples():
-        reader = functools.partial(read_examples, loss_family=loss_family)
+        reader = functools.partial(read_examples, loss_family=loss_family, left_out=left_out)
         for item, position in record_stream(shards, "parquet", seed, start, reader=reader):
             if item is None or item.difficulty > max_difficulty:  # dead-lettered (a sidecar's row), or filtered
                 yield None, None, position, {}

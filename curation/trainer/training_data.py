@@ -4,12 +4,17 @@ their captions. `TrainingData.batches` is the stream the train loop reads."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Callable, Iterator
 
-from curation.shared import schema, scored_set
+import numpy as np
+
+from curation.shared import dedup_output, schema, scored_set
 from curation.shared.validation import ValidationOptions
 from curation.trainer import configs, distributed, input_pipeline, run_files, scored_input
 from models.tokenizer import ByteTokenizer, WordTokenizer, tokenizer_from_dict
+
+log = logging.getLogger(__name__)
 
 
 def build_tokenizer(config: configs.TrainConfig, captions: Callable[[], Iterator[str]], workdir: str):
@@ -36,9 +41,14 @@ class TrainingData:
     format: str
     scored: scored_set.ScoredSet | None = None
     max_difficulty: float = float("inf")  # offline filtering: see scored_input.difficulty_threshold
+    left_out: dict[str, np.ndarray] | None = None  # deduplication: scored file -> [rows] bool, True: never trained on
 
     @classmethod
-    def open(cls, config: configs.TrainConfig, data_dir: str, scored_dir: str | None) -> "TrainingData":
+    def open(
+        cls, config: configs.TrainConfig, data_dir: str, scored_dir: str | None, dedup_dir: str | None = None
+    ) -> "TrainingData":
+        if dedup_dir is not None and scored_dir is None:
+            raise ValueError("--dedup thins a scored set: pass --scored DIR too (the output it was made for)")
         if scored_dir is None:
             if config.needs_scores:
                 raise ValueError(
@@ -74,11 +84,13 @@ class TrainingData:
             from curation.trainer.training_step import selection_loss
 
             selection_loss(config, scored.reference.loss)  # refuses, before any work, a combination that cannot work
+        left_out = None if dedup_dir is None else dedup_masks(dedup_dir, scored, shards)
         return cls(
             shards,
             "parquet",
             scored,
-            scored_input.difficulty_threshold(shards, config.offline_keep, scored.reference.loss),
+            scored_input.difficulty_threshold(shards, config.offline_keep, scored.reference.loss, left_out),
+            left_out,
         )
 
     def captions(self) -> Iterator[str]:
@@ -143,6 +155,38 @@ class TrainingData:
                 embed_dim=self.scored.embed_dim,
                 max_difficulty=self.max_difficulty,
                 loss_family=self.scored.reference.loss,
+                left_out=self.left_out,
                 **common,
             )
         return dataset.as_numpy_iterator()
+
+
+def dedup_masks(dedup_dir: str, scored: scored_set.ScoredSet, shards: list) -> dict[str, np.ndarray]:
+    """Scored file -> [rows] bool, True for a row the dedup output in `dedup_dir` leaves out (a duplicate that does not
+    represent its group, or an evaluation leak). Raises ValueError in one line when it was made for another scored
+    set, or when a file's rows do not line up with it."""
+    try:
+        dedup = dedup_output.open_dedup(dedup_dir, scored)
+        masks = {}
+        for shard in shards:
+            path = shard.sidecar if isinstance(shard, scored_input.SidecarShard) else shard
+            masks[path] = dedup.left_out(path)
+            rows = scored_set.read_scored_parquet(path, [schema.KEY]).num_rows
+            if rows != len(masks[path]):
+                raise dedup_output.DedupError(
+                    f"the dedup output {dedup_dir} has {len(masks[path])} rows for {path}, which has {rows}: run "
+                    "python -m pipelines.dedup again"
+                )
+    except dedup_output.DedupError as error:
+        raise ValueError(str(error)) from None
+    counts = dedup.manifest.counts
+    log.info(
+        "--dedup %s: leaving out %d of %d scored examples (%d exact and %d near-duplicates, %d evaluation leaks)",
+        dedup_dir,
+        int(sum(mask.sum() for mask in masks.values())),
+        counts.examples,
+        counts.removed_exact,
+        counts.removed_near,
+        counts.leaks,
+    )
+    return masks

@@ -1,4 +1,5 @@
 import ast
+import hashlib
 import io
 import pathlib
 
@@ -74,6 +75,7 @@ def row(i: int, d: int = 4) -> dict:
         schema.KEY: f"k{i}",
         schema.CAPTION: f"caption {i}",
         schema.IMAGE: bytes([i, 1, 2]),
+        schema.IMAGE_SHA256: hashlib.sha256(bytes([i, 1, 2])).hexdigest(),
         schema.SOURCE: "shard.tar",
         schema.METADATA: "{}",
         schema.REF_IMAGE_EMBEDDING: zimg,
@@ -113,11 +115,16 @@ def test_tfrecord_rows_parse_with_plain_tf_data():
     data = schema.encode_tfrecord_example(original)
     parsed = tf.io.parse_single_example(data, schema.tfrecord_feature_spec(4))
     assert parsed[schema.KEY].numpy() == b"k2" and parsed[schema.IMAGE].numpy() == bytes([2, 1, 2])
+    assert parsed[schema.IMAGE_SHA256].numpy().decode() == original[schema.IMAGE_SHA256]
     np.testing.assert_array_equal(
         parsed[schema.REF_IMAGE_EMBEDDING].numpy(), original[schema.REF_IMAGE_EMBEDDING].astype(np.float32)
     )
     decoded = schema.decode_tfrecord_example(data)
     assert decoded[schema.CAPTION] == "caption 2" and decoded[schema.REF_LOSS] == 5.0
+    # a row of a batch before schema version 3 has no hash: tf.data parses it as empty, our decoder as None
+    older = schema.encode_tfrecord_example({**original, schema.IMAGE_SHA256: None})
+    assert tf.io.parse_single_example(older, schema.tfrecord_feature_spec(4))[schema.IMAGE_SHA256].numpy() == b""
+    assert schema.decode_tfrecord_example(older)[schema.IMAGE_SHA256] is None
 
 
 def test_a_row_with_a_missing_or_unknown_column_is_refused():

@@ -1,0 +1,298 @@
+"""Deduplication benchmark: `python bench/dedup.py --corpus demo` (or emoji).
+
+Plants copies of known relation into a corpus's web split, scores it with the corpus's benchmark reference, and
+measures what `python -m pipelines.dedup` finds:
+
+  recall per kind   the share of planted copies put in their source's group: exact byte copies; JPEG re-encodes at
+                    quality 40-90; resizes to 50-90%; crops of up to 10% of each side's length; left-right mirrors;
+                    brightness and contrast changes of up to 10%; each with its source's caption or another's;
+                    and copies of evaluation images (any of those kinds) planted in the web split: the share the job
+                    marks as leaks of the right evaluation image;
+  false positives   the share of distinct source images (not planted, not a near-duplicate the generator made) that
+                    the job puts in a group with another distinct image: overall, and among the pairs of one concept;
+  cost              the job's steady per-example time against the scoring job's on the same corpus of
+                    --cost_size examples (steady = the difference of a small and a full run's examples over the
+                    difference of their times; start-up = the small run's time less its examples at that rate).
+
+Before the job runs, every planted pair's and every distinct pair's embedding cosine is computed (no job: a
+brute-force table), so that the threshold's trade-off is seen whole: recall per kind and false positives at
+each threshold of THRESHOLDS. The job then runs at --threshold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ablations  # noqa: E402  (bench/ablations.py: the corpora and their references)
+import numpy as np  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import results  # noqa: E402
+from PIL import Image, ImageEnhance, ImageOps  # noqa: E402
+
+from curation.shared import dedup_output, schema  # noqa: E402
+from curation.shared.corpus import CorpusRecord  # noqa: E402
+from curation.shared.corpus_readers import iter_corpus  # noqa: E402
+from curation.shared.corpus_writers import open_shard_writer  # noqa: E402
+from curation.shared.scored_set import open_scored  # noqa: E402
+from demo import emoji_corpus, make_corpus  # noqa: E402
+from demo import run as demo  # noqa: E402
+from pipelines import dedup, score  # noqa: E402
+
+COMMAND = ".venv/bin/python bench/dedup.py"
+KINDS = ("exact", "jpeg", "resize", "crop", "flip", "brightness", "contrast")
+THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+CONCEPT = {"demo": ("shape", "colour"), "emoji": ("name",)}  # what makes two images one concept
+
+
+def transform(image: bytes, kind: str, rng: np.random.Generator) -> bytes:
+    """A copy of `image` of `kind` (see the module docstring), encoded as JPEG (PNG for exact pixels' kinds)."""
+    if kind == "exact":
+        return image
+    pixels = Image.open(io.BytesIO(image)).convert("RGB")
+    width, height = pixels.size
+    quality = 95
+    if kind == "jpeg":
+        quality = int(rng.integers(40, 91))
+    elif kind == "resize":
+        scale = rng.uniform(0.5, 0.9)
+        pixels = pixels.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BICUBIC)
+    elif kind == "crop":
+        left, top, right, bottom = (rng.uniform(0, 0.05, 4) * [width, height, width, height]).round().astype(int)
+        pixels = pixels.crop((left, top, width - right, height - bottom))
+    elif kind == "flip":
+        pixels = ImageOps.mirror(pixels)
+    elif kind == "brightness":
+        pixels = ImageEnhance.Brightness(pixels).enhance(rng.uniform(0.9, 1.1))
+    elif kind == "contrast":
+        pixels = ImageEnhance.Contrast(pixels).enhance(rng.uniform(0.9, 1.1))
+    buffer = io.BytesIO()
+    pixels.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def concept(record: CorpusRecord, corpus: str) -> str:
+    return "/".join(str(record.metadata.get(name)) for name in CONCEPT[corpus])
+
+
+def plant(corpus_dir: str, out: str, corpus: str, sources: int, seed: int) -> dict:
+    """Write `out`/planted.tar: for `sources` clean web images, one copy of each kind; and for as many evaluation
+    images, one copy of a random kind. Returns the plan: planted key -> its kind, source key and whether the source
+    is an evaluation image."""
+    rng = np.random.default_rng(seed)
+    web = [r for r in iter_corpus([f"{corpus_dir}/web/*.tar"], "wds") if isinstance(r, CorpusRecord)]
+    clean = [r for r in web if r.metadata.get("truth") == "clean"]
+    evaluation = [r for r in iter_corpus([f"{corpus_dir}/eval/*/*.tar"], "wds") if isinstance(r, CorpusRecord)]
+    captions = [r.caption for r in web]
+    plan, copies = {}, []
+    for index in rng.choice(len(clean), size=min(sources, len(clean)), replace=False):
+        source = clean[int(index)]
+        for kind in KINDS:
+            key = f"plant-{kind}-{source.key}".replace("/", "_")
+            caption = source.caption if rng.random() < 0.5 else captions[int(rng.integers(len(captions)))]
+            copies.append(CorpusRecord(key, transform(source.image, kind, rng), caption, "", {"truth": "planted"}))
+            plan[key] = {"kind": kind, "source": source.key, "eval": False}
+    for index in rng.choice(len(evaluation), size=min(sources, len(evaluation)), replace=False):
+        source = evaluation[int(index)]
+        kind = KINDS[int(rng.integers(len(KINDS)))]
+        key = f"leak-{kind}-{source.key}".replace("/", "_")
+        copies.append(CorpusRecord(key, transform(source.image, kind, rng), source.caption, "", {"truth": "planted"}))
+        plan[key] = {"kind": kind, "source": source.key, "eval": True}
+    os.makedirs(out, exist_ok=True)
+    with open_shard_writer(os.path.join(out, "planted.tar"), "wds") as writer:
+        for record in copies:
+            writer.write(record)
+    distinct = {r.key: concept(r, corpus) for r in web if r.metadata.get("truth") not in ("near_duplicate", "repeat")}
+    return {"plan": plan, "distinct": distinct}
+
+
+def embeddings(scored_dir: str) -> tuple[list[str], np.ndarray]:
+    """(keys, [n, d] unit image embeddings) of a scored output's rows (keys are unique in these corpora)."""
+    tables = [
+        pq.read_table(path, columns=[schema.KEY, schema.REF_IMAGE_EMBEDDING])
+        for path in dedup.scored_files(open_scored(scored_dir))
+    ]
+    keys = [key for table in tables for key in table.column(schema.KEY).to_pylist()]
+    matrix = np.concatenate([schema.embedding_matrix(t, schema.REF_IMAGE_EMBEDDING) for t in tables]).astype(np.float32)
+    return keys, matrix / np.linalg.norm(matrix, axis=1, keepdims=True)
+
+
+def threshold_table(planted: dict, web: tuple[list[str], np.ndarray], held: tuple[list[str], np.ndarray]) -> str:
+    """Recall per kind and false positives at each threshold, from every pair's cosine (no job)."""
+    keys, matrix = web
+    row = {key: i for i, key in enumerate(keys)}
+    eval_row = {key.rsplit(":", 1)[-1]: i for i, key in enumerate(held[0])}
+    cosines = {kind: [] for kind in (*KINDS, "leak")}
+    for key, entry in planted["plan"].items():
+        source = held[1][eval_row[entry["source"]]] if entry["eval"] else matrix[row[entry["source"]]]
+        cosines["leak" if entry["eval"] else entry["kind"]].append(float(matrix[row[key]] @ source))
+    distinct = [key for key in planted["distinct"] if key in row]
+    vectors = matrix[[row[key] for key in distinct]]
+    concepts = np.array([planted["distinct"][key] for key in distinct])
+    nearest, nearest_same = np.full(len(distinct), -1.0), np.full(len(distinct), -1.0)
+    for start in range(0, len(distinct), 1024):  # each distinct image's most similar other one
+        block = vectors[start : start + 1024] @ vectors.T
+        for i in range(block.shape[0]):
+            block[i, start + i] = -1.0
+        nearest[start : start + 1024] = block.max(axis=1)
+        same = concepts[start : start + 1024, None] == concepts[None, :]
+        nearest_same[start : start + 1024] = np.where(same, block, -1.0).max(axis=1)
+    header = "| threshold | " + " | ".join(cosines) + " | false positives | among one concept |"
+    lines = [header, "|---" * (len(cosines) + 3) + "|"]
+    for threshold in THRESHOLDS:
+        recall = [f"{np.mean(np.array(values) >= threshold):.3f}" for values in cosines.values()]
+        lines.append(
+            f"| {threshold} | " + " | ".join(recall) + f" | {np.mean(nearest >= threshold):.4f} | "
+            f"{np.mean(nearest_same >= threshold):.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def job_table(planted: dict, output: str) -> str:
+    """What the job found: recall per kind, leak recall, false positives per distinct source image."""
+    manifest = dedup_output.read_dedup_manifest(output)
+    rows = {}
+    for entry in manifest.files:
+        table = pq.read_table(os.path.join(output, entry.dedup)).to_pylist()
+        rows.update({row["key"]: row for row in table})
+    by_id = {}
+    for index, entry in enumerate(manifest.files):
+        keys = pq.read_table(os.path.join(output, entry.dedup), columns=["key"]).column("key").to_pylist()
+        by_id.update({dedup_output.example_id(index, i): key for i, key in enumerate(keys)})
+    found = {kind: [] for kind in (*KINDS, "leak")}
+    for key, entry in planted["plan"].items():
+        row = rows[key]
+        if entry["eval"]:
+            found["leak"].append(row["reason"] == dedup_output.LEAK and row["eval_key"].endswith(f":{entry['source']}"))
+        else:
+            found[entry["kind"]].append(row["group"] == rows[entry["source"]]["group"])
+    members: dict[int, list[str]] = {}
+    for key, row in rows.items():
+        if key in planted["distinct"]:
+            members.setdefault(row["group"], []).append(key)
+    wrong = {key for group in members.values() if len(group) > 1 for key in group}
+    same = {
+        key
+        for group in members.values()
+        for key in group
+        if sum(planted["distinct"][k] == planted["distinct"][key] for k in group) > 1
+    }
+    lines = ["| " + " | ".join(found) + " | false positives | among one concept |", "|---" * (len(found) + 2) + "|"]
+    lines.append(
+        "| "
+        + " | ".join(f"{np.mean(values):.3f}" for values in found.values())
+        + f" | {len(wrong) / len(planted['distinct']):.4f} | {len(same) / len(planted['distinct']):.4f} |"
+    )
+    return "\n".join(lines) + f"\n\nCounts in the job's manifest: {json.dumps(dataclasses_dict(manifest.counts))}."
+
+
+def dataclasses_dict(value) -> dict:
+    import dataclasses
+
+    return dataclasses.asdict(value)
+
+
+def timed(function, *args) -> float:
+    start = time.perf_counter()
+    function(*args)
+    return time.perf_counter() - start
+
+
+def cost(args, reference: str, maker, work: str) -> str:
+    """Steady per-example seconds and start-up of the scoring job and the dedup job on one corpus, small and full."""
+    corpus = os.path.join(work, "cost_corpus")
+    if not os.path.exists(os.path.join(corpus, "_SPLITS.json")):
+        maker(
+            corpus,
+            size=args.cost_size,
+            curated_size=64,
+            eval_size=64,
+            seed=1,
+            shard_size=1000,
+            workers=min(2, os.cpu_count() or 1),
+            overwrite=True,
+        )
+    shards = sorted(os.listdir(os.path.join(corpus, "web")))
+    small = max(1, len(shards) // 10)
+    times = {}
+    for name, count in (("small", small), ("full", len(shards))):
+        inputs = [f"--input={os.path.join(corpus, 'web', shard)}" for shard in shards[:count]]
+        scored = os.path.join(work, f"cost_scored_{name}")
+        times[("score", name)] = timed(score.run, [*inputs, f"--output={scored}", f"--reference={reference}"])
+        output = os.path.join(work, f"cost_dedup_{name}")
+        times[("dedup", name)] = timed(dedup.run, [f"--scored={scored}", f"--output={output}"])
+        times[("examples", name)] = open_scored(scored).scored
+    lines = ["| job | steady ms per example | start-up s |", "|---|---|---|"]
+    steady = {}
+    for job in ("score", "dedup"):
+        examples = times[("examples", "full")] - times[("examples", "small")]
+        steady[job] = (times[(job, "full")] - times[(job, "small")]) / examples
+        startup = times[(job, "small")] - steady[job] * times[("examples", "small")]
+        lines.append(f"| {job} | {1000 * steady[job]:.3f} | {startup:.1f} |")
+    return (
+        "\n".join(lines)
+        + f"\n\nThe dedup job costs {steady['dedup'] / steady['score']:.3f}x the scoring job's steady time per example "
+        f"(goal ≤ 0.10), on {times[('examples', 'full')]} examples ({times[('examples', 'small')]} in the small run)."
+    )
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--corpus", default="demo", choices=sorted(ablations.CORPORA))
+    parser.add_argument("--sources", type=int, default=300, help="source images planted of each kind (300)")
+    parser.add_argument("--threshold", type=float, default=0.95, help="the job's near and leak threshold (0.95)")
+    parser.add_argument("--cost_size", type=int, default=50000, help="examples of the cost runs' corpus (50000)")
+    parser.add_argument("--out", default="runs/bench_dedup")
+    parser.add_argument("--no_write", action="store_true", help="do not update bench/RESULTS.md")
+    args = parser.parse_args(argv)
+    spec = ablations.CORPORA[args.corpus]
+    demo_args = demo.parse_args(
+        ["--out", spec["out"], "--seed", str(spec["seed"])] + [f"--{name}={spec[name]}" for name in ablations.REFERENCE]
+    )
+    maker = emoji_corpus.write_corpus if spec.get("maker") == "emoji" else make_corpus.write_corpus
+    corpus_dir, reference_workdir, _ = demo.prepare(demo_args, maker=maker)
+    reference = os.path.join(reference_workdir, "model")
+    work = os.path.join(args.out, args.corpus)
+    planted = plant(corpus_dir, os.path.join(work, "planted"), args.corpus, args.sources, seed=0)
+    scored, held = os.path.join(work, "scored"), os.path.join(work, "eval_scored")
+    for path, inputs in (
+        (scored, [f"{corpus_dir}/web/*.tar", f"{work}/planted/*.tar"]),
+        (held, [f"{corpus_dir}/eval/*/*.tar"]),
+    ):
+        if not os.path.isdir(path):
+            score.run([*(f"--input={pattern}" for pattern in inputs), f"--output={path}", f"--reference={reference}"])
+    web_keys, web_matrix = embeddings(scored)
+    eval_keys, eval_matrix = embeddings(held)
+    table = threshold_table(planted, (web_keys, web_matrix), ([f"eval:{k}" for k in eval_keys], eval_matrix))
+    output = os.path.join(work, f"dedup_{args.threshold}")
+    if not os.path.exists(os.path.join(output, dedup_output.DEDUP_MANIFEST)):
+        dedup.run(
+            [
+                f"--scored={scored}",
+                f"--eval_scored={held}",
+                f"--output={output}",
+                f"--near_threshold={args.threshold}",
+                f"--leak_threshold={args.threshold}",
+            ]
+        )
+    found = job_table(planted, output)
+    spent = cost(args, reference, maker, work)
+    body = (
+        f"{len(planted['plan'])} planted copies ({args.sources} source images × {len(KINDS)} kinds, and "
+        f"{sum(e['eval'] for e in planted['plan'].values())} copies of evaluation images) in a web split of "
+        f"{len(planted['distinct'])} distinct images, scored by the corpus's benchmark reference.\n\n"
+        f"Every pair's embedding cosine, at each threshold (recall per kind; false positives: the share of distinct "
+        f"images with another distinct image at or above it):\n\n{table}\n\n"
+        f"The job at threshold {args.threshold} (near and leak):\n\n{found}\n\nCost:\n\n{spent}"
+    )
+    results.publish(f"Deduplication ({args.corpus} corpus)", body.splitlines(), COMMAND, not args.no_write)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,297 @@
+"""Find duplicates and evaluation leaks in a scored output: `python -m pipelines.dedup`.
+
+    python -m pipelines.dedup --scored runs/demo/scored --output runs/demo/dedup \\
+        --eval_scored runs/demo/eval_scored
+
+It reads the scored batches under --scored (either layout: it needs each row's `image_sha256` and reference image
+embedding, not the images) and writes, under --output, one Parquet file per scored file, row-aligned with it, and
+`_DEDUP.json` last (`curation/shared/dedup_output.py`). It finds:
+
+- **exact duplicates**: rows whose image bytes are identical (same `image_sha256`);
+- **near-duplicates**: rows whose reference image embeddings have a cosine of at least --near_threshold, among the
+  candidates that share one of --bands SimHash bands (`pipelines/dedup_stages.py`: no pair is compared unless a
+  bucket brings it together, and no worker holds the corpus);
+- **evaluation leaks**: rows that are a byte copy of an image of the scored evaluation sets given with
+  --eval_scored (scored by the same reference), or whose embedding is at least --leak_threshold similar to one.
+  The evaluation sets are small: every worker holds them (a side input).
+
+Each duplicate group keeps one row, its smallest id (the first scored file's first row); a leak is left out
+whatever its group. `python -m curation.train --dedup DIR` leaves out what it marks. Beam's own flags pass through
+(--runner, --direct_num_workers, --project, ...); without --runner the job runs in process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import posixpath
+import sys
+import time
+from typing import Any, Sequence
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import PipelineOptions, SetupOptions
+from apache_beam.pvalue import AsList, AsSingleton
+
+from curation.shared import cli, dedup_output
+from curation.shared.batches import write_atomically
+from curation.shared.manifest import ScoredShardsError
+from curation.shared.scored_set import ScoredSet, open_scored
+from pipelines import dedup_stages as stages
+from pipelines import options
+
+log = logging.getLogger("pipelines.dedup")
+
+PROG = "python -m pipelines.dedup"
+DESCRIPTION = "Find exact and near-duplicates and evaluation leaks in a scored output (docs: pipelines/dedup.py)."
+REQUIRED = ("--scored", "--output")
+
+
+def _cosine(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a cosine in (0, 1], got {text!r}")
+    return value
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+class DedupOptions(PipelineOptions):
+    """The dedup job's own flags (--output is `options.CorpusJobOptions`'s). Required here: --scored."""
+
+    @classmethod
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--scored", help="the scored output to deduplicate (python -m pipelines.score's --output)")
+        parser.add_argument(
+            "--eval_scored",
+            action="append",
+            default=[],
+            help="a scored output of evaluation images to protect (scored by the same reference); repeatable",
+        )
+        parser.add_argument(
+            "--near_threshold", type=_cosine, default=0.95, help="embedding cosine of a near-duplicate (0.95)"
+        )
+        parser.add_argument(
+            "--leak_threshold", type=_cosine, default=0.95, help="embedding cosine of an evaluation leak (0.95)"
+        )
+        parser.add_argument("--bands", type=_positive, default=16, help="SimHash bands: more find more pairs (16)")
+        parser.add_argument("--band_bits", type=_positive, default=16, help="bits per band: more, smaller buckets (16)")
+        parser.add_argument("--rounds", type=_positive, default=8, help="label-propagation rounds for the groups (8)")
+        parser.add_argument("--dedup_seed", type=int, default=0, help="seed of the SimHash hyperplanes (0)")
+
+
+def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, PipelineOptions]:
+    return options.parse(
+        argv, prog=PROG, description=DESCRIPTION, classes=(options.CorpusJobOptions, DedupOptions), required=REQUIRED
+    )
+
+
+def open_checked(path: str, flag: str) -> ScoredSet:
+    """A scored output whose every batch records `image_sha256` (schema version 3); SystemExit in one line else."""
+    try:
+        scored = open_scored(path)
+    except ScoredShardsError as error:
+        raise SystemExit(f"{flag} {path}: {error}") from None
+    old = [posixpath.basename(m.batch_dir) for m in scored.manifests if m.schema_version < 3]
+    if old:
+        raise SystemExit(
+            f"{flag} {path}: batch(es) {', '.join(old)} were scored before schema version 3 and record no image hash; "
+            "score the corpus again with this version of python -m pipelines.score"
+        )
+    return scored
+
+
+def scored_files(scored: ScoredSet) -> list[str]:
+    """The scored set's files, in a fixed order: its Parquet shards (copied layout) or sidecars."""
+    if scored.layout == "sidecar":
+        return [sidecar for _, sidecar, _ in scored.sidecar_pairs()]
+    return scored.shard_paths("parquet")
+
+
+def check_arguments(args: argparse.Namespace) -> tuple[ScoredSet, list[ScoredSet]]:
+    """Everything refused before any work: the scored set and the evaluation sets, and the output folder."""
+    scored = open_checked(args.scored, "--scored")
+    evaluation = [open_checked(path, "--eval_scored") for path in args.eval_scored]
+    for path, other in zip(args.eval_scored, evaluation):
+        if other.fingerprint != scored.fingerprint:
+            raise SystemExit(
+                f"--eval_scored {path} is scored by reference {other.fingerprint[:12]}, --scored by "
+                f"{scored.fingerprint[:12]}: score the evaluation images with the same reference"
+            )
+    if args.input:
+        raise SystemExit("--input is the scoring job's: the dedup job reads a scored output, given with --scored")
+    if FileSystems.exists(posixpath.join(args.output, dedup_output.DEDUP_MANIFEST)):
+        raise SystemExit(f"--output {args.output} already holds a dedup output: give another folder, or delete it")
+    return scored, evaluation
+
+
+def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], evaluation: list[ScoredSet]) -> None:
+    settings = stages.Settings(
+        args.near_threshold, args.leak_threshold, args.bands, args.band_bits, args.rounds, args.dedup_seed
+    )
+    rows = (
+        pipeline
+        | "ScoredFiles" >> beam.Create(list(enumerate(files)))
+        | "Reshuffle" >> beam.Reshuffle()
+        | "ReadScoredFiles" >> beam.FlatMap(stages.read_rows)
+    )
+    embedded = rows | "Embedded" >> beam.Filter(lambda row: row.embedding is not None)
+    exact = (
+        embedded
+        | "ByContentHash" >> beam.Map(lambda row: (stages.exact_key(row), row))
+        | "SameContent" >> beam.GroupByKey()
+        | "ExactGroups" >> beam.FlatMap(stages.exact_group)
+        | "Split" >> beam.Partition(lambda item, _: ("representative", "edge", "copy").index(item[0]), 3)
+    )
+    representatives, exact_edges, copies = (
+        part | f"Unwrap{i}" >> beam.Map(lambda item: item[1]) for i, part in enumerate(exact)
+    )
+    near_edges = (
+        representatives
+        | "Bands" >> beam.ParDo(stages.BandsFn(settings, scored.embed_dim))
+        | "Buckets" >> beam.GroupByKey()
+        | "NearPairs" >> beam.FlatMap(lambda bucket: stages.near_pairs(bucket[1], settings.near_threshold))
+    )
+    edges = (exact_edges, near_edges) | "AllEdges" >> beam.Flatten()
+    labels, changed = edges | "Components" >> stages.Components(settings.rounds)
+    evaluation_files = [(s.manifests[0].output, path) for s in evaluation for path in scored_files(s)]
+    held = (
+        pipeline
+        | "EvaluationFiles" >> beam.Create(evaluation_files)
+        | "ReadEvaluation" >> beam.FlatMap(lambda item: ((item[0], row) for row in stages.read_rows((0, item[1]))))
+        | "AllEvaluation" >> beam.combiners.ToList()
+        | "EvaluationImages" >> beam.Map(stages.evaluation_images)
+    )
+    leaks = embedded | "EvalLeaks" >> beam.FlatMap(stages.eval_leak, AsSingleton(held), settings.leak_threshold)
+    verdicts = (
+        {
+            "row": rows | "KeyById" >> beam.Map(lambda row: (row.id, row.key)),
+            "label": labels,
+            "leak": leaks,
+            "copy": copies | "CopyById" >> beam.Map(lambda example: (example, True)),
+        }
+        | "JoinVerdicts" >> beam.CoGroupByKey()
+        | "Verdicts" >> beam.Map(stages.verdict)
+    )
+    names = [dedup_output.scored_file_name(args.scored, path) for path in files]
+    written = verdicts | "WriteDedupFiles" >> stages.WriteDedupFiles(args.output, names)
+    embedded_count = embedded | "CountEmbedded" >> beam.combiners.Count.Globally()
+    template = {
+        "version": dedup_output.DEDUP_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+        "scored": args.scored,
+        "reference_fingerprint": scored.fingerprint,
+        "layout": scored.layout,
+        "batches": [posixpath.basename(m.batch_dir) for m in scored.manifests],
+        "settings": {
+            "near_threshold": settings.near_threshold,
+            "leak_threshold": settings.leak_threshold,
+            "bands": settings.bands,
+            "band_bits": settings.band_bits,
+            "rounds": settings.rounds,
+            "seed": settings.seed,
+            "eval_scored": list(args.eval_scored),
+            "eval_images": sum(s.scored for s in evaluation),
+        },
+    }
+    (
+        pipeline
+        | "Once" >> beam.Create([None])
+        | "WriteDedupManifest"
+        >> beam.Map(
+            write_manifest,
+            AsList(written),
+            AsSingleton(embedded_count),
+            AsSingleton(changed, default_value=0),
+            folder=args.output,
+            files=len(files),
+            template=template,
+        )
+    )
+
+
+def write_manifest(_, written: list[dict], examples: int, changed: int, folder: str, files: int, template: dict):
+    if len(written) != files:
+        raise RuntimeError(f"{len(written)} dedup files written of {files}: the job lost some")
+    entries = sorted(written, key=lambda entry: entry["file"].dedup)
+    counts = dedup_output.DedupCounts(
+        examples=examples,
+        groups=sum(entry["groups"] for entry in entries),
+        removed_exact=sum(entry["removed_exact"] for entry in entries),
+        removed_near=sum(entry["removed_near"] for entry in entries),
+        leaks=sum(entry["leaks"] for entry in entries),
+    )
+    manifest = dedup_output.DedupManifest(
+        **template, files=[entry["file"] for entry in entries], counts=counts, converged=changed == 0
+    )
+    write_atomically(
+        posixpath.join(folder, dedup_output.DEDUP_MANIFEST), lambda f: f.write(manifest.to_json().encode("utf-8"))
+    )
+    return manifest
+
+
+def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict[str, Any]:
+    """Build and run the job; returns its summary (the manifest's counts, settings and output folder)."""
+    args, pipeline_options = parse(sys.argv[1:] if argv is None else argv)
+    pipeline_options.view_as(SetupOptions).save_main_session = False
+    scored, evaluation_sets = check_arguments(args)
+    files = scored_files(scored)
+    log.info(
+        "deduplicating %d scored file(s) of %s against %d evaluation image(s)",
+        len(files),
+        args.scored,
+        sum(s.scored for s in evaluation_sets),
+    )
+    pipeline = test_pipeline or beam.Pipeline(options=pipeline_options)
+    build(pipeline, args, scored, files, evaluation_sets)
+    start = time.perf_counter()
+    pipeline.run().wait_until_finish()
+    manifest = dedup_output.read_dedup_manifest(args.output)
+    if not manifest.converged:
+        log.warning("the groups had not settled after --rounds %d: run again with more rounds", args.rounds)
+    counts = manifest.counts
+    summary = {
+        "output": args.output,
+        "examples": counts.examples,
+        "groups": counts.groups,
+        "removed_exact": counts.removed_exact,
+        "removed_near": counts.removed_near,
+        "leaks": counts.leaks,
+        "converged": manifest.converged,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    log.info(
+        "%d examples: %d duplicate groups, %d exact and %d near-duplicates left out, %d evaluation leaks -> %s",
+        counts.examples,
+        counts.groups,
+        counts.removed_exact,
+        counts.removed_near,
+        counts.leaks,
+        args.output,
+    )
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    cli.quiet_logging("--verbose" in argv)
+    try:
+        summary = run(argv)
+    except SystemExit as error:
+        if error.code is None or isinstance(error.code, int):
+            raise
+        print(f"{PROG}: error: {' '.join(str(error.code).split())}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
