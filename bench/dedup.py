@@ -89,7 +89,7 @@ def plant(corpus_dir: str, out: str, corpus: str, sources: int, seed: int) -> di
     web = [r for r in iter_corpus([f"{corpus_dir}/web/*.tar"], "wds") if isinstance(r, CorpusRecord)]
     clean = [r for r in web if r.metadata.get("truth") == "clean"]
     evaluation = [r for r in iter_corpus([f"{corpus_dir}/eval/*/*.tar"], "wds") if isinstance(r, CorpusRecord)]
-    captions = [r.caption for r in web]
+    captions = [r.caption for r in clean]  # another caption: a valid one (a broken one would be dead-lettered)
     plan, copies = {}, []
     for index in rng.choice(len(clean), size=min(sources, len(clean)), replace=False):
         source = clean[int(index)]

@@ -160,8 +160,12 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
         | "Buckets" >> beam.GroupByKey()
         | "NearPairs" >> beam.FlatMap(lambda bucket: stages.near_pairs(bucket[1], settings.near_threshold))
     )
-    edges = (exact_edges, near_edges) | "AllEdges" >> beam.Flatten()
-    labels, changed = edges | "Components" >> stages.Components(settings.rounds)
+    near_labels, changed = near_edges | "Components" >> stages.Components(settings.rounds)
+    labels = (
+        {"label": near_labels, "copies": exact_edges}
+        | "JoinCopies" >> beam.CoGroupByKey()
+        | "CopiesFollow" >> beam.FlatMap(stages.with_copies)
+    )
     evaluation_files = [(s.manifests[0].output, path) for s in evaluation for path in scored_files(s)]
     held = (
         pipeline

@@ -1,15 +1,17 @@
 """The dedup job's transforms (`pipelines/dedup.py`) and the pure functions beneath them.
 
-    ReadScoredFiles → ExactGroups ─→ NearPairs (LSH buckets of the exact groups' representatives) ─┐
-          │                 └──────────────── edges: each copy to its representative ──────────────┴→ Components
-          ├──→ EvalLeaks (evaluation images as a side input)                                               │
-          └──────────────────────────────────────────────── Verdicts (a row per scored row) ←──────────────┘
-                                                                         └→ WriteDedupFiles → WriteDedupManifest
+    ReadScoredFiles → ExactGroups → NearPairs (LSH buckets of the representatives) → Components ─┐
+          │               └────────── byte copies follow their representative ──────────→ CopiesFollow
+          ├──→ EvalLeaks (evaluation images as a side input)                                      │
+          └────────────────────────────────────── Verdicts (a row per scored row) ←──────────────┘
+                                                               └→ WriteDedupFiles → WriteDedupManifest
 
 Nothing compares all pairs: candidates share an exact content hash, or one of `bands` random-hyperplane hashes of
 `band_bits` bits of their reference image embeddings (SimHash, banded), and a candidate pair is a near-duplicate when
-its embedding cosine is at least the threshold. Groups are the connected components of those pairs, found by
-`rounds` of min-label propagation (a shuffle each), their representative the smallest id (`dedup_output`).
+its embedding cosine is at least the threshold. Groups are the connected components of those pairs among the exact
+groups' representatives, found by `rounds` of min-label propagation (a shuffle each), their representative the
+smallest id (`dedup_output`); byte copies then join their representative's group, whether or not the propagation
+settled.
 """
 
 from __future__ import annotations
@@ -142,6 +144,16 @@ def evaluation_images(rows: list[tuple[str, Row]]) -> dict[str, Any]:
 def exact_key(row: Row) -> str:
     """What exact duplicates share: the content hash (a row copied from a batch that recorded none is its own)."""
     return row.sha if row.sha is not None else f"id:{row.id}"
+
+
+def with_copies(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, int]]:
+    """The labels of one exact group's representative (its near-duplicate component's, or its own) and of its byte
+    copies, which follow it: a copy is always in its representative's group, however the components came out."""
+    representative, joined = element
+    label = min(joined["label"]) if joined["label"] else representative
+    yield representative, label
+    for copy in joined["copies"]:
+        yield copy, label
 
 
 def eval_leak(row: Row, evaluation: dict[str, Any], threshold: float) -> Iterator[tuple[int, tuple[str, float]]]:

@@ -124,10 +124,10 @@ class Dedup:
     folder: str
     manifest: DedupManifest
 
-    def left_out(self, scored_file: str) -> np.ndarray:
-        """[rows] bool, True where training leaves the row out, for a scored file (its path as the scored set
-        gives it, or relative to the scored output)."""
-        name = scored_file_name(self.manifest.scored, scored_file)
+    def left_out(self, scored_file: str, scored_output: str | None = None) -> np.ndarray:
+        """[rows] bool, True where training leaves the row out, for a scored file: its path under `scored_output`
+        (the scored set as the reader opened it; default: as the job was given it), or relative to it."""
+        name = scored_file_name(scored_output or self.manifest.scored, scored_file)
         entry = next((f for f in self.manifest.files if f.scored == name), None)
         if entry is None:
             raise DedupError(f"the dedup output {self.folder} has no verdict for {scored_file}")

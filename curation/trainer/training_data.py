@@ -170,7 +170,7 @@ def dedup_masks(dedup_dir: str, scored: scored_set.ScoredSet, shards: list) -> d
         masks = {}
         for shard in shards:
             path = shard.sidecar if isinstance(shard, scored_input.SidecarShard) else shard
-            masks[path] = dedup.left_out(path)
+            masks[path] = dedup.left_out(path, scored.manifests[0].output)
             rows = scored_set.read_scored_parquet(path, [schema.KEY]).num_rows
             if rows != len(masks[path]):
                 raise dedup_output.DedupError(
