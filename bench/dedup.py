@@ -238,7 +238,8 @@ def cost(args, reference: str, maker, work: str) -> str:
     return (
         "\n".join(lines)
         + f"\n\nThe dedup job costs {steady['dedup'] / steady['score']:.3f}x the scoring job's steady time per example "
-        f"(goal ≤ 0.10), on {times[('examples', 'full')]} examples ({times[('examples', 'small')]} in the small run)."
+        f"(goal ≤ 0.10), on {times[('examples', 'full')]} examples ({times[('examples', 'small')]} in the small run; "
+        "the job at its default thresholds, without evaluation sets)."
     )
 
 
