@@ -51,9 +51,9 @@ def test_a_version_1_batch_reads_as_a_typed_manifest():
     assert batch["ref_zimg"].shape == (4, 8)
 
 
-def test_a_version_2_batch_of_the_same_reference_reads_beside_a_version_1_batch(tmp_path):
-    """Scoring the same corpus again with the version-1 checkpoint adds a version-2 batch with the same embeddings,
-    and a reader takes both batches together."""
+def test_a_current_batch_of_the_same_reference_reads_beside_a_version_1_batch(tmp_path):
+    """Scoring the same corpus again with the version-1 checkpoint adds a batch of the current version with the same
+    embeddings, and a reader takes both batches together."""
     from pipelines import score
 
     output = tmp_path / "scored"
@@ -72,7 +72,7 @@ def test_a_version_2_batch_of_the_same_reference_reads_beside_a_version_1_batch(
     )
     assert summary["scored"] == 12
     scored = scored_set.open_scored(str(output))
-    assert [m.schema_version for m in scored.manifests] == [1, 2]
+    assert [m.schema_version for m in scored.manifests] == [1, schema.SCHEMA_VERSION]
     old, new = ({row[schema.KEY]: row for row in pq.read_table(m.shard_paths()).to_pylist()} for m in scored.manifests)
     assert sorted(old) == sorted(new)
     # Byte-identical within one environment; the fixture was made beside another tensorflow wheel, whose float32

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from curation.shared import batches, scored_set
+from curation.shared import batches, schema, scored_set
 from curation.shared.manifest import MANIFEST_NAME, ScoredShardsError
 from curation.trainer import scored_input, truth
 from curation.trainer.input_pipeline import DataPosition
@@ -100,7 +100,7 @@ def test_mixed_references_and_unknown_schema_versions_are_refused(scored_tiny_co
         ("batch-zz-other", other.to_json(), "different reference"),
         (
             "batch-zz-version",
-            manifest.to_json().replace('"schema_version": 2', '"schema_version": 99'),
+            manifest.to_json().replace(f'"schema_version": {schema.SCHEMA_VERSION}', '"schema_version": 99'),
             "schema version 99",
         ),
     ]:
