@@ -22,6 +22,7 @@ each threshold of THRESHOLDS. The job then runs at --threshold.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
 import os
@@ -161,10 +162,6 @@ def job_table(planted: dict, output: str) -> str:
     for entry in manifest.files:
         table = pq.read_table(os.path.join(output, entry.dedup)).to_pylist()
         rows.update({row["key"]: row for row in table})
-    by_id = {}
-    for index, entry in enumerate(manifest.files):
-        keys = pq.read_table(os.path.join(output, entry.dedup), columns=["key"]).column("key").to_pylist()
-        by_id.update({dedup_output.example_id(index, i): key for i, key in enumerate(keys)})
     found = {kind: [] for kind in (*KINDS, "leak")}
     for key, entry in planted["plan"].items():
         row = rows[key]
@@ -189,13 +186,7 @@ def job_table(planted: dict, output: str) -> str:
         + " | ".join(f"{np.mean(values):.3f}" for values in found.values())
         + f" | {len(wrong) / len(planted['distinct']):.4f} | {len(same) / len(planted['distinct']):.4f} |"
     )
-    return "\n".join(lines) + f"\n\nCounts in the job's manifest: {json.dumps(dataclasses_dict(manifest.counts))}."
-
-
-def dataclasses_dict(value) -> dict:
-    import dataclasses
-
-    return dataclasses.asdict(value)
+    return "\n".join(lines) + f"\n\nCounts in the job's manifest: {json.dumps(dataclasses.asdict(manifest.counts))}."
 
 
 def timed(function, *args) -> float:

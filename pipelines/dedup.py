@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import logging
 import posixpath
 import sys
@@ -285,16 +284,7 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    cli.quiet_logging("--verbose" in argv)
-    try:
-        summary = run(argv)
-    except SystemExit as error:
-        if error.code is None or isinstance(error.code, int):
-            raise
-        print(f"{PROG}: error: {' '.join(str(error.code).split())}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(summary, indent=2))
+    cli.job_main(PROG, run, argv)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import errno
-import json
 import logging
 import posixpath
 import sys
@@ -374,20 +373,7 @@ def summarize(batch_dir: str, seconds: float) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None, wait: bool = True) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = "--verbose" in argv
-    cli.quiet_logging(verbose)
-    # A failing step's exception reaches run() whole; Beam's copy of it in the log, traceback and all, only with
-    # --verbose (so that a failed write ends the job in one line).
-    logging.getLogger("apache_beam.runners.common").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
-    try:
-        summary = run(argv, wait=wait)
-    except SystemExit as error:
-        if error.code is None or isinstance(error.code, int):
-            raise
-        print(f"python -m pipelines.score: error: {' '.join(str(error.code).split())}", file=sys.stderr)
-        sys.exit(2)
-    print(json.dumps(summary, indent=2))
+    cli.job_main("python -m pipelines.score", lambda args: run(args, wait=wait), argv)
 
 
 if __name__ == "__main__":

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import logging
 import sys
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 # Libraries whose INFO lines drown the project's own progress; `--verbose` lets them through again.
 # (Beam's "Converting string literal type hint to Any" comes from apache_beam.typehints.native_type_compatibility.)
@@ -40,6 +41,24 @@ def quiet_logging(verbose: bool = False) -> None:
         absl_logging.set_verbosity(absl_logging.INFO if verbose else absl_logging.WARNING)
     except ImportError:
         pass
+
+
+def job_main(prog: str, run: Callable[[list[str]], dict], argv: Sequence[str] | None = None) -> None:
+    """A Beam job's entry point: quiet logging (a failing step's exception reaches `run` whole; Beam's copy of it in
+    the log, traceback and all, only with --verbose), `run(argv)`'s summary printed as JSON, and a SystemExit with a
+    message (a mistake, a failed write) ended as one line `PROG: error: ...` on stderr, exit 2."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = "--verbose" in argv
+    quiet_logging(verbose)
+    logging.getLogger("apache_beam.runners.common").setLevel(logging.NOTSET if verbose else logging.CRITICAL)
+    try:
+        summary = run(argv)
+    except SystemExit as error:
+        if error.code is None or isinstance(error.code, int):
+            raise
+        print(f"{prog}: error: {' '.join(str(error.code).split())}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(summary, indent=2))
 
 
 def add_verbose_flag(parser: argparse.ArgumentParser) -> None:
