@@ -64,6 +64,7 @@ from curation.shared.manifest import Counts
 from curation.trainer import configs, report
 from curation.trainer.loop import train
 from curation.trainer.truth import BUCKETS, NOISE_KINDS
+from curation.trainer.workdir import OLDER_RUNS_HAD, read_run_config
 from demo import emoji_corpus, emoji_sources, make_corpus
 from demo import run as demo
 from pipelines import score
@@ -878,9 +879,11 @@ def reference_recipe(reference_workdir: str, corpus: str) -> str:
     """What makes a corpus's reference, short of its bytes: its training config and the corpus generator's settings
     (sha256). Retrained from the same recipe on another machine, a reference differs in the last bits of its params,
     so its fingerprint differs; the demo's seed-0 runs made again that way repeat their committed evaluations to
-    within 0.001 (bench/RESULTS.md, protocol), so curves are matched by recipe, and the fingerprint is kept beside."""
-    with open(os.path.join(reference_workdir, "config.json")) as f:
-        config = json.load(f)
+    within 0.001 (bench/RESULTS.md, protocol), so curves are matched by recipe, and the fingerprint is kept beside.
+    A field added to the config later is left out at the value runs before it had (`dedup`: None), so a reference
+    trained by today's code has the recipe of one trained before the field existed."""
+    saved = read_run_config(os.path.join(reference_workdir, "config.json"))
+    config = {k: v for k, v in saved.items() if k not in OLDER_RUNS_HAD or v != OLDER_RUNS_HAD[k]}
     defaults = demo.parse_args([])
     spec = {
         "corpus": CORPORA[corpus],

@@ -559,6 +559,13 @@ def test_the_reference_recipe_is_its_training_config_and_the_corpus_settings(tmp
     assert len(recipe) == 64 and recipe != ablations.reference_recipe(str(workdir), "emoji")
     (workdir / "config.json").write_text(json.dumps({"name": "reference", "total_steps": 301, "seed": 0}))
     assert ablations.reference_recipe(str(workdir), "demo") != recipe
+    # a field added later, at the value earlier runs had, leaves the recipe as it was; another value changes it
+    (workdir / "config.json").write_text(
+        json.dumps({"name": "reference", "total_steps": 300, "seed": 0, "dedup": None})
+    )
+    assert ablations.reference_recipe(str(workdir), "demo") == recipe
+    (workdir / "config.json").write_text(json.dumps({"name": "reference", "total_steps": 300, "seed": 0, "dedup": "d"}))
+    assert ablations.reference_recipe(str(workdir), "demo") != recipe
 
 
 def test_a_new_results_section_goes_before_the_archived_ones(tmp_path, monkeypatch):
