@@ -238,6 +238,7 @@ def _write_rows(opened, rows: list[dict], out: str, name: str, note: str) -> Non
         for column in schema.EMBEDDINGS:
             row[column] = np.asarray(row[column], np.float16)
         row.setdefault(schema.IMAGE_SHA256, None)  # a row of a batch before schema version 3
+        row.setdefault(schema.IMAGE_THUMBNAIL, None)  # ... before version 4
     manifest = opened.manifests[-1]
     batches.write_scored_batch(
         out,

@@ -14,9 +14,10 @@ measures what `python -m pipelines.dedup` finds:
                     --cost_size examples (steady = the difference of a small and a full run's examples over the
                     difference of their times; start-up = the small run's time less its examples at that rate).
 
-Before the job runs, every planted pair's and every distinct pair's embedding cosine is computed (no job: a
-brute-force table), so that the threshold's trade-off is seen whole: recall per kind and false positives at
-each threshold of THRESHOLDS. The job then runs at --threshold.
+Before the job runs, two brute-force tables (no job) show each signal's trade-off whole: every planted pair's and
+every distinct pair's reference-embedding cosine at each threshold of THRESHOLDS, and the pixel similarity the job
+uses (`pipelines/pixel_match.py`) at each of PIXEL_THRESHOLDS, among the pairs whose candidate vectors are close.
+The job then runs at --threshold.
 """
 
 from __future__ import annotations
@@ -42,13 +43,15 @@ from curation.shared.corpus import CorpusRecord  # noqa: E402
 from curation.shared.corpus_readers import iter_corpus  # noqa: E402
 from curation.shared.corpus_writers import open_shard_writer  # noqa: E402
 from curation.shared.scored_set import open_scored  # noqa: E402
+from curation.shared.thumbnails import from_bytes  # noqa: E402
 from demo import emoji_corpus, make_corpus  # noqa: E402
 from demo import run as demo  # noqa: E402
-from pipelines import dedup, score  # noqa: E402
+from pipelines import dedup, pixel_match, score  # noqa: E402
 
 COMMAND = ".venv/bin/python bench/dedup.py"
 KINDS = ("exact", "jpeg", "resize", "crop", "flip", "brightness", "contrast")
 THRESHOLDS = (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)
+PIXEL_THRESHOLDS = (0.8, 0.85, 0.9, 0.92, 0.94, 0.96, 0.98)
 CONCEPT = {"demo": ("shape", "colour"), "emoji": ("name",)}  # what makes two images one concept
 
 
@@ -155,6 +158,67 @@ def threshold_table(planted: dict, web: tuple[list[str], np.ndarray], held: tupl
     return "\n".join(lines)
 
 
+def scored_thumbnails(scored_dir: str) -> dict[str, np.ndarray]:
+    """key -> thumbnail of each scored row (the job's own input; keys are unique in these corpora)."""
+    found = {}
+    for path in dedup.scored_files(open_scored(scored_dir)):
+        table = pq.read_table(path, columns=[schema.KEY, schema.IMAGE_THUMBNAIL])
+        for key, data in zip(table.column(schema.KEY).to_pylist(), table.column(schema.IMAGE_THUMBNAIL).to_pylist()):
+            if data is not None:
+                found[key] = from_bytes(data)
+    return found
+
+
+def pixel_table(planted: dict, web: dict[str, np.ndarray], held: dict[str, np.ndarray]) -> str:
+    """Recall per kind, false positives and false leaks at each threshold of `pixel_match.similarity`, among the
+    pairs whose candidate vectors meet `pixel_match.CANDIDATE_COSINE` (no job; every pair's candidate cosine)."""
+    floor = pixel_match.CANDIDATE_COSINE
+    scores = {kind: [] for kind in (*KINDS, "leak")}
+    for key, entry in planted["plan"].items():
+        copy, source = web[key], (held if entry["eval"] else web)[entry["source"]]
+        met = float(pixel_match.candidate_vector(copy) @ pixel_match.candidate_vector(source)) >= floor
+        scores["leak" if entry["eval"] else entry["kind"]].append(pixel_match.similarity(copy, source) if met else -1.0)
+    distinct = [key for key in planted["distinct"] if key in web]
+    concepts = np.array([planted["distinct"][key] for key in distinct])
+    stack = np.stack([web[key] for key in distinct])
+    vectors = np.stack([pixel_match.candidate_vector(t) for t in stack])
+    eval_stack = np.stack(list(held.values()))
+    eval_vectors = np.stack([pixel_match.candidate_vector(t) for t in eval_stack])
+    nearest, nearest_same, nearest_eval = (np.full(len(distinct), -1.0) for _ in range(3))
+    candidates = 0
+    for i in range(len(distinct)):  # both directions of each candidate pair: i's windows here, j's at j
+        others = np.nonzero(vectors @ vectors[i] >= floor)[0]
+        others = others[others != i]
+        candidates += len(others)
+        if len(others):
+            found = pixel_match.best_matches(stack[i], stack[others])
+            np.maximum.at(nearest, others, found)
+            nearest[i] = max(nearest[i], found.max())
+            same = concepts[others] == concepts[i]
+            if same.any():
+                np.maximum.at(nearest_same, others[same], found[same])
+                nearest_same[i] = max(nearest_same[i], found[same].max())
+        close = np.nonzero(eval_vectors @ vectors[i] >= floor)[0]
+        if len(close):
+            both = np.maximum(
+                pixel_match.best_matches(stack[i], eval_stack[close]),
+                [pixel_match.best_matches(eval_stack[j], stack[i : i + 1])[0] for j in close],
+            )
+            nearest_eval[i] = both.max()
+    header = "| threshold | " + " | ".join(scores) + " | false positives | among one concept | false leaks |"
+    lines = [header, "|---" * (len(scores) + 4) + "|"]
+    for threshold in PIXEL_THRESHOLDS:
+        recall = [f"{np.mean(np.array(values) >= threshold):.3f}" for values in scores.values()]
+        lines.append(
+            f"| {threshold} | " + " | ".join(recall) + f" | {np.mean(nearest >= threshold):.4f} | "
+            f"{np.mean(nearest_same >= threshold):.4f} | {np.mean(nearest_eval >= threshold):.4f} |"
+        )
+    return (
+        f"Candidate pairs (candidate cosine ≥ {floor}): {candidates / len(distinct) / 2:.2f} per distinct image "
+        f"among the distinct images.\n\n" + "\n".join(lines)
+    )
+
+
 def job_table(planted: dict, output: str) -> str:
     """What the job found: recall per kind, leak recall, false positives per distinct source image."""
     manifest = dedup_output.read_dedup_manifest(output)
@@ -238,7 +302,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--corpus", default="demo", choices=sorted(ablations.CORPORA))
     parser.add_argument("--sources", type=int, default=300, help="source images planted of each kind (300)")
-    parser.add_argument("--threshold", type=float, default=0.95, help="the job's near and leak threshold (0.95)")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        default=dedup.NEAR_THRESHOLD,
+        help=f"the job's near and leak threshold, a pixel similarity ({dedup.NEAR_THRESHOLD})",
+    )
     parser.add_argument("--cost_size", type=int, default=50000, help="examples of the cost runs' corpus (50000)")
     parser.add_argument("--out", default="runs/bench_dedup")
     parser.add_argument("--no_write", action="store_true", help="do not update bench/RESULTS.md")
@@ -262,6 +331,7 @@ def main(argv=None) -> None:
     web_keys, web_matrix = embeddings(scored)
     eval_keys, eval_matrix = embeddings(held)
     table = threshold_table(planted, (web_keys, web_matrix), ([f"eval:{k}" for k in eval_keys], eval_matrix))
+    pixels = pixel_table(planted, scored_thumbnails(scored), scored_thumbnails(held))
     output = os.path.join(work, f"dedup_{args.threshold}")
     if not os.path.exists(os.path.join(output, dedup_output.DEDUP_MANIFEST)):
         dedup.run(
@@ -281,6 +351,10 @@ def main(argv=None) -> None:
         f"{len(planted['distinct'])} distinct images, scored by the corpus's benchmark reference.\n\n"
         f"Every pair's embedding cosine, at each threshold (recall per kind; false positives: the share of distinct "
         f"images with another distinct image at or above it):\n\n{table}\n\n"
+        "The same from the images' pixels, what the job compares (`pipelines/pixel_match.py`: the scored rows' "
+        "16 × 16 thumbnails; a pair is a candidate when its coarse vectors' cosine reaches the candidate "
+        "threshold, and is then judged by the windowed correlation, over both directions; false leaks: the share "
+        f"of distinct web images with an evaluation image at or above the threshold):\n\n{pixels}\n\n"
         f"The job at threshold {args.threshold} (near and leak):\n\n{found}\n\nCost:\n\n{spent}"
     )
     results.publish(f"Deduplication ({args.corpus} corpus)", body.splitlines(), COMMAND, not args.no_write)

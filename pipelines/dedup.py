@@ -3,16 +3,18 @@
     python -m pipelines.dedup --scored runs/demo/scored --output runs/demo/dedup \\
         --eval_scored runs/demo/eval_scored
 
-It reads the scored batches under --scored (either layout: it needs each row's `image_sha256` and reference image
-embedding, not the images) and writes, under --output, one Parquet file per scored file, row-aligned with it, and
-`_DEDUP.json` last (`curation/shared/dedup_output.py`). It finds:
+It reads the scored batches under --scored (either layout: it needs each row's `image_sha256` and
+`image_thumbnail`, not the images) and writes, under --output, one Parquet file per scored file, row-aligned with
+it, and `_DEDUP.json` last (`curation/shared/dedup_output.py`). It finds:
 
 - **exact duplicates**: rows whose image bytes are identical (same `image_sha256`);
-- **near-duplicates**: rows whose reference image embeddings have a cosine of at least --near_threshold, among the
-  candidates that share one of --bands SimHash bands (`pipelines/dedup_stages.py`: no pair is compared unless a
-  bucket brings it together, and no worker holds the corpus);
+- **near-duplicates**: rows whose thumbnails have a pixel similarity of at least --near_threshold (the best
+  correlation over the image, its mirror and crops of up to 5% a side: `pipelines/pixel_match.py`), among the
+  candidates that share one of --bands SimHash bands of a coarse vector of the thumbnail
+  (`pipelines/dedup_stages.py`: no pair is compared unless a bucket brings it together, and no worker holds the
+  corpus);
 - **evaluation leaks**: rows that are a byte copy of an image of the scored evaluation sets given with
-  --eval_scored (scored by the same reference), or whose embedding is at least --leak_threshold similar to one.
+  --eval_scored (scored by the same reference), or whose thumbnail is at least --leak_threshold similar to one.
   The evaluation sets are small: every worker holds them (a side input).
 
 Each duplicate group keeps one row, its smallest id (the first scored file's first row); a leak is left out
@@ -37,22 +39,27 @@ from apache_beam.pvalue import AsList, AsSingleton
 
 from curation.shared import cli, dedup_output
 from curation.shared.batches import write_atomically
+from curation.shared.corpus_readers import match_shards
 from curation.shared.manifest import ScoredShardsError
 from curation.shared.scored_set import ScoredSet, open_scored
+from pipelines import corpus_io, options, pixel_match
 from pipelines import dedup_stages as stages
-from pipelines import options
 
 log = logging.getLogger("pipelines.dedup")
 
 PROG = "python -m pipelines.dedup"
 DESCRIPTION = "Find exact and near-duplicates and evaluation leaks in a scored output (docs: pipelines/dedup.py)."
 REQUIRED = ("--scored", "--output")
+# pixel similarities (`pipelines/pixel_match.py`), chosen on the demo corpus by bench/dedup.py: the highest at which
+# every kind of planted copy is found at least 95% of the time (bench/RESULTS.md, docs/dedup.md)
+NEAR_THRESHOLD = 0.94
+LEAK_THRESHOLD = 0.94
 
 
-def _cosine(text: str) -> float:
+def _similarity(text: str) -> float:
     value = float(text)
     if not 0.0 < value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a cosine in (0, 1], got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a similarity in (0, 1], got {text!r}")
     return value
 
 
@@ -76,13 +83,26 @@ class DedupOptions(PipelineOptions):
             help="a scored output of evaluation images to protect (scored by the same reference); repeatable",
         )
         parser.add_argument(
-            "--near_threshold", type=_cosine, default=0.95, help="embedding cosine of a near-duplicate (0.95)"
+            "--eval_data",
+            action="append",
+            default=[],
+            help="glob of corpus shards of evaluation images to protect, read with --input_format and the field "
+            "flags and decoded by the job itself (no scoring needed); repeatable",
         )
         parser.add_argument(
-            "--leak_threshold", type=_cosine, default=0.95, help="embedding cosine of an evaluation leak (0.95)"
+            "--near_threshold",
+            type=_similarity,
+            default=NEAR_THRESHOLD,
+            help=f"pixel similarity of a near-duplicate ({NEAR_THRESHOLD})",
+        )
+        parser.add_argument(
+            "--leak_threshold",
+            type=_similarity,
+            default=LEAK_THRESHOLD,
+            help=f"pixel similarity of an evaluation leak ({LEAK_THRESHOLD})",
         )
         parser.add_argument("--bands", type=_positive, default=16, help="SimHash bands: more find more pairs (16)")
-        parser.add_argument("--band_bits", type=_positive, default=16, help="bits per band: more, smaller buckets (16)")
+        parser.add_argument("--band_bits", type=_positive, default=12, help="bits per band: more, smaller buckets (12)")
         parser.add_argument("--rounds", type=_positive, default=8, help="label-propagation rounds for the groups (8)")
         parser.add_argument("--dedup_seed", type=int, default=0, help="seed of the SimHash hyperplanes (0)")
 
@@ -94,15 +114,17 @@ def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, PipelineOptions]:
 
 
 def open_checked(path: str, flag: str) -> ScoredSet:
-    """A scored output whose every batch records `image_sha256` (schema version 3); SystemExit in one line else."""
+    """A scored output whose every batch records `image_sha256` and `image_thumbnail` (schema version 4);
+    SystemExit in one line else."""
     try:
         scored = open_scored(path)
     except ScoredShardsError as error:
         raise SystemExit(f"{flag} {path}: {error}") from None
-    old = [posixpath.basename(m.batch_dir) for m in scored.manifests if m.schema_version < 3]
+    old = [posixpath.basename(m.batch_dir) for m in scored.manifests if m.schema_version < 4]
     if old:
         raise SystemExit(
-            f"{flag} {path}: batch(es) {', '.join(old)} were scored before schema version 3 and record no image hash; "
+            f"{flag} {path}: batch(es) {', '.join(old)} were scored before schema version 4 and record no "
+            "image thumbnail; "
             "score the corpus again with this version of python -m pipelines.score"
         )
     return scored
@@ -127,6 +149,11 @@ def check_arguments(args: argparse.Namespace) -> tuple[ScoredSet, list[ScoredSet
             )
     if args.input:
         raise SystemExit("--input is the scoring job's: the dedup job reads a scored output, given with --scored")
+    for pattern in args.eval_data:
+        try:
+            match_shards([pattern])
+        except (FileNotFoundError, OSError):
+            raise SystemExit(f"--eval_data {pattern} matches no file: give a glob of evaluation shards") from None
     if FileSystems.exists(posixpath.join(args.output, dedup_output.DEDUP_MANIFEST)):
         raise SystemExit(f"--output {args.output} already holds a dedup output: give another folder, or delete it")
     return scored, evaluation
@@ -142,7 +169,7 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
         | "Reshuffle" >> beam.Reshuffle()
         | "ReadScoredFiles" >> beam.FlatMap(stages.read_rows)
     )
-    embedded = rows | "Embedded" >> beam.Filter(lambda row: row.embedding is not None)
+    embedded = rows | "Scored" >> beam.Filter(lambda row: row.thumbnail is not None)
     exact = (
         embedded
         | "ByContentHash" >> beam.Map(lambda row: (stages.exact_key(row), row))
@@ -155,9 +182,9 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
     )
     near_edges = (
         representatives
-        | "Bands" >> beam.ParDo(stages.BandsFn(settings, scored.embed_dim))
+        | "Bands" >> beam.ParDo(stages.BandsFn(settings))
         | "Buckets" >> beam.GroupByKey()
-        | "NearPairs" >> beam.FlatMap(lambda bucket: stages.near_pairs(bucket[1], settings.near_threshold))
+        | "NearPairs" >> beam.FlatMap(lambda b: stages.near_pairs(b[0][0], b[1], settings.near_threshold))
     )
     near_labels, changed = near_edges | "Components" >> stages.Components(settings.rounds)
     labels = (
@@ -166,13 +193,23 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
         | "CopiesFollow" >> beam.FlatMap(stages.with_copies)
     )
     evaluation_files = [(s.manifests[0].output, path) for s in evaluation for path in scored_files(s)]
-    held = (
+    held_scored = (
         pipeline
         | "EvaluationFiles" >> beam.Create(evaluation_files)
         | "ReadEvaluation" >> beam.FlatMap(lambda item: ((item[0], row) for row in stages.read_rows((0, item[1]))))
+    )
+    held_data = (
+        pipeline
+        | "EvaluationShards" >> beam.Create(match_shards(args.eval_data) if args.eval_data else [])
+        | "DecodeEvaluation" >> beam.FlatMap(stages.read_evaluation_shard, corpus_io.reader_options(args))
+    )
+    held_rows = (held_scored, held_data) | "BothEvaluations" >> beam.Flatten()
+    held = (
+        held_rows
         | "AllEvaluation" >> beam.combiners.ToList()
         | "EvaluationImages" >> beam.Map(stages.evaluation_images)
     )
+    held_count = held | "CountEvaluation" >> beam.Map(lambda images: len(images["keys"]))
     leaks = embedded | "EvalLeaks" >> beam.FlatMap(stages.eval_leak, AsSingleton(held), settings.leak_threshold)
     verdicts = (
         {
@@ -195,6 +232,8 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
         "layout": scored.layout,
         "batches": [posixpath.basename(m.batch_dir) for m in scored.manifests],
         "settings": {
+            "signal": "pixels: pipelines/pixel_match.py",
+            "candidate_cosine": pixel_match.CANDIDATE_COSINE,
             "near_threshold": settings.near_threshold,
             "leak_threshold": settings.leak_threshold,
             "bands": settings.bands,
@@ -202,7 +241,7 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
             "rounds": settings.rounds,
             "seed": settings.seed,
             "eval_scored": list(args.eval_scored),
-            "eval_images": sum(s.scored for s in evaluation),
+            "eval_data": list(args.eval_data),
         },
     }
     (
@@ -214,6 +253,7 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
             AsList(written),
             AsSingleton(embedded_count),
             AsSingleton(changed, default_value=0),
+            AsSingleton(held_count),
             folder=args.output,
             files=len(files),
             template=template,
@@ -221,7 +261,9 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
     )
 
 
-def write_manifest(_, written: list[dict], examples: int, changed: int, folder: str, files: int, template: dict):
+def write_manifest(
+    _, written: list[dict], examples: int, changed: int, eval_images: int, folder: str, files: int, template: dict
+):
     if len(written) != files:
         raise RuntimeError(f"{len(written)} dedup files written of {files}: the job lost some")
     entries = sorted(written, key=lambda entry: entry["file"].dedup)
@@ -232,6 +274,7 @@ def write_manifest(_, written: list[dict], examples: int, changed: int, folder: 
         removed_near=sum(entry["removed_near"] for entry in entries),
         leaks=sum(entry["leaks"] for entry in entries),
     )
+    template = {**template, "settings": {**template["settings"], "eval_images": eval_images}}
     manifest = dedup_output.DedupManifest(
         **template, files=[entry["file"] for entry in entries], counts=counts, converged=changed == 0
     )
@@ -248,10 +291,11 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     scored, evaluation_sets = check_arguments(args)
     files = scored_files(scored)
     log.info(
-        "deduplicating %d scored file(s) of %s against %d evaluation image(s)",
+        "deduplicating %d scored file(s) of %s against %d scored evaluation image(s) and the shards of %s",
         len(files),
         args.scored,
         sum(s.scored for s in evaluation_sets),
+        args.eval_data or "no --eval_data",
     )
     pipeline = test_pipeline or beam.Pipeline(options=pipeline_options)
     build(pipeline, args, scored, files, evaluation_sets)

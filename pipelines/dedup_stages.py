@@ -7,8 +7,10 @@
                                                                └→ WriteDedupFiles → WriteDedupManifest
 
 Nothing compares all pairs: candidates share an exact content hash, or one of `bands` random-hyperplane hashes of
-`band_bits` bits of their reference image embeddings (SimHash, banded), and a candidate pair is a near-duplicate when
-its embedding cosine is at least the threshold. Groups are the connected components of those pairs among the exact
+`band_bits` bits of their thumbnails' candidate vectors (SimHash, banded; `pipelines/pixel_match.py`), and a
+candidate pair whose candidate vectors are close is a near-duplicate when its pixel similarity (the windowed
+correlation of the thumbnails) is at least the threshold. An image of one colour has no pattern to compare: it is
+grouped only with its byte copies. Groups are the connected components of those pairs among the exact
 groups' representatives, found by `rounds` of min-label propagation (a shuffle each), their representative the
 smallest id (`dedup_output`); byte copies then join their representative's group, whether or not the propagation
 settled.
@@ -17,6 +19,7 @@ settled.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import posixpath
 from typing import Any, Iterable, Iterator
 
@@ -27,10 +30,15 @@ import pyarrow.parquet as pq
 from apache_beam.metrics import Metrics
 
 from curation.shared import dedup_output as out
-from curation.shared import schema
+from curation.shared import schema, thumbnails
 from curation.shared.batches import write_atomically
+from curation.shared.corpus import CorpusRecord
+from curation.shared.corpus_readers import read_shard
 from curation.shared.manifest import PARQUET_COMPRESSION
 from curation.shared.scored_set import read_scored_parquet
+from curation.shared.thumbnails import SIZE
+from curation.shared.validation import ValidationOptions, decode_image
+from pipelines import pixel_match
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,13 +47,13 @@ class Row:
 
     id: int
     key: str
-    sha: str | None  # None: a sidecar's dead-lettered row (no embedding either)
-    embedding: np.ndarray | None  # [d] float32, L2-normalized (from the stored float16)
+    sha: str | None  # None: a sidecar's dead-lettered row (no thumbnail either)
+    thumbnail: np.ndarray | None  # [16, 16, 3] uint8 (`curation/shared/thumbnails.py`)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    near_threshold: float  # embedding cosine at or above which two images are near-duplicates
+    near_threshold: float  # pixel similarity at or above which two images are near-duplicates
     leak_threshold: float  # ... at or above which a web image is a copy of an evaluation image
     bands: int
     band_bits: int
@@ -57,54 +65,90 @@ class Settings:
         return np.random.default_rng(self.seed).standard_normal((self.bands * self.band_bits, width)).astype(np.float32)
 
 
+CANDIDATE_WIDTH = len(pixel_match.candidate_vector(np.zeros((SIZE, SIZE, 3), np.uint8)))
+
+
 def read_rows(element: tuple[int, str]) -> Iterator[Row]:
     """The rows of one scored file (a scored Parquet shard or a score sidecar), in order."""
     file_index, path = element
-    table = read_scored_parquet(path, [schema.KEY, schema.IMAGE_SHA256, schema.REF_IMAGE_EMBEDDING])
+    table = read_scored_parquet(path, [schema.KEY, schema.IMAGE_SHA256, schema.IMAGE_THUMBNAIL])
     keys = table.column(schema.KEY).to_pylist()
     shas = table.column(schema.IMAGE_SHA256).to_pylist()
-    matrix, present = schema.sidecar_embeddings(table, schema.REF_IMAGE_EMBEDDING)
-    matrix = matrix.astype(np.float32)
-    matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+    pixels = table.column(schema.IMAGE_THUMBNAIL).to_pylist()
     for row, key in enumerate(keys):
-        embedded = bool(present[row])
+        scored = pixels[row] is not None
         yield Row(
-            out.example_id(file_index, row), key, shas[row] if embedded else None, matrix[row] if embedded else None
+            out.example_id(file_index, row),
+            key,
+            shas[row] if scored else None,
+            thumbnails.from_bytes(pixels[row]) if scored else None,
         )
 
 
 class BandsFn(beam.DoFn):
-    """A row -> ((band, code), (id, embedding)) for each of its SimHash bands; the hyperplanes are drawn on the
-    worker, from the seed."""
+    """A row -> ((band, code), (id, thumbnail, every band's code)) for each SimHash band of its candidate vector
+    (nothing for an image of one colour); the hyperplanes are drawn on the worker, from the seed."""
 
-    def __init__(self, settings: "Settings", width: int):
-        self._settings, self._width = settings, width
+    def __init__(self, settings: "Settings"):
+        self._settings = settings
 
     def setup(self) -> None:
-        self._planes = self._settings.hyperplanes(self._width)
+        self._planes = self._settings.hyperplanes(CANDIDATE_WIDTH)
 
-    def process(self, row: "Row") -> Iterator[tuple[tuple[int, int], tuple[int, np.ndarray]]]:
-        for band in band_keys(row.embedding, self._planes, self._settings.bands, self._settings.band_bits):
-            yield band, (row.id, row.embedding)
+    def process(self, row: "Row") -> Iterator[tuple[tuple[int, int], tuple[int, np.ndarray, tuple[int, ...]]]]:
+        vector = pixel_match.candidate_vector(row.thumbnail)
+        if not vector.any():
+            return
+        bands = band_keys(vector, self._planes, self._settings.bands, self._settings.band_bits)
+        codes = tuple(code for _, code in bands)
+        for band in bands:
+            yield band, (row.id, row.thumbnail, codes)
 
 
-def band_keys(embedding: np.ndarray, planes: np.ndarray, bands: int, band_bits: int) -> list[tuple[int, int]]:
-    """(band, code) of each SimHash band of a unit embedding: code packs the signs of its `band_bits` hyperplanes."""
-    bits = (planes @ embedding > 0).reshape(bands, band_bits)
+def band_keys(vector: np.ndarray, planes: np.ndarray, bands: int, band_bits: int) -> list[tuple[int, int]]:
+    """(band, code) of each SimHash band of a unit vector: code packs the signs of its `band_bits` hyperplanes."""
+    bits = (planes @ vector > 0).reshape(bands, band_bits)
     weights = 1 << np.arange(band_bits, dtype=np.int64)
     return [(band, int(code)) for band, code in enumerate(bits.astype(np.int64) @ weights)]
 
 
-def near_pairs(members: Iterable[tuple[int, np.ndarray]], threshold: float) -> Iterator[tuple[int, int]]:
-    """(smaller id, larger id) of every pair in one bucket whose embedding cosine is at least `threshold`."""
+def near_pairs(
+    band: int, members: Iterable[tuple[int, np.ndarray, tuple[int, ...]]], threshold: float
+) -> Iterator[tuple[int, int]]:
+    """(smaller id, larger id) of every pair in one bucket of `band` whose candidate vectors are at least
+    `pixel_match.CANDIDATE_COSINE` close and whose pixel similarity is at least `threshold`. A pair that shares an
+    earlier band too is judged in that band's bucket, not here: each pair is compared once."""
     members = sorted(members, key=lambda member: member[0])
     if len(members) < 2:
         return
     ids = np.array([member[0] for member in members], np.int64)
-    matrix = np.stack([member[1] for member in members])
-    similar = np.triu(matrix @ matrix.T >= threshold, k=1)
-    for i, j in zip(*np.nonzero(similar)):
-        yield int(ids[i]), int(ids[j])
+    stack = np.stack([member[1] for member in members])
+    codes = np.array([member[2][:band] for member in members], np.int64).reshape(len(members), band)
+    vectors = np.stack([pixel_match.candidate_vector(t) for t in stack])
+    close = vectors @ vectors.T >= pixel_match.CANDIDATE_COSINE
+    close &= ~(codes[:, None, :] == codes[None, :, :]).any(axis=2)
+    np.fill_diagonal(close, False)
+    one_way = {}  # i -> {j: i's windows against j}
+    for i in np.nonzero(close.any(axis=1))[0]:
+        partners = np.nonzero(close[i])[0]
+        one_way[i] = dict(zip(partners.tolist(), pixel_match.best_matches(stack[i], stack[partners]).tolist()))
+    for i, row in one_way.items():
+        for j, score in row.items():
+            if i < j and max(score, one_way[j][i]) >= threshold:
+                yield int(ids[i]), int(ids[j])
+
+
+def read_evaluation_shard(path: str, reader: dict[str, Any]) -> Iterator[tuple[str, Row]]:
+    """(the shard's path, row) of each image of an evaluation corpus shard that decodes (`reader`:
+    `corpus_io.reader_options`): its content hash and thumbnail, made as the scoring job makes them."""
+    for record in read_shard(path, reader["format"], reader["fields"], batch_rows=reader["batch_rows"]):
+        if not isinstance(record, CorpusRecord):
+            continue
+        pixels = decode_image(record.image, ValidationOptions())
+        if isinstance(pixels, tuple):  # (reason, message): not an image this job can compare
+            continue
+        sha = hashlib.sha256(record.image).hexdigest()
+        yield path, Row(0, record.key, sha, thumbnails.make_thumbnail(pixels))
 
 
 def exact_group(element: tuple[str, Iterable[Row]]) -> Iterator[tuple[str, Any]]:
@@ -128,17 +172,19 @@ def propagate(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, int]]
 
 
 def evaluation_images(rows: list[tuple[str, Row]]) -> dict[str, Any]:
-    """(the name of its scored output, row) of every evaluation image -> what each worker holds of them: "keys"
-    ("OUTPUT:key"), "shas" (content hash -> the first key with it) and "matrix" ([n, d] unit embeddings)."""
+    """(where it came from: its scored output or its corpus shard, row) of every evaluation image -> what each
+    worker holds of them: "keys" ("WHERE:key"), "shas" (content hash -> the first key with it), "thumbnails"
+    ([n, 16, 16, 3]) and "vectors" ([n, w] candidate vectors)."""
     rows = sorted(
-        ((f"{output}:{row.key}", row) for output, row in rows if row.embedding is not None), key=lambda x: x[0]
+        ((f"{output}:{row.key}", row) for output, row in rows if row.thumbnail is not None), key=lambda x: x[0]
     )
     shas = {}
     for name, row in rows:
         if row.sha is not None:
             shas.setdefault(row.sha, name)
-    matrix = np.stack([row.embedding for _, row in rows]) if rows else np.zeros([0, 1], np.float32)
-    return {"keys": [name for name, _ in rows], "shas": shas, "matrix": matrix}
+    stack = np.stack([row.thumbnail for _, row in rows]) if rows else np.zeros([0, SIZE, SIZE, 3], np.uint8)
+    vectors = np.stack([pixel_match.candidate_vector(t) for t in stack]) if rows else np.zeros([0, CANDIDATE_WIDTH])
+    return {"keys": [name for name, _ in rows], "shas": shas, "thumbnails": stack, "vectors": vectors}
 
 
 def exact_key(row: Row) -> str:
@@ -158,19 +204,26 @@ def with_copies(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, int
 
 def eval_leak(row: Row, evaluation: dict[str, Any], threshold: float) -> Iterator[tuple[int, tuple[str, float]]]:
     """(id, (evaluation key, similarity)) when `row` is a byte copy of an evaluation image or its nearest evaluation
-    image is at least `threshold` similar; nothing otherwise. `evaluation`: `evaluation_images`."""
-    if row.embedding is None:
+    image is at least `threshold` similar in its pixels (among those whose candidate vectors are close); nothing
+    otherwise. `evaluation`: `evaluation_images`."""
+    if row.thumbnail is None:
         return
     copied = evaluation["shas"].get(row.sha) if row.sha is not None else None
     if copied is not None:
         yield row.id, (copied, 1.0)
         return
-    if not evaluation["keys"]:
+    vector = pixel_match.candidate_vector(row.thumbnail)
+    if not evaluation["keys"] or not vector.any():
         return
-    similarity = evaluation["matrix"] @ row.embedding
+    close = np.nonzero(evaluation["vectors"] @ vector >= pixel_match.CANDIDATE_COSINE)[0]
+    if not len(close):
+        return
+    held = evaluation["thumbnails"][close]
+    back = [pixel_match.best_matches(other, row.thumbnail[None])[0] for other in held]
+    similarity = np.maximum(pixel_match.best_matches(row.thumbnail, held), back)
     nearest = int(np.argmax(similarity))
     if similarity[nearest] >= threshold:
-        yield row.id, (evaluation["keys"][nearest], float(similarity[nearest]))
+        yield row.id, (evaluation["keys"][close[nearest]], float(similarity[nearest]))
 
 
 def verdict(element: tuple[int, dict[str, list]]) -> tuple[int, dict[str, Any]]:

@@ -42,6 +42,7 @@ class PreparedExample:
     index: int = -1  # its place in its shard and the shard's item count (see curation.shared.corpus.CorpusRecord)
     shard_items: int = 0
     image_sha256: str | None = None  # of the image bytes as the corpus stores them (`image` may be re-encoded)
+    image_thumbnail: bytes | None = None  # of the decoded pixels (`curation/shared/thumbnails.py`)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,7 @@ from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.pvalue import AsSingleton, TaggedOutput
 
-from curation.shared import errors, schema
+from curation.shared import errors, schema, thumbnails
 from curation.shared.corpus import CorpusRecord
 from curation.shared.errors import CorpusError
 from curation.shared.validation import ValidationOptions, ValidExample, decode_and_validate, encode_jpeg
@@ -204,6 +204,7 @@ class _PreprocessFn(beam.DoFn):
                 example.index,
                 example.shard_items,
                 hashlib.sha256(example.image).hexdigest(),
+                thumbnails.to_bytes(thumbnails.make_thumbnail(example.pixels)),
             ),
         )
 
@@ -279,6 +280,7 @@ def score_row(
         schema.CAPTION: example.caption,
         schema.IMAGE: example.image,
         schema.IMAGE_SHA256: example.image_sha256,
+        schema.IMAGE_THUMBNAIL: example.image_thumbnail,
         schema.SOURCE: example.source,
         schema.METADATA: json.dumps(example.metadata, sort_keys=True, default=str),
         schema.REF_IMAGE_EMBEDDING: zimg,

@@ -10,9 +10,9 @@ training keeps it. Its `_DEDUP.json` is written last and atomically: the output 
         _DEDUP.json              the scored set it was made for (reference, batches, files), settings, counts
 
 An example's id is `file index × 2^32 + row` (file index: its scored file's place in the manifest's `files`), so
-that ids sort by file order and then by row: a group's representative is its smallest id that no evaluation image
-leaks into (deterministic whatever the runner), and with `--incremental` an example kept by the run before stays
-kept. Read with plain pyarrow; `open_dedup` checks that a dedup output was made for the scored set a reader opened.
+that ids sort by file order and then by row: a group's representative is its smallest id, deterministic whatever
+the runner (left out too when an evaluation image leaks into it: a leak is left out whatever its group). Read with
+plain pyarrow; `open_dedup` checks that a dedup output was made for the scored set a reader opened.
 """
 
 from __future__ import annotations
@@ -48,7 +48,11 @@ COLUMNS = (
     (KEPT, pa.bool_(), "training keeps it: it represents its group and no evaluation image leaks into it"),
     (REASON, pa.string(), f"why it is left out ({EXACT}, {NEAR} or {LEAK}); null when kept"),
     (EVAL_KEY, pa.string(), "the nearest evaluation image, where it is a copy or its similarity is at the threshold"),
-    (EVAL_SIMILARITY, pa.float32(), "that image's embedding cosine (1.0 for a byte-identical copy); else null"),
+    (
+        EVAL_SIMILARITY,
+        pa.float32(),
+        "its pixel similarity to that image (`pipelines/pixel_match.py`; 1.0 for a byte copy); else null",
+    ),
 )
 SCHEMA = pa.schema([(name, kind) for name, kind, _ in COLUMNS], metadata={b"dedup_version": str(DEDUP_VERSION)})
 
@@ -74,7 +78,7 @@ class DedupFile:
 
 @dataclasses.dataclass(frozen=True)
 class DedupCounts:
-    examples: int  # rows with an embedding (a sidecar's dead-lettered rows are not counted)
+    examples: int  # scored rows (a sidecar's dead-lettered rows are not counted)
     groups: int  # duplicate groups of two or more
     removed_exact: int  # left out as a byte-identical copy of their representative
     removed_near: int  # left out as a near-duplicate

@@ -6,8 +6,8 @@ docs/scored_output.md (`markdown_table()`, checked against that page by a test).
 through the constants below, never by spelling it: a column renamed here is renamed everywhere.
 
 Version 2 changed the manifest only (see `curation/shared/manifest.py`); version 3 added `image_sha256` to scored
-shards and sidecars. Shards of the earlier versions read the same way, without that column (a TFRecord reader gets
-it as empty). `ref_loss` is null (a missing feature in TFRecord) for a softmax
+shards and sidecars, version 4 `image_thumbnail`. Shards of the earlier versions read the same way, without those
+columns (a TFRecord reader gets them as empty). `ref_loss` is null (a missing feature in TFRecord) for a softmax
 (CLIP) reference, which has no per-example own-pair loss; rank such data by `ref_cosine`, as DataComp does.
 """
 
@@ -21,8 +21,9 @@ import pyarrow as pa
 
 from curation.shared import tfrecord
 
-SCHEMA_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)  # batches a reader of this version opens (1 and 2 lack `image_sha256`)
+SCHEMA_VERSION = 4
+# batches a reader of this version opens (1 and 2 lack `image_sha256`, 1 to 3 `image_thumbnail`)
+READABLE_VERSIONS = (1, 2, 3, 4)
 SCHEMA_VERSION_KEY = b"schema_version"  # Parquet key-value metadata of every scored shard
 
 # Column names. The reference's embeddings are L2-normalized before rounding to float16.
@@ -30,6 +31,7 @@ KEY = "key"
 CAPTION = "caption"
 IMAGE = "image"
 IMAGE_SHA256 = "image_sha256"
+IMAGE_THUMBNAIL = "image_thumbnail"
 SOURCE = "source"
 METADATA = "metadata"
 REF_IMAGE_EMBEDDING = "ref_image_embedding"
@@ -110,6 +112,14 @@ SCORED_COLUMNS: tuple[Column, ...] = (
         "byte-identical images; null in a row copied from a batch of schema version 1 or 2",
         nullable=True,
     ),
+    Column(
+        IMAGE_THUMBNAIL,
+        "binary",
+        "the decoded image squashed to 16 × 16 RGB by box averaging, 768 bytes, uint8, row-major "
+        "(`curation/shared/thumbnails.py`): what near-duplicate detection compares; null in a row copied from a "
+        "batch of schema version 1 to 3",
+        nullable=True,
+    ),
     Column(SOURCE, "string", "the input shard the example came from"),
     Column(METADATA, "string", "JSON of the input record's other fields (the demo corpus keeps its hidden truth here)"),
     Column(REF_IMAGE_EMBEDDING, "embedding", "the reference's image embedding, L2-normalized"),
@@ -142,6 +152,7 @@ SIDECAR_COLUMNS: tuple[Column, ...] = (
     Column(KEY, "string", "the item's key (a read error's: as the dead letter names it)"),
     Column(CAPTION, "string", "the cleaned caption", nullable=True),
     Column(IMAGE_SHA256, "string", "as in the copied layout (null when dead-lettered)", nullable=True),
+    Column(IMAGE_THUMBNAIL, "binary", "as in the copied layout (null when dead-lettered)", nullable=True),
     Column(REF_IMAGE_EMBEDDING, "embedding_or_null", "the reference's image embedding, L2-normalized", nullable=True),
     Column(REF_TEXT_EMBEDDING, "embedding_or_null", "the reference's text embedding, L2-normalized", nullable=True),
     Column(REF_COSINE, "float32", "as in the copied layout", nullable=True),

@@ -1,6 +1,8 @@
-"""The dedup job against a brute-force recount, on a corpus with planted copies of known relation: byte copies
-and lossless re-encodes of web images (in the same shard and in another), and copies of evaluation images."""
+"""The dedup job against a brute-force recount, on a corpus with planted copies of known relation: byte copies,
+lossless re-encodes and mirror images of web images (in the same shard and in another), and copies of evaluation
+images."""
 
+import glob
 import hashlib
 import io
 import json
@@ -10,22 +12,24 @@ import posixpath
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+from apache_beam.io.filesystems import FileSystems
+from PIL import Image, ImageOps
 
-from curation.shared import dedup_output, schema
+from curation.shared import dedup_output, schema, thumbnails
 from curation.shared.corpus import CorpusRecord
 from curation.shared.corpus_readers import read_shard
 from curation.shared.corpus_writers import open_shard_writer
 from curation.shared.scored_set import open_scored
-from pipelines import dedup, score
+from pipelines import dedup, pixel_match, score
 from tests.pipelines.test_portable_runner import JOB_TIMEOUT_S, bounded, portable_services  # noqa: F401
 
-THRESHOLD = 0.9999  # a lossless re-encode has the same pixels, so the same embedding: cosine 1
+THRESHOLD = 0.99  # pixel similarity: a lossless re-encode has (about) the same pixels
 
 
-def png(image: bytes) -> bytes:
+def png(image: bytes, mirror: bool = False) -> bytes:
     buffer = io.BytesIO()
-    Image.open(io.BytesIO(image)).convert("RGB").save(buffer, format="PNG")
+    pixels = Image.open(io.BytesIO(image)).convert("RGB")
+    (ImageOps.mirror(pixels) if mirror else pixels).save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -57,6 +61,8 @@ def planted(tiny_corpus, tmp_path_factory):
         plant(1, f"exact-{i}", source.image, "exact", source.key)
     for i, source in enumerate(sources[4:7]):
         plant(0, f"png-{i}", png(source.image), "near", source.key)
+    for i, source in enumerate(sources[7:9]):
+        plant(1, f"mirror-{i}", png(source.image, mirror=True), "near", source.key)
     for i, source in enumerate(evaluation[:2]):
         plant(1, f"leak-exact-{i}", source.image, "leak", source.key)
     for i, source in enumerate(evaluation[2:4]):
@@ -79,6 +85,7 @@ def scored(planted, tiny_corpus, reference_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("scored")
     web = f"{planted['corpus']}/web/*.tar"
     return {
+        "reference": reference_checkpoint,
         "copied": run_score(web, str(root / "copied"), reference_checkpoint),
         "sidecar": run_score(web, str(root / "sidecar"), reference_checkpoint, "--output_layout=sidecar"),
         "eval": run_score(f"{tiny_corpus}/eval/zeroshot/*.tar", str(root / "eval"), reference_checkpoint),
@@ -98,9 +105,15 @@ def run_dedup(scored_dir: str, eval_dir: str, output: str, *extra: str) -> dict:
     )
 
 
+def read_table(path: str):
+    """A Parquet file on any filesystem Beam knows (local, gs://)."""
+    with FileSystems.open(path) as f:
+        return pq.read_table(io.BytesIO(f.read()))
+
+
 def row_names(scored_dir: str, path: str) -> list[tuple[str, str]]:
     """(input shard, key) of each row of a scored file: keys are unique only within an input shard."""
-    table = pq.read_table(path)
+    table = read_table(path)
     keys = table.column(schema.KEY).to_pylist()
     if schema.SOURCE in table.column_names:  # a scored shard may hold rows of several input shards
         return [(posixpath.basename(s), k) for s, k in zip(table.column(schema.SOURCE).to_pylist(), keys)]
@@ -113,30 +126,41 @@ def verdicts(output: str) -> dict[tuple[str, str], dict]:
     manifest = dedup_output.read_dedup_manifest(output)
     names, rows = {}, {}
     for index, entry in enumerate(manifest.files):
-        table = pq.read_table(os.path.join(output, entry.dedup)).to_pylist()
-        scored_names = row_names(manifest.scored, os.path.join(manifest.scored, entry.scored))
+        table = read_table(posixpath.join(output, entry.dedup)).to_pylist()
+        scored_names = row_names(manifest.scored, posixpath.join(manifest.scored, entry.scored))
         for row, (name, values) in enumerate(zip(scored_names, table)):
             names[dedup_output.example_id(index, row)] = name
             rows[name] = values
     return {name: {**row, dedup_output.GROUP: names[row[dedup_output.GROUP]]} for name, row in rows.items()}
 
 
-def brute_force(scored_dir: str, eval_dir: str) -> dict[tuple[str, str], dict]:
-    """The same verdicts from every pair compared: components of (same hash or cosine ≥ THRESHOLD), each
-    represented by its first row in file order."""
-    rows = []
+def thumbnails_of(scored_dir: str):
+    """(name, sha, thumbnail) of each scored row of a scored output, in file order."""
     for path in dedup.scored_files(open_scored(scored_dir)):
         table = pq.read_table(path)
-        matrix, present = schema.sidecar_embeddings(table, schema.REF_IMAGE_EMBEDDING)
+        pixels = table.column(schema.IMAGE_THUMBNAIL).to_pylist()
         shas = table.column(schema.IMAGE_SHA256).to_pylist()
-        for name, sha, vector, ok in zip(row_names(scored_dir, path), shas, matrix, present):
-            if ok:
-                vector = vector.astype(np.float32)
-                rows.append((name, sha, vector / np.linalg.norm(vector)))
-    matrix = np.stack([vector for _, _, vector in rows])
-    cosine = matrix @ matrix.T
-    off_diagonal = ~np.eye(len(rows), dtype=bool)
-    assert not np.any((np.abs(cosine - THRESHOLD) < 1e-5) & off_diagonal), "a pair sits on the threshold: undecidable"
+        for name, sha, data in zip(row_names(scored_dir, path), shas, pixels):
+            if data is not None:
+                yield name, sha, thumbnails.from_bytes(data)
+
+
+def similar(a: np.ndarray, b: np.ndarray) -> bool:
+    """The job's rule, pair by pair: close candidate vectors, then pixel similarity ≥ THRESHOLD (neither near
+    its threshold: a pair on it would be undecidable)."""
+    cosine = float(pixel_match.candidate_vector(a) @ pixel_match.candidate_vector(b))
+    assert abs(cosine - pixel_match.CANDIDATE_COSINE) > 1e-4, "a pair sits on the candidate threshold"
+    if cosine < pixel_match.CANDIDATE_COSINE:
+        return False
+    similarity = pixel_match.similarity(a, b)
+    assert abs(similarity - THRESHOLD) > 1e-4, "a pair sits on the threshold: undecidable"
+    return similarity >= THRESHOLD
+
+
+def brute_force(scored_dir: str, eval_dir: str) -> dict[tuple[str, str], dict]:
+    """The same verdicts from every pair compared: components of (same hash or `similar`), each represented by its
+    first row in file order."""
+    rows = list(thumbnails_of(scored_dir))
     parent = list(range(len(rows)))
 
     def find(i):
@@ -146,26 +170,17 @@ def brute_force(scored_dir: str, eval_dir: str) -> dict[tuple[str, str], dict]:
 
     for i in range(len(rows)):
         for j in range(i + 1, len(rows)):
-            if rows[i][1] == rows[j][1] or cosine[i, j] >= THRESHOLD:
+            if rows[i][1] == rows[j][1] or similar(rows[i][2], rows[j][2]):
                 a, b = find(i), find(j)
                 parent[max(a, b)] = min(a, b)
-    evaluation = list(eval_rows(eval_dir))
+    evaluation = [(sha, pixels) for _, sha, pixels in thumbnails_of(eval_dir)]
     eval_shas = {sha for sha, _ in evaluation}
-    eval_matrix = np.stack([vector for _, vector in evaluation])
     result = {}
-    for i, (name, sha, vector) in enumerate(rows):
+    for i, (name, sha, pixels) in enumerate(rows):
         group = rows[find(i)][0]
-        leak = sha in eval_shas or float(np.max(eval_matrix @ vector)) >= THRESHOLD
+        leak = sha in eval_shas or any(similar(pixels, other) for _, other in evaluation)
         result[name] = {"group": group, "kept": group == name and not leak, "leak": leak}
     return result
-
-
-def eval_rows(scored_dir: str):
-    for path in dedup.scored_files(open_scored(scored_dir)):
-        table = pq.read_table(path)
-        matrix = schema.embedding_matrix(table, schema.REF_IMAGE_EMBEDDING).astype(np.float32)
-        for sha, vector in zip(table.column(schema.IMAGE_SHA256).to_pylist(), matrix):
-            yield sha, vector / np.linalg.norm(vector)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +213,7 @@ def test_groups_and_leaks_equal_a_brute_force_recount_and_catch_every_planted_co
         assert left_out["reason"] == (dedup_output.EXACT if kind == "exact" else dedup_output.NEAR)
     manifest = dedup_output.read_dedup_manifest(output)
     counts = manifest.counts
-    assert counts.removed_exact >= 4 and counts.removed_near >= 3 and counts.leaks >= 4 and manifest.converged
+    assert counts.removed_exact >= 4 and counts.removed_near >= 5 and counts.leaks >= 4 and manifest.converged
     assert summary["leaks"] == counts.leaks == sum(r["reason"] == dedup_output.LEAK for r in found.values())
     assert counts.examples == len(expected) and manifest.settings["eval_images"] > 0
     # Row-aligned with the scored files, readable with plain pyarrow.
@@ -244,6 +259,38 @@ def test_the_portable_runner_finds_the_same(portable_services, in_process, score
     assert verdicts(output) == verdicts(in_process[0])
 
 
+def test_on_gcs_it_reads_and_writes_gs_paths_and_finds_the_same(gcs_bucket, planted, scored, in_process):
+    scored_gs = run_score(f"{planted['corpus']}/web/*.tar", f"{gcs_bucket}/dedup/scored", scored["reference"])
+    output = f"{gcs_bucket}/dedup/out"
+    summary = run_dedup(scored_gs, scored["eval"], output)
+    assert summary["leaks"] == dedup_output.read_dedup_manifest(output).counts.leaks > 0
+    on_gcs, local = verdicts(output), verdicts(in_process[0])
+    comparable = ("group", "kept", "reason", "eval_key")
+    assert {name: [row[c] for c in comparable] for name, row in on_gcs.items()} == {
+        name: [row[c] for c in comparable] for name, row in local.items()
+    }
+
+
+def test_evaluation_shards_read_by_the_job_give_the_same_leaks(in_process, scored, tiny_corpus, tmp_path):
+    output = str(tmp_path / "eval_data")
+    argv = [f"--scored={scored['copied']}", f"--output={output}", f"--near_threshold={THRESHOLD}"]
+    dedup.run([*argv, f"--leak_threshold={THRESHOLD}", f"--eval_data={tiny_corpus}/eval/zeroshot/*.tar"])
+    by_shards, by_scored = verdicts(output), verdicts(in_process[0])
+
+    def leaks(found):  # the evaluation image's key, whichever way it was named
+        named = {name: (row["eval_key"] or ":").rsplit(":", 1)[1] for name, row in found.items()}
+        return {name: (row["kept"], row["reason"], named[name]) for name, row in found.items()}
+
+    assert leaks(by_shards) == leaks(by_scored)
+    manifest = dedup_output.read_dedup_manifest(output)
+    records = [r for r in read_shard_glob(f"{tiny_corpus}/eval/zeroshot/*.tar") if isinstance(r, CorpusRecord)]
+    assert manifest.counts.leaks > 0 and manifest.settings["eval_images"] == len(records)
+
+
+def read_shard_glob(pattern: str) -> list:
+    return [item for path in sorted(glob.glob(pattern)) for item in read_shard(path, "wds")]
+
+
 def test_mistakes_are_refused_in_one_line_before_any_work(scored, in_process, tmp_path, capsys):
     def refused(*argv, main=dedup.main) -> str:
         with pytest.raises(SystemExit) as stopped:
@@ -262,6 +309,8 @@ def test_mistakes_are_refused_in_one_line_before_any_work(scored, in_process, tm
     assert "score the corpus again" in refused(f"--scored={old}", f"--output={out}")
     assert "no scored batch" in refused(f"--scored={tmp_path}", f"--output={out}")
     assert "--near_threshold" in refused(f"--scored={scored['copied']}", f"--output={out}", "--near_threshold=1.5")
+    missing = f"--eval_data={tmp_path}/none/*.tar"
+    assert "matches no file" in refused(f"--scored={scored['copied']}", f"--output={out}", missing)
     assert not os.path.exists(out)
     from curation import train
 
@@ -276,7 +325,11 @@ def test_the_content_hash_is_the_sha256_of_the_stored_bytes(scored, planted):
     manifest = json.loads(
         open(os.path.join(open_scored(scored["copied"]).manifests[0].batch_dir, "_MANIFEST.json")).read()
     )
-    assert manifest["schema_version"] == 3
+    assert manifest["schema_version"] == schema.SCHEMA_VERSION
+    # the thumbnail is of the decoded image: the same as one made from the stored bytes decoded whole
+    for image, data in zip(table.column(schema.IMAGE).to_pylist(), table.column(schema.IMAGE_THUMBNAIL).to_pylist()):
+        whole = thumbnails.make_thumbnail(np.asarray(Image.open(io.BytesIO(image)).convert("RGB")))
+        assert pixel_match.similarity(thumbnails.from_bytes(data), whole) > 0.99
 
 
 def test_a_jest_run_with_dedup_never_reads_what_it_leaves_out(in_process, scored, tiny_corpus, tmp_path, monkeypatch):

@@ -111,6 +111,7 @@ def test_one_sidecar_per_input_shard_lines_up_with_it_item_for_item(corpus, side
                 assert row["reason"] is None and row["caption"] == expected["caption"]
                 # the bytes' hash, as the corpus stores them, in both layouts
                 assert row["image_sha256"] == expected["image_sha256"] == hashlib.sha256(item.image).hexdigest()
+                assert row["image_thumbnail"] == expected["image_thumbnail"] and len(row["image_thumbnail"]) == 768
                 for name in (*schema.EMBEDDINGS, *schema.SCORES):
                     np.testing.assert_array_equal(
                         np.asarray(row[name], np.float32), np.asarray(expected[name], np.float32)
@@ -132,7 +133,7 @@ def test_one_sidecar_per_input_shard_lines_up_with_it_item_for_item(corpus, side
         os.path.getsize(sidecar_run.input_shards[0].path),
     )
     assert info.reference_fingerprint == sidecar_run.reference_fingerprint
-    assert info.schema_version == schema.SCHEMA_VERSION == 3
+    assert info.schema_version == schema.SCHEMA_VERSION == 4
 
 
 def test_a_sidecar_of_an_earlier_schema_version_is_not_adopted(tmp_path):
@@ -140,7 +141,7 @@ def test_a_sidecar_of_an_earlier_schema_version_is_not_adopted(tmp_path):
     folder = output / "batch-20260101T000000Z-abcdef" / SIDECAR_DIR  # a batch that never wrote its manifest
     folder.mkdir(parents=True)
     table = schema.sidecar_table([{"key": "k0", "reason": "empty_caption", "stage": "caption"}], 4)
-    for version in (2, 3):
+    for version in (2, schema.SCHEMA_VERSION - 1, schema.SCHEMA_VERSION):
         info = sidecars.SidecarInfo(
             f"/corpus/{version}.tar", 1, 0.0, "f" * 64, {}, 1, 0, {"empty_caption": 1}, folder.parent.name, version
         )
@@ -150,7 +151,7 @@ def test_a_sidecar_of_an_earlier_schema_version_is_not_adopted(tmp_path):
                 json.dumps({k: v for k, v in dataclasses.asdict(info).items() if k != "schema_version"}), "x"
             )
     found = sidecars.resumable_sidecars(str(output), "f" * 64, {})
-    assert sorted(found) == ["/corpus/3.tar"]
+    assert sorted(found) == [f"/corpus/{schema.SCHEMA_VERSION}.tar"]
 
 
 def test_the_trainer_reads_corpus_and_sidecar_as_the_copied_shards(sidecar_run, copied_run, tmp_path):

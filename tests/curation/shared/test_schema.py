@@ -76,6 +76,7 @@ def row(i: int, d: int = 4) -> dict:
         schema.CAPTION: f"caption {i}",
         schema.IMAGE: bytes([i, 1, 2]),
         schema.IMAGE_SHA256: hashlib.sha256(bytes([i, 1, 2])).hexdigest(),
+        schema.IMAGE_THUMBNAIL: bytes([i]) * 768,
         schema.SOURCE: "shard.tar",
         schema.METADATA: "{}",
         schema.REF_IMAGE_EMBEDDING: zimg,
@@ -125,6 +126,11 @@ def test_tfrecord_rows_parse_with_plain_tf_data():
     older = schema.encode_tfrecord_example({**original, schema.IMAGE_SHA256: None})
     assert tf.io.parse_single_example(older, schema.tfrecord_feature_spec(4))[schema.IMAGE_SHA256].numpy() == b""
     assert schema.decode_tfrecord_example(older)[schema.IMAGE_SHA256] is None
+    # ... nor one before version 4 a thumbnail
+    older = schema.encode_tfrecord_example({**original, schema.IMAGE_THUMBNAIL: None})
+    assert tf.io.parse_single_example(older, schema.tfrecord_feature_spec(4))[schema.IMAGE_THUMBNAIL].numpy() == b""
+    assert schema.decode_tfrecord_example(older)[schema.IMAGE_THUMBNAIL] is None
+    assert schema.decode_tfrecord_example(data)[schema.IMAGE_THUMBNAIL] == bytes([2]) * 768
 
 
 def test_a_row_with_a_missing_or_unknown_column_is_refused():
