@@ -147,14 +147,17 @@ def threshold_table(planted: dict, web: tuple[list[str], np.ndarray], held: tupl
         nearest[start : start + 1024] = block.max(axis=1)
         same = concepts[start : start + 1024, None] == concepts[None, :]
         nearest_same[start : start + 1024] = np.where(same, block, -1.0).max(axis=1)
-    header = "| threshold | " + " | ".join(cosines) + " | false positives | among one concept |"
-    lines = [header, "|---" * (len(cosines) + 3) + "|"]
-    for threshold in THRESHOLDS:
-        recall = [f"{np.mean(np.array(values) >= threshold):.3f}" for values in cosines.values()]
-        lines.append(
-            f"| {threshold} | " + " | ".join(recall) + f" | {np.mean(nearest >= threshold):.4f} | "
-            f"{np.mean(nearest_same >= threshold):.4f} |"
-        )
+    return recall_table(THRESHOLDS, cosines, {"false positives": nearest, "among one concept": nearest_same})
+
+
+def recall_table(thresholds, scores: dict[str, list], nearest: dict[str, np.ndarray]) -> str:
+    """One row per threshold: the share of each kind's `scores` at or above it, then of each `nearest` array (each
+    distinct image's best score against another image)."""
+    lines = ["| threshold | " + " | ".join([*scores, *nearest]) + " |", "|---" * (len(scores) + len(nearest) + 1) + "|"]
+    for threshold in thresholds:
+        recall = [f"{np.mean(np.array(values) >= threshold):.3f}" for values in scores.values()]
+        false = [f"{np.mean(values >= threshold):.4f}" for values in nearest.values()]
+        lines.append(f"| {threshold} | " + " | ".join(recall + false) + " |")
     return "\n".join(lines)
 
 
@@ -200,22 +203,15 @@ def pixel_table(planted: dict, web: dict[str, np.ndarray], held: dict[str, np.nd
                 nearest_same[i] = max(nearest_same[i], found[same].max())
         close = np.nonzero(eval_vectors @ vectors[i] >= floor)[0]
         if len(close):
-            both = np.maximum(
-                pixel_match.best_matches(stack[i], eval_stack[close]),
-                [pixel_match.best_matches(eval_stack[j], stack[i : i + 1])[0] for j in close],
-            )
-            nearest_eval[i] = both.max()
-    header = "| threshold | " + " | ".join(scores) + " | false positives | among one concept | false leaks |"
-    lines = [header, "|---" * (len(scores) + 4) + "|"]
-    for threshold in PIXEL_THRESHOLDS:
-        recall = [f"{np.mean(np.array(values) >= threshold):.3f}" for values in scores.values()]
-        lines.append(
-            f"| {threshold} | " + " | ".join(recall) + f" | {np.mean(nearest >= threshold):.4f} | "
-            f"{np.mean(nearest_same >= threshold):.4f} | {np.mean(nearest_eval >= threshold):.4f} |"
-        )
+            nearest_eval[i] = pixel_match.similarities(stack[i], eval_stack[close]).max()
+    table = recall_table(
+        PIXEL_THRESHOLDS,
+        scores,
+        {"false positives": nearest, "among one concept": nearest_same, "false leaks": nearest_eval},
+    )
     return (
         f"Candidate pairs (candidate cosine ≥ {floor}): {candidates / len(distinct) / 2:.2f} per distinct image "
-        f"among the distinct images.\n\n" + "\n".join(lines)
+        f"among the distinct images.\n\n" + table
     )
 
 

@@ -218,9 +218,7 @@ def eval_leak(row: Row, evaluation: dict[str, Any], threshold: float) -> Iterato
     close = np.nonzero(evaluation["vectors"] @ vector >= pixel_match.CANDIDATE_COSINE)[0]
     if not len(close):
         return
-    held = evaluation["thumbnails"][close]
-    back = [pixel_match.best_matches(other, row.thumbnail[None])[0] for other in held]
-    similarity = np.maximum(pixel_match.best_matches(row.thumbnail, held), back)
+    similarity = pixel_match.similarities(row.thumbnail, evaluation["thumbnails"][close])
     nearest = int(np.argmax(similarity))
     if similarity[nearest] >= threshold:
         yield row.id, (evaluation["keys"][close[nearest]], float(similarity[nearest]))

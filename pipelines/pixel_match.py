@@ -122,3 +122,10 @@ def best_matches(thumbnail: np.ndarray, others: np.ndarray) -> np.ndarray:
     flat = np.array([is_flat(other) for other in others], bool)
     scores = (views(thumbnail) @ _unit(others.reshape(len(others), -1).astype(np.float32)).T).max(axis=0)
     return np.where(flat, 0.0, scores).astype(np.float32)
+
+
+def similarities(thumbnail: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """[n] `similarity` of `thumbnail` to each of `others` ([n, SIZE, SIZE, 3]): both directions, `thumbnail`'s
+    windows computed once."""
+    back = [best_matches(other, thumbnail[None])[0] for other in others]
+    return np.maximum(best_matches(thumbnail, others), np.asarray(back, np.float32))

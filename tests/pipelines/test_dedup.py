@@ -2,7 +2,6 @@
 lossless re-encodes and mirror images of web images (in the same shard and in another), and copies of evaluation
 images."""
 
-import glob
 import hashlib
 import io
 import json
@@ -17,7 +16,7 @@ from PIL import Image, ImageOps
 
 from curation.shared import dedup_output, schema, thumbnails
 from curation.shared.corpus import CorpusRecord
-from curation.shared.corpus_readers import read_shard
+from curation.shared.corpus_readers import iter_corpus, read_shard
 from curation.shared.corpus_writers import open_shard_writer
 from curation.shared.scored_set import open_scored
 from pipelines import dedup, pixel_match, score
@@ -283,12 +282,8 @@ def test_evaluation_shards_read_by_the_job_give_the_same_leaks(in_process, score
 
     assert leaks(by_shards) == leaks(by_scored)
     manifest = dedup_output.read_dedup_manifest(output)
-    records = [r for r in read_shard_glob(f"{tiny_corpus}/eval/zeroshot/*.tar") if isinstance(r, CorpusRecord)]
+    records = [r for r in iter_corpus(f"{tiny_corpus}/eval/zeroshot/*.tar", "wds") if isinstance(r, CorpusRecord)]
     assert manifest.counts.leaks > 0 and manifest.settings["eval_images"] == len(records)
-
-
-def read_shard_glob(pattern: str) -> list:
-    return [item for path in sorted(glob.glob(pattern)) for item in read_shard(path, "wds")]
 
 
 def test_mistakes_are_refused_in_one_line_before_any_work(scored, in_process, tmp_path, capsys):

@@ -75,6 +75,10 @@ def test_the_candidate_vector_ignores_a_mirror_and_the_similarity_is_symmetric_a
     one_way = pixel_match.best_matches(a, b[None])[0]
     other_way = pixel_match.best_matches(b, a[None])[0]
     assert max(one_way, other_way) == pytest.approx(pixel_match.similarity(a, b), abs=1e-5)
+    others = np.stack([b, a, a[:, ::-1]])
+    np.testing.assert_allclose(
+        pixel_match.similarities(a, others), [pixel_match.similarity(a, other) for other in others], atol=1e-5
+    )
 
 
 def test_flat_images_match_only_flat_images_of_about_their_colour():
