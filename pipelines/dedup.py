@@ -105,6 +105,13 @@ class DedupOptions(PipelineOptions):
         parser.add_argument("--band_bits", type=_positive, default=12, help="bits per band: more, smaller buckets (12)")
         parser.add_argument("--rounds", type=_positive, default=8, help="label-propagation rounds for the groups (8)")
         parser.add_argument("--dedup_seed", type=int, default=0, help="seed of the SimHash hyperplanes (0)")
+        parser.add_argument(
+            "--incremental_from",
+            default="",
+            help="an earlier dedup output of this scored set, before new batches were added: its verdicts stand (a "
+            "row kept there stays kept) and only the new rows are compared, with each other and with the earlier "
+            "ones; the same settings are required",
+        )
 
 
 def parse(argv: Sequence[str]) -> tuple[argparse.Namespace, PipelineOptions]:
@@ -130,11 +137,80 @@ def open_checked(path: str, flag: str) -> ScoredSet:
     return scored
 
 
-def scored_files(scored: ScoredSet) -> list[str]:
-    """The scored set's files, in a fixed order: its Parquet shards (copied layout) or sidecars."""
+def scored_files(scored: ScoredSet, first: Sequence[str] = ()) -> list[str]:
+    """The scored set's files, in a fixed order: its Parquet shards (copied layout) or sidecars; the files named in
+    `first` (relative to the scored output: an earlier dedup output's, in its order) come first."""
     if scored.layout == "sidecar":
-        return [sidecar for _, sidecar, _ in scored.sidecar_pairs()]
-    return scored.shard_paths("parquet")
+        paths = [sidecar for _, sidecar, _ in scored.sidecar_pairs()]
+    else:
+        paths = scored.shard_paths("parquet")
+    by_name = {dedup_output.scored_file_name(scored.manifests[0].output, path): path for path in paths}
+    earlier = [by_name[name] for name in first]
+    return earlier + [path for path in paths if path not in set(earlier)]
+
+
+# What an --incremental_from run must share with the earlier output for its verdicts to stand.
+SAME_SETTINGS = (
+    "signal",
+    "candidate_cosine",
+    "near_threshold",
+    "leak_threshold",
+    "bands",
+    "band_bits",
+    "seed",
+    "eval_scored",
+    "eval_data",
+)
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "signal": "pixels: pipelines/pixel_match.py",
+        "candidate_cosine": pixel_match.CANDIDATE_COSINE,
+        "near_threshold": args.near_threshold,
+        "leak_threshold": args.leak_threshold,
+        "bands": args.bands,
+        "band_bits": args.band_bits,
+        "rounds": args.rounds,
+        "seed": args.dedup_seed,
+        "eval_scored": list(args.eval_scored),
+        "eval_data": list(args.eval_data),
+    }
+
+
+def check_incremental(args: argparse.Namespace, scored: ScoredSet) -> dedup_output.DedupManifest | None:
+    """The earlier dedup output of --incremental_from, checked against this run: SystemExit in one line naming the
+    fix when it was made for another reference, layout, scored batches or settings."""
+    if not args.incremental_from:
+        return None
+    flag = f"--incremental_from {args.incremental_from}"
+    try:
+        previous = dedup_output.read_dedup_manifest(args.incremental_from)
+    except ScoredShardsError as error:
+        raise SystemExit(f"{flag}: {error}") from None
+    afresh = "run without --incremental_from to deduplicate the whole scored set afresh"
+    if (previous.reference_fingerprint, previous.layout) != (scored.fingerprint, scored.layout):
+        raise SystemExit(
+            f"{flag} was made for a {previous.layout} scored set of reference {previous.reference_fingerprint[:12]}, "
+            f"--scored is a {scored.layout} one of {scored.fingerprint[:12]}: {afresh}"
+        )
+    names = {posixpath.basename(m.batch_dir) for m in scored.manifests}
+    gone = sorted(set(previous.batches) - names)
+    if gone:
+        raise SystemExit(f"{flag} covers batch(es) {', '.join(gone)}, which --scored no longer holds: {afresh}")
+    now = settings_of(args)
+    differ = [k for k in SAME_SETTINGS if previous.settings.get(k) != now[k]]
+    if differ:
+        first = differ[0]
+        raise SystemExit(
+            f"{flag} was made with {first} {previous.settings.get(first)!r}, this run has {now[first]!r}: give the "
+            f"same {', '.join(differ)}, or {afresh}"
+        )
+    try:
+        scored_files(scored, [entry.scored for entry in previous.files])
+    except KeyError as missing:
+        raise SystemExit(f"{flag} has verdicts on {missing}, which --scored no longer holds: {afresh}") from None
+    return previous
 
 
 def check_arguments(args: argparse.Namespace) -> tuple[ScoredSet, list[ScoredSet]]:
@@ -156,13 +232,31 @@ def check_arguments(args: argparse.Namespace) -> tuple[ScoredSet, list[ScoredSet
             raise SystemExit(f"--eval_data {pattern} matches no file: give a glob of evaluation shards") from None
     if FileSystems.exists(posixpath.join(args.output, dedup_output.DEDUP_MANIFEST)):
         raise SystemExit(f"--output {args.output} already holds a dedup output: give another folder, or delete it")
-    return scored, evaluation
+    return scored, evaluation, check_incremental(args, scored)
 
 
-def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], evaluation: list[ScoredSet]) -> None:
+def build(
+    pipeline: beam.Pipeline,
+    args,
+    scored: ScoredSet,
+    files: list[str],
+    evaluation: list[ScoredSet],
+    previous: dedup_output.DedupManifest | None = None,
+) -> None:
+    """The job's graph. With `previous` (--incremental_from), `files` begin with its files: their rows (ids below
+    `old_below`) keep its verdicts, and only pairs with a new row are compared."""
     settings = stages.Settings(
         args.near_threshold, args.leak_threshold, args.bands, args.band_bits, args.rounds, args.dedup_seed
     )
+    earlier = previous.files if previous else []
+    old_files = [(i, posixpath.join(args.incremental_from, f.dedup)) for i, f in enumerate(earlier)]
+    old_below = dedup_output.example_id(len(old_files), 0)
+    old = (
+        pipeline
+        | "EarlierFiles" >> beam.Create(old_files)
+        | "ReadEarlierVerdicts" >> beam.FlatMap(stages.read_old_verdicts)
+    )
+    fixed = old | "EarlierGroups" >> beam.Map(lambda item: (item[0], item[1][dedup_output.GROUP]))
     rows = (
         pipeline
         | "ScoredFiles" >> beam.Create(list(enumerate(files)))
@@ -184,11 +278,11 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
         representatives
         | "Bands" >> beam.ParDo(stages.BandsFn(settings))
         | "Buckets" >> beam.GroupByKey()
-        | "NearPairs" >> beam.FlatMap(lambda b: stages.near_pairs(b[0][0], b[1], settings.near_threshold))
+        | "NearPairs" >> beam.FlatMap(lambda b: stages.near_pairs(b[0][0], b[1], settings.near_threshold, old_below))
     )
-    near_labels, changed = near_edges | "Components" >> stages.Components(settings.rounds)
+    near_labels, changed = near_edges | "Components" >> stages.Components(settings.rounds, old_below, fixed)
     labels = (
-        {"label": near_labels, "copies": exact_edges}
+        {"label": near_labels, "copies": exact_edges, "fixed": fixed}
         | "JoinCopies" >> beam.CoGroupByKey()
         | "CopiesFollow" >> beam.FlatMap(stages.with_copies)
     )
@@ -210,13 +304,18 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
         | "EvaluationImages" >> beam.Map(stages.evaluation_images)
     )
     held_count = held | "CountEvaluation" >> beam.Map(lambda images: len(images["keys"]))
-    leaks = embedded | "EvalLeaks" >> beam.FlatMap(stages.eval_leak, AsSingleton(held), settings.leak_threshold)
+    leaks = (
+        embedded
+        | "New" >> beam.Filter(lambda row: row.id >= old_below)
+        | "EvalLeaks" >> beam.FlatMap(stages.eval_leak, AsSingleton(held), settings.leak_threshold)
+    )
     verdicts = (
         {
             "row": rows | "KeyById" >> beam.Map(lambda row: (row.id, row.key)),
             "label": labels,
             "leak": leaks,
             "copy": copies | "CopyById" >> beam.Map(lambda example: (example, True)),
+            "old": old,
         }
         | "JoinVerdicts" >> beam.CoGroupByKey()
         | "Verdicts" >> beam.Map(stages.verdict)
@@ -224,6 +323,12 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
     names = [dedup_output.scored_file_name(args.scored, path) for path in files]
     written = verdicts | "WriteDedupFiles" >> stages.WriteDedupFiles(args.output, names)
     embedded_count = embedded | "CountEmbedded" >> beam.combiners.Count.Globally()
+    group_count = (  # groups of two or more: the representatives some other row names
+        verdicts
+        | "Members" >> beam.FlatMap(stages.named_group)
+        | "DistinctGroups" >> beam.Distinct()
+        | "CountGroups" >> beam.combiners.Count.Globally()
+    )
     template = {
         "version": dedup_output.DEDUP_VERSION,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -231,18 +336,7 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
         "reference_fingerprint": scored.fingerprint,
         "layout": scored.layout,
         "batches": [posixpath.basename(m.batch_dir) for m in scored.manifests],
-        "settings": {
-            "signal": "pixels: pipelines/pixel_match.py",
-            "candidate_cosine": pixel_match.CANDIDATE_COSINE,
-            "near_threshold": settings.near_threshold,
-            "leak_threshold": settings.leak_threshold,
-            "bands": settings.bands,
-            "band_bits": settings.band_bits,
-            "rounds": settings.rounds,
-            "seed": settings.seed,
-            "eval_scored": list(args.eval_scored),
-            "eval_data": list(args.eval_data),
-        },
+        "settings": {**settings_of(args), "incremental_from": args.incremental_from or None},
     }
     (
         pipeline
@@ -252,6 +346,7 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
             write_manifest,
             AsList(written),
             AsSingleton(embedded_count),
+            AsSingleton(group_count),
             AsSingleton(changed, default_value=0),
             AsSingleton(held_count),
             folder=args.output,
@@ -262,14 +357,22 @@ def build(pipeline: beam.Pipeline, args, scored: ScoredSet, files: list[str], ev
 
 
 def write_manifest(
-    _, written: list[dict], examples: int, changed: int, eval_images: int, folder: str, files: int, template: dict
+    _,
+    written: list[dict],
+    examples: int,
+    groups: int,
+    changed: int,
+    eval_images: int,
+    folder: str,
+    files: int,
+    template: dict,
 ):
     if len(written) != files:
         raise RuntimeError(f"{len(written)} dedup files written of {files}: the job lost some")
     entries = sorted(written, key=lambda entry: entry["file"].dedup)
     counts = dedup_output.DedupCounts(
         examples=examples,
-        groups=sum(entry["groups"] for entry in entries),
+        groups=groups,
         removed_exact=sum(entry["removed_exact"] for entry in entries),
         removed_near=sum(entry["removed_near"] for entry in entries),
         leaks=sum(entry["leaks"] for entry in entries),
@@ -288,8 +391,8 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
     """Build and run the job; returns its summary (the manifest's counts, settings and output folder)."""
     args, pipeline_options = parse(sys.argv[1:] if argv is None else argv)
     pipeline_options.view_as(SetupOptions).save_main_session = False
-    scored, evaluation_sets = check_arguments(args)
-    files = scored_files(scored)
+    scored, evaluation_sets, previous = check_arguments(args)
+    files = scored_files(scored, [entry.scored for entry in previous.files] if previous else ())
     log.info(
         "deduplicating %d scored file(s) of %s against %d scored evaluation image(s) and the shards of %s",
         len(files),
@@ -297,8 +400,15 @@ def run(argv: Sequence[str] | None = None, test_pipeline: beam.Pipeline | None =
         sum(s.scored for s in evaluation_sets),
         args.eval_data or "no --eval_data",
     )
+    if previous:
+        log.info(
+            "--incremental_from: the %d file(s) of %s keep their verdicts; %d new file(s) are compared with them",
+            len(previous.files),
+            args.incremental_from,
+            len(files) - len(previous.files),
+        )
     pipeline = test_pipeline or beam.Pipeline(options=pipeline_options)
-    build(pipeline, args, scored, files, evaluation_sets)
+    build(pipeline, args, scored, files, evaluation_sets, previous)
     start = time.perf_counter()
     pipeline.run().wait_until_finish()
     manifest = dedup_output.read_dedup_manifest(args.output)

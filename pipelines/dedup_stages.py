@@ -113,11 +113,13 @@ def band_keys(vector: np.ndarray, planes: np.ndarray, bands: int, band_bits: int
 
 
 def near_pairs(
-    band: int, members: Iterable[tuple[int, np.ndarray, tuple[int, ...]]], threshold: float
+    band: int, members: Iterable[tuple[int, np.ndarray, tuple[int, ...]]], threshold: float, old_below: int = 0
 ) -> Iterator[tuple[int, int]]:
     """(smaller id, larger id) of every pair in one bucket of `band` whose candidate vectors are at least
     `pixel_match.CANDIDATE_COSINE` close and whose pixel similarity is at least `threshold`. A pair that shares an
-    earlier band too is judged in that band's bucket, not here: each pair is compared once."""
+    earlier band too is judged in that band's bucket, not here: each pair is compared once. Two rows whose ids are
+    both below `old_below` (an earlier dedup output's, with --incremental_from) are not compared: their verdicts
+    stand."""
     members = sorted(members, key=lambda member: member[0])
     if len(members) < 2:
         return
@@ -127,6 +129,8 @@ def near_pairs(
     vectors = np.stack([pixel_match.candidate_vector(t) for t in stack])
     close = vectors @ vectors.T >= pixel_match.CANDIDATE_COSINE
     close &= ~(codes[:, None, :] == codes[None, :, :]).any(axis=2)
+    old = ids < old_below
+    close &= ~(old[:, None] & old[None, :])
     np.fill_diagonal(close, False)
     one_way = {}  # i -> {j: i's windows against j}
     for i in np.nonzero(close.any(axis=1))[0]:
@@ -136,6 +140,14 @@ def near_pairs(
         for j, score in row.items():
             if i < j and max(score, one_way[j][i]) >= threshold:
                 yield int(ids[i]), int(ids[j])
+
+
+def read_old_verdicts(element: tuple[int, str]) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(id, dedup row) of each row of one dedup file of an earlier output (--incremental_from), its file index
+    unchanged."""
+    file_index, path = element
+    for row, values in enumerate(out.read_dedup_file(path).to_pylist()):
+        yield out.example_id(file_index, row), values
 
 
 def read_evaluation_shard(path: str, reader: dict[str, Any]) -> Iterator[tuple[str, Row]]:
@@ -162,13 +174,15 @@ def exact_group(element: tuple[str, Iterable[Row]]) -> Iterator[tuple[str, Any]]
         yield "copy", row.id
 
 
-def propagate(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, int]]:
-    """One round of min-label propagation: a node's label goes to itself and to each neighbour."""
+def propagate(element: tuple[int, dict[str, list]], old_below: int = 0) -> Iterator[tuple[int, int]]:
+    """One round of min-label propagation: a node's label goes to itself and to each neighbour, except to a
+    neighbour below `old_below`, whose label is pinned (an earlier dedup output's group, with --incremental_from)."""
     node, joined = element
     label = min(joined["label"])
     yield node, label
     for neighbour in joined["neighbours"]:
-        yield neighbour, label
+        if neighbour >= old_below:
+            yield neighbour, label
 
 
 def evaluation_images(rows: list[tuple[str, Row]]) -> dict[str, Any]:
@@ -196,7 +210,8 @@ def with_copies(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, int
     """The labels of one exact group's representative (its near-duplicate component's, or its own) and of its byte
     copies, which follow it: a copy is always in its representative's group, however the components came out."""
     representative, joined = element
-    label = min(joined["label"]) if joined["label"] else representative
+    fixed = joined.get("fixed") or [representative]  # with --incremental_from, an earlier row's group stands
+    label = min(joined["label"]) if joined["label"] else fixed[0]
     yield representative, label
     for copy in joined["copies"]:
         yield copy, label
@@ -225,8 +240,12 @@ def eval_leak(row: Row, evaluation: dict[str, Any], threshold: float) -> Iterato
 
 
 def verdict(element: tuple[int, dict[str, list]]) -> tuple[int, dict[str, Any]]:
-    """(file index, the dedup row of one scored row, with its row number and whether it is in a group)."""
+    """(file index, the dedup row of one scored row, with its row number); with --incremental_from, a row of the
+    earlier output ("old") keeps its verdict there."""
     example, joined = element
+    file_index, row = out.split_id(example)
+    if joined.get("old"):
+        return file_index, {**joined["old"][0], "row": row}
     key = joined["row"][0]
     group = min(joined["label"]) if joined["label"] else example
     leak = joined["leak"][0] if joined["leak"] else None
@@ -235,10 +254,8 @@ def verdict(element: tuple[int, dict[str, list]]) -> tuple[int, dict[str, Any]]:
         reason = out.EXACT if joined["copy"] else out.NEAR
     if leak is not None:
         reason = out.LEAK
-    file_index, row = out.split_id(example)
     return file_index, {
         "row": row,
-        "grouped": bool(joined["label"]),
         out.KEY: key,
         out.GROUP: group,
         out.KEPT: reason is None,
@@ -248,27 +265,42 @@ def verdict(element: tuple[int, dict[str, list]]) -> tuple[int, dict[str, Any]]:
     }
 
 
+def named_group(element: tuple[int, dict[str, Any]]) -> Iterator[int]:
+    """The group a dedup row names when it is not its own: each group of two or more is named at least once."""
+    file_index, row = element
+    if row[out.GROUP] != out.example_id(file_index, row["row"]):
+        yield row[out.GROUP]
+
+
 class Components(beam.PTransform):
     """Edges (id, id) -> (id, the smallest id of its connected component) for every id on an edge, by `rounds`
     rounds of min-label propagation, and a one-element PCollection: how many labels one more round would still
-    change (0: settled)."""
+    change (0: settled). With `fixed` ((id, label) of every id below `old_below`: an earlier dedup output's groups,
+    with --incremental_from), those ids keep their labels, which spread to the others: a new row joins an earlier group,
+    and never merges two."""
 
-    def __init__(self, rounds: int):
+    def __init__(self, rounds: int, old_below: int = 0, fixed=None):
         super().__init__()
-        self._rounds = rounds
+        self._rounds, self._old_below, self._fixed = rounds, old_below, fixed
 
     def expand(self, edges):
         both = (
             edges | "BothWays" >> beam.FlatMap(lambda edge: [edge, (edge[1], edge[0])]) | "Distinct" >> beam.Distinct()
         )
         labels = both | "Nodes" >> beam.Map(lambda edge: (edge[0], edge[0])) | "Start" >> beam.Distinct()
+        if self._fixed is not None:
+            labels = (
+                {"node": labels, "fixed": self._fixed}
+                | "JoinFixed" >> beam.CoGroupByKey()
+                | "Pinned" >> beam.FlatMap(lambda e: [(e[0], (e[1]["fixed"] or [e[0]])[0])] if e[1]["node"] else [])
+            )
         previous = labels
         for round_number in range(self._rounds + 1):  # the last round only tells whether the labels had settled
             previous = labels
             labels = (
                 {"label": labels, "neighbours": both}
                 | f"Join{round_number}" >> beam.CoGroupByKey()
-                | f"Propagate{round_number}" >> beam.FlatMap(propagate)
+                | f"Propagate{round_number}" >> beam.FlatMap(propagate, self._old_below)
                 | f"Min{round_number}" >> beam.CombinePerKey(min)
             )
         changed = (
@@ -299,9 +331,6 @@ class _WriteDedupFileFn(beam.DoFn):
         reasons = [row[out.REASON] for row in rows]
         yield {
             "file": out.DedupFile(self._names[file_index], name, len(rows)),
-            "groups": sum(
-                1 for row in rows if row["grouped"] and row[out.GROUP] == out.example_id(file_index, row["row"])
-            ),
             "removed_exact": reasons.count(out.EXACT),
             "removed_near": reasons.count(out.NEAR),
             "leaks": reasons.count(out.LEAK),
