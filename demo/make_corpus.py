@@ -9,12 +9,22 @@ Writes, under --out (a local directory or gs:// prefix):
     eval/zeroshot/   clean examples balanced over shape x colour, for zero-shot classification
     eval/retrieval/  clean examples with detailed captions, for image<->text retrieval
     eval/classes.json  class names and prompt templates of the two zero-shot tasks (shape, colour)
-    _SPLITS.json     what was made: settings, splits with their shards and counts per ground-truth kind
+    _SPLITS.json     what was made: settings, concepts by frequency, splits with their shards and counts per
+                     ground-truth kind
+
+The web split is built the way web data is: its concepts (shape x colour) are long-tailed (Zipf: a few head
+concepts, which become redundant once learnt, and many rare ones); its clean examples are easy, medium or hard
+(`scenes.DIFFICULTIES`: hard ones are tiny, tilted, cluttered and mildly degraded, but learnable); concepts that
+look alike (square and diamond, star and cross, red, orange and pink, cyan and blue) give hard negatives; a
+near-duplicate is a correctly captioned copy of a clean image, counted clean (redundant, not noisy); the noise kinds
+(NoiseRates) come at fixed shares. No evaluation scene is a near copy of a web or curated one (`eval_attempts`).
 
 Every example's metadata holds its ground truth: `truth` ("clean" or the noise kind), the image's `shape`,
-`colour`, `size`, `background` and `position`, `related_key` (whose caption a misaligned example carries, or whose
-image a near-duplicate copies) and `detail` (which degradation or kind of non-image bytes). It is for analysis
-only; curation must never read it. Output is a pure function of the settings: the same seed gives the same bytes.
+`colour`, `size`, `background` and `position`, its `difficulty` ("easy", "medium", "hard") and its concept's
+`frequency` bucket ("head", "torso", "tail"), `related_key` (whose caption a misaligned example carries, or whose
+image a near copy copies) and `detail` (which degradation or kind of non-image bytes; "near_copy"). It is for
+analysis only; curation must never read it. Output is a pure function of the settings: the same seed gives the
+same bytes.
 """
 
 from __future__ import annotations
@@ -22,25 +32,23 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import multiprocessing
 import multiprocessing.pool
-import os
 import posixpath
 import time
 from collections import Counter
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
-from tqdm import tqdm
 
-from curation.shared.corpus import CorpusRecord, check_format
-from curation.shared.corpus_writers import SHARD_SUFFIXES, open_shard_writer
-from demo import scenes
+from curation.shared.corpus import CorpusRecord
+from demo import corpus_files, scenes
 from demo.noise import NOISE_KINDS, NoiseRates, apply_noise
 
 SCHEMA_VERSION = 1
+# 2: long-tailed concepts, clean examples of graded difficulty, near copies counted clean, no evaluation scene a
+# near copy of a training scene. 1 (before): uniform concepts, one difficulty, near copies counted as noise.
+GENERATOR_VERSION = 2
 SPLIT_IDS = {"web": 0, "curated": 1, "eval/zeroshot": 2, "eval/retrieval": 3}  # also the split's folder
 SPLIT_DESCRIPTIONS = {
     "web": "the noisy corpus to curate; metadata.truth says which noise each example carries",
@@ -51,6 +59,13 @@ SPLIT_DESCRIPTIONS = {
 KEY_PREFIXES = {"web": "web", "curated": "curated", "eval/zeroshot": "zeroshot", "eval/retrieval": "retrieval"}
 # Independent random streams per example, so that e.g. a misaligned caption is exactly its source's caption.
 SCENE, CAPTION, RENDER, NOISE, PLAN = range(5)
+CONCEPT_PLAN = 5  # the stream that ranks the concepts (beside the per-example ones)
+# A concept is a (shape, colour) pair. The web split draws them with Zipf frequencies (p ~ 1/rank, in a seeded
+# order), so a few are everywhere and most are rare; a concept's bucket: head while the mass of the concepts
+# ranked before it is below 0.5, torso below 0.8, tail after. The curated split draws them uniformly (a reference's
+# curated data covers its concepts evenly), and so do the evaluation splits.
+FREQUENCIES = {"head": 0.5, "torso": 0.8, "tail": 1.0}
+EVAL_ATTEMPTS = 100  # draws an evaluation scene gets to be no near copy of a training scene
 ZEROSHOT_TEMPLATES = {
     "shape": ("a {}", "a photo of a {}", "a picture showing a {}", "a {} on a background"),
     "colour": ("something {}", "a photo of something {}", "a shape coloured {}", "an object painted {}"),
@@ -74,19 +89,75 @@ def example_key(split: str, index: int) -> str:
     return f"{KEY_PREFIXES[split]}-{index:08d}"
 
 
-def scene_of(settings: CorpusSettings, split: str, index: int) -> scenes.Scene:
-    """The scene of example `index` of `split`; zero-shot examples cycle through every shape x colour."""
+def zipf(count: int) -> tuple[np.ndarray, tuple[str, ...]]:
+    """([count] cumulative Zipf mass, p ~ 1/rank, up to and including each rank; each rank's FREQUENCIES bucket)."""
+    mass = 1.0 / np.arange(1, count + 1)
+    mass /= mass.sum()
+    cumulative = np.cumsum(mass)
+    buckets = tuple(
+        next(name for name, bound in FREQUENCIES.items() if before < bound or name == "tail")
+        for before in cumulative - mass
+    )
+    return cumulative, buckets
+
+
+@functools.cache
+def concept_plan(seed: int) -> tuple[tuple[tuple[str, str], ...], np.ndarray, dict[tuple[str, str], str]]:
+    """(the concepts, most frequent first; their cumulative Zipf mass; each concept's frequency bucket)."""
+    concepts = [(shape, colour) for shape in scenes.SHAPES for colour in scenes.COLOURS]
+    order = np.random.default_rng([seed, CONCEPT_PLAN]).permutation(len(concepts))
+    ranked = tuple(concepts[i] for i in order)
+    cumulative, buckets = zipf(len(ranked))
+    return ranked, cumulative, dict(zip(ranked, buckets))
+
+
+def scene_of(settings: CorpusSettings, split: str, index: int, attempt: int = 0) -> scenes.Scene:
+    """The scene of example `index` of `split` (its `attempt`-th draw: see `eval_attempts`). Zero-shot examples
+    cycle through every shape x colour and retrieval ones draw any, both of medium difficulty; web examples draw
+    their concept by its Zipf frequency, curated ones uniformly, both their difficulty by scenes.DIFFICULTIES."""
     rng = _rng(settings, split, index, SCENE)
+    if attempt:
+        rng = np.random.default_rng([settings.seed, SPLIT_IDS[split], index, SCENE, attempt])
     if split == "eval/zeroshot":
         colours = list(scenes.COLOURS)
         shape, colour = scenes.SHAPES[index % len(scenes.SHAPES)], colours[(index // len(scenes.SHAPES)) % len(colours)]
         return scenes.sample_scene(rng, shape=shape, colour=colour, accent_rate=0.0)
-    return scenes.sample_scene(rng)
+    if split == "eval/retrieval":
+        return scenes.sample_scene(rng)
+    difficulty = list(scenes.DIFFICULTIES)[rng.choice(len(scenes.DIFFICULTIES), p=list(scenes.DIFFICULTIES.values()))]
+    shape = colour = None
+    if split == "web":
+        ranked, cumulative, _ = concept_plan(settings.seed)
+        shape, colour = ranked[min(int(np.searchsorted(cumulative, rng.random(), side="right")), len(ranked) - 1)]
+    return scenes.sample_scene(rng, shape=shape, colour=colour, difficulty=difficulty)
 
 
-def caption_of(settings: CorpusSettings, split: str, index: int) -> str:
+def eval_attempts(settings: CorpusSettings, counts: dict[str, int]) -> dict[str, list[int]]:
+    """For each evaluation example, its first draw (`scene_of`'s attempt) that is no near copy (`scenes.near_copy`)
+    of the scene of any web or curated example: no evaluation image has a copy in the data a model trains on."""
+    training: dict[tuple, list[scenes.Scene]] = {}
+    for split in ("web", "curated"):
+        for index in range(counts.get(split, 0)):
+            scene = scene_of(settings, split, index)
+            training.setdefault(scenes.near_copy_key(scene), []).append(scene)
+    attempts: dict[str, list[int]] = {}
+    for split in ("eval/zeroshot", "eval/retrieval"):
+        attempts[split] = []
+        for index in range(counts.get(split, 0)):
+            for attempt in range(EVAL_ATTEMPTS):
+                scene = scene_of(settings, split, index, attempt)
+                near = training.get(scenes.near_copy_key(scene), ())
+                if not any(scenes.near_copy(scene, other, settings.image_size) for other in near):
+                    break
+            else:
+                raise RuntimeError(f"{split} example {index}: every draw is a near copy of a training scene")
+            attempts[split].append(attempt)
+    return attempts
+
+
+def caption_of(settings: CorpusSettings, split: str, index: int, attempt: int = 0) -> str:
     """The clean caption of example `index` (detailed for retrieval)."""
-    scene = scene_of(settings, split, index)
+    scene = scene_of(settings, split, index, attempt)
     return scenes.describe(scene, _rng(settings, split, index, CAPTION), detailed=split == "eval/retrieval")
 
 
@@ -139,12 +210,14 @@ def _pick(
 
 
 def make_example(
-    settings: CorpusSettings, split: str, index: int, kind: str = "clean", related: int | None = None
+    settings: CorpusSettings, split: str, index: int, kind: str = "clean", related: int | None = None, attempt: int = 0
 ) -> CorpusRecord:
-    """Example `index` of `split`, with the noise of `kind` applied (see NoiseRates), as a CorpusRecord."""
+    """Example `index` of `split` (its scene's `attempt`-th draw), with the noise of `kind` applied (see NoiseRates),
+    as a CorpusRecord. A near-duplicate is a correctly captioned copy of a clean image: its truth is clean (it is
+    redundant, not noisy), its detail "near_copy"."""
     noise_rng = _rng(settings, split, index, NOISE) if kind != "clean" else None
     image_index = related if kind == "near_duplicate" and related is not None else index
-    scene = scene_of(settings, split, image_index)
+    scene = scene_of(settings, split, image_index, attempt)
     image = scenes.render_scene(scene, settings.image_size, _rng(settings, split, image_index, RENDER))
     caption = scenes.describe(scene, _rng(settings, split, index, CAPTION), detailed=split == "eval/retrieval")
     image_bytes, caption, detail = apply_noise(
@@ -157,14 +230,16 @@ def make_example(
         borrowed_caption=lambda: None if related is None else caption_of(settings, split, related),
     )
     metadata = {
-        "truth": kind,
+        "truth": "clean" if kind == "near_duplicate" else kind,
         "shape": scene.shape,
         "colour": scene.colour,
         "size": scene.size,
         "background": scene.background,
         "position": scene.position,
+        "difficulty": scene.difficulty,
+        "frequency": concept_plan(settings.seed)[2][scene.shape, scene.colour],
         "related_key": example_key(split, related) if related is not None else "",
-        "detail": detail,
+        "detail": "near_copy" if kind == "near_duplicate" else detail,
     }
     return CorpusRecord(example_key(split, index), image_bytes, caption, "", metadata)
 
@@ -173,94 +248,14 @@ def _make_task(settings: CorpusSettings, task: tuple[str, int, str, int | None])
     return make_example(settings, *task)
 
 
-def split_counts(
-    format: str,
-    size: int,
-    seed: int,
-    shard_size: int,
-    image_format: str,
-    curated_size: int | None,
-    eval_size: int | None,
-) -> dict[str, int]:
-    """Check the settings every corpus maker shares (ValueError) and return each split's count: --size web
-    examples, curated_size (default 10% of size), eval_size per eval split (default size // 10 within [48, 1000])."""
-    check_format(format)
-    if size < 1 or shard_size < 1 or seed < 0:
-        raise ValueError(f"need size >= 1, shard_size >= 1 and seed >= 0; got {size}, {shard_size}, {seed}")
-    if image_format not in scenes.IMAGE_FORMATS:
-        raise ValueError(f"image_format must be one of {scenes.IMAGE_FORMATS}, got {image_format!r}")
-    counts = {
-        "web": size,
-        "curated": max(1, round(0.1 * size)) if curated_size is None else curated_size,
-        "eval/zeroshot": min(1000, max(48, size // 10)) if eval_size is None else eval_size,
-    }
-    counts["eval/retrieval"] = counts["eval/zeroshot"]
-    return counts
-
-
-def write_splits(
-    out: str,
-    counts: dict[str, int],
-    format: str,
-    shard_size: int,
-    overwrite: bool,
-    tasks: Callable[[str, int], list[tuple]],
-    make: Callable[[tuple], CorpusRecord],
-    *,
-    pool: multiprocessing.pool.Pool | None = None,
-    pooled: Callable[[tuple], CorpusRecord] | None = None,
-    descriptions: dict[str, str] = SPLIT_DESCRIPTIONS,
-    progress: bool = False,
-    desc: str = "make_corpus",
-) -> dict[str, dict]:
-    """Write each split of `counts` under `out` (refusing an earlier corpus there unless `overwrite`): the records
-    `make(task)` for the `tasks(split, count)` of its examples, made by `pool` (with `pooled`, default `make`) when
-    given, which is closed here. Returns _SPLITS.json's "splits": description, pattern, count, shards, truth."""
-    suffix = SHARD_SUFFIXES[format]
-    splits: dict[str, dict] = {}
-    bar = tqdm(total=sum(counts.values()), unit="ex", disable=not progress, desc=desc)
-    try:
-        _clear_output(out, overwrite)
-        for split, count in counts.items():
-            split_tasks = tasks(split, count)
-            records = pool.imap(pooled or make, split_tasks, chunksize=32) if pool else map(make, split_tasks)
-            shards, truth = _write_split(out, split, suffix, format, shard_size, records, bar)
-            splits[split] = {
-                "description": descriptions[split],
-                "pattern": f"{split}/*{suffix}",
-                "count": count,
-                "shards": shards,
-                "truth": dict(sorted(truth.items())),
-            }
-    finally:
-        bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
-    return splits
-
-
-def _split_tasks(settings: CorpusSettings, split: str, count: int, rates: NoiseRates) -> list[tuple]:
+def _split_tasks(
+    settings: CorpusSettings, split: str, count: int, rates: NoiseRates, attempts: dict[str, list[int]]
+) -> list[tuple]:
     if split == "web":
         plan = plan_noise(settings, count, rates)
         return [(split, index, kind, related) for index, (kind, related) in enumerate(plan)]
-    return [(split, index, "clean", None) for index in range(count)]
-
-
-def _clear_output(out: str, overwrite: bool) -> None:
-    """Refuse to mix with an earlier corpus in `out`, or delete its files when `overwrite`."""
-    patterns = [posixpath.join(out, split, "*") for split in ("web", "curated", "eval/zeroshot", "eval/retrieval")]
-    patterns += [posixpath.join(out, name) for name in ("_SPLITS.json", "eval/classes.json")]
-    existing = [m.path for result in FileSystems.match(patterns) for m in result.metadata_list]
-    if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds a corpus ({existing[0]}, ...); pass overwrite=True / --overwrite")
-    if existing:
-        FileSystems.delete(existing)
-
-
-def _write_json(path: str, value: object) -> None:
-    with FileSystems.create(path) as f:
-        f.write((json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+    draws = attempts.get(split, [0] * count)
+    return [(split, index, "clean", None, draws[index]) for index in range(count)]
 
 
 def write_corpus(
@@ -281,21 +276,22 @@ def write_corpus(
 ) -> dict:
     """Write the demo corpus under `out` (see the module docstring; split sizes: `split_counts`) and return what
     `_SPLITS.json` says. workers > 1 renders in that many processes; the output does not depend on it."""
-    counts = split_counts(format, size, seed, shard_size, image_format, curated_size, eval_size)
+    counts = corpus_files.split_counts(format, size, seed, shard_size, image_format, curated_size, eval_size)
     settings = CorpusSettings(seed=seed, image_size=image_size, image_format=image_format)
     make = functools.partial(_make_task, settings)
     # spawn, not fork: forking a process that already runs JAX (the demo's) can deadlock.
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
     out = out.rstrip("/")
-    splits = write_splits(
+    splits = corpus_files.write_splits(
         out,
         counts,
         format,
         shard_size,
         overwrite,
-        functools.partial(_split_tasks, settings, rates=noise),
+        functools.partial(_split_tasks, settings, rates=noise, attempts=eval_attempts(settings, counts)),
         make,
         pool=pool,
+        descriptions=SPLIT_DESCRIPTIONS,
         progress=progress,
     )
     colours = list(scenes.COLOURS)
@@ -303,13 +299,20 @@ def write_corpus(
         "shape": {"metadata_field": "shape", "classes": list(scenes.SHAPES), "templates": ZEROSHOT_TEMPLATES["shape"]},
         "colour": {"metadata_field": "colour", "classes": colours, "templates": ZEROSHOT_TEMPLATES["colour"]},
     }
-    _write_json(posixpath.join(out, "eval", "classes.json"), classes)
+    corpus_files.write_json(posixpath.join(out, "eval", "classes.json"), classes)
     splits["eval/zeroshot"]["classes"] = "eval/classes.json"
+    ranked, _, frequency = concept_plan(seed)
     summary = {
         "schema_version": SCHEMA_VERSION,
+        "generator_version": GENERATOR_VERSION,
         "format": format,
         **dataclasses.asdict(settings),
         "noise_rates": noise.as_dict(),
+        "concepts": {
+            "ranked": [f"{colour} {shape}" for shape, colour in ranked],
+            "frequency": dict(Counter(frequency.values())),
+        },
+        "difficulties": scenes.DIFFICULTIES,
         "vocabulary": {
             "shapes": list(scenes.SHAPES),
             "colours": colours,
@@ -318,56 +321,14 @@ def write_corpus(
         },
         "splits": splits,
     }
-    _write_json(posixpath.join(out, "_SPLITS.json"), summary)  # last: its presence means the corpus is complete
+    # last: its presence means the corpus is complete
+    corpus_files.write_json(posixpath.join(out, "_SPLITS.json"), summary)
     return summary
-
-
-def _write_split(
-    out: str, split: str, suffix: str, format: str, shard_size: int, records: Iterator[CorpusRecord], bar: tqdm
-) -> tuple[list[str], Counter]:
-    """Write a split's records in shards of `shard_size`; return the shard paths (relative to `out`) and counts of
-    ground-truth kinds."""
-    shards: list[str] = []
-    truth: Counter = Counter()
-    writer = None
-    try:
-        for index, record in enumerate(records):
-            if index % shard_size == 0:
-                if writer is not None:
-                    writer.close()
-                shards.append(f"{split}/{index // shard_size:05d}{suffix}")
-                writer = open_shard_writer(posixpath.join(out, shards[-1]), format)
-            writer.write(record)
-            truth[record.metadata["truth"]] += 1
-            bar.update(1)
-    finally:
-        if writer is not None:
-            writer.close()
-    return shards, truth
-
-
-def add_corpus_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of `write_corpus`'s settings, which every corpus maker takes, with one rate flag per noise kind."""
-    parser.add_argument("--out", required=True, help="output directory or gs:// prefix (new or empty, or --overwrite)")
-    parser.add_argument("--size", type=int, default=10_000, help="examples in the web split")
-    parser.add_argument("--format", choices=("wds", "parquet", "tfrecord"), default="wds")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--curated_size", type=int, default=None, help="default: 10%% of --size")
-    parser.add_argument("--eval_size", type=int, default=None, help="per eval split; default size/10 in [48, 1000]")
-    parser.add_argument("--shard_size", type=int, default=1000, help="examples per shard file")
-    parser.add_argument("--image_size", type=int, default=64)
-    parser.add_argument("--image_format", choices=scenes.IMAGE_FORMATS, default="jpeg")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="rendering processes")
-    parser.add_argument("--overwrite", action="store_true", help="replace a corpus already in --out")
-    parser.add_argument("--no_progress", action="store_true", help="hide the progress bar")
-    for kind, rate in NoiseRates().as_dict().items():
-        text = f"share of web examples with noise '{kind}' (default %(default)s)"
-        parser.add_argument(f"--{kind}_rate", type=float, default=rate, help=text)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_corpus_flags(parser)
+    corpus_files.add_corpus_flags(parser)
     return parser.parse_args(argv)
 
 

@@ -17,7 +17,8 @@ class NoiseRates:
 
     misaligned: float = 0.30  # the caption of another image (of a different shape or colour)
     boilerplate: float = 0.15  # "click here", "IMG_0042.JPG", ...: says nothing about the image
-    near_duplicate: float = 0.10  # a near copy of a clean example's image, with its own caption
+    near_duplicate: float = 0.10  # a near copy of a clean example's image, with its own caption (the demo corpus
+    # counts it clean: redundant, not noisy)
     degraded: float = 0.10  # heavy blur, heavy pixel noise or a tiny crop
     truncated_image: float = 0.006  # broken records, for the scoring job's dead-letter path: ...
     non_image: float = 0.006  # ... bytes that are not an image (an HTML page, random bytes, nothing)

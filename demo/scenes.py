@@ -1,9 +1,9 @@
 """Procedural scenes for the demo corpus: one main shape on a textured background, rendered with PIL.
 
-The vocabulary is small and visually clear (6 shapes x 8 colours, the shape large and near the centre) so that a
+The vocabulary is small and visually clear (6 shapes x 8 colours) and most scenes are easy or medium, so that a
 tiny model trained for minutes on the clean split is well above chance at zero-shot shape and colour
-classification: the demo's reference (1,000 steps, about 4 minutes on 2 CPU cores) ends at colour 1.000 against
-chance 0.125 and shape 0.566 against chance 0.167. Colour is learnt first and by every model; shape is what
+classification: the demo's reference (1,000 steps, about 4.5 minutes on 2 CPU cores) ends at colour 1.000 against
+chance 0.125 and shape 0.626 against chance 0.167. Colour is learnt first and by every model; shape is what
 separates them. Everything is a pure function of a `numpy.random.Generator`, so a scene, its caption and its pixels
 are reproducible from a seed.
 """
@@ -29,8 +29,19 @@ COLOURS = {
     "purple": (135, 50, 185),
     "pink": (250, 125, 195),
 }
-SIZES = {"small": 0.27, "medium": 0.33, "large": 0.39}  # radius as a fraction of the image side
+SIZES = {"tiny": 0.2, "small": 0.27, "medium": 0.33, "large": 0.39}  # radius as a fraction of the image side
 BACKGROUNDS = ("plain", "gradient", "striped", "checkered", "grainy")
+# How hard a clean example is to read, and what makes it so (`sample_scene`): easy ones are large, centred and
+# upright on a quiet background; medium ones vary in size, place, tilt and background (every scene of the
+# evaluation splits is medium); hard ones are tiny, off-centre and tilted further, among grey distractor shapes on a
+# busy background, and slightly blurred or grainy: hard but learnable, the examples learnability exists to find.
+DIFFICULTIES = {"easy": 0.45, "medium": 0.45, "hard": 0.10}  # shares of the web and curated splits
+LAYOUTS = {  # sizes, largest offset of the centre (fraction of the side), largest tilt (degrees), backgrounds
+    "easy": (("medium", "large"), 0.05, 8.0, ("plain", "gradient")),
+    "medium": (("small", "medium", "large"), 0.12, 15.0, BACKGROUNDS),
+    "hard": (("tiny",), 0.2, 40.0, ("striped", "checkered", "grainy")),
+}
+FINISHES = ("blur", "grain")  # a hard example's mild degradation
 IMAGE_FORMATS = ("jpeg", "png")
 SUPERSAMPLE = 4  # shapes are drawn at 4x and downsampled: smooth edges at 64 px
 
@@ -46,6 +57,9 @@ class Scene:
     angle: float  # rotation in degrees
     grey: int  # background base level, 0-255
     accent: tuple[str, str] | None = None  # a small second (shape, colour), or none
+    difficulty: str = "medium"  # a key of DIFFICULTIES
+    clutter: tuple[tuple[str, float, float, int], ...] = ()  # grey distractors: (shape, x, y, grey level)
+    finish: str = ""  # "", or one of FINISHES
 
     @property
     def position(self) -> str:
@@ -65,28 +79,58 @@ class Scene:
 
 
 def sample_scene(
-    rng: np.random.Generator, shape: str | None = None, colour: str | None = None, accent_rate: float = 0.15
+    rng: np.random.Generator,
+    shape: str | None = None,
+    colour: str | None = None,
+    accent_rate: float = 0.15,
+    difficulty: str = "medium",
 ) -> Scene:
-    """A random scene; `shape` and `colour` fix those attributes (for balanced evaluation sets)."""
+    """A random scene of `difficulty` (LAYOUTS); `shape` and `colour` fix those attributes (for balanced evaluation
+    sets and long-tailed concepts). Only medium scenes have an accent; only hard ones clutter and a finish."""
     shape = shape or SHAPES[rng.integers(len(SHAPES))]
     colour = colour or list(COLOURS)[rng.integers(len(COLOURS))]
+    sizes, reach, tilt, backgrounds = LAYOUTS[difficulty]
     accent = None
-    if rng.random() < accent_rate:
+    if difficulty == "medium" and rng.random() < accent_rate:
         accent = (
             SHAPES[rng.choice([i for i, s in enumerate(SHAPES) if s != shape])],
             list(COLOURS)[rng.choice([i for i, c in enumerate(COLOURS) if c != colour])],
         )
-    return Scene(
+    size = sizes[rng.integers(len(sizes))]
+    dx, dy = (float(v) for v in rng.uniform(-reach, reach, size=2))
+    scene = Scene(
         shape=shape,
         colour=colour,
-        size=list(SIZES)[rng.integers(len(SIZES))],
-        background=BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
-        dx=float(rng.uniform(-0.12, 0.12)),
-        dy=float(rng.uniform(-0.12, 0.12)),
-        angle=float(rng.uniform(-15, 15)),
+        size=size,
+        background=backgrounds[rng.integers(len(backgrounds))],
+        dx=dx,
+        dy=dy,
+        angle=float(rng.uniform(-tilt, tilt)),
         grey=int(rng.integers(40, 216)),
         accent=accent,
+        difficulty=difficulty,
     )
+    if difficulty != "hard":
+        return scene
+    return dataclasses.replace(
+        scene, clutter=_clutter(rng, dx, dy, scene.grey), finish=FINISHES[rng.integers(len(FINISHES))]
+    )
+
+
+def _clutter(rng: np.random.Generator, dx: float, dy: float, grey: int) -> tuple[tuple[str, float, float, int], ...]:
+    """2-3 small grey distractor shapes at places (fractions of the side) clear of the main shape at (dx, dy)."""
+    items = []
+    for _ in range(int(rng.integers(2, 4))):
+        for _ in range(20):
+            x, y = (float(v) for v in rng.uniform(0.12, 0.88, size=2))
+            if math.hypot(x - 0.5 - dx, y - 0.5 - dy) > SIZES["tiny"] + CLUTTER_RADIUS + 0.03:
+                break
+        level = int(np.clip(grey + rng.choice([-1, 1]) * rng.integers(45, 80), 0, 255))
+        items.append((SHAPES[rng.integers(len(SHAPES))], x, y, level))
+    return tuple(items)
+
+
+CLUTTER_RADIUS = 0.09  # a distractor's radius, as a fraction of the side
 
 
 @functools.cache
@@ -186,12 +230,37 @@ def render_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Ima
         # A small second shape in the corner farthest from the main one.
         ax, ay = side * (0.13 if scene.dx > 0 else 0.87), side * (0.13 if scene.dy > 0 else 0.87)
         layers.append((scene.accent[0], np.array(COLOURS[scene.accent[1]]), ax, ay, side * 0.09, 0.0))
+    for shape, x, y, level in scene.clutter:  # drawn first: the main shape lies on top
+        layers.insert(0, (shape, np.full(3, level), side * x, side * y, side * CLUTTER_RADIUS, 0.0))
     for shape, fill, cx, cy, radius, angle in layers:
         mask = Image.new("L", (side, side), 0)
         _draw_shape(ImageDraw.Draw(mask), shape, 255, cx, cy, radius, angle)
         alpha = np.asarray(mask.resize((image_size, image_size), Image.Resampling.BOX), np.float32)[..., None] / 255
         pixels = pixels * (1 - alpha) + fill * alpha  # [H, W, 3]
-    return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+    image = Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
+    if scene.finish == "blur":
+        return image.filter(ImageFilter.GaussianBlur(radius=image_size * rng.uniform(0.01, 0.016)))
+    if scene.finish == "grain":
+        noisy = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(10, 20), size=(image_size, image_size, 3))
+        return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
+    return image
+
+
+def near_copy_key(scene: Scene) -> tuple:
+    """What two scenes that are near copies share exactly (`near_copy`)."""
+    return scene.shape, scene.colour, scene.size, scene.background, scene.accent, bool(scene.clutter), scene.finish
+
+
+def near_copy(a: Scene, b: Scene, image_size: int) -> bool:
+    """Whether two scenes could render as near copies of each other: the same shape, colour, size, background,
+    accent and clutter kind, centres within 3 pixels, tilts within 6 degrees and background greys within 24 (a
+    near-duplicate moves an image by up to 2 pixels and its brightness by up to 12: `near_duplicate`)."""
+    return (
+        near_copy_key(a) == near_copy_key(b)
+        and max(abs(a.dx - b.dx), abs(a.dy - b.dy)) * image_size <= 3
+        and abs(a.angle - b.angle) <= 6
+        and abs(a.grey - b.grey) <= 24
+    )
 
 
 def degrade(image: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:

@@ -72,9 +72,12 @@ def test_broken_records_reach_the_reader_as_records_and_counts_add_up(tiny_corpu
     assert all(isinstance(r, CorpusRecord) for r in items) and len(items) == SIZE
     truth = Counter(r.metadata["truth"] for r in items)
     expected = {kind: round(rate * SIZE) for kind, rate in RATES.as_dict().items()}
+    copies = expected.pop("near_duplicate")  # correctly captioned copies of clean images: clean, and redundant
     expected["clean"] = SIZE - sum(expected.values())
     assert truth == expected == summary["splits"]["web"]["truth"]
     by_kind = {kind: [r for r in items if r.metadata["truth"] == kind] for kind in expected}
+    by_kind["near_duplicate"] = [r for r in items if r.metadata["detail"] == "near_copy"]
+    assert len(by_kind["near_duplicate"]) == copies
     assert all(r.caption == "" for r in by_kind["empty_caption"])
     assert all(isinstance(r.caption, bytes) for r in by_kind["bad_utf8"])
     assert all(isinstance(r.caption, str) and len(r.caption) > 5000 for r in by_kind["long_caption"])
@@ -91,16 +94,19 @@ def test_noise_is_what_the_hidden_truth_says(tiny_corpus):
     settings = make_corpus.CorpusSettings(seed=3)
     for record in web.values():
         truth, related = record.metadata["truth"], record.metadata["related_key"]
-        if truth == "misaligned":  # the caption of another web image, of another shape or colour
+        if record.metadata["detail"] == "near_copy":  # a copy of a clean image, off by a pixel shift and brightness
+            source = web[related]
+            assert truth == "clean" and source.metadata["truth"] == "clean" and not source.metadata["related_key"]
+            assert {k: source.metadata[k] for k in ("shape", "colour", "difficulty", "frequency")} == {
+                k: record.metadata[k] for k in ("shape", "colour", "difficulty", "frequency")
+            }
+        elif truth == "misaligned":  # the caption of another web image, of another shape or colour
             source = web[related]
             assert (source.metadata["shape"], source.metadata["colour"]) != (
                 record.metadata["shape"],
                 record.metadata["colour"],
             )
             assert record.caption == make_corpus.caption_of(settings, "web", int(related.split("-")[1]))
-        elif truth == "near_duplicate":  # a copy of a clean image, off by a pixel shift and a brightness change
-            source = web[related]
-            assert source.metadata["truth"] == "clean" and source.metadata["shape"] == record.metadata["shape"]
         elif truth == "boilerplate":
             assert not any(word in record.caption for word in scenes.SHAPES)
         else:
@@ -240,3 +246,46 @@ def test_bad_settings_fail_fast(tmp_path):
     summary = write_corpus(str(tmp_path / "x"), 10, "wds", eval_size=2, shard_size=4, overwrite=True)
     assert sorted(os.listdir(tmp_path / "x" / "web")) == ["00000.tar", "00001.tar", "00002.tar"]
     assert summary["splits"]["web"]["count"] == 10
+
+
+def test_web_concepts_are_long_tailed_and_clean_examples_graded():
+    """Drawn as the default corpus draws them (scenes only, nothing rendered): the web split's concepts follow their
+    Zipf ranking, head concepts taking about half the examples; the curated split covers concepts evenly; each
+    difficulty comes at its share, and a hard scene is tiny, cluttered and finished."""
+    settings = make_corpus.CorpusSettings(seed=0)
+    ranked, _, frequency = make_corpus.concept_plan(0)
+    web = [make_corpus.scene_of(settings, "web", i) for i in range(6000)]
+    counts = Counter((s.shape, s.colour) for s in web)
+    assert counts[ranked[0]] > 5 * counts[ranked[-1]] and counts[ranked[0]] > 0.15 * len(web)
+    head = sum(counts[c] for c in ranked if frequency[c] == "head") / len(web)
+    assert 0.45 < head < 0.55 and set(frequency.values()) == {"head", "torso", "tail"}
+    curated = Counter((s.shape, s.colour) for s in (make_corpus.scene_of(settings, "curated", i) for i in range(4800)))
+    assert len(curated) == 48 and max(curated.values()) < 2.0 * min(curated.values())
+    difficulty = Counter(s.difficulty for s in web)
+    for name, share in scenes.DIFFICULTIES.items():
+        assert abs(difficulty[name] / len(web) - share) < 0.03
+    hard = [s for s in web if s.difficulty == "hard"]
+    assert all(s.size == "tiny" and len(s.clutter) >= 2 and s.finish in scenes.FINISHES for s in hard)
+    assert not any(s.clutter or s.finish for s in web if s.difficulty != "hard")
+    zeroshot = [make_corpus.scene_of(settings, "eval/zeroshot", i) for i in range(48)]
+    assert {s.difficulty for s in zeroshot} == {"medium"}
+
+
+def test_no_evaluation_scene_is_a_near_copy_of_a_training_scene():
+    """At the demo's sizes some first draws of evaluation scenes are near copies of a web or curated scene; each is
+    drawn again until it is not."""
+    settings = make_corpus.CorpusSettings(seed=0)
+    counts = {"web": 10000, "curated": 8000, "eval/zeroshot": 500, "eval/retrieval": 500}
+    attempts = make_corpus.eval_attempts(settings, counts)
+    assert any(attempts["eval/zeroshot"] + attempts["eval/retrieval"])  # the first draw would have been a copy
+    training = [make_corpus.scene_of(settings, split, i) for split in ("web", "curated") for i in range(counts[split])]
+    by_key = {}
+    for scene in training:
+        by_key.setdefault(scenes.near_copy_key(scene), []).append(scene)
+    for split in ("eval/zeroshot", "eval/retrieval"):
+        for index, attempt in enumerate(attempts[split]):
+            scene = make_corpus.scene_of(settings, split, index, attempt)
+            assert not any(scenes.near_copy(scene, other, 64) for other in by_key.get(scenes.near_copy_key(scene), []))
+            if attempt:
+                first = make_corpus.scene_of(settings, split, index)
+                assert any(scenes.near_copy(first, other, 64) for other in by_key[scenes.near_copy_key(first)])
