@@ -105,7 +105,8 @@ SECTIONS = {
     "larger_reference": ("a reference larger than the learner", "larger", "A larger reference"),
 }
 CORPORA = {
-    "demo": {"out": "runs/bench/demo", "seed": 0, "noise": {}, **REFERENCE},
+    # the demo's generator, version 2 (long tail, graded difficulty; demo/make_corpus.py): a recipe of its own
+    "demo": {"out": "runs/bench/demo", "seed": 0, "noise": {}, "generator": make_corpus.GENERATOR_VERSION, **REFERENCE},
     # real images: emoji drawn by people, two artworks (demo/emoji_corpus.py; `make bench` installs its sources)
     "emoji": {"out": "runs/bench/emoji", "seed": 0, "noise": {}, "maker": "emoji", **REFERENCE},
 }
