@@ -127,6 +127,8 @@ def test_own_training_loop_example_selects_learnable_subbatches(layout, tiny_cor
         indices = row["indices"]
         assert indices.shape == (b,) and len(set(indices.tolist())) == b
         assert indices.min() >= 0 and indices.max() < superbatch
-        assert np.isfinite(row["loss"])
-        assert row["selected_learnability"] > row["random_learnability"]
+        assert np.isfinite(row["loss"]) and np.isfinite(row["selected_learnability"])
+    # Selection samples, and a learner at its start scores every pair alike, so one step may pick below a random
+    # sub-batch; over the run the selected sub-batches are the more learnable.
+    assert np.mean([r["selected_learnability"] - r["random_learnability"] for r in history]) > 0
     assert "step 1: 16 of 80 selected" in capsys.readouterr().out

@@ -148,12 +148,14 @@ def similar(a: np.ndarray, b: np.ndarray) -> bool:
     """The job's rule, pair by pair: close candidate vectors, then pixel similarity ≥ THRESHOLD (neither near
     its threshold: a pair on it would be undecidable)."""
     cosine = float(pixel_match.candidate_vector(a) @ pixel_match.candidate_vector(b))
-    assert abs(cosine - pixel_match.CANDIDATE_COSINE) > 1e-4, "a pair sits on the candidate threshold"
-    if cosine < pixel_match.CANDIDATE_COSINE:
+    if cosine < pixel_match.CANDIDATE_COSINE - 1e-4:
         return False
     similarity = pixel_match.similarity(a, b)
     assert abs(similarity - THRESHOLD) > 1e-4, "a pair sits on the threshold: undecidable"
-    return similarity >= THRESHOLD
+    if similarity < THRESHOLD:  # not a near-duplicate, whichever side of the candidate threshold it lies
+        return False
+    assert abs(cosine - pixel_match.CANDIDATE_COSINE) > 1e-4, "a similar pair sits on the candidate threshold"
+    return cosine >= pixel_match.CANDIDATE_COSINE
 
 
 def brute_force(scored_dir: str, eval_dir: str) -> dict[tuple[str, str], dict]:

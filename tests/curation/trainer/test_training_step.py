@@ -38,7 +38,9 @@ def test_jest_run_reports_selection_cleanliness_flops_and_time_split(tiny_corpus
     assert last["offline_scoring_flops"] == examples_scored * last["reference_flops_per_example"] > 0
     assert all(0 <= row["offdiag_share"] <= 1 for row in rows) and rows[-1]["offdiag_share"] > 0
     assert any("zeroshot_top1" in row for row in read_metrics(workdir))
-    assert not [name for name in last if "/difficulty/" in name or "/frequency/" in name]  # the corpus has no buckets
+    for axis in ("difficulty", "frequency"):  # the demo corpus's buckets, each axis's shares adding up to one
+        shares = [value for name, value in last.items() if name.startswith(f"superbatch/{axis}/")]
+        assert shares and sum(shares) == pytest.approx(1.0, abs=1e-4)
 
 
 def test_easy_reference_trains_without_a_learner_pass(tiny_corpus, scored_tiny_corpus, tmp_path):
