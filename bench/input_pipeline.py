@@ -136,7 +136,7 @@ def time_decoding(
         def decode(group):
             return np.stack(list(pool.map(lambda data: prepare_image(data, preprocessing, validation), group)))
     else:
-        pool = DecodePool(preprocessing, validation, processes=workers)
+        pool = DecodePool(preprocessing, validation, processes=workers, cache_bytes=0)  # decoding, not its cache
         pool.map(images[:batch])  # the workers started and warm
 
         def decode(group):
