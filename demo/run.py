@@ -31,7 +31,7 @@ log = logging.getLogger("demo.run")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser = cli.OneLineErrorParser(prog="python -m demo", description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--out", default="runs/demo")
     parser.add_argument("--web_size", type=int, default=10000)
     parser.add_argument("--curated_size", type=int, default=8000)

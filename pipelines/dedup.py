@@ -140,7 +140,6 @@ def build(
         | "EarlierFiles" >> beam.Create(old_files)
         | "ReadEarlierVerdicts" >> beam.FlatMap(stages.read_old_verdicts)
     )
-    fixed = old | "EarlierGroups" >> beam.Map(lambda item: (item[0], item[1][dedup_output.GROUP]))
     rows = (
         pipeline
         | "ScoredFiles" >> beam.Create(list(enumerate(files)))
@@ -164,9 +163,20 @@ def build(
         | "Buckets" >> beam.GroupByKey()
         | "NearPairs" >> beam.FlatMap(lambda b: stages.near_pairs(b[0][0], b[1], settings.near_threshold, old_below))
     )
+    fixed = None
+    if previous:  # the earlier groups of the earlier rows on a new edge: the only ones a new row can join
+        ends = (near_edges, exact_edges) | "NewEdges" >> beam.Flatten()
+        fixed = (
+            {
+                "group": old | "EarlierGroups" >> beam.Map(lambda item: (item[0], item[1][dedup_output.GROUP])),
+                "touched": ends | "EarlierEnds" >> beam.FlatMap(lambda e: [(i, None) for i in set(e) if i < old_below]),
+            }
+            | "JoinTouched" >> beam.CoGroupByKey()
+            | "TouchedGroups" >> beam.FlatMap(stages.touched_group)
+        )
     near_labels, changed = near_edges | "Components" >> stages.Components(settings.rounds, old_below, fixed)
     labels = (
-        {"label": near_labels, "copies": exact_edges, "fixed": fixed}
+        {"label": near_labels, "copies": exact_edges, **({"fixed": fixed} if fixed is not None else {})}
         | "JoinCopies" >> beam.CoGroupByKey()
         | "CopiesFollow" >> beam.FlatMap(stages.with_copies)
     )

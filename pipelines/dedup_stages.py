@@ -206,6 +206,13 @@ def exact_key(row: Row) -> str:
     return row.sha if row.sha is not None else f"id:{row.id}"
 
 
+def touched_group(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, int]]:
+    """(id, its group in the earlier output) for an earlier row on a new edge (--incremental_from)."""
+    example, joined = element
+    if joined["touched"] and joined["group"]:
+        yield example, joined["group"][0][out.GROUP]
+
+
 def with_copies(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, int]]:
     """The labels of one exact group's representative (its near-duplicate component's, or its own) and of its byte
     copies, which follow it: a copy is always in its representative's group, however the components came out."""
@@ -275,9 +282,9 @@ def named_group(element: tuple[int, dict[str, Any]]) -> Iterator[int]:
 class Components(beam.PTransform):
     """Edges (id, id) -> (id, the smallest id of its connected component) for every id on an edge, by `rounds`
     rounds of min-label propagation, and a one-element PCollection: how many labels one more round would still
-    change (0: settled). With `fixed` ((id, label) of every id below `old_below`: an earlier dedup output's groups,
-    with --incremental_from), those ids keep their labels, which spread to the others: a new row joins an earlier group,
-    and never merges two."""
+    change (0: settled). With `fixed` ((id, label) of the ids below `old_below` on an edge: their groups in an earlier
+    dedup output, with --incremental_from), those ids keep their labels, which spread to the others: a new row joins
+    an earlier group, and never merges two."""
 
     def __init__(self, rounds: int, old_below: int = 0, fixed=None):
         super().__init__()

@@ -132,6 +132,12 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self._argv = sys.argv[1:] if args is None else list(args)
         return super().parse_known_args(self._argv, namespace)
 
+    def parse_args(self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None):
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:  # named with the closest known flag, where argparse would only list them
+            self.fail_unknown(unknown)
+        return parsed
+
     def error(self, message: str):
         if message.startswith("the following arguments are required"):
             message = misspelt_required_flag(self, self._argv) or message

@@ -1,0 +1,55 @@
+"""Mistakes on the demo's command lines (`python -m demo`, `python -m demo.make_corpus`): one line naming the fix,
+before any work, nothing written."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from demo import make_corpus
+from demo import run as demo_run
+from tests.test_mistakes import refused
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--web_sise", "300"], "unknown flag --web_sise (did you mean --web_size?)"),
+        (["--learner_steps", "5", "--learner_evals", "9"], "need 1 ≤ evals ≤ steps"),
+        (["--learner_batch_size", "0"], "--learner_batch_size 0: need at least 1"),
+        (["--jest_config", "jest_flex"], "invalid choice: 'jest_flex'"),
+    ],
+)
+def test_demo_mistakes(capsys, tmp_path, flags, named):
+    out = tmp_path / "demo"
+    line = refused(capsys, demo_run.main, ["--out", str(out), *flags])
+    assert line.startswith("python -m demo: error: ") and named in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--sise", "300"], "unknown flag --sise (did you mean --size?)"),
+        (["--size", "0"], "--size 0: need at least 1"),
+        (["--seed", "-1"], "--seed -1: need at least 0"),
+        (["--misaligned_rate", "1.5"], "misaligned"),
+        (["--format", "tar"], "invalid choice: 'tar'"),
+    ],
+)
+def test_make_corpus_mistakes(capsys, tmp_path, flags, named):
+    out = tmp_path / "corpus"
+    line = refused(capsys, make_corpus.run, ["--out", str(out), *flags])
+    assert line.startswith("python -m demo.make_corpus: error: ") and named in line
+    assert not out.exists()
+
+
+def test_make_corpus_misspelt_out_and_a_corpus_already_there(capsys, tmp_path):
+    line = refused(capsys, make_corpus.run, ["--ou", str(tmp_path / "corpus")])
+    assert line == "python -m demo.make_corpus: error: unknown flag --ou (did you mean --out?)"
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "mine.txt").write_text("keep")
+    line = refused(capsys, make_corpus.run, ["--out", str(tmp_path / "held"), "--size", "4"])
+    assert "is not empty" in line and line.endswith("give a new folder, or --overwrite")
+    assert os.listdir(tmp_path / "held") == ["mine.txt"]
