@@ -64,6 +64,9 @@ class TrainConfig:
     # Input: 0 decodes images on 2 threads of the trainer's process; N > 0 in N worker processes
     # (curation/trainer/decode_pool.py). The batches are the same either way.
     input_processes: int = 0
+    # The decoded images kept for the passes after the first, keyed by their bytes, in MiB (0: none); the batches are
+    # the same either way.
+    decode_cache_mb: int = 512
     learner_diagnostics: bool = False  # with a score that needs no learner pass: run it anyway to log learnability
     # Bookkeeping.
     log_every: int = 10

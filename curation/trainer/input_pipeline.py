@@ -116,10 +116,11 @@ def make_dataset(
     preprocessing: ImagePreprocessing | None = None,
     validation: ValidationOptions | None = None,
     processes: int = 0,
+    cache_bytes: int | None = None,
 ) -> tf.data.Dataset:
     """Batches {"image": [B, S, S, 3] f32, "tokens": [B, L] i32, "position": [B, 4] i64} from `start` on: images
     as `preprocessing` declares (default: squashed to `image_size`, in [-1, 1]), tokens of the cleaned caption.
-    `processes` > 0 decodes in that many worker processes (`decoded_batches`)."""
+    `processes` > 0 decodes in that many worker processes, keeping up to `cache_bytes` decoded (`decoded_batches`)."""
 
     def examples():
         for item, position in record_stream(shards, format, seed, start):
@@ -138,6 +139,7 @@ def make_dataset(
         preprocessing=preprocessing,
         validation=validation,
         processes=processes,
+        cache_bytes=cache_bytes,
     )
 
 
@@ -154,6 +156,7 @@ def decoded_batches(
     text_length: int,
     workers: int = 2,
     processes: int = 0,
+    cache_bytes: int | None = None,
     preprocessing: ImagePreprocessing | None = None,
     validation: ValidationOptions | None = None,
 ) -> tf.data.Dataset:
@@ -161,7 +164,8 @@ def decoded_batches(
     bytes None for a record to skip, extras a dict matching `extra_signature`.
 
     Images are decoded and resized (`preprocess.decode_pixels`, as `preprocess.prepare_image` does) a batch's worth
-    at a time, by `workers` threads or, with `processes` > 0, by that many worker processes (`decode_pool`); each
+    at a time, by `workers` threads or, with `processes` > 0, by that many worker processes (`decode_pool`, which
+    keeps up to `cache_bytes` of decoded images: None, its default; 0, none); each
     batch is normalized at once and assembled in Python: per-example tf.data overhead would cost more than the
     decoding. Images the scoring job would refuse are skipped; they show
     up as raw records consumed without an example delivered. A batch's `position` rows are the stream positions
@@ -175,7 +179,9 @@ def decoded_batches(
         ready: list[tuple] = []  # decoded examples not yet batched: (image, tokens, position, *extras)
         group: list[tuple] = []
         first_epoch = last_good_epoch = None  # the stream's first epoch, and that of its last usable example
-        with DecodePool(preprocessing, validation, threads=workers, processes=processes) as pool:
+        with DecodePool(
+            preprocessing, validation, threads=workers, processes=processes, cache_bytes=cache_bytes
+        ) as pool:
             for image_bytes, tokens, position, extras in examples():
                 first_epoch = position[0] if first_epoch is None else first_epoch
                 if position[0] - (first_epoch if last_good_epoch is None else last_good_epoch) >= 2:

@@ -177,6 +177,7 @@ def make_scored_dataset(
     validation: ValidationOptions | None = None,
     processes: int = 0,
     left_out: dict[str, np.ndarray] | None = None,
+    cache_bytes: int | None = None,
 ) -> tf.data.Dataset:
     """Batches {"image", "tokens", "position", "ref_zimg": [B, d] f32, "ref_ztxt": [B, d] f32, "truth": [B] i32,
     "bucket": [B] i32}.
@@ -185,7 +186,8 @@ def make_scored_dataset(
     validation()`, so that nothing it scored is refused here) and resized as `preprocessing` declares. Examples
     harder for the reference than `max_difficulty` (`difficulty_threshold`, under the reference's `loss_family`)
     are skipped (offline filtering) and counted as skipped like unreadable records, as are the rows `left_out`
-    marks (deduplication: `read_examples`). `processes` > 0 decodes in that many worker processes.
+    marks (deduplication: `read_examples`). `processes` > 0 decodes in that many worker processes; up to
+    `cache_bytes` of decoded images are kept for later passes (`decode_pool`).
     """
     signature = {
         "ref_zimg": tf.TensorSpec([embed_dim], tf.float32),
@@ -217,4 +219,5 @@ def make_scored_dataset(
         preprocessing=preprocessing,
         validation=validation,
         processes=processes,
+        cache_bytes=cache_bytes,
     )

@@ -145,6 +145,7 @@ class TrainingData:
             preprocessing=config.model_config(tokenizer.vocab_size).preprocessing(),
             validation=self.validation(),
             processes=config.input_processes,
+            cache_bytes=config.decode_cache_mb * 2**20,
         )
         if self.scored is None:
             dataset = input_pipeline.make_dataset(shards, self.format, tokenizer, **common)

@@ -9,7 +9,15 @@ from curation.trainer import configs, run_files
 log = logging.getLogger(__name__)
 
 # total_steps (a finished run extended; its learning-rate schedule then follows the new total).
-MAY_CHANGE_ON_RESUME = ("log_every", "eval_every", "checkpoint_every", "eval_size", "total_steps", "input_processes")
+MAY_CHANGE_ON_RESUME = (
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "eval_size",
+    "total_steps",
+    "input_processes",
+    "decode_cache_mb",
+)
 RUN_FILES = ("config.json", "tokenizer.json", "metrics.jsonl", "checkpoints", "tensorboard", "model")
 # Fields added to the config later, with the value every run saved before then had: a config.json without the
 # field reads as that (a run of an earlier version trained with cosine decay).

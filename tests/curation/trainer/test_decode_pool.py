@@ -1,3 +1,4 @@
+import dataclasses
 import io
 
 import numpy as np
@@ -5,8 +6,9 @@ import pytest
 from PIL import Image
 
 from curation.shared.validation import ValidationOptions, decode_pixels
-from curation.trainer import decode_pool
+from curation.trainer import configs, decode_pool
 from curation.trainer.decode_pool import DecodePool
+from curation.trainer.workdir import other_config, write_run_config
 from models.preprocessing import ImagePreprocessing
 from tests.curation.trainer.test_input_pipeline import _dataset
 
@@ -65,3 +67,10 @@ def test_the_training_stream_over_several_epochs_is_the_same_without_the_cache(t
         got = next(fresh)
         for name in ("image", "tokens", "position"):
             np.testing.assert_array_equal(got[name], expected[name])
+
+
+def test_the_cache_size_may_change_when_a_run_resumes(tmp_path):
+    config = configs.get_config("uniform", smoke=True)
+    write_run_config(str(tmp_path), config, None)
+    assert other_config(dataclasses.replace(config, decode_cache_mb=0), str(tmp_path), None) == ""
+    assert "seed" in other_config(dataclasses.replace(config, seed=config.seed + 1), str(tmp_path), None)
