@@ -11,37 +11,28 @@ from demo import make_corpus
 from demo import run as demo_run
 from tests.test_mistakes import refused
 
-
-@pytest.mark.parametrize(
-    "flags, named",
-    [
-        (["--web_sise", "300"], "unknown flag --web_sise (did you mean --web_size?)"),
-        (["--learner_steps", "5", "--learner_evals", "9"], "need 1 ≤ evals ≤ steps"),
-        (["--learner_batch_size", "0"], "--learner_batch_size 0: need at least 1"),
-        (["--jest_config", "jest_flex"], "invalid choice: 'jest_flex'"),
-    ],
-)
-def test_demo_mistakes(capsys, tmp_path, flags, named):
-    out = tmp_path / "demo"
-    line = refused(capsys, demo_run.main, ["--out", str(out), *flags])
-    assert line.startswith("python -m demo: error: ") and named in line
-    assert not out.exists()
+ENTRIES = {"demo": (demo_run.main, "python -m demo"), "make_corpus": (make_corpus.run, "python -m demo.make_corpus")}
 
 
 @pytest.mark.parametrize(
-    "flags, named",
+    "entry, flags, named",
     [
-        (["--sise", "300"], "unknown flag --sise (did you mean --size?)"),
-        (["--size", "0"], "--size 0: need at least 1"),
-        (["--seed", "-1"], "--seed -1: need at least 0"),
-        (["--misaligned_rate", "1.5"], "misaligned"),
-        (["--format", "tar"], "invalid choice: 'tar'"),
+        ("demo", ["--web_sise", "300"], "unknown flag --web_sise (did you mean --web_size?)"),
+        ("demo", ["--learner_steps", "5", "--learner_evals", "9"], "need 1 ≤ evals ≤ steps"),
+        ("demo", ["--learner_batch_size", "0"], "--learner_batch_size 0: need at least 1"),
+        ("demo", ["--jest_config", "jest_flex"], "invalid choice: 'jest_flex'"),
+        ("make_corpus", ["--sise", "300"], "unknown flag --sise (did you mean --size?)"),
+        ("make_corpus", ["--size", "0"], "--size 0: need at least 1"),
+        ("make_corpus", ["--seed", "-1"], "--seed -1: need at least 0"),
+        ("make_corpus", ["--misaligned_rate", "1.5"], "misaligned"),
+        ("make_corpus", ["--format", "tar"], "invalid choice: 'tar'"),
     ],
 )
-def test_make_corpus_mistakes(capsys, tmp_path, flags, named):
-    out = tmp_path / "corpus"
-    line = refused(capsys, make_corpus.run, ["--out", str(out), *flags])
-    assert line.startswith("python -m demo.make_corpus: error: ") and named in line
+def test_mistakes(capsys, tmp_path, entry, flags, named):
+    main, prog = ENTRIES[entry]
+    out = tmp_path / "out"
+    line = refused(capsys, main, ["--out", str(out), *flags])
+    assert line.startswith(f"{prog}: error: ") and named in line
     assert not out.exists()
 
 
