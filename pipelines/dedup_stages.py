@@ -210,7 +210,7 @@ def touched_group(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, i
     """(id, its group in the earlier output) for an earlier row on a new edge (--incremental_from)."""
     example, joined = element
     if joined["touched"] and joined["group"]:
-        yield example, joined["group"][0][out.GROUP]
+        yield example, joined["group"][0]
 
 
 def with_copies(element: tuple[int, dict[str, list]]) -> Iterator[tuple[int, int]]:

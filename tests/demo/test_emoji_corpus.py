@@ -301,7 +301,7 @@ def test_command_line_mistakes_are_one_line_before_any_work(tmp_path, capsys, so
     fonts = ["--emoji_test", sources.emoji_test, "--noto_font", str(tmp_path / "none.ttf")]
     line = refused(capsys, ["--out", str(out), "--size", "10", *fonts])
     assert line.startswith(f"python -m demo.emoji_corpus: error: {tmp_path / 'none.ttf'} not found: install it with")
-    assert "unrecognized arguments: --siz" in refused(capsys, ["--out", str(out), "--siz", "10"])
+    assert "unknown flag --siz (did you mean --size?)" in refused(capsys, ["--out", str(out), "--siz", "10"])
     assert "--colour" in refused(capsys, ["--out", str(out), "--colour", "red"])
     assert "--size 0: need at least 1" in refused(capsys, ["--out", str(out), "--size", "0"])
     assert not out.exists()

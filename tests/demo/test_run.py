@@ -47,7 +47,7 @@ def test_bad_learner_settings_stop_before_anything_is_written(tmp_path, capsys):
         (["--learner_evals", "0"], "need 1 ≤ evals ≤ steps"),
         (["--learner_batch_size", "0"], "need at least 1"),
         (["--reference_schedule", "linear"], "--reference_schedule: invalid choice: 'linear'"),
-        (["--reference_schedul", "constant"], "unrecognized arguments: --reference_schedul"),  # no abbreviations
+        (["--reference_schedul", "constant"], "unknown flag --reference_schedul (did you mean --reference_schedule?)"),
     ):
         try:
             demo.run(["--out", str(out), *flags])
