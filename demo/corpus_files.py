@@ -8,6 +8,7 @@ import json
 import multiprocessing.pool
 import os
 import posixpath
+import sys
 from collections import Counter
 from typing import Callable, Iterator
 
@@ -127,6 +128,16 @@ def _write_split(
         if writer is not None:
             writer.close()
     return shards, truth
+
+
+def write_or_exit(prog: str, write: Callable[[], dict], errors: tuple[type[Exception], ...] = ()) -> dict:
+    """`write()`'s summary; a ValueError, FileExistsError or one of `errors` it raises (a mistake in the command
+    line or the output folder) becomes one line on stderr, `PROG: error: ...`, and exit status 2."""
+    try:
+        return write()
+    except (ValueError, FileExistsError, *errors) as error:
+        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
+        sys.exit(2)
 
 
 def check_corpus_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:

@@ -36,7 +36,6 @@ import argparse
 import dataclasses
 import multiprocessing
 import posixpath
-import sys
 import time
 from typing import Sequence
 
@@ -317,11 +316,11 @@ def run(argv: Sequence[str] | None = None) -> dict:
     names = ("noise", "curated_size", "eval_size", "shard_size", "image_size", "image_format", "workers", "overwrite")
     options = {name: getattr(args, name) for name in (*names, "sources")}
     start = time.perf_counter()
-    try:
-        summary = write_corpus(args.out, args.size, args.format, args.seed, progress=not args.no_progress, **options)
-    except (ValueError, FileExistsError, es.MissingSource) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+    summary = corpus_files.write_or_exit(
+        PROG,
+        lambda: write_corpus(args.out, args.size, args.format, args.seed, progress=not args.no_progress, **options),
+        (es.MissingSource,),
+    )
     counts = ", ".join(f"{split} {info['count']}" for split, info in summary["splits"].items())
     concepts = summary["concepts"]
     print(

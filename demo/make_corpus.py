@@ -35,7 +35,6 @@ import functools
 import multiprocessing
 import multiprocessing.pool
 import posixpath
-import sys
 import time
 from collections import Counter
 from typing import Callable, Sequence
@@ -344,8 +343,9 @@ def run(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     names = ("curated_size", "eval_size", "shard_size", "image_size", "image_format", "workers", "overwrite")
     start = time.perf_counter()
-    try:
-        summary = write_corpus(
+    summary = corpus_files.write_or_exit(
+        PROG,
+        lambda: write_corpus(
             args.out,
             args.size,
             args.format,
@@ -353,10 +353,8 @@ def run(argv: Sequence[str] | None = None) -> dict:
             noise=args.noise,
             progress=not args.no_progress,
             **{name: getattr(args, name) for name in names},
-        )
-    except (ValueError, FileExistsError) as error:
-        print(f"{PROG}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+        ),
+    )
     counts = ", ".join(f"{split} {info['count']}" for split, info in summary["splits"].items())
     print(f"wrote {counts} examples ({args.format}) to {args.out} in {time.perf_counter() - start:.1f} s")
     return summary
