@@ -9,7 +9,8 @@ measures what `python -m pipelines.dedup` finds:
                     and copies of evaluation images (any of those kinds) planted in the web split: the share the job
                     marks as leaks of the right evaluation image;
   false positives   the share of distinct source images (not planted, not a near-duplicate the generator made) that
-                    the job puts in a group with another distinct image: overall, and among the pairs of one concept;
+                    the job puts in a group with another distinct image: overall, among the pairs of one concept,
+                    and (demo corpus) among the pairs its generator does not make near copies (`distinguishable`);
   cost              the job's steady per-example time against the scoring job's on the same corpus of
                     --cost_size examples (steady = the difference of a small and a full run's examples over the
                     difference of their times; start-up = the small run's time less its examples at that rate).
@@ -44,7 +45,7 @@ from curation.shared.corpus_readers import iter_corpus  # noqa: E402
 from curation.shared.corpus_writers import open_shard_writer  # noqa: E402
 from curation.shared.scored_set import open_scored  # noqa: E402
 from curation.shared.thumbnails import from_bytes  # noqa: E402
-from demo import emoji_corpus, make_corpus  # noqa: E402
+from demo import emoji_corpus, make_corpus, scenes  # noqa: E402
 from demo import run as demo  # noqa: E402
 from pipelines import dedup, pixel_match, score  # noqa: E402
 
@@ -117,7 +118,27 @@ def plant(corpus_dir: str, out: str, corpus: str, sources: int, seed: int) -> di
         for r in web
         if r.metadata.get("truth") not in ("near_duplicate", "repeat") and r.metadata.get("detail") != "near_copy"
     }
-    return {"plan": plan, "distinct": distinct}
+    degraded = {r.key for r in web if r.metadata.get("truth") == "degraded"}
+    return {"plan": plan, "distinct": distinct, "scenes": scenes_of(corpus_dir, corpus, distinct, degraded)}
+
+
+def scenes_of(corpus_dir: str, corpus: str, distinct: dict[str, str], degraded: set[str]) -> dict | None:
+    """The demo's scene of each distinct, not degraded web image (a degraded one's pixels are not its scene's)."""
+    if corpus != "demo":
+        return None
+    with open(os.path.join(corpus_dir, "_SPLITS.json")) as file:
+        made = json.load(file)
+    settings = make_corpus.CorpusSettings(made["seed"], made["image_size"], made["image_format"])
+    index = {make_corpus.example_key("web", i): i for i in range(made["splits"]["web"]["count"])}
+    found = {key: make_corpus.scene_of(settings, "web", index[key]) for key in distinct if key not in degraded}
+    return {"image_size": settings.image_size, "scenes": found}
+
+
+def distinguishable(planted: dict, first: str, second: str) -> bool:
+    """Whether two demo images both have a scene and are no near copies by the generator's own measure
+    (`scenes.near_copy`, which keeps every evaluation scene apart from the training ones)."""
+    a, b = (planted["scenes"]["scenes"].get(key) for key in (first, second))
+    return a is not None and b is not None and not scenes.near_copy(a, b, planted["scenes"]["image_size"])
 
 
 def embeddings(scored_dir: str) -> tuple[list[str], np.ndarray]:
@@ -191,7 +212,7 @@ def pixel_table(planted: dict, web: dict[str, np.ndarray], held: dict[str, np.nd
     vectors = np.stack([pixel_match.candidate_vector(t) for t in stack])
     eval_stack = np.stack(list(held.values()))
     eval_vectors = np.stack([pixel_match.candidate_vector(t) for t in eval_stack])
-    nearest, nearest_same, nearest_eval = (np.full(len(distinct), -1.0) for _ in range(3))
+    nearest, nearest_same, nearest_eval, nearest_far = (np.full(len(distinct), -1.0) for _ in range(4))
     candidates = 0
     for i in range(len(distinct)):  # both directions of each candidate pair: i's windows here, j's at j
         others = np.nonzero(vectors @ vectors[i] >= floor)[0]
@@ -205,18 +226,20 @@ def pixel_table(planted: dict, web: dict[str, np.ndarray], held: dict[str, np.nd
             if same.any():
                 np.maximum.at(nearest_same, others[same], found[same])
                 nearest_same[i] = max(nearest_same[i], found[same].max())
+            if planted["scenes"] is not None:
+                far = np.array([distinguishable(planted, distinct[i], distinct[j]) for j in others], bool)
+                if far.any():
+                    np.maximum.at(nearest_far, others[far], found[far])
+                    nearest_far[i] = max(nearest_far[i], found[far].max())
         close = np.nonzero(eval_vectors @ vectors[i] >= floor)[0]
         if len(close):
             nearest_eval[i] = pixel_match.similarities(stack[i], eval_stack[close]).max()
-    table = recall_table(
-        PIXEL_THRESHOLDS,
-        scores,
-        {"false positives": nearest, "among one concept": nearest_same, "false leaks": nearest_eval},
-    )
-    return (
-        f"Candidate pairs (candidate cosine ≥ {floor}): {candidates / len(distinct) / 2:.2f} per distinct image "
-        f"among the distinct images.\n\n" + table
-    )
+    columns = {"false positives": nearest, "among one concept": nearest_same}
+    if planted["scenes"] is not None:  # only the images with a scene: those the measure covers
+        columns["among distinguishable"] = nearest_far[[key in planted["scenes"]["scenes"] for key in distinct]]
+    table = recall_table(PIXEL_THRESHOLDS, scores, {**columns, "false leaks": nearest_eval})
+    pairs = candidates / len(distinct) / 2
+    return f"Candidate pairs (candidate cosine ≥ {floor}): {pairs:.2f} per distinct image among them.\n\n{table}"
 
 
 def job_table(planted: dict, output: str) -> str:
@@ -244,11 +267,24 @@ def job_table(planted: dict, output: str) -> str:
         for key in group
         if sum(planted["distinct"][k] == planted["distinct"][key] for k in group) > 1
     }
-    lines = ["| " + " | ".join(found) + " | false positives | among one concept |", "|---" * (len(found) + 2) + "|"]
+    shares = [len(wrong) / len(planted["distinct"]), len(same) / len(planted["distinct"])]
+    names = ["false positives", "among one concept"]
+    if planted["scenes"] is not None:
+        with_scene = planted["scenes"]["scenes"]
+        far = {
+            key
+            for group in members.values()
+            for key in group
+            if key in with_scene and any(distinguishable(planted, key, other) for other in group if other != key)
+        }
+        shares.append(len(far) / len(with_scene))
+        names.append("among distinguishable")
+    lines = ["| " + " | ".join([*found, *names]) + " |", "|---" * (len(found) + len(names)) + "|"]
     lines.append(
         "| "
         + " | ".join(f"{np.mean(values):.3f}" for values in found.values())
-        + f" | {len(wrong) / len(planted['distinct']):.4f} | {len(same) / len(planted['distinct']):.4f} |"
+        + "".join(f" | {share:.4f}" for share in shares)
+        + " |"
     )
     return "\n".join(lines) + f"\n\nCounts in the job's manifest: {json.dumps(dataclasses.asdict(manifest.counts))}."
 

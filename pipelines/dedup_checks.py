@@ -50,6 +50,7 @@ def scored_files(scored: ScoredSet, first: Sequence[str] = ()) -> list[str]:
 SAME_SETTINGS = (
     "signal",
     "candidate_cosine",
+    "colours_agree",
     "near_threshold",
     "leak_threshold",
     "bands",
@@ -64,6 +65,7 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "signal": "pixels: pipelines/pixel_match.py",
         "candidate_cosine": pixel_match.CANDIDATE_COSINE,
+        "colours_agree": [pixel_match.MEAN_SHARE, pixel_match.MEAN_SLACK, pixel_match.SPREAD_RATIO],
         "near_threshold": args.near_threshold,
         "leak_threshold": args.leak_threshold,
         "bands": args.bands,

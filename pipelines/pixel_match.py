@@ -13,6 +13,12 @@ Both read an image's thumbnail (`curation/shared/thumbnails.py`, 16 × 16 RGB).
 
 Thumbnails of (nearly) one colour have no pattern to correlate; two such are similar when their mean colours are
 within FLAT_COLOUR of each other (1.0), and one is never similar to a patterned one (0.0).
+
+The correlation ignores any global brightness or contrast change, and a near-duplicate has only a small one (up to
+about 10%). So two thumbnails are compared only when their colours agree that far (`colours_agree`): each channel's
+mean within MEAN_SHARE of the larger (plus MEAN_SLACK levels, for re-encoding and cropping) and their contrasts (the
+values' spread) within a factor SPREAD_RATIO; otherwise their similarity is 0. Without it, two scenes alike in
+layout on backgrounds of other greys or colours correlate as copies.
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ CANDIDATE_COSINE = 0.95  # a pair whose candidate vectors are at least this clos
 MARGINS = (0.0, 0.025, 0.05)  # crop margins searched, a fraction of the side, on each of the four sides
 FLAT_STD = 2.0  # a thumbnail whose values spread less than this (of 255) is flat
 FLAT_COLOUR = 8.0
+MEAN_SHARE = 0.15  # colours_agree: a brightness change of up to ~10%, and some slack
+MEAN_SLACK = 10.0
+SPREAD_RATIO = 1.35  # a contrast change of up to ~10% on top of a brightness change: 1 / (0.9 · 0.9) ≈ 1.23, and slack
 
 
 def _blurred(pixels: np.ndarray) -> np.ndarray:
@@ -104,12 +113,30 @@ def is_flat(thumbnail: np.ndarray) -> bool:
     return float(thumbnail.astype(np.float32).std()) < FLAT_STD
 
 
+def _photometry(thumbnails: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([n, 3] mean of each colour channel, [n] spread of all values) of [n, SIZE, SIZE, 3] thumbnails."""
+    values = thumbnails.reshape(len(thumbnails), -1, 3).astype(np.float32)
+    return values.mean(axis=1), values.reshape(len(thumbnails), -1).std(axis=1)
+
+
+def colours_agree(thumbnail: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """[n] bool: whether `thumbnail`'s colours are within a near-duplicate's brightness and contrast change of each
+    of `others` ([n, SIZE, SIZE, 3]); see the module docstring."""
+    (mean,), (spread,) = _photometry(thumbnail[None])
+    means, spreads = _photometry(others)
+    near = np.abs(means - mean) <= MEAN_SHARE * np.maximum(means, mean) + MEAN_SLACK
+    low, high = np.minimum(spreads, spread), np.maximum(spreads, spread)
+    return near.all(axis=1) & (high <= SPREAD_RATIO * np.maximum(low, 1e-6))
+
+
 def similarity(a: np.ndarray, b: np.ndarray) -> float:
     """The pixel similarity of two thumbnails in [-1, 1]; see the module docstring."""
     flat_a, flat_b = is_flat(a), is_flat(b)
     if flat_a or flat_b:
         close = np.abs(a.reshape(-1, 3).mean(0) - b.reshape(-1, 3).mean(0)).max() <= FLAT_COLOUR
         return 1.0 if flat_a and flat_b and close else 0.0
+    if not colours_agree(a, b[None])[0]:
+        return 0.0
     whole_a, whole_b = _unit(a.astype(np.float32).ravel()), _unit(b.astype(np.float32).ravel())
     return max(float((views(a) @ whole_b).max()), float((views(b) @ whole_a).max()))
 
@@ -119,9 +146,12 @@ def best_matches(thumbnail: np.ndarray, others: np.ndarray) -> np.ndarray:
     (one direction of `similarity`: the other is the same call the other way round)."""
     if is_flat(thumbnail):
         return np.array([similarity(thumbnail, other) for other in others], np.float32)
-    flat = np.array([is_flat(other) for other in others], bool)
-    scores = (views(thumbnail) @ _unit(others.reshape(len(others), -1).astype(np.float32)).T).max(axis=0)
-    return np.where(flat, 0.0, scores).astype(np.float32)
+    scores = np.zeros(len(others), np.float32)
+    compared = colours_agree(thumbnail, others) & ~np.array([is_flat(other) for other in others], bool)
+    if compared.any():  # the windows only for the pairs whose colours agree: most candidates stop here
+        chosen = _unit(others[compared].reshape(int(compared.sum()), -1).astype(np.float32))
+        scores[compared] = (views(thumbnail) @ chosen.T).max(axis=0)
+    return scores
 
 
 def similarities(thumbnail: np.ndarray, others: np.ndarray) -> np.ndarray:

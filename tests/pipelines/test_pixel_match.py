@@ -88,3 +88,24 @@ def test_flat_images_match_only_flat_images_of_about_their_colour():
     assert pixel_match.similarity(grey, thumb(picture(3))) == 0.0
     assert not pixel_match.candidate_vector(grey).any()
     assert pixel_match.best_matches(thumb(picture(3)), np.stack([grey, thumb(picture(3))])).tolist()[0] == 0.0
+
+
+def test_one_layout_on_another_background_grey_or_with_other_contrast_is_not_a_copy():
+    """The correlation alone ignores brightness and contrast: a shape on a light grey and the same shape on a dark
+    grey correlate perfectly. Beyond a near-duplicate's ~10% change, the colours must agree."""
+
+    def scene(background: int, shape: tuple[int, int, int]) -> np.ndarray:
+        image = Image.new("RGB", (64, 64), (background,) * 3)
+        ImageDraw.Draw(image).ellipse((16, 16, 48, 48), fill=shape)
+        return thumb(image)
+
+    light, dark = scene(200, (230, 230, 230)), scene(60, (90, 90, 90))  # the same pattern, 140 levels darker
+    assert float(pixel_match.candidate_vector(light) @ pixel_match.candidate_vector(dark)) > 0.99
+    assert pixel_match.similarity(light, dark) == 0.0
+    flatter = scene(200, (215, 215, 215))  # half the contrast
+    assert pixel_match.similarity(light, flatter) == 0.0
+    assert not pixel_match.colours_agree(light, np.stack([dark, flatter])).any()
+    brighter = thumb(ImageEnhance.Brightness(Image.fromarray(dark)).enhance(1.1))
+    assert pixel_match.similarity(dark, brighter) > 0.98
+    to_dark, to_itself = pixel_match.best_matches(light, np.stack([dark, light]))
+    assert to_dark == 0.0 and to_itself > 0.999
