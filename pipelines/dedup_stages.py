@@ -115,11 +115,13 @@ def band_keys(vector: np.ndarray, planes: np.ndarray, bands: int, band_bits: int
 def near_pairs(
     band: int, members: Iterable[tuple[int, np.ndarray, tuple[int, ...]]], threshold: float, old_below: int = 0
 ) -> Iterator[tuple[int, int]]:
-    """(smaller id, larger id) of every pair in one bucket of `band` whose candidate vectors are at least
-    `pixel_match.CANDIDATE_COSINE` close and whose pixel similarity is at least `threshold`. A pair that shares an
-    earlier band too is judged in that band's bucket, not here: each pair is compared once. Two rows whose ids are
-    both below `old_below` (an earlier dedup output's, with --incremental_from) are not compared: their verdicts
-    stand."""
+    """(smaller id, larger id) pairs in one bucket of `band` whose candidate vectors are at least
+    `pixel_match.CANDIDATE_COSINE` close and whose pixel similarity is at least `threshold`: enough of them to
+    connect what all such pairs connect. A pair two rows already joined by pairs found here is not compared, so a
+    bucket of k copies of one image costs about k comparisons, not k². A pair that shares an earlier band too is
+    judged in that band's bucket, not here. Two rows whose ids are both below `old_below` (an earlier dedup
+    output's, with --incremental_from) are not compared: their verdicts stand; a pair with one of them is always
+    compared (an earlier row joins no one to anyone else)."""
     members = sorted(members, key=lambda member: member[0])
     if len(members) < 2:
         return
@@ -132,14 +134,22 @@ def near_pairs(
     old = ids < old_below
     close &= ~(old[:, None] & old[None, :])
     np.fill_diagonal(close, False)
-    one_way = {}  # i -> {j: i's windows against j}
-    for i in np.nonzero(close.any(axis=1))[0]:
-        partners = np.nonzero(close[i])[0]
-        one_way[i] = dict(zip(partners.tolist(), pixel_match.best_matches(stack[i], stack[partners]).tolist()))
-    for i, row in one_way.items():
-        for j, score in row.items():
-            if i < j and max(score, one_way[j][i]) >= threshold:
-                yield int(ids[i]), int(ids[j])
+    joined = np.arange(len(members))  # each row's component among the new rows, by the pairs found so far
+    pending: list[list[int]] = [[] for _ in members]  # pending[j]: rows before j whose windows did not match j's
+    for i in range(len(members)):
+        # i's windows judge its later partners, and the earlier ones whose windows did not match it (the similarity
+        # is the better of the two directions); each row's windows are made once
+        others = np.concatenate([np.asarray(pending[i], np.int64), np.nonzero(close[i, i + 1 :])[0] + i + 1])
+        others = others[old[i] | old[others] | (joined[others] != joined[i])]
+        if not len(others):
+            continue
+        for j, score in zip(others.tolist(), pixel_match.best_matches(stack[i], stack[others]).tolist()):
+            if score >= threshold:
+                yield int(ids[min(i, j)]), int(ids[max(i, j)])
+                if not (old[i] or old[j]):
+                    joined[joined == joined[j]] = joined[i]
+            elif j > i:
+                pending[j].append(i)
 
 
 def read_old_verdicts(element: tuple[int, str]) -> Iterator[tuple[int, dict[str, Any]]]:

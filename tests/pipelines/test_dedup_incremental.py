@@ -12,7 +12,7 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from curation.shared import dedup_output
 from curation.shared.scored_set import open_scored
-from pipelines import dedup
+from pipelines import dedup, pixel_match
 from pipelines import dedup_stages as stages
 from tests.pipelines.test_dedup import planted, run_dedup, run_score, verdicts  # noqa: F401
 
@@ -80,7 +80,9 @@ def test_a_new_row_joins_one_earlier_group_and_never_merges_two():
 def test_two_earlier_rows_are_never_compared_again():
     image = np.random.default_rng(0).integers(0, 256, size=(16, 16, 3), dtype=np.uint8)
     members = [(i, image, (0,)) for i in (1, 2, 11)]
-    assert sorted(stages.near_pairs(0, members, 0.9)) == [(1, 2), (1, 11), (2, 11)]
+    # afresh, two pairs connect all three (the third is not compared); with 1 and 2 earlier, both their pairs with
+    # 11 are compared, and theirs is not
+    assert sorted(stages.near_pairs(0, members, 0.9)) == [(1, 2), (1, 11)]
     assert sorted(stages.near_pairs(0, members, 0.9, old_below=10)) == [(1, 11), (2, 11)]
 
 
@@ -110,3 +112,37 @@ def test_an_earlier_output_of_other_settings_or_another_scored_set_is_refused(gr
     files = [{**values["files"][0], "scored": "batch-x/gone.parquet"}]
     assert "no longer holds" in refused(altered("files", files=files))
     assert not os.path.exists(tmp_path / "out")
+
+
+def _components(ids: list[int], pairs) -> set[frozenset[int]]:
+    label = {i: i for i in ids}
+    for _ in ids:
+        for a, b in pairs:
+            label[a] = label[b] = min(label[a], label[b])
+    return {frozenset(i for i in ids if label[i] == root) for root in set(label.values())}
+
+
+def test_a_bucket_of_many_copies_costs_about_one_comparison_a_row_and_connects_what_all_pairs_connect(monkeypatch):
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8) for _ in range(2)]
+    # 40 copies of one image (brightness nudged), 10 of another, 5 images of their own
+    members = [(i, np.clip(images[0].astype(int) + i % 3, 0, 255).astype(np.uint8), (0,)) for i in range(40)]
+    members += [(100 + i, images[1], (0,)) for i in range(10)]
+    members += [(200 + i, rng.integers(0, 256, size=(16, 16, 3), dtype=np.uint8), (0,)) for i in range(5)]
+    compared = []  # how many thumbnails each call judges
+    original = pixel_match.best_matches
+    monkeypatch.setattr(
+        pixel_match, "best_matches", lambda t, others: compared.append(len(others)) or original(t, others)
+    )
+    found = list(stages.near_pairs(0, members, 0.9))
+    ids = [member[0] for member in members]
+    every = [
+        (a[0], b[0])
+        for k, a in enumerate(members)
+        for b in members[k + 1 :]
+        if pixel_match.similarity(a[1], b[1]) >= 0.9
+    ]
+    assert _components(ids, found) == _components(ids, every)
+    assert {len(group) for group in _components(ids, found)} == {40, 10, 1}
+    assert len(every) == 40 * 39 // 2 + 10 * 9 // 2 and len(found) == 39 + 9
+    assert sum(compared) < 3 * len(members) < len(members) * (len(members) - 1) // 2
