@@ -28,8 +28,10 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import sys
 import time
+from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -261,12 +263,8 @@ def job_table(planted: dict, output: str) -> str:
         if key in planted["distinct"]:
             members.setdefault(row["group"], []).append(key)
     wrong = {key for group in members.values() if len(group) > 1 for key in group}
-    same = {
-        key
-        for group in members.values()
-        for key in group
-        if sum(planted["distinct"][k] == planted["distinct"][key] for k in group) > 1
-    }
+    concepts = {group: Counter(planted["distinct"][key] for key in keys) for group, keys in members.items()}
+    same = {key for group, keys in members.items() for key in keys if concepts[group][planted["distinct"][key]] > 1}
     shares = [len(wrong) / len(planted["distinct"]), len(same) / len(planted["distinct"])]
     names = ["false positives", "among one concept"]
     if planted["scenes"] is not None:
@@ -314,9 +312,10 @@ def cost(args, reference: str, maker, work: str) -> str:
     times = {}
     for name, count in (("small", small), ("full", len(shards))):
         inputs = [f"--input={os.path.join(corpus, 'web', shard)}" for shard in shards[:count]]
-        scored = os.path.join(work, f"cost_scored_{name}")
+        scored, output = os.path.join(work, f"cost_scored_{name}"), os.path.join(work, f"cost_dedup_{name}")
+        for path in (scored, output):  # timed afresh (a scoring run into an earlier output would add a batch)
+            shutil.rmtree(path, ignore_errors=True)
         times[("score", name)] = timed(score.run, [*inputs, f"--output={scored}", f"--reference={reference}"])
-        output = os.path.join(work, f"cost_dedup_{name}")
         times[("dedup", name)] = timed(dedup.run, [f"--scored={scored}", f"--output={output}"])
         times[("examples", name)] = open_scored(scored).scored
     lines = ["| job | steady ms per example | start-up s |", "|---|---|---|"]
