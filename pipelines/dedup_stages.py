@@ -136,7 +136,7 @@ def near_pairs(
     np.fill_diagonal(close, False)
     joined = np.arange(len(members))  # each row's component among the new rows, by the pairs found so far
     pending: list[list[int]] = [[] for _ in members]  # pending[j]: rows before j whose windows did not match j's
-    for i in range(len(members)):
+    for i in np.nonzero(close.any(axis=1))[0].tolist():  # a row without a close partner has nothing to judge
         # i's windows judge its later partners, and the earlier ones whose windows did not match it (the similarity
         # is the better of the two directions); each row's windows are made once
         others = np.concatenate([np.asarray(pending[i], np.int64), np.nonzero(close[i, i + 1 :])[0] + i + 1])
