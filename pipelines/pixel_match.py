@@ -119,11 +119,12 @@ def _photometry(thumbnails: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return values.mean(axis=1), values.reshape(len(thumbnails), -1).std(axis=1)
 
 
-def colours_agree(thumbnail: np.ndarray, others: np.ndarray) -> np.ndarray:
+def colours_agree(thumbnail: np.ndarray, others: np.ndarray, photometry=None) -> np.ndarray:
     """[n] bool: whether `thumbnail`'s colours are within a near-duplicate's brightness and contrast change of each
-    of `others` ([n, SIZE, SIZE, 3]); see the module docstring."""
+    of `others` ([n, SIZE, SIZE, 3]; `photometry`: their `_photometry`, when the caller has it); see the module
+    docstring."""
     (mean,), (spread,) = _photometry(thumbnail[None])
-    means, spreads = _photometry(others)
+    means, spreads = _photometry(others) if photometry is None else photometry
     near = np.abs(means - mean) <= MEAN_SHARE * np.maximum(means, mean) + MEAN_SLACK
     low, high = np.minimum(spreads, spread), np.maximum(spreads, spread)
     return near.all(axis=1) & (high <= SPREAD_RATIO * np.maximum(low, 1e-6))
@@ -147,8 +148,9 @@ def best_matches(thumbnail: np.ndarray, others: np.ndarray) -> np.ndarray:
     if is_flat(thumbnail):
         return np.array([similarity(thumbnail, other) for other in others], np.float32)
     scores = np.zeros(len(others), np.float32)
-    compared = colours_agree(thumbnail, others) & ~np.array([is_flat(other) for other in others], bool)
-    if compared.any():  # the windows only for the pairs whose colours agree: most candidates stop here
+    photometry = _photometry(others)  # its spreads say which are flat too (`is_flat`)
+    compared = colours_agree(thumbnail, others, photometry) & (photometry[1] >= FLAT_STD)
+    if compared.any():  # the windows only for the pairs whose colours agree
         chosen = _unit(others[compared].reshape(int(compared.sum()), -1).astype(np.float32))
         scores[compared] = (views(thumbnail) @ chosen.T).max(axis=0)
     return scores
