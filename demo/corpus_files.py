@@ -132,24 +132,39 @@ def _write_split(
 
 def write_or_exit(prog: str, write: Callable[[], dict], errors: tuple[type[Exception], ...] = ()) -> dict:
     """`write()`'s summary; a ValueError, FileExistsError or one of `errors` it raises (a mistake in the command
-    line or the output folder) becomes one line on stderr, `PROG: error: ...`, and exit status 2."""
+    line or the output folder), or an output that cannot be written, becomes one line on stderr,
+    `PROG: error: ...`, and exit status 2."""
     try:
         return write()
     except (ValueError, FileExistsError, *errors) as error:
-        print(f"{prog}: error: {' '.join(str(error).split())}", file=sys.stderr)
-        sys.exit(2)
+        message = " ".join(str(error).split())
+    except OSError as error:  # --out under a file, a missing or read-only place, a full disk
+        message = f"cannot write {error.filename}: {error.strerror}: give --out a folder that can be written"
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """A local --out whose nearest existing folder cannot be written (or is a file) is refused by `parser.error`."""
+    if "://" not in out:
+        place = os.path.abspath(out)
+        while not os.path.exists(place):
+            place = os.path.dirname(place)
+        if not os.path.isdir(place) or not os.access(place, os.W_OK):
+            parser.error(f"--out {out}: {place} is not a folder that can be written: give another --out")
 
 
 def check_corpus_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """The mistakes in `add_corpus_flags`' flags, each refused by `parser.error` in one line before any work: sizes
-    under 1, a negative seed, a non-empty --out without --overwrite, noise rates that are no shares; sets
-    `args.noise` (the NoiseRates)."""
+    under 1, a negative seed, an --out that cannot be written, a non-empty one without --overwrite, noise rates
+    that are no shares; sets `args.noise` (the NoiseRates)."""
     for flag in ("size", "curated_size", "eval_size", "shard_size", "image_size", "workers"):
         value = getattr(args, flag)
         if value is not None and value < 1:
             parser.error(f"--{flag} {value}: need at least 1")
     if args.seed < 0:
         parser.error(f"--seed {args.seed}: need at least 0")
+    check_out(parser, args.out)
     held = FileSystems.match([posixpath.join(args.out.rstrip("/"), "*")])[0].metadata_list
     if held and not args.overwrite:
         parser.error(f"--out {args.out} is not empty ({held[0].path}, ...): give a new folder, or --overwrite")

@@ -24,7 +24,7 @@ from curation.shared import cli, scored_set
 from curation.trainer import configs, report
 from curation.trainer.loop import train
 from curation.trainer.workdir import other_config
-from demo import make_corpus
+from demo import corpus_files, make_corpus
 from pipelines import score
 
 log = logging.getLogger("demo.run")
@@ -72,6 +72,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="a tiny version in about a minute (tests)")
     cli.add_verbose_flag(parser)
     args = parser.parse_args(argv)
+    corpus_files.check_out(parser, args.out)
     if args.learner_batch_size < 1:
         parser.error(f"--learner_batch_size {args.learner_batch_size}: need at least 1")
     if not 1 <= args.learner_evals <= args.learner_steps:

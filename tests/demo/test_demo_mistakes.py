@@ -44,3 +44,13 @@ def test_make_corpus_misspelt_out_and_a_corpus_already_there(capsys, tmp_path):
     line = refused(capsys, make_corpus.run, ["--out", str(tmp_path / "held"), "--size", "4"])
     assert "is not empty" in line and line.endswith("give a new folder, or --overwrite")
     assert os.listdir(tmp_path / "held") == ["mine.txt"]
+
+
+@pytest.mark.parametrize("entry", sorted(ENTRIES))
+def test_an_out_that_cannot_be_written(capsys, tmp_path, entry):
+    main, prog = ENTRIES[entry]
+    (tmp_path / "a_file").write_text("keep")
+    line = refused(capsys, main, ["--out", str(tmp_path / "a_file" / "corpus")])
+    assert line.startswith(f"{prog}: error: --out ")
+    assert line.endswith("a_file is not a folder that can be written: give another --out")
+    assert (tmp_path / "a_file").read_text() == "keep"
